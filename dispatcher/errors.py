@@ -1,0 +1,78 @@
+"""The service's exceptions.
+
+`DispatcherError` is the root. Subclasses of `RequestError` carry the HTTP status the app answers
+with; the app maps them in one place. Provider failures are `DeliveryError`s, classified once by
+the provider into transient (worth retrying) or permanent.
+"""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Base class of every error raised on purpose by this service."""
+
+
+class ConfigError(DispatcherError):
+    """The configuration is invalid; the message names the key."""
+
+
+class RequestError(DispatcherError):
+    """The request cannot be accepted; nothing was sent."""
+
+    status_code = 400
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+
+
+class UpstreamError(RequestError):
+    """A service we depend on before sending (the Files Service) is down."""
+
+    status_code = 502
+
+
+class ShuttingDown(RequestError):
+    status_code = 503
+
+
+class StoreError(DispatcherError):
+    """The user/template store cannot be reached."""
+
+
+class RenderError(DispatcherError):
+    """A template failed for one user (output too large, a helper given a bad value): that
+    delivery fails, the others go on."""
+
+
+class DeliveryError(DispatcherError):
+    """One attempt to hand one message to a provider failed.
+
+    `reason` is the short, human-readable text reported to the client (it names the provider and
+    its error code when there is one).
+    """
+
+    transient = False
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Retrying will not help (invalid address, unregistered token, rejected recipient)."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """Worth retrying: timeouts, dropped connections, 429, 5xx.
+
+    `retry_after` is the provider's own hint in seconds; `throttled` marks a 429, which slows the
+    whole channel rather than only this message.
+    """
+
+    transient = True
+
+    def __init__(self, reason: str, *, retry_after: float | None = None, throttled: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.throttled = throttled

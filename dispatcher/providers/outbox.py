@@ -1,0 +1,49 @@
+"""The default provider: each message becomes a file, so the service runs with no credentials.
+
+E-mails are written as `.eml` (what the SMTP provider would send, Bcc kept in an
+`X-Envelope-Bcc` header so nothing is lost), everything else as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from pathlib import Path
+
+import trio
+
+from ..messages import EmailContent, Message
+from ..mime import build_email
+
+
+class OutboxProvider:
+    name = "outbox"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def send(self, message: Message, address: str) -> None:
+        folder = self.directory / message.channel
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        if isinstance(message.content, EmailContent):
+            mail = build_email(message.content, address)
+            if message.content.options.bcc:
+                mail["X-Envelope-Bcc"] = ", ".join(message.content.options.bcc)
+            path, payload = folder / f"{stem}.eml", bytes(mail)
+        else:
+            record = {"channel": message.channel, "userId": message.user_id, "to": address,
+                      **dataclasses.asdict(message.content)}
+            path, payload = folder / f"{stem}.json", json.dumps(record, ensure_ascii=False, indent=2).encode()
+        await trio.to_thread.run_sync(_write, path, payload)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_bytes(payload)
+    tmp.replace(path)  # readers never see half a message

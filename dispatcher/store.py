@@ -1,0 +1,124 @@
+"""Users and templates in MongoDB, read through the sync pymongo client on worker threads.
+
+`pymongo.AsyncMongoClient` is asyncio-only, so every round trip runs in `trio.to_thread`; users
+are streamed one cursor batch per thread hop, never a whole cluster at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import trio
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from .errors import StoreError
+from .messages import User
+from .settings import StoreSettings, UserFields
+
+
+class Store:
+    def __init__(self, client: MongoClient[dict[str, Any]], settings: StoreSettings, fields: UserFields,
+                 batch_size: int = 500) -> None:
+        self._client = client
+        db = client[settings.database]
+        self._users = db[settings.users_collection]
+        self._templates = db[settings.templates_collection]
+        self._fields = fields
+        self._batch_size = batch_size
+
+    @classmethod
+    def connect(cls, url: str, settings: StoreSettings, fields: UserFields, batch_size: int = 500) -> "Store":
+        client: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=5000, tz_aware=True)
+        return cls(client, settings, fields, batch_size)
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def ping(self) -> bool:
+        try:
+            await trio.to_thread.run_sync(self._client.admin.command, "ping")
+        except PyMongoError:
+            return False
+        return True
+
+    async def find_template(self, template_id: str) -> dict[str, Any] | None:
+        query = {"_id": {"$in": _id_variants(template_id)}}
+        try:
+            doc = await trio.to_thread.run_sync(self._templates.find_one, query)
+        except PyMongoError as exc:
+            raise StoreError(f"template lookup failed: {exc}") from exc
+        return doc
+
+    def user_query(self, recipients: Sequence[str], clusters: Sequence[str]) -> dict[str, Any]:
+        """One query for ids OR clusters, so a user matched both ways comes back once."""
+        alternatives: list[dict[str, Any]] = []
+        if recipients:
+            ids: list[Any] = []
+            for recipient in recipients:
+                ids.extend(_id_variants(recipient) if self._fields.id == "_id" else [recipient])
+            alternatives.append({self._fields.id: {"$in": ids}})
+        if clusters:
+            alternatives.append({self._fields.clusters: {"$in": list(clusters)}})
+        return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
+
+    async def stream_users(self, recipients: Sequence[str], clusters: Sequence[str]) -> AsyncIterator[list[User]]:
+        """Yield the selected users in batches, each user once, `_id` as a string."""
+        query = self.user_query(recipients, clusters)
+        cursor = self._users.find(query, batch_size=self._batch_size)
+        try:
+            while True:
+                try:
+                    batch = await trio.to_thread.run_sync(_next_batch, cursor, self._batch_size)
+                except PyMongoError as exc:
+                    raise StoreError(f"user lookup failed: {exc}") from exc
+                if not batch:
+                    return
+                for doc in batch:
+                    doc["_id"] = str(doc["_id"])
+                yield batch
+        finally:
+            cursor.close()
+
+    def user_id(self, user: User) -> str:
+        value = user.get(self._fields.id)
+        return "" if value is None else str(value)
+
+
+def _next_batch(cursor: Any, size: int) -> list[dict[str, Any]]:
+    batch = []
+    for doc in cursor:
+        batch.append(doc)
+        if len(batch) >= size:
+            break
+    return batch
+
+
+def _id_variants(value: str) -> list[Any]:
+    """A valid ObjectId string matches both the ObjectId and the plain string id."""
+    try:
+        return [ObjectId(value), value]
+    except (InvalidId, TypeError):
+        return [value]
+
+
+def seed_documents(url: str, settings: StoreSettings, document: dict[str, Any]) -> dict[str, int]:
+    """Upsert `{"users": [...], "templates": [...]}` by `_id` (blocking; for the `seed` command)."""
+    client: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=5000)
+    try:
+        db = client[settings.database]
+        counts = {}
+        for key, collection in (("users", settings.users_collection), ("templates", settings.templates_collection)):
+            docs = document.get(key) or []
+            for doc in docs:
+                if "_id" in doc:
+                    db[collection].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+                else:
+                    db[collection].insert_one(doc)
+            counts[key] = len(docs)
+        return counts
+    finally:
+        client.close()
