@@ -62,9 +62,11 @@ async def open_embedded_store(data_dir: Path | None) -> AsyncIterator[str]:
             process.terminate()
             with trio.CancelScope(shield=True):
                 try:
-                    await trio.to_thread.run_sync(process.wait, 10)
+                    # It can linger on idle client connections; SQLite keeps committed data safe.
+                    await trio.to_thread.run_sync(process.wait, 3)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                    await trio.to_thread.run_sync(process.wait)
 
 
 async def _wait_until_ready(url: str, process: subprocess.Popen[bytes], output: IO[bytes]) -> None:

@@ -1,0 +1,43 @@
+"""Serving a fake's ASGI app on 127.0.0.1 with hypercorn's trio worker."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+async def serve_asgi(app: ASGIApp, *, port: int = 0, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `app` until cancelled; `await nursery.start(serve_asgi, app)` returns its base URL."""
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0
+    async with trio.open_nursery() as nursery:
+        # sleep_forever as the trigger: no signal handlers, the fake stops when cancelled.
+        urls = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever, mode="asgi"))
+        task_status.started(urls[0])
+
+
+async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def respond(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: bytes,
+                  headers: list[tuple[bytes, bytes]] | None = None,
+                  content_type: bytes = b"application/json") -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,137 @@
+"""Every invalid request answers 4xx in the documented shape, and nothing is sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher import open_dispatcher
+from dispatcher.app import create_app
+
+
+def _valid(**overrides: Any) -> dict[str, Any]:
+    body = {"channels": ["email"], "recipients": ["u1"], "messageTitle": "T", "messageContent": "C"}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+async def _assert_error(response: Any, status: int, *fragments: str) -> None:
+    assert response.status_code == status
+    assert response.content_type == "application/json"
+    body = await response.get_json()
+    assert body["statusCode"] == status
+    assert isinstance(body["statusCode"], int)
+    assert body["error"] == {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                             413: "Request Entity Too Large", 502: "Bad Gateway"}[status]
+    for fragment in fragments:
+        assert fragment in body["message"]
+
+
+@pytest.mark.parametrize("body, fragments", [
+    (_valid(channels=["fax"]), ["channels", "'fax' is not a supported channel"]),
+    (_valid(channels=[]), ["channels"]),
+    (_valid(channels=None), ["channels"]),
+    (_valid(channels="email"), ["channels"]),
+    (_valid(channels=["email", "email"]), ["channels", "more than once"]),
+    (_valid(recipients=None), ["recipients or clusters"]),
+    (_valid(recipients=[], clusters=[]), ["recipients or clusters"]),
+    (_valid(recipients=[1, 2]), ["recipients"]),
+    (_valid(messageContent=None), ["messageContent"]),
+    (_valid(messageTitle=None), ["messageTitle"]),
+    (_valid(channels=["push"], messageTitle=None), ["messageTitle"]),
+    (_valid(emailCarbonCopies=["not-an-address"]), ["emailCarbonCopies", "not-an-address"]),
+    (_valid(emailBlindCarbonCopies=["a@b.c", "x@"]), ["emailBlindCarbonCopies", "'x@'"]),
+    (_valid(emailSender="nobody"), ["emailSender", "nobody"]),
+    (_valid(data=[1, 2]), ["data"]),
+    (_valid(messageContent="{{ user.name "), ["messageContent", "does not compile"]),
+    (_valid(messageTitle="{% if %}"), ["messageTitle", "does not compile"]),
+    (_valid(messageContent="{{#if user.name}}hi{{/if}}"), ["messageContent", "does not compile"]),
+    (_valid(templateId="65a000000000000000000099"), ["templateId", "no template"]),
+    (_valid(emailAttachments=["a.pdf"]), ["emailAttachments", "no Files Service"]),
+    ([1, 2, 3], ["JSON object"]),
+])
+async def test_invalid_request_is_400_naming_the_problem(client: Any, outbox: Path, body: Any,
+                                                          fragments: list[str]) -> None:
+    response = await client.post("/send", json=body)
+    await _assert_error(response, 400, *fragments)
+    assert not outbox.exists()
+
+
+async def test_sms_without_title_is_valid(client: Any, database: Any) -> None:
+    database.users.insert_one({"_id": "u1", "phoneNumber": "+15550000001"})
+    response = await client.post("/send", json=_valid(channels=["sms"], messageTitle=None))
+    assert response.status_code == 200
+    assert (await response.get_json())["summary"]["sent"] == {"sms": 1}
+
+
+async def test_malformed_json_is_400(client: Any) -> None:
+    response = await client.post("/send", data=b'{"channels": [', headers={"content-type": "application/json"})
+    await _assert_error(response, 400, "malformed JSON")
+
+
+async def test_non_utf8_body_is_400(client: Any) -> None:
+    response = await client.post("/send", data=b"\xff\xfe{", headers={"content-type": "application/json"})
+    await _assert_error(response, 400, "malformed JSON")
+
+
+async def test_body_over_limit_is_413(make_settings: Any, outbox: Path) -> None:
+    async with open_dispatcher(make_settings(server={"max_body_bytes": 1000})) as d:
+        async with create_app(d).test_app() as app:
+            response = await app.test_client().post("/send", json=_valid(messageContent="x" * 2000))
+            await _assert_error(response, 413, "1000 bytes")
+    assert not outbox.exists()
+
+
+async def test_inactive_channel_is_400(make_settings: Any) -> None:
+    async with open_dispatcher(make_settings(channels={"active": ["email"]})) as d:
+        async with create_app(d).test_app() as app:
+            response = await app.test_client().post("/send", json=_valid(channels=["email", "sms"]))
+            await _assert_error(response, 400, "'sms' is not an active channel")
+
+
+async def test_template_missing_channel_text_is_400(client: Any, database: Any, outbox: Path) -> None:
+    template_id = database.message_templates.insert_one({"name": "mail only", "emailTitle": "T",
+                                                          "emailMessage": "M"}).inserted_id
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com", "phoneNumber": "+15550000001"})
+    response = await client.post("/send", json={"channels": ["email", "sms"], "recipients": ["u1"],
+                                                "templateId": str(template_id)})
+    await _assert_error(response, 400, "templateId", "sms", "smsMessage")
+    assert not outbox.exists()
+
+
+async def test_template_that_does_not_compile_is_400(client: Any, database: Any) -> None:
+    template_id = database.message_templates.insert_one({"smsMessage": "Hi {{ user.name"}).inserted_id
+    response = await client.post("/send", json={"channels": ["sms"], "recipients": ["u1"],
+                                                "templateId": str(template_id)})
+    await _assert_error(response, 400, "smsMessage", "does not compile")
+
+
+async def test_template_over_size_limit_is_400(make_settings: Any) -> None:
+    async with open_dispatcher(make_settings(templates={"max_template_chars": 10})) as d:
+        async with create_app(d).test_app() as app:
+            response = await app.test_client().post("/send", json=_valid(messageContent="x" * 11))
+            await _assert_error(response, 400, "messageContent", "longer than 10")
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/nowhere", 404), ("GET", "/send", 405), ("DELETE", "/send", 405), ("POST", "/-/healthz", 405),
+])
+async def test_unknown_route_or_method_is_json(client: Any, method: str, path: str, status: int) -> None:
+    response = await client.open(path, method=method)
+    await _assert_error(response, status)
+
+
+async def test_health_and_ready(client: Any) -> None:
+    assert (await client.get("/-/healthz")).status_code == 200
+    response = await client.get("/-/ready")
+    assert response.status_code == 200
+    assert (await response.get_json())["status"] == "ready"
+
+
+async def test_unknown_fields_are_ignored(client: Any, database: Any) -> None:
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})
+    response = await client.post("/send", json=_valid(somethingNew=True, priority="high"))
+    assert response.status_code == 200
+    assert (await response.get_json())["summary"]["sent"] == {"email": 1}
