@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from babel.numbers import format_decimal
 from jinja2 import ChainableUndefined, TemplateError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from . import dateformat
@@ -26,6 +27,11 @@ class _LimitedSandbox(SandboxedEnvironment):
     def __init__(self, *, max_output: int, **options: Any) -> None:
         super().__init__(**options)
         self.max_output = max_output
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # The default returns an Undefined that ChainableUndefined renders as "": an attempt to
+        # escape the sandbox should fail that delivery visibly instead.
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         # The sandbox blocks attribute escapes, not `'a' * 10**9`: bound the size of the result

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
-import json
 from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
+from outbox_files import outbox_mails, outbox_records
 
 from dispatcher import Dispatcher
-
-
-def outbox_records(outbox: Path, channel: str) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((outbox / channel).glob("*.json"))]
-
-
-def outbox_mails(outbox: Path) -> list[email.message.EmailMessage]:
-    return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
-            for p in sorted((outbox / "email").glob("*.eml"))]
 
 
 async def test_user_in_recipients_and_cluster_gets_one_message(dispatcher: Dispatcher, database: Any,
