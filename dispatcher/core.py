@@ -91,6 +91,8 @@ class Dispatcher:
         await done.wait()
         if "error" in outcome:
             raise InternalError("the send failed unexpectedly; see the service log") from outcome["error"]
+        if "result" not in outcome:
+            raise ShuttingDown("the service shut down before every delivery of this send was attempted")
         return outcome["result"]
 
     async def prepare(self, request: SendRequest) -> RequestPlan:

@@ -39,17 +39,22 @@ async def open_embedded_store(data_dir: Path | None) -> AsyncIterator[str]:
     `data_dir=None` keeps the data in memory (tests); otherwise it persists in `data_dir/store.db`.
     """
     port = free_port()
-    if data_dir is None:
-        db, log_file, pid_file = "memory", Path("/dev/null"), None
-    else:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        db, log_file, pid_file = str(data_dir / "store.db"), data_dir / "store.log", data_dir / "store.pid"
+    # The server deletes its pid file at exit and logs every command: both go to a scratch
+    # folder of ours (never /dev/null, which it would delete), removed when it stops.
+    with tempfile.TemporaryDirectory(prefix="dispatcher-store-") as scratch:
+        db = "memory"
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            db = str(data_dir / "store.db")
+        async with _run_server(port, db, Path(scratch) / "store.log", Path(scratch) / "store.pid") as url:
+            yield url
+
+
+@asynccontextmanager
+async def _run_server(port: int, db: str, log_file: Path, pid_file: Path) -> AsyncIterator[str]:
     command = [sys.executable, "-c", "from nx_27017.nx_27017 import main; main()",
-               "--host", "127.0.0.1", "--port", str(port), "--db", db, "--log-file", str(log_file)]
-    if pid_file is not None:
-        command += ["--pid-file", str(pid_file)]
-    else:
-        command += ["--pid-file", "/dev/null"]
+               "--host", "127.0.0.1", "--port", str(port), "--db", db,
+               "--log-file", str(log_file), "--pid-file", str(pid_file)]
     url = f"mongodb://127.0.0.1:{port}/"
     # The server logs every command to its output: keep it in a file, never in a pipe nobody reads.
     with tempfile.TemporaryFile() as output:

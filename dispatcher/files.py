@@ -27,6 +27,9 @@ class FilesClient:
         budget = self._max_bytes
         attachments = []
         for name in dict.fromkeys(names):
+            # httpx normalises "." and ".." segments away: they would leave the download route.
+            if name in ("", ".", ".."):
+                raise RequestError(f"emailAttachments: {name!r} is not a file name")
             attachment = await self._fetch(name, budget)
             budget -= len(attachment.content)
             attachments.append(attachment)
@@ -38,7 +41,7 @@ class FilesClient:
             async with self._client.stream("GET", url) as response:
                 if response.status_code == 404:
                     raise RequestError(f"emailAttachments: the Files Service has no file {name!r}")
-                if response.status_code >= 500:
+                if response.status_code >= 500 or response.status_code in (408, 429):
                     raise UpstreamError(f"Files Service answered {response.status_code} for {name!r}")
                 if response.status_code != 200:
                     raise RequestError(f"emailAttachments: the Files Service refused {name!r} "

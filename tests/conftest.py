@@ -31,11 +31,13 @@ def _free_port() -> int:
 def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One nx-27017 server for the whole session (it takes ~2 s to start)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("store") / "server.log"
+    scratch = tmp_path_factory.mktemp("store")
+    log = scratch / "server.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-c", "from nx_27017.nx_27017 import main; main()", "--host", "127.0.0.1",
-             "--port", str(port), "--data-dir", "memory", "--log-file", os.devnull, "--pid-file", os.devnull],
+             "--port", str(port), "--data-dir", "memory", "--log-file", str(scratch / "nx.log"),
+             "--pid-file", str(scratch / "nx.pid")],
             stdout=output, stderr=output)
     url = f"mongodb://127.0.0.1:{port}/"
     deadline = time.monotonic() + 30
