@@ -1,0 +1,36 @@
+"""Embedding the dispatcher in a Trio program, without HTTP.
+
+    dispatcher seed examples/seed.json     # once: example users and a template
+    python examples/embed.py
+
+It reads ./config.toml (or $DISPATCHER_CONFIG; the embedded defaults when neither exists), sends
+the example template to the `beta` cluster on e-mail and SMS, and prints the result. With the
+default `outbox` provider the messages land as files under var/outbox/.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+import dispatcher
+
+
+async def main() -> None:
+    settings = dispatcher.load_settings()
+    async with dispatcher.open_dispatcher(settings) as d:
+        try:
+            result = await d.send({
+                "channels": ["email", "sms"],
+                "clusters": ["beta"],
+                "templateId": "65a000000000000000000001",
+                "data": {"plan": "Pro", "start": "2026-12-01T09:00:00Z"},
+            })
+        except dispatcher.RequestError as exc:  # e.g. the store was not seeded
+            raise SystemExit(f"request refused ({exc.status_code}): {exc}")
+        print(json.dumps(result.to_json(), indent=2))
+
+
+if __name__ == "__main__":
+    trio.run(main)
