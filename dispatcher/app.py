@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
-from .errors import RequestError
+from .errors import RequestError, StoreError
 from .models import SendRequest
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:
         return error_response(exc.status_code, str(exc))
+
+    @app.errorhandler(StoreError)
+    async def store_error(exc: StoreError) -> Response:
+        log.error("store unavailable: %s", exc)
+        return error_response(503, "the user and template store is unavailable")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -52,8 +52,9 @@ class Dispatcher:
         self.store = store
         self._files = files
         self._nursery = nursery
-        self._renderer = Renderer(**settings.templates.model_dump(exclude={"default_locale"}),
-                                  default_locale=settings.templates.default_locale)
+        limits = settings.templates
+        self._renderer = Renderer(default_locale=limits.default_locale, max_template_chars=limits.max_template_chars,
+                                  max_rendered_chars=limits.max_rendered_chars)
         self._transports = {
             channel: Transport(provider, _gate(settings, channel), RetryPolicy.from_settings(settings.channels[channel]))
             for channel, provider in providers.items()

@@ -135,3 +135,16 @@ async def test_unknown_fields_are_ignored(client: Any, database: Any) -> None:
     response = await client.post("/send", json=_valid(somethingNew=True, priority="high"))
     assert response.status_code == 200
     assert (await response.get_json())["summary"]["sent"] == {"email": 1}
+
+
+async def test_store_down_is_503_not_500(make_settings: Any) -> None:
+    from dispatcher.embedded_store import free_port
+
+    settings = make_settings(store={"url": f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"})
+    async with open_dispatcher(settings) as d:
+        async with create_app(d).test_app() as app:
+            client = app.test_client()
+            response = await client.post("/send", json=_valid(templateId="65a000000000000000000001"))
+            assert response.status_code == 503
+            assert (await response.get_json())["message"] == "the user and template store is unavailable"
+            assert (await client.get("/-/ready")).status_code == 503

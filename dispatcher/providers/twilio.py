@@ -7,9 +7,7 @@ its bundled async HTTP client is aiohttp, which cannot run under Trio, so the SD
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,7 @@ from twilio.rest import Client
 from ..errors import ConfigError, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import Message, TextContent
 from ..settings import TwilioSettings
+from .retry_after import parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -138,25 +137,10 @@ def _classify(exc: TwilioException, retry_after: str | None) -> DeliveryError:
     else:
         reason = f"Twilio {code}: {text}"
     if status == 429 or code == _THROTTLED_CODE:
-        return TransientDeliveryError(reason, retry_after=_parse_retry_after(retry_after), throttled=True)
+        return TransientDeliveryError(reason, retry_after=parse_retry_after(retry_after), throttled=True)
     if status >= 500:
-        return TransientDeliveryError(reason, retry_after=_parse_retry_after(retry_after))
+        return TransientDeliveryError(reason, retry_after=parse_retry_after(retry_after))
     return PermanentDeliveryError(reason)
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """`Retry-After` in seconds (RFC 9110: delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 __all__ = ["TrioHttpClient", "TwilioProvider"]
