@@ -13,20 +13,23 @@ from dispatcher.plan import ChannelPlan
 from .resolver import UnknownRecipient
 
 
-async def render(users: MemoryReceiveChannel[User | UnknownRecipient], out: MemorySendChannel[Message],
+async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out: MemorySendChannel[Message],
                  results: MemorySendChannel[Delivery], plan: ChannelPlan, data: dict[str, Any]) -> None:
-    channel = plan.channel
     with users, out, results:
-        async for user in users:
-            if isinstance(user, UnknownRecipient):
-                await results.send(Delivery(user.user_id, channel, "failed", "user not found", user_found=False))
-                continue
-            try:
-                message = plan.message_for(user, data)
-            except RenderError as exc:
-                await results.send(Delivery(plan.id_of(user), channel, "failed", str(exc)))
-                continue
-            if message is None:
-                await results.send(Delivery(plan.id_of(user), channel, "skipped"))
-            else:
-                await out.send(message)  # blocks while the sender is behind: backpressure
+        async for batch in users:
+            for user in batch:
+                outcome = _render_one(user, plan, data)
+                if isinstance(outcome, Message):
+                    await out.send(outcome)  # blocks while the sender is behind: backpressure
+                else:
+                    await results.send(outcome)
+
+
+def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:
+    if isinstance(user, UnknownRecipient):
+        return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False)
+    try:
+        message = plan.message_for(user, data)
+    except RenderError as exc:
+        return Delivery(plan.id_of(user), plan.channel, "failed", str(exc))
+    return message if message is not None else Delivery(plan.id_of(user), plan.channel, "skipped")

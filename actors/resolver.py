@@ -16,14 +16,15 @@ class UnknownRecipient:
     user_id: str
 
 
-async def resolve(out: MemorySendChannel[User | UnknownRecipient], store: Store,
+async def resolve(out: MemorySendChannel[list[User | UnknownRecipient]], store: Store,
                   recipients: Sequence[str], clusters: Sequence[str]) -> None:
+    """Users travel in the store's batches: one channel hop per batch, not per user."""
     with out:
         missing = dict.fromkeys(recipients)
         async for batch in store.stream_users(recipients, clusters):
-            for user in batch:
-                if missing:
+            if missing:
+                for user in batch:
                     missing.pop(store.user_id(user), None)
-                await out.send(user)
-        for user_id in missing:
-            await out.send(UnknownRecipient(user_id))
+            await out.send(batch)
+        if missing:
+            await out.send([UnknownRecipient(user_id) for user_id in missing])

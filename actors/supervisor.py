@@ -37,7 +37,8 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
         nursery.start_soon(collector)
         with results_in:
             for lane in plan.channels:
-                users_in, users_out = trio.open_memory_channel[User | UnknownRecipient](queue_size)
+                # Users travel in store batches, so a couple of batches in flight are plenty.
+                users_in, users_out = trio.open_memory_channel[list[User | UnknownRecipient]](2)
                 messages_in, messages_out = trio.open_memory_channel[Message](queue_size)
                 nursery.start_soon(resolve, users_in, store, request.recipients, request.clusters)
                 nursery.start_soon(render, users_out, messages_in, results_in.clone(), lane, request.data)

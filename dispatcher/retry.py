@@ -72,11 +72,15 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
     while True:
         attempt += 1
         try:
-            async with transport.gate.slot():
-                with trio.fail_after(policy.timeout):
+            await transport.gate.enter()
+            try:
+                # A bare CancelScope rather than fail_after: this runs once per message.
+                with trio.CancelScope(deadline=trio.current_time() + policy.timeout) as attempt_scope:
                     await transport.provider.send(message, address)
-            return None
-        except trio.TooSlowError:
+            finally:
+                transport.gate.exit()
+            if not attempt_scope.cancelled_caught:
+                return None
             error: DeliveryError = TransientDeliveryError(
                 f"{transport.provider.name}: no answer within {policy.timeout:g}s")
         except DeliveryError as exc:
