@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("check-config", help="validate the configuration and print it (secrets hidden)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs one INFO line per request: per delivery, far too much for a service log.
+    for noisy in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         settings = load_settings(args.config)
         if args.command == "serve":
