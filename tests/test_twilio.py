@@ -11,7 +11,7 @@ import trio
 
 from dispatcher import Settings, open_dispatcher
 from dispatcher.errors import ConfigError
-from dispatcher.fakes import Faults, serve_asgi
+from dispatcher.fakes import serve_asgi
 from dispatcher.fakes.twilio import FakeTwilio
 from dispatcher.providers.twilio import TwilioProvider
 from dispatcher.settings import TwilioSettings

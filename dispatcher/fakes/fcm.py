@@ -113,11 +113,6 @@ class FakeOAuthToken:
         self._valid.clear()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         body = await read_body(receive)
         if scope["method"] != "POST":
             await _oauth_error(send, 405, "invalid_request", "Method not allowed")
@@ -206,11 +201,6 @@ class FakeFcm:
         return [request for request in self.attempts if request.token == token]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         path = scope["path"]
         body = await read_body(receive)
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -314,15 +304,6 @@ async def _oauth_error(send: Send, status: int, error: str, description: str,
                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
     await respond(send, status, json.dumps({"error": error, "error_description": description}).encode(), headers)
 
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 __all__ = ["FakeFcm", "FakeOAuthToken", "FcmRequest", "ServiceAccountKey", "write_service_account_key"]

@@ -43,11 +43,6 @@ class FakeFilesService:
         self.stray: list[str] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         segments = raw_path.split(b"/")
         if len(segments) != 3 or segments[:2] != [b"", b"download"]:
@@ -93,15 +88,6 @@ async def _send_file(send: Send, content: bytes, content_type: str) -> None:
 async def _error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     await respond(send, status, json.dumps({"statusCode": status, "message": message}).encode(), headers)
 
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 __all__ = ["FakeFilesService"]

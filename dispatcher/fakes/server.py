@@ -11,6 +11,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 ASGIApp = Callable[..., Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 async def serve_asgi(app: ASGIApp, *, port: int = 0, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -20,13 +22,23 @@ async def serve_asgi(app: ASGIApp, *, port: int = 0, task_status: trio.TaskStatu
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0
+    async def with_lifespan(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        # The fakes have nothing to start or stop: answer the lifespan protocol for them.
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        elif scope["type"] == "http":
+            await app(scope, receive, send)
+
     async with trio.open_nursery() as nursery:
         # sleep_forever as the trigger: no signal handlers, the fake stops when cancelled.
-        urls = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever, mode="asgi"))
+        urls = await nursery.start(partial(serve, with_lifespan, config, shutdown_trigger=trio.sleep_forever,
+                                           mode="asgi"))
         task_status.started(urls[0])
 
 
-async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     body = b""
     while True:
         message = await receive()
@@ -35,7 +47,7 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes:
             return body
 
 
-async def respond(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: bytes,
+async def respond(send: Send, status: int, body: bytes,
                   headers: list[tuple[bytes, bytes]] | None = None,
                   content_type: bytes = b"application/json") -> None:
     await send({"type": "http.response.start", "status": status,

@@ -63,11 +63,6 @@ class FakeTwilio:
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
                        send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         path = scope["path"]
         body = await read_body(receive)
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
@@ -162,16 +157,6 @@ async def _error(send: Callable[[dict[str, Any]], Awaitable[None]], status: int,
             "status": status}
     await respond(send, status, json.dumps(body).encode(), headers)
 
-
-async def _lifespan(receive: Callable[[], Awaitable[dict[str, Any]]],
-                    send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 __all__ = ["FakeTwilio", "TwilioRequest"]
