@@ -1,4 +1,4 @@
-"""Delivers one channel's messages with a fixed number of workers sharing the channel's gate."""
+"""Delivers one channel's messages, at most `workers` at a time for this send."""
 
 from __future__ import annotations
 
@@ -11,14 +11,19 @@ from dispatcher.retry import Transport, deliver
 
 async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],
                transport: Transport, workers: int) -> None:
-    # Workers beyond the channel's concurrency would only queue on its limiter; the limiter
-    # itself is process-wide, so concurrent requests share the provider's allowance.
-    async def worker(inbox: MemoryReceiveChannel[Message], outbox: MemorySendChannel[Delivery]) -> None:
-        with inbox, outbox:
-            async for message in inbox:
-                await outbox.send(await deliver(message, transport))
+    # One task per message, started only when a slot is free: a one-recipient send costs one task,
+    # not a pool of idle workers. The channel's limiter inside `deliver` is process-wide, so
+    # concurrent sends share the provider's allowance.
+    slots = trio.Semaphore(workers)
+
+    async def deliver_one(message: Message) -> None:
+        try:
+            await results.send(await deliver(message, transport))
+        finally:
+            slots.release()
 
     with messages, results:
         async with trio.open_nursery() as nursery:
-            for _ in range(workers):
-                nursery.start_soon(worker, messages.clone(), results.clone())
+            async for message in messages:
+                await slots.acquire()
+                nursery.start_soon(deliver_one, message)
