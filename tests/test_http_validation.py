@@ -148,3 +148,23 @@ async def test_store_down_is_503_not_500(make_settings: Any) -> None:
             assert response.status_code == 503
             assert (await response.get_json())["message"] == "the user and template store is unavailable"
             assert (await client.get("/-/ready")).status_code == 503
+
+
+async def test_bug_in_an_actor_is_a_logged_500(client: Any, database: Any, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from dispatcher.plan import ChannelPlan
+
+    def broken(self: ChannelPlan, user: Any, data: Any) -> None:
+        raise ZeroDivisionError("simulated bug")
+
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})
+    monkeypatch.setattr(ChannelPlan, "message_for", broken)
+    response = await client.post("/send", json=_valid())
+    assert response.status_code == 500
+    body = await response.get_json()
+    assert body == {"statusCode": 500, "error": "Internal Server Error",
+                    "message": "internal error; see the service log"}
+    assert "ZeroDivisionError: simulated bug" in caplog.text
+    # The service keeps working after the bug.
+    monkeypatch.undo()
+    assert (await client.post("/send", json=_valid())).status_code == 200
