@@ -13,8 +13,9 @@ import trio
 class TokenBucket:
     """Token bucket of `rate` tokens per second holding at most `burst` (GCRA form).
 
-    Each caller reserves the next free instant and sleeps until it: no lock, no polling, and in any
-    window of one second at most `rate + burst` tokens are handed out. `rate == 0` is unlimited.
+    Waiters are served one at a time, in arrival order, and each token is accounted at the instant
+    it is actually handed out: if the event loop stalls, late waiters do not all fire at once, so
+    any window of one second sees at most `rate + burst` tokens. `rate == 0` is unlimited.
     """
 
     def __init__(self, rate: float, burst: int = 1) -> None:
@@ -24,6 +25,7 @@ class TokenBucket:
         self._tolerance = (self.burst - 1) * self._interval
         self._tat = float("-inf")  # theoretical arrival time of the next token
         self._paused_until = float("-inf")
+        self._turn = trio.Lock()  # FIFO: the next waiter in line
 
     def pause_until(self, deadline: float) -> None:
         """Hand out nothing before `deadline` (a provider asked us to back off)."""
@@ -32,21 +34,18 @@ class TokenBucket:
     async def acquire(self) -> None:
         """Wait for a token. Not a checkpoint when one is available at once: the caller has just
         passed one (the concurrency limiter) and is about to do I/O."""
-        while True:
-            now = trio.current_time()
-            if self._paused_until > now:
+        if self._interval == 0:
+            while self._paused_until > trio.current_time():
                 await trio.sleep_until(self._paused_until)
-                continue
-            if self._interval == 0:
-                return
-            tat = max(self._tat, now)
-            start = max(now, tat - self._tolerance)
-            self._tat = tat + self._interval
-            if start > now:
-                await trio.sleep_until(start)
-                if self._paused_until > trio.current_time():
-                    continue  # a 429 arrived while we waited: our reserved slot is void
             return
+        async with self._turn:
+            while True:
+                now = trio.current_time()
+                start = max(now, self._paused_until, self._tat - self._tolerance)
+                if start <= now:
+                    break
+                await trio.sleep_until(start)  # then look again: a 429 may have paused us meanwhile
+            self._tat = max(self._tat, now) + self._interval
 
 
 class ChannelGate:

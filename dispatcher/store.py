@@ -70,16 +70,16 @@ class Store:
         query = self.user_query(recipients, clusters)
         cursor = self._users.find(query, batch_size=self._batch_size)
         try:
-            while True:
+            more = True
+            while more:
                 try:
-                    batch = await trio.to_thread.run_sync(_next_batch, cursor, self._batch_size)
+                    batch, more = await trio.to_thread.run_sync(_next_batch, cursor, self._batch_size)
                 except PyMongoError as exc:
                     raise StoreError(f"user lookup failed: {exc}") from exc
-                if not batch:
-                    return
                 for doc in batch:
                     doc["_id"] = str(doc["_id"])
-                yield batch
+                if batch:
+                    yield batch
         finally:
             cursor.close()
 
@@ -88,13 +88,15 @@ class Store:
         return "" if value is None else str(value)
 
 
-def _next_batch(cursor: Any, size: int) -> list[dict[str, Any]]:
+def _next_batch(cursor: Any, size: int) -> tuple[list[dict[str, Any]], bool]:
+    """Up to `size` documents, and whether more may follow (a small result set costs one thread
+    hop, not a second one to discover the end)."""
     batch = []
     for doc in cursor:
         batch.append(doc)
         if len(batch) >= size:
             break
-    return batch
+    return batch, cursor.alive
 
 
 def _id_variants(value: str) -> list[Any]:

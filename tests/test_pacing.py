@@ -241,3 +241,28 @@ async def test_push_to_several_tokens_fails_as_one_naming_the_tokens(autojump_cl
     assert delivery.status == "failed"
     assert delivery.error == "1 of 3 devices failed: dead-t…mnop: FCM UNREGISTERED"
     assert sorted(a for _, a in provider.starts) == sorted(tokens)
+
+
+async def test_stalled_waiters_do_not_fire_together(autojump_clock: trio.testing.MockClock) -> None:
+    # Many waiters, and an event loop that stalls: tokens must still be spaced from the moment
+    # each is handed out, so no one-second window exceeds rate + burst.
+    bucket = TokenBucket(rate=100, burst=1)
+    times: list[float] = []
+
+    async def waiter() -> None:
+        for _ in range(20):
+            await bucket.acquire()
+            times.append(trio.current_time())
+
+    async def stall() -> None:
+        for _ in range(10):
+            await trio.sleep(0.2)
+            autojump_clock.jump(0.06)  # time passes while no task runs: the loop was blocked
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stall)
+        for _ in range(16):
+            nursery.start_soon(waiter)
+    assert len(times) == 320
+    assert max_in_any_window(times) <= 100 + 1
+    assert all(b - a >= 0.01 - 1e-9 for a, b in zip(times, times[1:]))
