@@ -1,4 +1,4 @@
-"""`dispatcher serve | seed | check-config`: the command line."""
+"""`dispatcher serve | seed | check-config | loadtest`: the command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from .errors import ConfigError, DispatcherError
+from .loadtest.cli import add_parser as add_loadtest_parser
 from .settings import Settings, load_settings
 
 log = logging.getLogger("dispatcher")
@@ -28,7 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = commands.add_parser("seed", help="load users and templates from a JSON file into the store")
     seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
     commands.add_parser("check-config", help="validate the configuration and print it (secrets hidden)")
+    add_loadtest_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "loadtest":
+        # The harness generates the service's configuration itself: no load_settings here.
+        from .loadtest.cli import run as run_loadtest
+
+        return run_loadtest(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs one INFO line per request: per delivery, far too much for a service log.
     for noisy in ("httpx", "httpcore", "hpack"):

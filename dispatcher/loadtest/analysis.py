@@ -1,0 +1,166 @@
+"""From a measured phase to figures: per channel deliveries, rates and the rate-limit check,
+the accounting and exactly-once checks, request latencies and failures by kind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from .accounting import (check_accounting, check_exactly_once, expected_for_fanout, expected_for_stream,
+                         failures_by_kind)
+from .drivers import Exchange, Phase
+from .environment import Environment
+from .metrics import latency_summary, max_in_window, mean_rate, per_second, percentile
+from .options import LoadTestOptions
+from .population import Population
+from .service import RunningService
+
+
+def thin(samples: Sequence[Any], limit: int) -> list[Any]:
+    step = max(1, len(samples) // limit)
+    return list(samples[::step])
+
+
+def _channel_figures(env: Environment, phase: Phase, channel: str, config: dict[str, Any]) -> dict[str, Any]:
+    receipts = env.tap.since(phase.mark, channel)
+    times = sorted(receipts.times)
+    active = (times[-1] - phase.start) if times else 0.0
+    figures: dict[str, Any] = {
+        "received": len(times),
+        # Over the channel's own active span: channels finish at different times.
+        "deliveries_per_s": round(len(times) / active, 2) if active > 0 else 0.0,
+        "max_in_1s": max_in_window(times),
+        "mean_rate": None if (rate := mean_rate(times)) is None else round(rate, 3),
+        "rate_limit": None,
+    }
+    section = config["channels"].get(channel, {})
+    limit = float(section.get("rate_per_second", 0) or 0)
+    if limit > 0:
+        burst = int(section.get("burst", 1))
+        achieved = figures["mean_rate"]
+        deviation = None if achieved is None else (achieved - limit) / limit * 100
+        figures["rate_limit"] = {
+            "rate": limit, "burst": burst, "achieved": achieved,
+            "deviation_pct": None if deviation is None else round(deviation, 3),
+            "within_2pct": deviation is not None and abs(deviation) <= 2.0,
+            "max_in_1s": figures["max_in_1s"], "max_allowed_in_1s": limit + burst,
+            "window_ok": figures["max_in_1s"] <= limit + burst,
+            # Arrivals are stamped by the harness's event loop: gaps far below 1/rate mean
+            # arrivals bunched up on the way (scheduling jitter), which can tip a window over.
+            "gap_ms": _gaps(times),
+        }
+    return figures
+
+
+def _gaps(sorted_times: Sequence[float]) -> dict[str, float | None]:
+    gaps = sorted(b - a for a, b in zip(sorted_times, sorted_times[1:]))
+
+    def ms(q: float) -> float | None:
+        value = percentile(gaps, q)
+        return None if value is None else round(value * 1000, 2)
+
+    return {"min": ms(0), "p1": ms(1), "p50": ms(50), "max": ms(100)}
+
+
+def _channel_accounting(scenario: str, population: Population, channel: str, ok: list[Exchange],
+                        failed_users: set[int]) -> tuple[dict[str, Any], Counter[str], int]:
+    """(accounting check, receipts expected per address, deliveries reported sent) for `channel`."""
+    if scenario == "fanout":
+        if not ok:
+            return check_accounting({}, channel, 0, 0), Counter(), 0
+        summary = ok[0].reply.body["summary"]  # type: ignore[index]
+        accounting = check_accounting(summary, channel, population.size,
+                                      population.size - population.with_address(channel))
+        return accounting, expected_for_fanout(population, channel, failed_users), accounting["sent"]
+    # stream: each request selects one user who has an address on its channel.
+    on_channel = [e for e in ok if e.channel == channel]
+    totals: dict[str, dict[str, int]] = {"sent": {}, "skipped": {}, "failed": {}}
+    for exchange in on_channel:
+        summary = exchange.reply.body.get("summary", {})  # type: ignore[union-attr]
+        for key, counts in totals.items():
+            counts[channel] = counts.get(channel, 0) + summary.get(key, {}).get(channel, 0)
+    expected, sent = expected_for_stream(population, channel, on_channel)
+    return check_accounting(totals, channel, len(on_channel), 0), expected, sent
+
+
+def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: float) -> dict[str, Any]:
+    errors = [e for e in exchanges if not e.ok]
+    requests: dict[str, Any] = {
+        "count": len(exchanges), "ok": len(exchanges) - len(errors), "errors": len(errors),
+        "error_samples": sorted({f"{e.reply.status}: {e.reply.error}" for e in errors})[:5],
+        # From the time each request was due (stream: open-loop schedule) to its answer.
+        "latency": latency_summary([e.latency for e in exchanges]),
+    }
+    ok = [e for e in exchanges if e.ok]
+    if options.scenario == "stream":
+        requests["offered_rps"] = options.rps
+        requests["achieved_rps"] = round(len(exchanges) / duration, 2) if duration > 0 else None
+        requests["service_time"] = latency_summary([e.finished - e.started for e in exchanges])
+        requests["users_per_request_ok"] = all(
+            e.reply.body.get("summary", {}).get("users") == 1 for e in ok)  # type: ignore[union-attr]
+    elif ok:
+        requests["users_selected"] = ok[0].reply.body["summary"].get("users")  # type: ignore[index]
+    return requests
+
+
+def analyse(options: LoadTestOptions, env: Environment, service: RunningService, phase: Phase) -> dict[str, Any]:
+    population = env.population
+    ok = [e for e in phase.exchanges if e.ok]
+    failures = [f for e in ok for f in e.reply.body.get("failures", [])]  # type: ignore[union-attr]
+    duration = phase.end - phase.start
+    channels: dict[str, Any] = {}
+    series: dict[str, list[int]] = {}
+    for channel in options.channels:
+        failed_users = {i for f in failures if f.get("channel") == channel
+                        and (i := population.index_of(str(f.get("userId")))) is not None}
+        accounting, expected, sent = _channel_accounting(options.scenario, population, channel, ok, failed_users)
+        receipts = env.tap.since(phase.mark, channel)
+        failed_addresses = {a for i in failed_users for a in population.addresses(i, channel)}
+        channels[channel] = {
+            **{k: accounting[k] for k in ("sent", "skipped", "failed", "selected", "expected_skipped")},
+            "accounting_ok": accounting["ok"],
+            **_channel_figures(env, phase, channel, service.config),
+            "exactly_once": check_exactly_once(expected, receipts.counts(), sent, failed_addresses),
+        }
+        series[channel] = per_second(receipts.times, phase.start, phase.end)
+    requests = _requests(options, phase.exchanges, duration)
+    accounting_ok = bool(ok) and all(c["accounting_ok"] for c in channels.values())
+    if options.scenario == "fanout":
+        accounting_ok = accounting_ok and requests.get("users_selected") == population.size
+    else:
+        accounting_ok = accounting_ok and requests["users_per_request_ok"]
+    exactly_once_ok = bool(ok) and all(c["exactly_once"]["ok"] for c in channels.values())
+    total_received = sum(c["received"] for c in channels.values())
+    notes = []
+    if options.mode == "embedded":
+        notes.append("embedded mode: peak RSS is the harness process, which also runs the fakes")
+    return {
+        "scenario": options.scenario,
+        "options": jsonable(dataclasses.asdict(options)),
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
+        "service": {"mode": service.mode, "config": service.config},
+        "population": {"users": population.size,
+                       "with_address": {c: population.with_address(c) for c in options.channels}},
+        "duration_s": round(duration, 3),
+        "requests": requests,
+        "channels": channels,
+        "total": {"sent": sum(c["sent"] for c in channels.values()),
+                  "failed": sum(c["failed"] for c in channels.values()),
+                  "received": total_received,
+                  "deliveries_per_s": round(total_received / duration, 2) if duration > 0 else 0.0},
+        "failures_by_kind": failures_by_kind(failures),
+        "checks": {"accounting": accounting_ok, "exactly_once": exactly_once_ok,
+                   "ok": accounting_ok and exactly_once_ok},
+        "series": {"start": "scenario start", "bin_seconds": 1, "per_second": series},
+        "notes": notes,
+    }
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

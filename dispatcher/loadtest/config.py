@@ -1,0 +1,150 @@
+"""The configuration of the service under test: generated from the options and the running
+fakes (never from the service's own `config.toml`, unless given as a base), with its secrets
+passed the way the service reads them, from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dispatcher
+
+from ..errors import ConfigError
+from ..settings import Settings, settings_from_dict
+from .environment import DATABASE, USERS_COLLECTION, Environment
+from .options import LoadTestOptions
+
+SENDER_EMAIL = "loadtest@example.com"
+SENDER_PHONE = "+15550000000"
+# Harness runs stop quickly when aborted; a base configuration may say otherwise.
+DRAIN_TIMEOUT_SECONDS = 5.0
+_PROVIDER_OF = {"email": "smtp", "sms": "twilio", "voice": "twilio", "push": "fcm"}
+
+
+def _base_sections(path: Path | None) -> dict[str, Any]:
+    """The parts of an operator's configuration a load test keeps: `[dispatcher]`, `[channels.*]`
+    (but not their providers), `[templates]` and `[providers.smtp].pool_size`."""
+    if path is None:
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--base-config {path}: {exc}") from None
+    kept: dict[str, Any] = {key: raw[key] for key in ("dispatcher", "templates") if isinstance(raw.get(key), dict)}
+    channels = raw.get("channels") if isinstance(raw.get("channels"), dict) else {}
+    kept["channels"] = {name: {k: v for k, v in section.items() if k != "provider"}
+                        for name, section in channels.items() if isinstance(section, dict)}
+    pool_size = raw.get("providers", {}).get("smtp", {}).get("pool_size")
+    if pool_size is not None:
+        kept["smtp_pool_size"] = pool_size
+    return kept
+
+
+def service_config(options: LoadTestOptions, env: Environment, port: int) -> dict[str, Any]:
+    """The service's configuration, without secrets (those go in `secret_environment`)."""
+    base = _base_sections(options.base_config)
+    fakes = env.fakes
+    dispatcher_section: dict[str, Any] = {"drain_timeout_seconds": DRAIN_TIMEOUT_SECONDS, **base.get("dispatcher", {})}
+    if options.queue_size is not None:
+        dispatcher_section["queue_size"] = options.queue_size
+    if options.store_batch_size is not None:
+        dispatcher_section["store_batch_size"] = options.store_batch_size
+    channels: dict[str, Any] = {"active": list(options.channels)}
+    for channel in options.channels:
+        section = dict(base["channels"].get(channel, {})) if "channels" in base else {}
+        section["provider"] = _PROVIDER_OF[channel]
+        for key, mapping in (("concurrency", options.concurrency), ("rate_per_second", options.rate),
+                             ("burst", options.burst)):
+            if channel in mapping:
+                section[key] = mapping[channel]
+        for key, value in (("timeout_seconds", options.timeout), ("max_attempts", options.max_attempts),
+                           ("backoff_initial_seconds", options.backoff)):
+            if value is not None:
+                section[key] = value
+        channels[channel] = section
+    providers: dict[str, Any] = {}
+    if fakes.sink is not None:
+        smtp: dict[str, Any] = {"host": fakes.sink.host, "port": fakes.sink.port, "security": "none"}
+        pool_size = options.smtp_pool_size if options.smtp_pool_size is not None else base.get("smtp_pool_size")
+        if pool_size is not None:
+            smtp["pool_size"] = pool_size
+        providers["smtp"] = smtp
+    if fakes.twilio is not None:
+        providers["twilio"] = {"account_sid": fakes.twilio_sid, "api_base_url": fakes.twilio_url}
+    if fakes.fcm is not None:
+        providers["fcm"] = {"project_id": fakes.fcm_project, "api_base_url": fakes.fcm_url}
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "dispatcher": dispatcher_section,
+        "store": {"database": DATABASE, "users_collection": USERS_COLLECTION},
+        "sender": {"email": SENDER_EMAIL, "sms": SENDER_PHONE, "voice": SENDER_PHONE},
+        "channels": channels,
+        "providers": providers,
+    }
+    if "templates" in base:
+        config["templates"] = base["templates"]
+    return config
+
+
+def secret_environment(env: Environment) -> dict[str, str]:
+    """The service's secrets, as it reads them: from the environment only."""
+    secrets = {"MONGODB_URL": env.store_url}
+    if env.fakes.twilio is not None:
+        secrets["TWILIO_AUTH_TOKEN"] = env.fakes.twilio_token
+    if env.fakes.key_file is not None:
+        secrets["GOOGLE_APPLICATION_CREDENTIALS"] = str(env.fakes.key_file)
+    return secrets
+
+
+def embedded_settings(config: Mapping[str, Any], env: Environment) -> Settings:
+    """`config` plus the secrets, validated as the service would."""
+    raw = json.loads(json.dumps(config))  # a deep copy
+    raw["store"]["url"] = env.store_url
+    if env.fakes.twilio is not None:
+        raw["providers"]["twilio"]["auth_token"] = env.fakes.twilio_token
+    if env.fakes.key_file is not None:
+        raw["providers"]["fcm"]["credentials_file"] = str(env.fakes.key_file)
+    return settings_from_dict(raw, source="load-test configuration")
+
+
+def child_environment(env: Environment) -> dict[str, str]:
+    """The environment of a child process: ours minus the service's own variables (the generated
+    file must be the whole configuration), plus the secrets, and the package importable."""
+    child = {name: value for name, value in os.environ.items()
+             if not name.startswith("DISPATCHER_") and name not in
+             ("MONGODB_URL", "SMTP_PASSWORD", "TWILIO_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")}
+    child.update(secret_environment(env))
+    root = str(Path(dispatcher.__file__).resolve().parent.parent)
+    child["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return child
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """A TOML document for nested mappings of strings, numbers, booleans and flat lists."""
+    lines: list[str] = []
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, (int, float)):
+            return repr(item)
+        if isinstance(item, (list, tuple)):
+            return "[" + ", ".join(value(v) for v in item) + "]"
+        return json.dumps(str(item))  # JSON string escapes are valid TOML basic-string escapes
+
+    def table(prefix: str, mapping: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in mapping.items() if not isinstance(v, Mapping)}
+        if prefix and scalars:
+            lines.append(f"\n[{prefix}]")
+        for key, item in scalars.items():
+            lines.append(f"{key} = {value(item)}")
+        for key, item in mapping.items():
+            if isinstance(item, Mapping):
+                table(f"{prefix}.{key}" if prefix else key, item)
+
+    table("", data)
+    return "\n".join(lines).lstrip() + "\n"

@@ -1,0 +1,134 @@
+"""The scenarios: what is sent to the service, when, and what came back.
+
+- fanout: one `POST /send` to the whole `loadtest` cluster on the selected channels.
+- stream: single-recipient, single-channel sends offered at a fixed rate for a duration,
+  open-loop: request k is due at `start + k / rps` whatever happened to the earlier ones, and its
+  latency runs from that due time, so a slow service cannot hide its queueing (no coordinated
+  omission). At most `clients` requests are in flight; a request waiting for a client is late,
+  and that shows in its latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .environment import Environment
+from .options import LoadTestOptions
+from .population import CLUSTER, Population
+from .service import Reply, RunningService
+
+TITLE = "Hello {{ user.name }}"
+CONTENT = "Hi {{ user.name }}, your load-test code is {{ data.code }}."
+DATA = {"code": "LT-2026"}
+
+
+def fanout_payload(channels: tuple[str, ...]) -> dict[str, Any]:
+    return {"channels": list(channels), "clusters": [CLUSTER], "messageTitle": TITLE,
+            "messageContent": CONTENT, "data": DATA}
+
+
+def single_payload(channel: str, user_id: str) -> dict[str, Any]:
+    return {"channels": [channel], "recipients": [user_id], "messageTitle": TITLE,
+            "messageContent": CONTENT, "data": DATA}
+
+
+@dataclass
+class PhaseStatus:
+    """What the progress display shows about the running phase."""
+
+    name: str
+    started: float = 0.0
+    requests_total: int = 0
+    requests_done: int = 0
+    request_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request: for stream, the one channel and user it named (None for a fanout)."""
+
+    channel: str | None
+    user_index: int | None
+    scheduled: float
+    started: float
+    finished: float
+    reply: Reply
+
+    @property
+    def latency(self) -> float:
+        return self.finished - self.scheduled
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.status == 200 and self.reply.body is not None
+
+
+@dataclass
+class Phase:
+    """One measured stretch: its Trio-clock span, the receipt counts at its start, its requests."""
+
+    name: str
+    start: float
+    end: float = 0.0
+    mark: dict[str, int] = field(default_factory=dict)
+    exchanges: list[Exchange] = field(default_factory=list)
+
+
+async def run_fanout(service: RunningService, env: Environment, status: PhaseStatus) -> Phase:
+    status.requests_total = 1
+    phase = Phase("fanout", trio.current_time(), mark=env.tap.mark())
+    status.started = phase.start
+    reply = await service.send(fanout_payload(env.options.channels))
+    phase.end = trio.current_time()
+    phase.exchanges.append(Exchange(None, None, phase.start, phase.start, phase.end, reply))
+    status.requests_done = 1
+    status.request_errors = 0 if reply.status == 200 else 1
+    return phase
+
+
+def stream_targets(population: Population, channels: tuple[str, ...]) -> Iterator[tuple[str, int]]:
+    """(channel, user index) forever: channels in turn, each walking the users that have an
+    address on it, wrapping around the population."""
+    # User 0 has an address on every channel, so each walk finds one.
+    cursors = dict.fromkeys(channels, 0)
+    while True:
+        for channel in channels:
+            for _ in range(population.size):
+                index = cursors[channel] % population.size
+                cursors[channel] += 1
+                if population.addresses(index, channel):
+                    yield channel, index
+                    break
+
+
+async def run_stream(service: RunningService, env: Environment, options: LoadTestOptions,
+                     status: PhaseStatus) -> Phase:
+    total = max(1, round(options.rps * options.duration))
+    status.requests_total = total
+    clients = trio.CapacityLimiter(options.clients)
+    targets = stream_targets(env.population, options.channels)
+    phase = Phase("stream", trio.current_time(), mark=env.tap.mark())
+    status.started = phase.start
+
+    async def one(channel: str, index: int, due: float) -> None:
+        async with clients:
+            started = trio.current_time()
+            reply = await service.send(single_payload(channel, env.population.user_id(index)))
+        finished = trio.current_time()
+        phase.exchanges.append(Exchange(channel, index, due, started, finished, reply))
+        status.requests_done += 1
+        if reply.status != 200:
+            status.request_errors += 1
+
+    async with trio.open_nursery() as nursery:
+        for k in range(total):
+            due = phase.start + k / options.rps
+            await trio.sleep_until(due)
+            channel, index = next(targets)
+            nursery.start_soon(one, channel, index, due)
+    phase.end = trio.current_time()
+    return phase

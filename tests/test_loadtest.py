@@ -1,0 +1,157 @@
+"""The load-test harness, run for real on tiny scenarios: fakes on 127.0.0.1, the in-memory
+store, the service embedded or as a separate process. The assertions are on ACCOUNTING (what the
+service reported against what the fakes received), never on speed."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from dispatcher.loadtest import ErrorMix, LoadTestOptions, OptionError, run_loadtest
+from dispatcher.loadtest.accounting import check_exactly_once, failure_kind
+from dispatcher.loadtest.metrics import max_in_window, percentile
+from dispatcher.loadtest.options import parse_channel_values, parse_errors, parse_latency
+from dispatcher.loadtest.population import Population
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Apprise imports the deprecated imghdr module on Python 3.11/3.12.
+pytestmark = pytest.mark.filterwarnings("ignore:'imghdr' is deprecated:DeprecationWarning")
+
+
+async def _run(**fields: Any) -> tuple[dict[str, Any], str]:
+    console = Console(file=io.StringIO(), width=160)
+    results = await run_loadtest(LoadTestOptions(progress=False, **fields), console=console)
+    return results, console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def _assert_every_user_accounted_for(results: dict[str, Any], users: int) -> None:
+    population = Population(users)
+    for channel, figures in results["channels"].items():
+        assert figures["sent"] + figures["skipped"] + figures["failed"] == users, channel
+        # Skips are exactly the users without an address there.
+        assert figures["skipped"] == users - population.with_address(channel), channel
+        assert figures["exactly_once"]["ok"], (channel, figures["exactly_once"])
+        assert figures["exactly_once"]["missing"] == figures["exactly_once"]["duplicated"] == 0
+
+
+def _assert_files_written(results: dict[str, Any]) -> None:
+    written = json.loads(Path(results["files"]["json"]).read_text())
+    assert written["channels"] == results["channels"]
+    assert Path(results["files"]["chart"]).read_bytes().startswith(PNG_MAGIC)
+
+
+async def test_embedded_fanout_with_injected_errors_accounts_for_every_user(tmp_path: Path) -> None:
+    errors = ErrorMix(permanent=0.08, transient=0.08, throttle=0.03)
+    results, printed = await _run(
+        mode="embedded", users=50, errors={c: errors for c in ("email", "sms", "push")}, retry_after=0.05,
+        backoff=0.01, max_attempts=2, output=tmp_path, seed=3)
+
+    _assert_every_user_accounted_for(results, 50)
+    channels = results["channels"]
+    # The errors were really injected, and each failure is reported once with its kind.
+    assert sum(c["failed"] for c in channels.values()) > 0
+    assert sum(results["failures_by_kind"].values()) == sum(c["failed"] for c in channels.values())
+    # One e-mail and one SMS per user reported sent; a push per device token.
+    assert channels["email"]["received"] == channels["email"]["sent"]
+    assert channels["sms"]["received"] == channels["sms"]["sent"]
+    assert channels["push"]["received"] >= channels["push"]["sent"] + 1  # some users have several devices
+    assert results["checks"]["ok"]
+    assert results["memory"]["peak_rss_bytes"] > 0 and "embedded" in results["memory"]["measured"]
+    assert "exactly once" in printed
+    _assert_files_written(results)
+
+
+async def test_process_mode_stream_accounts_for_every_request(tmp_path: Path) -> None:
+    results, _ = await _run(scenario="stream", users=200, rps=40, duration=1.0, clients=8,
+                            latency=(0.001, 0.005), output=tmp_path)
+
+    requests = results["requests"]
+    assert requests["count"] == 40 and requests["errors"] == 0
+    assert requests["latency"]["p99_ms"] is not None
+    for channel, figures in results["channels"].items():
+        # Channels in turn, users that have an address there: every request delivered.
+        assert figures["selected"] > 0
+        assert figures["sent"] + figures["skipped"] + figures["failed"] == figures["selected"]
+        assert figures["sent"] == figures["selected"]
+        assert figures["exactly_once"]["ok"], (channel, figures["exactly_once"])
+    assert sum(c["selected"] for c in results["channels"].values()) == 40
+    assert results["service"]["mode"] == "process" and results["memory"]["measured"] == "service process"
+    assert Path(results["files"]["service_log"]).exists()
+    _assert_files_written(results)
+
+
+async def test_rate_limit_is_checked_at_the_fake(tmp_path: Path) -> None:
+    results, _ = await _run(mode="embedded", users=40, channels=("sms",), rate={"sms": 50.0}, burst={"sms": 2},
+                            output=tmp_path)
+
+    sms = results["channels"]["sms"]
+    limit = sms["rate_limit"]
+    assert limit["rate"] == 50.0 and limit["burst"] == 2
+    assert sms["received"] == sms["sent"] == 36  # every 10th user has no phone
+    assert limit["max_in_1s"] <= 52 and limit["window_ok"]
+    # Spacing lower bound: after the burst, one token every 1/50 s.
+    series_total = sum(results["series"]["per_second"]["sms"])
+    assert series_total == sms["received"]
+    assert results["duration_s"] >= (sms["received"] - 2 - 1) / 50
+
+
+async def test_compare_measures_every_baseline(tmp_path: Path) -> None:
+    results, printed = await _run(mode="embedded", users=30, compare=True, naive_sample=10, apprise_sample=10,
+                                  output=tmp_path)
+
+    _assert_every_user_accounted_for(results, 30)
+    runs = results["compare"]["runs"]
+    assert set(runs) == {"ceiling", "naive", "apprise"}
+    for kind, run in runs.items():
+        assert run["deliveries_per_s"] > 0, kind
+        assert run["received"] == run["sent"] > 0, kind
+    population = Population(30)
+    # The ceiling sends to every address of every user; the naive loop to the first 10 users.
+    assert runs["ceiling"]["received"] == sum(len(population.addresses(i, c)) for i in range(30)
+                                              for c in ("email", "sms", "push"))
+    assert runs["naive"]["received"] == sum(len(population.addresses(i, c)) for i in range(10)
+                                            for c in ("email", "sms", "push"))
+    assert runs["apprise"]["received"] == 10 and runs["apprise"]["sampled"]
+    assert all(ratio["value"] > 0 for ratio in results["compare"]["ratios"].values())
+    assert "transport ceiling" in printed
+    _assert_files_written(results)
+
+
+def test_option_parsing() -> None:
+    assert parse_latency("20ms") == pytest.approx(0.02)
+    assert parse_latency("10-30ms") == pytest.approx((0.01, 0.03))
+    assert parse_latency("0.5s-1s") == pytest.approx((0.5, 1.0))
+    with pytest.raises(OptionError):
+        parse_latency("20")  # a unit is required: 20 ms or 20 s?
+    assert parse_channel_values("sms=100,email=5", float) == {"sms": 100.0, "email": 5.0}
+    assert parse_channel_values("8", int, ("email", "push")) == {"email": 8, "push": 8}
+    mixes = parse_errors("permanent=0.01,sms.transient=5%", ("email", "sms"))
+    assert mixes["email"] == ErrorMix(permanent=0.01)
+    assert mixes["sms"] == ErrorMix(permanent=0.01, transient=0.05)
+    with pytest.raises(OptionError):
+        LoadTestOptions(scenario="stream", compare=True)
+
+
+def test_failure_kinds_and_windows() -> None:
+    assert failure_kind("Twilio 21610: Attempt to send to unsubscribed recipient") == "Twilio 21610"
+    assert failure_kind("SMTP 451: try later (after 3 attempts)") == "SMTP 451 (after retries)"
+    assert failure_kind("2 of 3 devices failed: abc…: FCM UNREGISTERED") == "k of n devices failed"
+    assert failure_kind("twilio: no answer within 10s (after 3 attempts)") == "twilio: timeout (after retries)"
+    assert max_in_window([0.0, 0.5, 0.99, 1.0, 1.2, 3.0]) == 4  # [0.5, 1.5)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0 and percentile([], 99) is None
+
+
+def test_exactly_once_check_catches_missing_duplicated_and_stray_receipts() -> None:
+    expected = Counter({"a": 1, "b": 1, "t1": 1, "t2": 1})
+    assert check_exactly_once(expected, Counter(expected), 3, set())["ok"]
+    report = check_exactly_once(expected, Counter({"a": 2, "t1": 1, "t2": 1, "x": 1, "f": 1}), 3, {"f"})
+    assert not report["ok"]
+    assert (report["missing"], report["duplicated"]) == (1, 1)
+    assert report["received_for_unknown_addresses"] == 1  # "x": nobody was sent that
+    assert report["received_for_failed_deliveries"] == 1  # "f": reported failed, yet delivered
