@@ -28,7 +28,7 @@ async def main() -> None:
                 "data": {"plan": "Pro", "start": "2026-12-01T09:00:00Z"},
             })
         except dispatcher.RequestError as exc:  # e.g. the store was not seeded
-            raise SystemExit(f"request refused ({exc.status_code}): {exc}")
+            raise SystemExit(f"request refused ({exc.status_code}): {exc}") from None
         print(json.dumps(result.to_json(), indent=2))
 
 
