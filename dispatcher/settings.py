@@ -109,7 +109,7 @@ class SmtpSettings(_Section):
     security: Literal["starttls", "tls", "none"] = "starttls"
     username: str = ""
     password: SecretStr = SecretStr("")  # from SMTP_PASSWORD only
-    pool_size: int = Field(4, ge=1)
+    pool_size: int = Field(8, ge=1)  # persistent connections; e-mail throughput is about pool_size / round trip
 
 
 class TwilioSettings(_Section):

@@ -265,4 +265,5 @@ async def test_stalled_waiters_do_not_fire_together(autojump_clock: trio.testing
             nursery.start_soon(waiter)
     assert len(times) == 320
     assert max_in_any_window(times) <= 100 + 1
-    assert all(b - a >= 0.01 - 1e-9 for a, b in zip(times, times[1:]))
+    # After a stall, tokens resume at most half an interval early, never as a burst.
+    assert all(b - a >= 0.005 - 1e-9 for a, b in zip(times, times[1:]))
