@@ -8,15 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.errors import HeaderParseError
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .errors import RequestError
-
-Channel = Literal["email", "sms", "push", "voice"]
-SUPPORTED_CHANNELS: tuple[str, ...] = ("email", "sms", "push", "voice")
+from .settings import CHANNELS as SUPPORTED_CHANNELS
 
 
 def _valid_email(value: str) -> bool:
