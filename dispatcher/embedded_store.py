@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import trio
 from pymongo import MongoClient
@@ -38,60 +39,71 @@ async def open_embedded_store(data_dir: Path | None) -> AsyncIterator[str]:
 
     `data_dir=None` keeps the data in memory (tests); otherwise it persists in `data_dir/store.db`.
     """
-    port = free_port()
-    # The server deletes its pid file at exit and logs every command: both go to a scratch
-    # folder of ours (never /dev/null, which it would delete), removed when it stops.
-    with tempfile.TemporaryDirectory(prefix="dispatcher-store-") as scratch:
+    server = await trio.to_thread.run_sync(EmbeddedServer, data_dir)
+    try:
+        log.info("embedded store listening on %s (%s)", server.url, data_dir or "memory")
+        yield server.url
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.stop)
+
+
+class EmbeddedServer:
+    """The nx-27017 process, started (blocking until it answers a ping) and stopped.
+
+    Blocking on purpose: `open_embedded_store` runs it in a thread, the test suite's session
+    fixture calls it directly.
+    """
+
+    def __init__(self, data_dir: Path | None) -> None:
+        # The server deletes its pid file at exit and logs every command: both go to a scratch
+        # folder of ours (never /dev/null, which it would delete), removed when it stops.
+        self._scratch = tempfile.TemporaryDirectory(prefix="dispatcher-store-")
+        scratch = Path(self._scratch.name)
         db = "memory"
         if data_dir is not None:
             data_dir.mkdir(parents=True, exist_ok=True)
             db = str(data_dir / "store.db")
-        async with _run_server(port, db, Path(scratch) / "store.log", Path(scratch) / "store.pid") as url:
-            yield url
-
-
-@asynccontextmanager
-async def _run_server(port: int, db: str, log_file: Path, pid_file: Path) -> AsyncIterator[str]:
-    command = [sys.executable, "-c", "from nx_27017.nx_27017 import main; main()",
-               "--host", "127.0.0.1", "--port", str(port), "--db", db,
-               "--log-file", str(log_file), "--pid-file", str(pid_file)]
-    url = f"mongodb://127.0.0.1:{port}/"
-    # The server logs every command to its output: keep it in a file, never in a pipe nobody reads.
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+        port = free_port()
+        self.url = f"mongodb://127.0.0.1:{port}/"
+        # Its output is a log of every command: into a file, never a pipe nobody reads.
+        self._output = open(scratch / "output.log", "w+b")
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from nx_27017.nx_27017 import main; main()", "--host", "127.0.0.1",
+             "--port", str(port), "--db", db, "--log-file", str(scratch / "store.log"),
+             "--pid-file", str(scratch / "store.pid")],
+            stdin=subprocess.DEVNULL, stdout=self._output, stderr=self._output)
         try:
-            await _wait_until_ready(url, process, output)
-            log.info("embedded store listening on 127.0.0.1:%d (%s)", port, db)
-            yield url
-        finally:
-            process.terminate()
-            with trio.CancelScope(shield=True):
-                try:
-                    # It can linger on idle client connections; SQLite keeps committed data safe.
-                    await trio.to_thread.run_sync(process.wait, 3)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    await trio.to_thread.run_sync(process.wait)
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
 
-
-async def _wait_until_ready(url: str, process: subprocess.Popen[bytes], output: IO[bytes]) -> None:
-    def ping() -> bool:
-        client: MongoClient[dict] = MongoClient(url, serverSelectionTimeoutMS=300, connectTimeoutMS=300)
-        try:
-            client.admin.command("ping")
-            return True
-        except PyMongoError:
-            return False
-        finally:
-            client.close()
-
-    with trio.move_on_after(_START_TIMEOUT):
-        while True:
-            if process.poll() is not None:
-                output.seek(0)
-                err = output.read().decode(errors="replace")[-2000:]
-                raise StoreError(f"the embedded store exited at start-up (code {process.returncode}): {err}")
-            if await trio.to_thread.run_sync(ping):
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._output.seek(0)
+                err = self._output.read().decode(errors="replace")[-2000:]
+                raise StoreError(f"the embedded store exited at start-up (code {self._process.returncode}): {err}")
+            client: MongoClient[dict[str, Any]] = MongoClient(self.url, serverSelectionTimeoutMS=300,
+                                                              connectTimeoutMS=300)
+            try:
+                client.admin.command("ping")
                 return
-            await trio.sleep(0.1)
-    raise StoreError(f"the embedded store did not answer within {_START_TIMEOUT:.0f}s")
+            except PyMongoError:
+                time.sleep(0.1)
+            finally:
+                client.close()
+        raise StoreError(f"the embedded store did not answer within {_START_TIMEOUT:.0f}s")
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            # It can linger on idle client connections; SQLite keeps committed data safe.
+            self._process.wait(3)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._output.close()
+        self._scratch.cleanup()

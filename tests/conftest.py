@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,48 +13,17 @@ import pymongo
 import pytest
 
 from dispatcher import Dispatcher, Settings, open_dispatcher, settings_from_dict
+from dispatcher.embedded_store import EmbeddedServer
 
 _db_counter = itertools.count()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One nx-27017 server for the whole session (it takes ~2 s to start)."""
-    port = _free_port()
-    scratch = tmp_path_factory.mktemp("store")
-    log = scratch / "server.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from nx_27017.nx_27017 import main; main()", "--host", "127.0.0.1",
-             "--port", str(port), "--data-dir", "memory", "--log-file", str(scratch / "nx.log"),
-             "--pid-file", str(scratch / "nx.pid")],
-            stdout=output, stderr=output)
-    url = f"mongodb://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 30
-    while True:
-        probe: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=200)
-        try:
-            probe.admin.command("ping")
-            break
-        except pymongo.errors.PyMongoError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"store server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        finally:
-            probe.close()
-    yield url
-    process.terminate()
-    try:
-        process.wait(2)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def mongo_url() -> Iterator[str]:
+    """One in-memory store server for the whole session (it takes ~2 s to start)."""
+    server = EmbeddedServer(None)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
