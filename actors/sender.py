@@ -1,4 +1,4 @@
-"""Delivers one channel's messages, at most `workers` at a time for this send."""
+"""Delivers one channel's messages, at most the channel's concurrency at a time for this send."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from dispatcher.retry import Transport, deliver
 
 
 async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],
-               transport: Transport, workers: int) -> None:
+               transport: Transport) -> None:
     # One task per message, started only when a slot is free: a one-recipient send costs one task,
     # not a pool of idle workers. The channel's limiter inside `deliver` is process-wide, so
     # concurrent sends share the provider's allowance.
-    slots = trio.Semaphore(workers)
+    slots = trio.Semaphore(int(transport.gate.limiter.total_tokens))
 
     async def deliver_one(message: Message) -> None:
         try:

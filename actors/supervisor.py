@@ -24,7 +24,7 @@ from .sender import send
 
 
 async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str, Transport],
-                       queue_size: int, workers: Mapping[str, int]) -> SendResult:
+                       queue_size: int) -> SendResult:
     request = plan.request
     result: SendResult | None = None
     results_in, results_out = trio.open_memory_channel[Delivery](queue_size)
@@ -42,7 +42,6 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
                 messages_in, messages_out = trio.open_memory_channel[Message](queue_size)
                 nursery.start_soon(resolve, users_in, store, request.recipients, request.clusters)
                 nursery.start_soon(render, users_out, messages_in, results_in.clone(), lane, request.data)
-                nursery.start_soon(send, messages_out, results_in.clone(), transports[lane.channel],
-                                   workers[lane.channel])
+                nursery.start_soon(send, messages_out, results_in.clone(), transports[lane.channel])
     assert result is not None
     return result

@@ -59,7 +59,6 @@ class Dispatcher:
             channel: Transport(provider, _gate(settings, channel), RetryPolicy.from_settings(settings.channels[channel]))
             for channel, provider in providers.items()
         }
-        self._workers = {channel: settings.channels[channel].concurrency for channel in providers}
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -122,7 +121,7 @@ class Dispatcher:
     async def _run(self, plan: RequestPlan, outcome: dict[str, Any], done: trio.Event) -> None:
         try:
             outcome["result"] = result = await run_pipeline(
-                plan, self.store, self._transports, self.settings.dispatcher.queue_size, self._workers)
+                plan, self.store, self._transports, self.settings.dispatcher.queue_size)
             log.info("send done: %d users, sent %s, skipped %s, failed %s", result.summary.users,
                      result.summary.sent, result.summary.skipped, result.summary.failed)
         except Exception as exc:

@@ -76,7 +76,7 @@ async def run_sender(provider: ScriptedProvider, messages: list[Message], *, con
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
         nursery.start_soon(drain)
-        nursery.start_soon(sender_actor, inbox_recv, results_send, transport, concurrency)
+        nursery.start_soon(sender_actor, inbox_recv, results_send, transport)
     return deliveries
 
 
