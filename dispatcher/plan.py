@@ -19,27 +19,20 @@ from .templating import Renderer, parse_push_data
 
 RenderFn = Callable[[dict[str, Any]], str]
 
-# What a template must hold for each channel (SPEC section 1).
-_REQUIRED = {
-    "email": "emailTitle and one of emailMessage/emailHtmlMessage",
-    "sms": "smsMessage",
-    "push": "pushTitle/pushMessage or pushData",
-    "voice": "voiceMessage",
+# What a template must hold for each channel (SPEC section 1): every group, one field of each.
+_REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "email": (("emailTitle",), ("emailMessage", "emailHtmlMessage")),
+    "sms": (("smsMessage",),),
+    "push": (("pushTitle", "pushMessage", "pushData"),),
+    "voice": (("voiceMessage",),),
 }
 
 
-def _has(template: dict[str, Any], *fields: str) -> bool:
-    return any(isinstance(template.get(f), str) and template[f] != "" for f in fields)
-
-
-def _template_supports(template: dict[str, Any], channel: str) -> bool:
-    if channel == "email":
-        return _has(template, "emailTitle") and _has(template, "emailMessage", "emailHtmlMessage")
-    if channel == "sms":
-        return _has(template, "smsMessage")
-    if channel == "voice":
-        return _has(template, "voiceMessage")
-    return _has(template, "pushTitle", "pushMessage", "pushData")
+def _check_template(template: dict[str, Any], channel: str) -> None:
+    groups = _REQUIRED[channel]
+    if not all(any(isinstance(template.get(f), str) and template[f] != "" for f in group) for group in groups):
+        needed = " and ".join(" or ".join(group) for group in groups)
+        raise RequestError(f"templateId: the template has no {channel} text (needs {needed})")
 
 
 def template_attachments(template: dict[str, Any] | None) -> list[str]:
@@ -96,8 +89,7 @@ def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: 
             raise RequestError(f"channels: {channel!r} is not an active channel")
     if template is not None:
         for channel in request.channels:
-            if not _template_supports(template, channel):
-                raise RequestError(f"templateId: the template has no {channel} text ({_REQUIRED[channel]})")
+            _check_template(template, channel)
     texts = _TextSource(request, template, renderer)
     fields = settings.user_fields
     plans = []
