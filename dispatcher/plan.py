@@ -14,7 +14,7 @@ from typing import Any
 from .errors import RenderError, RequestError
 from .messages import Content, EmailContent, EmailOptions, Message, PushContent, TextContent, User
 from .models import SendRequest
-from .settings import Settings
+from .settings import Settings, UserFields
 from .templating import Renderer, parse_push_data
 
 RenderFn = Callable[[dict[str, Any]], str]
@@ -58,14 +58,20 @@ class ChannelPlan:
     id_of: Callable[[User], str]
 
     def message_for(self, user: User, data: dict[str, Any]) -> Message | None:
-        addresses = _addresses(user.get(self.address_field))
+        addresses = addresses_of(user.get(self.address_field))
         if not addresses:
             return None
         content = self.build({"user": user, "data": data})
         return Message(self.channel, self.id_of(user), addresses, content)
 
 
-def _addresses(value: Any) -> tuple[str, ...]:
+def address_field(channel: str, fields: UserFields) -> str:
+    """The user field that holds a channel's address(es)."""
+    return {"email": fields.email_address, "push": fields.device_token}.get(channel, fields.phone_number)
+
+
+def addresses_of(value: Any) -> tuple[str, ...]:
+    """A user's address field as distinct non-empty strings (one, or several device tokens)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
@@ -91,18 +97,16 @@ def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: 
         for channel in request.channels:
             _check_template(template, channel)
     texts = _TextSource(request, template, renderer)
-    fields = settings.user_fields
     plans = []
     for channel in request.channels:
         if channel == "email":
             assert email_options is not None
-            build, field = _email_builder(texts, email_options), fields.email_address
+            build = _email_builder(texts, email_options)
         elif channel == "push":
-            build, field = _push_builder(texts, settings.providers.fcm.android_intent_action), fields.device_token
+            build = _push_builder(texts, settings.providers.fcm.android_intent_action)
         else:
-            sender = getattr(settings.sender, channel)
-            build, field = _text_builder(texts, channel, sender), fields.phone_number
-        plans.append(ChannelPlan(channel, field, build, id_of))
+            build = _text_builder(texts, channel, getattr(settings.sender, channel))
+        plans.append(ChannelPlan(channel, address_field(channel, settings.user_fields), build, id_of))
     return RequestPlan(request, tuple(plans))
 
 

@@ -14,6 +14,7 @@ import trio.testing
 
 from actors.sender import send as sender_actor
 from dispatcher.errors import PermanentDeliveryError, TransientDeliveryError
+from dispatcher.loadtest.metrics import max_in_window
 from dispatcher.messages import Delivery, Message, TextContent
 from dispatcher.ratelimit import ChannelGate, TokenBucket
 from dispatcher.retry import RetryPolicy, Transport
@@ -80,14 +81,8 @@ async def run_sender(provider: ScriptedProvider, messages: list[Message], *, con
     return deliveries
 
 
-def max_in_any_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
+def max_in_any_window(times: list[float]) -> int:
+    return max_in_window(sorted(times))
 
 
 async def test_token_bucket_respects_rate_and_burst(autojump_clock: trio.testing.MockClock) -> None:

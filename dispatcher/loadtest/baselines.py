@@ -31,6 +31,7 @@ import trio
 from ..errors import DeliveryError
 from ..messages import Content, EmailContent, EmailOptions, Message, PushContent, TextContent
 from ..providers import Provider, open_providers
+from ..plan import address_field, addresses_of
 from ..ratelimit import TokenBucket
 from ..settings import Settings, load_settings
 from .drivers import CONTENT, DATA, TITLE
@@ -71,11 +72,7 @@ class _Texts:
 
 
 def _addresses(user: dict[str, Any], channel: str, settings: Settings) -> tuple[str, ...]:
-    fields = settings.user_fields
-    field = {"email": fields.email_address, "push": fields.device_token}.get(channel, fields.phone_number)
-    value = user.get(field)
-    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v))
+    return addresses_of(user.get(address_field(channel, settings.user_fields)))
 
 
 async def _send_once(provider: Provider, message: Message, address: str, timeout: float) -> bool:

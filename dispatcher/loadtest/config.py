@@ -4,7 +4,7 @@ passed the way the service reads them, from the environment."""
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import tomllib
 from collections.abc import Mapping
@@ -102,7 +102,7 @@ def secret_environment(env: Environment) -> dict[str, str]:
 
 def embedded_settings(config: Mapping[str, Any], env: Environment) -> Settings:
     """`config` plus the secrets, validated as the service would."""
-    raw = json.loads(json.dumps(config))  # a deep copy
+    raw = copy.deepcopy(dict(config))
     raw["store"]["url"] = env.store_url
     if env.fakes.twilio is not None:
         raw["providers"]["twilio"]["auth_token"] = env.fakes.twilio_token
@@ -121,30 +121,3 @@ def child_environment(env: Environment) -> dict[str, str]:
     root = str(Path(dispatcher.__file__).resolve().parent.parent)
     child["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     return child
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """A TOML document for nested mappings of strings, numbers, booleans and flat lists."""
-    lines: list[str] = []
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, (int, float)):
-            return repr(item)
-        if isinstance(item, (list, tuple)):
-            return "[" + ", ".join(value(v) for v in item) + "]"
-        return json.dumps(str(item))  # JSON string escapes are valid TOML basic-string escapes
-
-    def table(prefix: str, mapping: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in mapping.items() if not isinstance(v, Mapping)}
-        if prefix and scalars:
-            lines.append(f"\n[{prefix}]")
-        for key, item in scalars.items():
-            lines.append(f"{key} = {value(item)}")
-        for key, item in mapping.items():
-            if isinstance(item, Mapping):
-                table(f"{prefix}.{key}" if prefix else key, item)
-
-    table("", data)
-    return "\n".join(lines).lstrip() + "\n"

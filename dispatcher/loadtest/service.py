@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import tomli_w
 import trio
 
 import dispatcher
 
 from ..embedded_store import free_port
 from ..errors import DispatcherError, RequestError
-from .config import child_environment, embedded_settings, service_config, to_toml
+from .config import child_environment, embedded_settings, service_config
 from .environment import Environment
 from .options import LoadTestOptions
 
@@ -119,7 +120,7 @@ async def open_service(options: LoadTestOptions, env: Environment, output: Path)
     config = service_config(options, env, port)
     embedded_settings(config, env)  # a ConfigError now, rather than a child that exits at start-up
     config_path = output / "service-config.toml"
-    config_path.write_text(to_toml(config), encoding="utf-8")
+    config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
     async with _service_process(options, env, config_path, output / "service.log") as process, \
             AsyncExitStack() as stack:
         timeout = httpx.Timeout(options.request_timeout, connect=10.0)
