@@ -6,24 +6,13 @@ The wire format is the predecessor's (camelCase); Python code uses snake_case at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from email.headerregistry import Address
-from email.errors import HeaderParseError
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .channels import CHANNELS, valid_email as _valid_email
 from .errors import RequestError
-from .settings import CHANNELS as SUPPORTED_CHANNELS
-
-
-def _valid_email(value: str) -> bool:
-    try:
-        address = Address(addr_spec=value)
-    except (HeaderParseError, ValueError, IndexError):
-        return False
-    domain = address.domain
-    return bool(address.username and domain and ("." in domain or domain == "localhost"))
 
 
 class SendRequest(BaseModel):
@@ -58,7 +47,7 @@ class SendRequest(BaseModel):
     @classmethod
     def _known_unique_channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for channel in value:
-            if channel not in SUPPORTED_CHANNELS:
+            if channel not in CHANNELS:
                 raise ValueError(f"{channel!r} is not a supported channel")
         duplicates = sorted({c for c in value if value.count(c) > 1})
         if duplicates:
@@ -95,8 +84,9 @@ class SendRequest(BaseModel):
         if self.template_id is None:
             if self.message_content is None:
                 raise ValueError("messageContent: required when no templateId is given")
-            if self.message_title is None and ({"email", "push"} & set(self.channels)):
-                raise ValueError("messageTitle: required for email and push when no templateId is given")
+            titled = [c for c in self.channels if CHANNELS[c].needs_title]
+            if self.message_title is None and titled:
+                raise ValueError(f"messageTitle: required for {' and '.join(titled)} when no templateId is given")
         return self
 
     @classmethod

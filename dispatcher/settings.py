@@ -12,11 +12,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
+from .channels import CHANNELS as CHANNEL_TABLE
 from .errors import ConfigError
 
-CHANNELS: tuple[str, ...] = ("email", "sms", "push", "voice")
 ENV_PREFIX = "DISPATCHER__"
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
@@ -47,6 +48,15 @@ class StoreSettings(_Section):
     users_collection: str = "users"
     templates_collection: str = "message_templates"
     data_dir: Path = Path("var")
+    # The delivery ledger (durable sends): one job document per send, one per (job, user, channel).
+    ledger: bool = True
+    jobs_collection: str = "dispatch_jobs"
+    deliveries_collection: str = "dispatch_deliveries"
+    idempotency_ttl_hours: float = Field(24.0, gt=0)
+    retention_days: float = Field(30.0, gt=0)
+    # A running job's owner renews its lease this often (a third of it); another instance takes
+    # the job over once the lease has expired.
+    lease_seconds: float = Field(30.0, gt=0)
 
 
 class UserFields(_Section):
@@ -63,17 +73,8 @@ class SenderSettings(_Section):
     voice: str = ""
 
 
-ProviderName = Literal["outbox", "smtp", "twilio", "fcm"]
-_PROVIDERS_FOR: dict[str, set[str]] = {
-    "email": {"outbox", "smtp"},
-    "sms": {"outbox", "twilio"},
-    "voice": {"outbox", "twilio"},
-    "push": {"outbox", "fcm"},
-}
-
-
 class ChannelSettings(_Section):
-    provider: ProviderName = "outbox"
+    provider: str = "outbox"
     concurrency: int = Field(16, ge=1)
     rate_per_second: float = Field(0.0, ge=0)  # 0 = unlimited
     burst: int = Field(1, ge=1)
@@ -81,26 +82,64 @@ class ChannelSettings(_Section):
     max_attempts: int = Field(3, ge=1)
     backoff_initial_seconds: float = Field(0.5, ge=0)
     backoff_max_seconds: float = Field(30.0, ge=0)
+    # A provider asking for a longer pause than this (`Retry-After`) fails the delivery at once, as
+    # throttled, instead of stalling the channel for every request.
+    max_retry_after_seconds: float = Field(300.0, gt=0)
+    # An attempt whose outcome is unknown (the service died during it, or it timed out after the
+    # request may have reached the provider): report it as a failure, or send again. Empty: the
+    # channel's default (report for email, sms, voice; resend for push).
+    on_ambiguous: Literal["report", "resend"] | None = None
 
 
 class ChannelsSettings(_Section):
-    active: tuple[Literal["email", "sms", "push", "voice"], ...] = CHANNELS  # type: ignore[assignment]
-    email: ChannelSettings = ChannelSettings()
-    sms: ChannelSettings = ChannelSettings()
-    push: ChannelSettings = ChannelSettings()
-    voice: ChannelSettings = ChannelSettings()
+    """`active` and one `[channels.<name>]` table per channel of the channel table."""
+
+    active: tuple[str, ...] = Field(default_factory=lambda: tuple(CHANNEL_TABLE))
+    per_channel: dict[str, ChannelSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_channels(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            return raw
+        raw = dict(raw)
+        raw.pop("per_channel", None)  # not a key of the file
+        per_channel = {name: raw.pop(name) for name in list(raw) if name in CHANNEL_TABLE}
+        for name in CHANNEL_TABLE:
+            per_channel.setdefault(name, {})
+        raw["per_channel"] = per_channel
+        return raw
+
+    @field_validator("active")
+    @classmethod
+    def _known_active(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name not in CHANNEL_TABLE:
+                raise ValueError(f"{name!r} is not a channel (one of {', '.join(CHANNEL_TABLE)})")
+        return value
 
     @model_validator(mode="after")
     def _providers_fit_channels(self) -> "ChannelsSettings":
-        for name in CHANNELS:
-            provider = getattr(self, name).provider
-            if provider not in _PROVIDERS_FOR[name]:
-                allowed = ", ".join(sorted(_PROVIDERS_FOR[name]))
-                raise ValueError(f"channels.{name}.provider: {provider!r} cannot deliver {name} (use one of {allowed})")
+        from .providers import PROVIDERS
+
+        for name, channel in self.per_channel.items():
+            entry = PROVIDERS.get(channel.provider)
+            if entry is None or not entry.serves(name):
+                allowed = ", ".join(sorted(p for p, e in PROVIDERS.items() if e.serves(name)))
+                raise ValueError(f"channels.{name}.provider: {channel.provider!r} cannot deliver {name} "
+                                 f"(use one of {allowed})")
         return self
 
+    @model_serializer(mode="wrap")
+    def _flatten(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        return {"active": data["active"], **data["per_channel"]}
+
     def __getitem__(self, channel: str) -> ChannelSettings:
-        return getattr(self, channel)
+        return self.per_channel[channel]
+
+    def on_ambiguous(self, channel: str) -> str:
+        return self.per_channel[channel].on_ambiguous or CHANNEL_TABLE[channel].on_ambiguous
 
 
 class SmtpSettings(_Section):
@@ -146,6 +185,13 @@ class TemplateSettings(_Section):
     default_locale: str = "en-US"
     max_template_chars: int = Field(64 * 1024, gt=0)
     max_rendered_chars: int = Field(256 * 1024, gt=0)
+    # CPU/time budget of one rendering (every text of one message for one user).
+    max_render_ms: float = Field(50.0, gt=0)
+    # Syntax of stored templates that do not say (`engine` field of the document). The
+    # predecessor's templates are Handlebars; request texts (messageTitle/messageContent) follow
+    # `request_engine`.
+    default_engine: Literal["handlebars", "jinja"] = "handlebars"
+    request_engine: Literal["handlebars", "jinja"] = "jinja"
 
     @field_validator("default_locale")
     @classmethod
@@ -159,6 +205,24 @@ class TemplateSettings(_Section):
         return value
 
 
+class ClusterSettings(_Section):
+    # Empty: a single process, limits and fan-outs in memory. Set from REDIS_URL.
+    redis_url: SecretStr = SecretStr("")
+    namespace: str = Field("dispatcher", min_length=1)
+
+
+class LoggingSettings(_Section):
+    format: Literal["text", "json"] = "text"
+
+
+class AuthSettings(_Section):
+    # A file of API key hashes (one per line); keys may also come from DISPATCHER_API_KEYS.
+    keys_file: str = ""
+    keys: SecretStr = SecretStr("")  # from DISPATCHER_API_KEYS only
+    # Require a key on /-/metrics too (health routes stay open).
+    protect_metrics: bool = False
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
@@ -169,6 +233,9 @@ class Settings(_Section):
     providers: ProvidersSettings = ProvidersSettings()
     files: FilesSettings = FilesSettings()
     templates: TemplateSettings = TemplateSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    logging: LoggingSettings = LoggingSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 # Keys that hold secrets may only be set from these variables, never from the file.
@@ -176,6 +243,8 @@ _SECRET_ENV: dict[tuple[str, ...], str] = {
     ("store", "url"): "MONGODB_URL",
     ("providers", "smtp", "password"): "SMTP_PASSWORD",
     ("providers", "twilio", "auth_token"): "TWILIO_AUTH_TOKEN",
+    ("cluster", "redis_url"): "REDIS_URL",
+    ("auth", "keys"): "DISPATCHER_API_KEYS",
 }
 
 
@@ -217,7 +286,7 @@ def settings_from_dict(raw: Mapping[str, Any], source: str = "settings") -> Sett
 
 
 def _describe(err: Mapping[str, Any]) -> str:
-    key = ".".join(str(part) for part in err["loc"])
+    key = ".".join(str(part) for part in err["loc"] if part != "per_channel")
     if err["type"] == "extra_forbidden":
         return f"unknown key {key!r}"
     message = str(err["msg"]).removeprefix("Value error, ")

@@ -8,7 +8,6 @@ caps template size, the size of `*`/`**` results and the rendered output.
 from __future__ import annotations
 
 import functools
-import json
 import operator
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -116,14 +115,3 @@ class Renderer:
 
 def date_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_push_data(text: str) -> dict[str, Any]:
-    """`pushData` is JSON after interpolation; an object is required."""
-    try:
-        value = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise RenderError(f"pushData is not valid JSON after interpolation: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise RenderError("pushData must be a JSON object")
-    return value

@@ -67,7 +67,7 @@ def test_environment_overrides_keys(tmp_path: Path) -> None:
         "DISPATCHER__CHANNELS__ACTIVE": '["email", "sms"]',
         "DISPATCHER__SENDER__EMAIL": "ops@example.com",
     })
-    assert settings.channels.sms.rate_per_second == 12.5
+    assert settings.channels["sms"].rate_per_second == 12.5
     assert settings.server.port == 8080
     assert settings.channels.active == ("email", "sms")
     assert settings.sender.email == "ops@example.com"

@@ -72,7 +72,7 @@ class _Texts:
 
 
 def _addresses(user: dict[str, Any], channel: str, settings: Settings) -> tuple[str, ...]:
-    return addresses_of(user.get(address_field(channel, settings.user_fields)))
+    return addresses_of(user.get(address_field(channel, settings)))
 
 
 async def _send_once(provider: Provider, message: Message, address: str, timeout: float) -> bool:

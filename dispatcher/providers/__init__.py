@@ -1,38 +1,68 @@
-"""Delivery providers, one per channel, selected by `[channels.<name>].provider`."""
+"""Delivery providers, selected per channel by `[channels.<name>].provider`.
+
+`PROVIDERS` is the registry: a provider's name, the channels it can deliver, and how to create it
+from the settings. Adding a provider is its module plus one entry here. Real providers are
+imported only when configured, so the defaults need none of their SDKs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..settings import Settings
 from .base import Provider
-from .outbox import OutboxProvider
 
-__all__ = ["Provider", "OutboxProvider", "open_providers"]
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 
-def _create(name: str, settings: Settings) -> Provider:
-    # Real providers are imported only when configured, so the defaults need none of their SDKs.
-    if name == "outbox":
-        return OutboxProvider(settings.providers.outbox.dir)
-    if name == "smtp":
-        from .smtp import SmtpProvider
+@dataclass(frozen=True, slots=True)
+class ProviderEntry:
+    name: str
+    # None: any channel (the outbox writes whatever it is given).
+    channels: frozenset[str] | None
+    create: Callable[["Settings"], Provider]
 
-        return SmtpProvider(settings.providers.smtp)
-    if name == "twilio":
-        from .twilio import TwilioProvider
+    def serves(self, channel: str) -> bool:
+        return self.channels is None or channel in self.channels
 
-        return TwilioProvider(settings.providers.twilio)
-    if name == "fcm":
-        from .fcm import FcmProvider
 
-        return FcmProvider(settings.providers.fcm)
-    raise ValueError(f"unknown provider {name!r}")
+def _outbox(settings: "Settings") -> Provider:
+    from .outbox import OutboxProvider
+
+    return OutboxProvider(settings.providers.outbox.dir)
+
+
+def _smtp(settings: "Settings") -> Provider:
+    from .smtp import SmtpProvider
+
+    return SmtpProvider(settings.providers.smtp)
+
+
+def _twilio(settings: "Settings") -> Provider:
+    from .twilio import TwilioProvider
+
+    return TwilioProvider(settings.providers.twilio)
+
+
+def _fcm(settings: "Settings") -> Provider:
+    from .fcm import FcmProvider
+
+    return FcmProvider(settings.providers.fcm)
+
+
+PROVIDERS: dict[str, ProviderEntry] = {entry.name: entry for entry in (
+    ProviderEntry("outbox", None, _outbox),
+    ProviderEntry("smtp", frozenset({"email"}), _smtp),
+    ProviderEntry("twilio", frozenset({"sms", "voice"}), _twilio),
+    ProviderEntry("fcm", frozenset({"push"}), _fcm),
+)}
 
 
 @asynccontextmanager
-async def open_providers(settings: Settings) -> AsyncIterator[dict[str, Provider]]:
+async def open_providers(settings: "Settings") -> AsyncIterator[dict[str, Provider]]:
     """One provider per active channel; a provider used by several channels is created once
     (Twilio serves SMS and voice with one client) and closed on exit."""
     by_name: dict[str, Provider] = {}
@@ -41,7 +71,10 @@ async def open_providers(settings: Settings) -> AsyncIterator[dict[str, Provider
         for channel in settings.channels.active:
             name = settings.channels[channel].provider
             if name not in by_name:
-                by_name[name] = _create(name, settings)
+                by_name[name] = PROVIDERS[name].create(settings)
                 stack.push_async_callback(by_name[name].aclose)
             providers[channel] = by_name[name]
         yield providers
+
+
+__all__ = ["PROVIDERS", "Provider", "ProviderEntry", "open_providers"]
