@@ -6,7 +6,7 @@ import trio
 from trio import MemoryReceiveChannel, MemorySendChannel
 
 from dispatcher.messages import Delivery, Message
-from dispatcher.retry import Transport, deliver
+from dispatcher.delivery import Transport, deliver
 
 
 async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],

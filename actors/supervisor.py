@@ -14,7 +14,7 @@ import trio
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.models import SendResult
 from dispatcher.plan import RequestPlan
-from dispatcher.retry import Transport
+from dispatcher.delivery import Transport
 from dispatcher.store import Store
 
 from .collector import collect

@@ -15,7 +15,7 @@ import trio
 
 from dispatcher import open_dispatcher, settings_from_dict
 from dispatcher.embedded_store import open_embedded_store
-from dispatcher.retry import Transport
+from dispatcher.delivery import Transport
 
 USERS = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
 CONCURRENCY = int(sys.argv[2]) if len(sys.argv) > 2 else 64

@@ -24,23 +24,19 @@ import trio
 from actors import run_pipeline
 
 from .embedded_store import open_embedded_store
-from .errors import DispatcherError, RequestError, ShuttingDown
+from .errors import InternalError, RequestError, ShuttingDown
 from .files import FilesClient
 from .messages import EmailOptions
 from .models import SendRequest, SendResult
 from .plan import RequestPlan, build_plan, template_attachments
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
-from .retry import RetryPolicy, Transport
+from .delivery import RetryPolicy, Transport
 from .settings import Settings
 from .store import Store
 from .templating import Renderer
 
 log = logging.getLogger(__name__)
-
-
-class InternalError(DispatcherError):
-    """A bug stopped a send; it is logged with its traceback."""
 
 
 class Dispatcher:
@@ -56,7 +52,8 @@ class Dispatcher:
         self._renderer = Renderer(default_locale=limits.default_locale, max_template_chars=limits.max_template_chars,
                                   max_rendered_chars=limits.max_rendered_chars)
         self._transports = {
-            channel: Transport(provider, _gate(settings, channel), RetryPolicy.from_settings(settings.channels[channel]))
+            channel: Transport(provider, _gate(settings, channel), RetryPolicy.from_settings(
+                settings.channels[channel], settings.channels.on_ambiguous(channel)))
             for channel, provider in providers.items()
         }
         self._in_flight = 0

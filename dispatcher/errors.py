@@ -36,6 +36,10 @@ class ShuttingDown(RequestError):
     status_code = 503
 
 
+class InternalError(DispatcherError):
+    """A bug stopped a send; it is logged with its traceback."""
+
+
 class StoreError(DispatcherError):
     """The user/template store cannot be reached."""
 
@@ -52,8 +56,6 @@ class DeliveryError(DispatcherError):
     its error code when there is one).
     """
 
-    transient = False
-
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -67,12 +69,14 @@ class TransientDeliveryError(DeliveryError):
     """Worth retrying: timeouts, dropped connections, 429, 5xx.
 
     `retry_after` is the provider's own hint in seconds; `throttled` marks a 429, which slows the
-    whole channel rather than only this message.
+    whole channel rather than only this message; `ambiguous` says the message may have reached
+    the provider anyway (a timeout or a connection lost after the request was sent), so a retry
+    may duplicate it: the channel's `on_ambiguous` decides.
     """
 
-    transient = True
-
-    def __init__(self, reason: str, *, retry_after: float | None = None, throttled: bool = False) -> None:
+    def __init__(self, reason: str, *, retry_after: float | None = None, throttled: bool = False,
+                 ambiguous: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.throttled = throttled
+        self.ambiguous = ambiguous

@@ -71,7 +71,7 @@ class Message:
     content: Content
 
 
-Status = Literal["sent", "skipped", "failed"]
+Status = Literal["sent", "skipped", "failed", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +84,6 @@ class Delivery:
     error: str | None = None
     # False for a requested id that matched no user: reported, but not a user reached.
     user_found: bool = True
+    attempts: int = 0
+    # The provider's id of what it accepted (several, space-separated, for several devices).
+    provider_id: str | None = None

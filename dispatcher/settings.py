@@ -148,7 +148,8 @@ class SmtpSettings(_Section):
     security: Literal["starttls", "tls", "none"] = "starttls"
     username: str = ""
     password: SecretStr = SecretStr("")  # from SMTP_PASSWORD only
-    pool_size: int = Field(8, ge=1)  # persistent connections; e-mail throughput is about pool_size / round trip
+    # Idle connections kept open between sends (the e-mail channel's concurrency bounds those in use).
+    pool_size: int = Field(8, ge=1)
 
 
 class TwilioSettings(_Section):

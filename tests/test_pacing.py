@@ -17,7 +17,7 @@ from dispatcher.errors import PermanentDeliveryError, TransientDeliveryError
 from dispatcher.loadtest.metrics import max_in_window
 from dispatcher.messages import Delivery, Message, TextContent
 from dispatcher.ratelimit import ChannelGate, TokenBucket
-from dispatcher.retry import RetryPolicy, Transport
+from dispatcher.delivery import RetryPolicy, Transport
 
 
 class ScriptedProvider:
@@ -209,14 +209,59 @@ async def test_exhausted_retries_report_the_last_error(autojump_clock: trio.test
     assert delivery.error == "Fake 503: try 3 (after 3 attempts)"
 
 
-async def test_attempt_timeout_then_failure(autojump_clock: trio.testing.MockClock) -> None:
+async def test_attempt_timeout_is_retried_when_the_channel_resends(autojump_clock: trio.testing.MockClock) -> None:
     provider = ScriptedProvider(lambda m, a, n: "stall")
     start = trio.current_time()
-    [delivery] = await run_sender(provider, [message(1)], policy=RetryPolicy(max_attempts=2, timeout=3, initial=1))
+    policy = RetryPolicy(max_attempts=2, timeout=3, initial=1, on_ambiguous="resend")
+    [delivery] = await run_sender(provider, [message(1)], policy=policy)
     assert delivery.status == "failed"
     assert "no answer within 3s" in (delivery.error or "")
     assert len(provider.starts) == 2
     assert trio.current_time() - start >= 6
+
+
+async def test_attempt_timeout_is_reported_not_repeated_by_default(autojump_clock: trio.testing.MockClock) -> None:
+    # The request may have reached the provider: a retry could deliver the SMS twice.
+    provider = ScriptedProvider(lambda m, a, n: "stall")
+    [delivery] = await run_sender(provider, [message(1)], policy=RetryPolicy(max_attempts=3, timeout=3))
+    assert delivery.status == "failed"
+    assert (delivery.error or "").startswith("outcome unknown: scripted: no answer within 3s")
+    assert len(provider.starts) == 1
+
+
+async def test_unambiguous_transient_errors_are_still_retried_by_default(
+        autojump_clock: trio.testing.MockClock) -> None:
+    provider = ScriptedProvider(lambda m, a, n: TransientDeliveryError("refused") if n == 1 else None)
+    [delivery] = await run_sender(provider, [message(1)], policy=RetryPolicy(max_attempts=3, initial=0.1))
+    assert delivery.status == "sent" and delivery.attempts == 2
+
+
+async def test_retry_after_beyond_the_cap_fails_now_as_throttled(autojump_clock: trio.testing.MockClock) -> None:
+    provider = ScriptedProvider(lambda m, a, n: TransientDeliveryError("Fake 429", retry_after=100000, throttled=True))
+    gate = ChannelGate(4, 0, 1)
+    start = trio.current_time()
+    [delivery] = await run_sender(provider, [message(1)], gate=gate,
+                                  policy=RetryPolicy(max_attempts=5, max_retry_after=300))
+    assert delivery.status == "failed" and len(provider.starts) == 1
+    assert "asked to wait 100000s" in (delivery.error or "") and "throttled" in (delivery.error or "")
+    assert trio.current_time() - start < 1
+    # ... and the channel is not paused for anyone else.
+    later = ScriptedProvider()
+    [ok] = await run_sender(later, [message(2)], gate=gate)
+    assert ok.status == "sent" and trio.current_time() - start < 1
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-5", "1e400"])
+def test_retry_after_rejects_non_finite_and_negative(value: str) -> None:
+    from dispatcher.providers.retry_after import parse_retry_after
+
+    assert parse_retry_after(value) is None
+
+
+def test_retry_after_http_date_in_the_past_is_zero() -> None:
+    from dispatcher.providers.retry_after import parse_retry_after
+
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
 
 async def test_provider_crash_fails_one_delivery_only(autojump_clock: trio.testing.MockClock) -> None:

@@ -32,9 +32,11 @@ def sink() -> Iterator[SmtpSink]:
         yield server
 
 
-def _smtp_settings(make_settings: Callable[..., Settings], sink: SmtpSink, **smtp: Any) -> Settings:
+def _smtp_settings(make_settings: Callable[..., Settings], sink: SmtpSink, concurrency: int = 16,
+                   **smtp: Any) -> Settings:
     return make_settings(
-        channels={"email": {"provider": "smtp", "max_attempts": 3, "backoff_initial_seconds": 0.01}},
+        channels={"email": {"provider": "smtp", "max_attempts": 3, "backoff_initial_seconds": 0.01,
+                            "concurrency": concurrency}},
         providers={"smtp": {"host": sink.host, "port": sink.port, "security": "none", **smtp}})
 
 
@@ -149,7 +151,7 @@ async def test_connection_dropped_mid_batch_delivers_each_once(make_settings, da
     addresses = [f"user{i}@example.com" for i in range(10)]
     database.users.insert_many([{"_id": f"u{i}", "emailAddress": a} for i, a in enumerate(addresses)])
     sink.drop_after(3)
-    async with open_dispatcher(_smtp_settings(make_settings, sink, pool_size=1)) as d:
+    async with open_dispatcher(_smtp_settings(make_settings, sink, concurrency=1)) as d:
         result = await d.send({"channels": ["email"], "recipients": [f"u{i}" for i in range(10)],
                                "messageTitle": "T", "messageContent": "Hello"})
     assert result.failures == [] and result.summary.sent == {"email": 10}
@@ -167,9 +169,9 @@ async def test_deferred_message_is_retried_once_accepted(make_settings, database
     assert [m.rcpt_tos for m in sink.messages()] == [("ann@example.com",)]
 
 
-async def test_pool_is_shared_and_bounded(make_settings, database, sink: SmtpSink) -> None:
+async def test_connections_are_bounded_by_the_channel_concurrency(make_settings, database, sink: SmtpSink) -> None:
     database.users.insert_many([{"_id": f"u{i}", "emailAddress": f"user{i}@example.com"} for i in range(12)])
-    async with open_dispatcher(_smtp_settings(make_settings, sink, pool_size=2)) as d:
+    async with open_dispatcher(_smtp_settings(make_settings, sink, concurrency=2, pool_size=2)) as d:
         result = await d.send({"channels": ["email"], "recipients": [f"u{i}" for i in range(12)],
                                "messageTitle": "T", "messageContent": "Hello"})
     assert result.summary.sent == {"email": 12}

@@ -137,10 +137,21 @@ async def test_429_waits_for_retry_after(fake: FakeTwilio, twilio_settings, data
     assert second.time - first.time >= 0.95
 
 
-async def test_stalled_api_times_out_per_attempt(fake: FakeTwilio, twilio_settings, database) -> None:
+async def test_stalled_api_is_reported_as_unknown_not_resent(fake: FakeTwilio, twilio_settings, database) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15551230001"})
     script(fake, "stall", "stall")
     async with open_dispatcher(twilio_settings({"timeout_seconds": 0.5, "max_attempts": 2})) as d:
+        result = await d.send({"channels": ["sms"], "recipients": ["u1"], "messageContent": "x"})
+    [failure] = result.failures
+    assert failure.error.startswith("outcome unknown: twilio: no answer within 0.5s")
+    assert [a.outcome for a in fake.attempts] == ["stall"]  # an SMS that may have gone out is not sent again
+
+
+async def test_stalled_api_times_out_per_attempt_when_resending(fake: FakeTwilio, twilio_settings, database) -> None:
+    database.users.insert_one({"_id": "u1", "phoneNumber": "+15551230001"})
+    script(fake, "stall", "stall")
+    async with open_dispatcher(twilio_settings({"timeout_seconds": 0.5, "max_attempts": 2,
+                                                "on_ambiguous": "resend"})) as d:
         result = await d.send({"channels": ["sms"], "recipients": ["u1"], "messageContent": "x"})
     [failure] = result.failures
     assert "no answer within 0.5s" in failure.error and "after 2 attempts" in failure.error

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import httpx
+
 from ..messages import Message
 
 
 class Provider(Protocol):
     """Hands one message to one address.
 
-    `send` returns when the provider accepted the message and raises `PermanentDeliveryError` or
-    `TransientDeliveryError` (with the provider's code in its reason) when it did not. It does not
-    retry, time out or rate-limit: the sender actor does that, the same way for every provider.
-    Providers are created once per dispatcher and closed with it.
+    `send` returns when the provider accepted the message, with the provider's id for it when it
+    gives one (Twilio SID, FCM message name, SMTP Message-ID), and raises
+    `PermanentDeliveryError` or `TransientDeliveryError` (with the provider's code in its reason)
+    when it did not; a transient error says whether the message may have arrived anyway
+    (`ambiguous`). It does not retry, time out or rate-limit: the sender actor does that, the same
+    way for every provider. Providers are created once per dispatcher and closed with it.
     """
 
     name: str
 
-    async def send(self, message: Message, address: str) -> None: ...
+    async def send(self, message: Message, address: str) -> str | None: ...
 
     async def aclose(self) -> None: ...
+
+
+def may_have_arrived(exc: httpx.TransportError) -> bool:
+    """Whether an HTTP request may have reached the provider before the error: only a failure
+    to connect proves that it did not."""
+    return not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))

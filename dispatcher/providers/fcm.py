@@ -23,6 +23,7 @@ from google.oauth2 import service_account
 from ..errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import Message, PushContent
 from ..settings import FcmSettings
+from .base import may_have_arrived
 from .retry_after import parse_retry_after
 
 SCOPES = ["https://www.googleapis.com/auth/firebase.messaging"]
@@ -57,7 +58,7 @@ class FcmProvider:
 
     name = "fcm"
 
-    def __init__(self, settings: FcmSettings) -> None:
+    def __init__(self, settings: FcmSettings, keepalive: int = 100) -> None:
         if not settings.project_id:
             raise ConfigError("providers.fcm.project_id: required by the fcm provider")
         if not settings.credentials_file:
@@ -81,12 +82,14 @@ class FcmProvider:
             # The sender's per-attempt deadline is the real timeout; this only stops a request
             # from outliving a caller that forgot one.
             timeout=httpx.Timeout(60.0, connect=10.0),
-            # As many idle connections as open ones, so concurrency above httpx's default
-            # keep-alive pool (20) does not reconnect on every request over HTTP/1.1.
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+            # No pool cap: the push channel's `concurrency` is the limit. As many idle connections
+            # as the channel may use, so concurrency above httpx's default keep-alive pool (20)
+            # does not reconnect on every request over HTTP/1.1.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive),
         )
 
-    async def send(self, message: Message, address: str) -> None:
+    async def send(self, message: Message, address: str) -> str | None:
+        """Deliver and return FCM's message name (`projects/.../messages/...`)."""
         if not isinstance(message.content, PushContent):
             raise PermanentDeliveryError(f"FCM: cannot send {message.channel} content as a push")
         token = await self._access_token()
@@ -94,11 +97,16 @@ class FcmProvider:
             response = await self._client.post(
                 self._url, json={"message": build_message(message.content, address)},
                 headers={"Authorization": f"Bearer {token.value}"})
-        except httpx.RequestError as exc:
-            raise TransientDeliveryError(f"FCM connection error: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            raise TransientDeliveryError(f"FCM connection error: {type(exc).__name__}",
+                                         ambiguous=may_have_arrived(exc)) from None
         if response.is_success:
             token.after_rejection = False
-            return
+            try:
+                name = response.json().get("name")
+            except (ValueError, AttributeError):
+                name = None
+            return name if isinstance(name, str) else None
         if response.status_code == 401:
             self._reject(token)
         raise classify_error(response, token_rejected_twice=token.after_rejection)

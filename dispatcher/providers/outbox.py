@@ -24,7 +24,8 @@ class OutboxProvider:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, message: Message, address: str) -> None:
+    async def send(self, message: Message, address: str) -> str:
+        """Write the message and return its file name."""
         folder = self.directory / message.channel
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         if isinstance(message.content, EmailContent):
@@ -37,6 +38,7 @@ class OutboxProvider:
                       **dataclasses.asdict(message.content)}
             path, payload = folder / f"{stem}.json", json.dumps(record, ensure_ascii=False, indent=2).encode()
         await trio.to_thread.run_sync(_write, path, payload)
+        return path.name
 
     async def aclose(self) -> None:
         return None

@@ -155,11 +155,12 @@ class _Session:
 
 
 class SmtpProvider:
-    """Sends `EmailContent` to one address per call over a pool of `settings.pool_size`
-    persistent SMTP connections.
+    """Sends `EmailContent` to one address per call over persistent SMTP connections.
 
-    A sender takes an idle connection (or opens one when none is idle and the pool has room),
-    runs one mail transaction on it and puts it back. `ssl_context` verifies the server for
+    A sender takes an idle connection (or opens one when none is idle), runs one mail transaction
+    on it and puts it back; at most `settings.pool_size` idle connections are kept. There is no
+    wait for a connection here: the e-mail channel's `concurrency` bounds the connections in use,
+    and a wait inside the provider would be counted against the attempt's timeout. `ssl_context` verifies the server for
     `security = "starttls"` or `"tls"`; the default is the system's (`ssl.create_default_context()`).
     """
 
@@ -168,13 +169,13 @@ class SmtpProvider:
     def __init__(self, settings: SmtpSettings, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self._settings = settings
         self._ssl_context = ssl_context if ssl_context is not None else ssl.create_default_context()
-        self._slots = trio.CapacityLimiter(settings.pool_size)
         # Most recently used last: it is taken first, so surplus connections age out at the bottom.
         self._idle: list[_Session] = []
         self._closed = False
         self._local_name = socket.gethostname() or "localhost"
 
-    async def send(self, message: Message, address: str) -> None:
+    async def send(self, message: Message, address: str) -> str:
+        """Deliver and return the message's Message-ID."""
         content = message.content
         if not isinstance(content, EmailContent):
             raise PermanentDeliveryError(f"SMTP: cannot send {message.channel} messages")
@@ -182,16 +183,16 @@ class SmtpProvider:
         sender = _addr_spec(content.options.sender)
         recipients = list(dict.fromkeys(_addr_spec(r) for r in envelope_recipients(content, address)))
         try:
-            async with self._slots:
-                session = await self._checkout()
-                try:
-                    await self._transact(session, mail, sender, recipients, message.user_id)
-                finally:
-                    await self._checkin(session)
+            session = await self._checkout()
+            try:
+                await self._transact(session, mail, sender, recipients, message.user_id)
+            finally:
+                await self._checkin(session)
         except _Reply as reply:
             raise _classify(reply) from None
         except (_ConnectionLost, *_IO_ERRORS) as exc:
             raise TransientDeliveryError(f"SMTP connection lost: {_describe(exc)}") from exc
+        return str(mail["Message-ID"])
 
     async def aclose(self) -> None:
         """QUIT every idle connection (best effort); connections in use close when returned."""
@@ -220,7 +221,12 @@ class SmtpProvider:
         except (_Reply, DeliveryError):
             await session.reset()
             raise
-        await session.command(protocol.data, mail)
+        try:
+            await session.command(protocol.data, mail)
+        except (_ConnectionLost, *_IO_ERRORS) as exc:
+            # The server may have queued the message before the connection went.
+            raise TransientDeliveryError(f"SMTP connection lost after the message was sent: {_describe(exc)}",
+                                         ambiguous=True) from exc
 
     async def _checkout(self) -> _Session:
         now = trio.current_time()
@@ -232,7 +238,7 @@ class SmtpProvider:
         return await self._connect()
 
     async def _checkin(self, session: _Session) -> None:
-        if self._closed or not session.reusable:
+        if self._closed or not session.reusable or len(self._idle) >= self._settings.pool_size:
             await session.aclose()
             return
         session.idle_since = trio.current_time()

@@ -22,6 +22,7 @@ from twilio.rest import Client
 from ..errors import ConfigError, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import Message, TextContent
 from ..settings import TwilioSettings
+from .base import may_have_arrived
 from .retry_after import parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class TwilioProvider:
                               environment={"TWILIO_ACCOUNT_SID": settings.account_sid})
         self._client.api.base_url = settings.api_base_url.rstrip("/")
 
-    async def send(self, message: Message, address: str) -> None:
+    async def send(self, message: Message, address: str) -> str | None:
+        """Deliver and return Twilio's SID of the message or call."""
         content = message.content
         if not isinstance(content, TextContent):
             raise TypeError(f"twilio cannot send {type(content).__name__}")
@@ -109,15 +111,17 @@ class TwilioProvider:
         try:
             if message.channel == "voice":
                 twiml = f"<Response><Say>{escape(content.body)}</Say></Response>"
-                await self._client.calls.create_async(to=address, from_=content.sender, twiml=twiml)
+                record = await self._client.calls.create_async(to=address, from_=content.sender, twiml=twiml)
             else:
-                await self._client.messages.create_async(to=address, from_=content.sender, body=content.body)
+                record = await self._client.messages.create_async(to=address, from_=content.sender, body=content.body)
         except TwilioException as exc:
             raise _classify(exc, exchange.retry_after) from exc
         except httpx.TransportError as exc:
-            raise TransientDeliveryError(f"Twilio connection error: {type(exc).__name__}") from exc
+            raise TransientDeliveryError(f"Twilio connection error: {type(exc).__name__}",
+                                         ambiguous=may_have_arrived(exc)) from exc
         finally:
             _exchange.reset(token)
+        return getattr(record, "sid", None)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,0 +1,131 @@
+"""Delivering one message under its channel's limits: timeout per attempt, capped exponential
+backoff with jitter, `Retry-After` honoured up to a cap, attempts whose outcome is unknown
+handled as the channel says, and every outcome turned into a `Delivery` value."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import trio
+
+from .errors import DeliveryError, TransientDeliveryError
+from .messages import Delivery, Message
+from .providers.base import Provider
+from .ratelimit import ChannelGate
+from .settings import ChannelSettings
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_OUTCOME = "outcome unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    timeout: float = 10.0
+    initial: float = 0.5
+    cap: float = 30.0
+    # A provider asking to wait longer than this fails the delivery now (as throttled).
+    max_retry_after: float = 300.0
+    # "report": an attempt that may have reached the provider is not repeated; "resend": it is.
+    on_ambiguous: str = "report"
+
+    @classmethod
+    def from_settings(cls, settings: ChannelSettings, on_ambiguous: str = "report") -> "RetryPolicy":
+        return cls(settings.max_attempts, settings.timeout_seconds, settings.backoff_initial_seconds,
+                   settings.backoff_max_seconds, settings.max_retry_after_seconds, on_ambiguous)
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Delay before attempt `attempt + 1`: "equal jitter" on a capped exponential, never less
+        than the provider's `Retry-After`."""
+        ceiling = min(self.cap, self.initial * 2 ** (attempt - 1))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        return max(delay, retry_after or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    """Everything a sender actor needs to deliver on one channel."""
+
+    provider: Provider
+    gate: ChannelGate
+    policy: RetryPolicy
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """How the delivery to one address ended."""
+
+    count: int = 0
+    error: str | None = None
+    provider_id: str | None = None
+
+
+async def deliver(message: Message, transport: Transport) -> Delivery:
+    """Send `message` to each of its addresses; one `Delivery` for the (user, channel).
+
+    A user with several device tokens counts as sent only when every token accepted it.
+    """
+    outcomes = [await _deliver_one(message, address, transport) for address in message.addresses]
+    attempts = sum(o.count for o in outcomes)
+    provider_id = " ".join(o.provider_id for o in outcomes if o.provider_id) or None
+    errors = [(address, o.error) for address, o in zip(message.addresses, outcomes) if o.error is not None]
+    if not errors:
+        return Delivery(message.user_id, message.channel, "sent", attempts=attempts, provider_id=provider_id)
+    if len(message.addresses) == 1:
+        error = errors[0][1]
+    else:
+        detail = "; ".join(f"{_shorten(address)}: {error}" for address, error in errors)
+        error = f"{len(errors)} of {len(message.addresses)} devices failed: {detail}"
+    return Delivery(message.user_id, message.channel, "failed", error, attempts=attempts, provider_id=provider_id)
+
+
+async def _deliver_one(message: Message, address: str, transport: Transport) -> _Attempts:
+    policy = transport.policy
+    name = transport.provider.name
+    result = _Attempts()
+    while True:
+        result.count += 1
+        try:
+            await transport.gate.enter()
+            try:
+                # A bare CancelScope rather than fail_after: this runs once per message.
+                with trio.CancelScope(deadline=trio.current_time() + policy.timeout) as attempt_scope:
+                    result.provider_id = await transport.provider.send(message, address)
+            finally:
+                transport.gate.exit()
+            if not attempt_scope.cancelled_caught:
+                return result
+            # The request may have reached the provider: as ambiguous as a crash mid-call.
+            error: DeliveryError = TransientDeliveryError(f"{name}: no answer within {policy.timeout:g}s",
+                                                          ambiguous=True)
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:
+            # A bug in a provider must cost one delivery, not the whole request.
+            log.exception("provider %s crashed delivering to user %s", name, message.user_id)
+            result.error = f"{name}: internal error ({type(exc).__name__})"
+            return result
+        suffix = f" (after {result.count} attempts)" if result.count > 1 else ""
+        if not isinstance(error, TransientDeliveryError) or result.count >= policy.max_attempts:
+            result.error = error.reason + suffix
+            return result
+        if error.ambiguous and policy.on_ambiguous == "report":
+            result.error = f"{UNKNOWN_OUTCOME}: {error.reason}{suffix}; not retried, it may have been delivered"
+            return result
+        if error.retry_after is not None and error.retry_after > policy.max_retry_after:
+            result.error = (f"{error.reason}: throttled, the provider asked to wait {error.retry_after:g}s "
+                            f"(more than max_retry_after_seconds = {policy.max_retry_after:g}){suffix}")
+            return result
+        delay = policy.backoff(result.count, error.retry_after)
+        if error.throttled:
+            # A 429 is about the account: slow the whole channel, not just this message.
+            transport.gate.bucket.pause_until(trio.current_time() + delay)
+        log.info("retrying %s for user %s in %.2fs: %s", message.channel, message.user_id, delay, error.reason)
+        await trio.sleep(delay)
+
+
+def _shorten(token: str) -> str:
+    return token if len(token) <= 12 else f"{token[:6]}…{token[-4:]}"
