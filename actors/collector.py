@@ -1,20 +1,47 @@
-"""Assembles the result of one send from the deliveries of every lane."""
+"""Assembles the result of one send from the deliveries of every lane, and records them in the
+ledger in batches."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+import trio
 from trio import MemoryReceiveChannel
 
+from dispatcher.errors import StoreError
+from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery
 from dispatcher.models import Failure, SendResult
 
+log = logging.getLogger(__name__)
 
-async def collect(results: MemoryReceiveChannel[Delivery], channels: Sequence[str]) -> SendResult:
-    result = SendResult()
+# Outcomes are written when this many are pending, or when the oldest has waited this long: the
+# bound on what a crash can leave `sending` although its outcome was known.
+FLUSH_SIZE = 500
+FLUSH_SECONDS = 0.5
+
+
+async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, channels: Sequence[str],
+                  journal: Unrecorded) -> None:
+    """Fill `result` (owned by the caller, so that it holds what was attempted even if the send
+    stops early)."""
     summary = result.summary
     # Every lane sees every selected user once, so the first lane's count is the number of users.
     counting = channels[0]
+    pending: list[Delivery] = []
+    deadline = trio.current_time() + FLUSH_SECONDS
+
+    async def flush() -> None:
+        nonlocal pending
+        batch, pending = pending, []
+        if batch and journal.fault is None:
+            try:
+                await journal.record(batch)
+            except StoreError as exc:
+                log.error("cannot record %d outcomes of job %s: %s", len(batch), journal.job_id, exc)
+                journal.stop(exc)
+
     with results:
         async for delivery in results:
             counts = getattr(summary, delivery.status)
@@ -23,4 +50,8 @@ async def collect(results: MemoryReceiveChannel[Delivery], channels: Sequence[st
                 result.failures.append(Failure(delivery.user_id, delivery.channel, delivery.error or "failed"))
             if delivery.channel == counting and delivery.user_found:
                 summary.users += 1
-    return result
+            pending.append(delivery)
+            if len(pending) >= FLUSH_SIZE or trio.current_time() >= deadline:
+                await flush()
+                deadline = trio.current_time() + FLUSH_SECONDS
+        await flush()

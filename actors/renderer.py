@@ -1,4 +1,5 @@
-"""Turns users into one channel's messages; skips and render failures go straight to the collector."""
+"""Turns users into one channel's messages; skips, render failures and what an earlier run of the
+job already settled go straight to the collector."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Any
 
 from trio import MemoryReceiveChannel, MemorySendChannel
 
-from dispatcher.errors import RenderError
+from dispatcher.errors import RenderError, StoreError
+from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.plan import ChannelPlan
 
@@ -14,15 +16,31 @@ from .resolver import UnknownRecipient
 
 
 async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out: MemorySendChannel[Message],
-                 results: MemorySendChannel[Delivery], plan: ChannelPlan, data: dict[str, Any]) -> None:
+                 results: MemorySendChannel[Delivery], plan: ChannelPlan, data: dict[str, Any],
+                 journal: Unrecorded) -> None:
     with users, out, results:
         async for batch in users:
-            for user in batch:
-                outcome = _render_one(user, plan, data)
+            if journal.halted:
+                continue  # keep draining so the resolver is not blocked
+            ids = [_id_of(user, plan) for user in batch]
+            try:
+                settled = await journal.settled(plan.channel, ids)
+                outcomes = [settled.get(user_id) or _render_one(user, plan, data) for user, user_id in zip(batch, ids)]
+                # Marked `sending` before any provider call: after a crash these are the only
+                # deliveries whose outcome is unknown.
+                await journal.sending(plan.channel, [o.user_id for o in outcomes if isinstance(o, Message)])
+            except StoreError as exc:
+                journal.stop(exc)
+                continue
+            for outcome in outcomes:
                 if isinstance(outcome, Message):
                     await out.send(outcome)  # blocks while the sender is behind: backpressure
                 else:
                     await results.send(outcome)
+
+
+def _id_of(user: User | UnknownRecipient, plan: ChannelPlan) -> str:
+    return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 
 def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:

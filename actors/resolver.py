@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from trio import MemorySendChannel
 
+from dispatcher.errors import StoreError
+from dispatcher.journal import Unrecorded
 from dispatcher.messages import User
 from dispatcher.store import Store
 
@@ -17,14 +19,21 @@ class UnknownRecipient:
 
 
 async def resolve(out: MemorySendChannel[list[User | UnknownRecipient]], store: Store,
-                  recipients: Sequence[str], clusters: Sequence[str]) -> None:
-    """Users travel in the store's batches: one channel hop per batch, not per user."""
+                  recipients: Sequence[str], clusters: Sequence[str], journal: Unrecorded) -> None:
+    """Users travel in the store's batches: one channel hop per batch, not per user. A store
+    failure stops the stream (what was read is still delivered) and is left on the journal."""
     with out:
         missing = dict.fromkeys(recipients)
-        async for batch in store.stream_users(recipients, clusters):
-            if missing:
-                for user in batch:
-                    missing.pop(store.user_id(user), None)
-            await out.send(batch)
-        if missing:
+        try:
+            async for batch in store.stream_users(recipients, clusters):
+                if journal.halted:
+                    return
+                if missing:
+                    for user in batch:
+                        missing.pop(store.user_id(user), None)
+                await out.send(batch)
+        except StoreError as exc:
+            journal.stop(exc)
+            return
+        if missing and not journal.halted:
             await out.send([UnknownRecipient(user_id) for user_id in missing])

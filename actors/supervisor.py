@@ -1,8 +1,8 @@
 """Wires one send: a lane (resolver -> renderer -> sender) per channel, and one collector.
 
 Each channel gets its own lane so that a slow channel (SMS at 1/s) paces only itself; the lanes
-share nothing but the collector's inbox. Every channel between actors is bounded, so a slow
-sender pushes back on its renderer and resolver instead of filling memory.
+share nothing but the collector's inbox and the run's journal. Every channel between actors is
+bounded, so a slow sender pushes back on its renderer and resolver instead of filling memory.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from collections.abc import Mapping
 
 import trio
 
+from dispatcher.delivery import Transport
+from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.models import SendResult
 from dispatcher.plan import RequestPlan
-from dispatcher.delivery import Transport
 from dispatcher.store import Store
 
 from .collector import collect
@@ -23,25 +24,24 @@ from .resolver import UnknownRecipient, resolve
 from .sender import send
 
 
-async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str, Transport],
-                       queue_size: int) -> SendResult:
+async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str, Transport], queue_size: int,
+                       result: SendResult | None = None, journal: Unrecorded | None = None) -> SendResult:
+    """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
+    attempted if this is cancelled). When it returns, every delivery that was started has ended;
+    `journal.fault` tells whether a store failure stopped it early."""
     request = plan.request
-    result: SendResult | None = None
-    results_in, results_out = trio.open_memory_channel[Delivery](queue_size)
-
-    async def collector() -> None:
-        nonlocal result
-        result = await collect(results_out, [lane.channel for lane in plan.channels])
-
+    result = SendResult() if result is None else result
+    journal = journal or Unrecorded()
+    results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(collector)
-        with results_in:
+        nursery.start_soon(collect, results_receive, result, [lane.channel for lane in plan.channels], journal)
+        with results_send:
             for lane in plan.channels:
                 # Users travel in store batches, so a couple of batches in flight are plenty.
-                users_in, users_out = trio.open_memory_channel[list[User | UnknownRecipient]](2)
-                messages_in, messages_out = trio.open_memory_channel[Message](queue_size)
-                nursery.start_soon(resolve, users_in, store, request.recipients, request.clusters)
-                nursery.start_soon(render, users_out, messages_in, results_in.clone(), lane, request.data)
-                nursery.start_soon(send, messages_out, results_in.clone(), transports[lane.channel])
-    assert result is not None
+                users_send, users_receive = trio.open_memory_channel[list[User | UnknownRecipient]](2)
+                messages_send, messages_receive = trio.open_memory_channel[Message](queue_size)
+                nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
+                nursery.start_soon(render, users_receive, messages_send, results_send.clone(), lane, request.data,
+                                   journal)
+                nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal)
     return result

@@ -2,20 +2,29 @@
 
 ```python
 async with open_dispatcher(settings) as d:
-    result = await d.send(request)
+    result = await d.send(request)            # synchronous: the result once every delivery ended
+    job_id = await d.submit(request)          # asynchronous: the job's id at once
+    status = await d.status(job_id)
 ```
 
-`open_dispatcher` owns everything long-lived (store connection, provider clients, per-channel
-limits) and a nursery in which every accepted send runs. A send therefore survives the
-cancellation of whoever awaits it (an HTTP client that disconnects), and leaving the block drains
-the sends in flight for up to `[dispatcher].drain_timeout_seconds` before cancelling them.
+`open_dispatcher` owns everything long-lived (store connection, ledger, provider clients,
+per-channel limits) and a nursery in which every accepted send runs as a job. A send therefore
+survives the cancellation of whoever awaits it (an HTTP client that disconnects), and leaving the
+block drains the jobs in flight for up to `[dispatcher].drain_timeout_seconds` before cancelling
+them. With the ledger (`[store].ledger`, the default) every job is recorded in MongoDB: a job
+that a crash, a shutdown or a store outage interrupted is resumed by whichever instance sees its
+lease expire, and deliveries already settled are never attempted again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -24,10 +33,12 @@ import trio
 from actors import run_pipeline
 
 from .embedded_store import open_embedded_store
-from .errors import InternalError, RequestError, ShuttingDown
+from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
 from .files import FilesClient
+from .journal import Journal, Unrecorded
+from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
 from .messages import EmailOptions
-from .models import SendRequest, SendResult
+from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -38,14 +49,33 @@ from .templating import Renderer
 
 log = logging.getLogger(__name__)
 
+# How often a waiter polls a job that another instance runs.
+_POLL_SECONDS = 0.5
+_PURGE_EVERY_SECONDS = 3600.0
+
+
+@dataclass(eq=False)
+class _Run:
+    """One job being delivered by this process."""
+
+    job_id: str | None
+    plan: RequestPlan
+    journal: Unrecorded
+    result: SendResult = field(default_factory=SendResult)
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+    finished: bool = False
+    lease_lost: bool = False
+
 
 class Dispatcher:
     """Validates and runs sends. Create it with `open_dispatcher`."""
 
     def __init__(self, settings: Settings, store: Store, providers: Mapping[str, Provider],
-                 files: FilesClient | None, nursery: trio.Nursery) -> None:
+                 files: FilesClient | None, nursery: trio.Nursery, ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.ledger = ledger
         self._files = files
         self._nursery = nursery
         limits = settings.templates
@@ -56,6 +86,9 @@ class Dispatcher:
                 settings.channels[channel], settings.channels.on_ambiguous(channel)))
             for channel, provider in providers.items()
         }
+        self._on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._runs: dict[str, _Run] = {}
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -63,34 +96,62 @@ class Dispatcher:
 
     @property
     def in_flight(self) -> int:
-        """Sends accepted and not finished yet."""
+        """Jobs accepted (or resumed) by this process and not finished yet."""
         return self._in_flight
 
-    async def send(self, request: SendRequest | Mapping[str, Any]) -> SendResult:
+    # -- the public API -------------------------------------------------------------------------
+
+    async def send(self, request: SendRequest | Mapping[str, Any], *, idempotency_key: str | None = None,
+                   key_scope: str = "") -> SendResult:
         """Validate `request`, deliver it on every requested channel and return the failures.
 
-        Raises `RequestError` (nothing was sent) for an invalid request. Once validation passed,
-        the deliveries run in the dispatcher's own nursery: cancelling this call (a client that
-        goes away) stops the waiting, not the deliveries.
+        Raises `RequestError` (nothing was sent) for an invalid request, `Conflict` for an
+        idempotency key already used with another request, and `Interrupted` (with the partial
+        result) when a store outage or a shutdown stopped the send before every delivery was
+        attempted. Once validation passed, the deliveries run in the dispatcher's own nursery:
+        cancelling this call (a client that goes away) stops the waiting, not the deliveries.
+        A key already used with the same request returns that send's result; nothing is sent again.
         """
-        if self._closing:
-            raise ShuttingDown("the service is shutting down")
-        if not isinstance(request, SendRequest):
-            request = SendRequest.parse(dict(request))
-        plan = await self.prepare(request)
-        if self._closing:
-            raise ShuttingDown("the service is shutting down")
-        outcome: dict[str, Any] = {}
-        done = trio.Event()
-        self._in_flight += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self._nursery.start_soon(self._run, plan, outcome, done)
-        await done.wait()
-        if "error" in outcome:
-            raise InternalError("the send failed unexpectedly; see the service log") from outcome["error"]
-        if "result" not in outcome:
-            raise ShuttingDown("the service shut down before every delivery of this send was attempted")
-        return outcome["result"]
+        run, job_id = await self._accept(request, idempotency_key, key_scope)
+        if run is None:
+            return await self._result_of(job_id)
+        return await self._wait(run)
+
+    async def submit(self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None = None,
+                     key_scope: str = "") -> str:
+        """Accept `request` as a job and return its id at once; follow it with `status`."""
+        if self.ledger is None:
+            raise RequestError("asynchronous sends need the delivery ledger ([store].ledger = true)")
+        _, job_id = await self._accept(request, idempotency_key, key_scope)
+        assert job_id is not None
+        return job_id
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        """State, counts and times of a job (`NotFound` for an unknown id)."""
+        doc = await self._job(job_id)
+        run = self._runs.get(job_id)
+        summary = run.result.summary.to_json() if run is not None else (doc.get("summary") or Summary().to_json())
+        return {"id": job_id, "status": doc["state"], "createdAt": doc.get("created_at"),
+                "startedAt": doc.get("started_at"), "finishedAt": doc.get("finished_at"),
+                "summary": summary, "error": doc.get("error")}
+
+    async def failures(self, job_id: str, after: str | None = None, limit: int = 100) -> dict[str, Any]:
+        """One page of a job's failures, in a stable order; `next` continues after this page."""
+        await self._job(job_id)
+        ledger = self._require_ledger()
+        docs = await ledger.failures(job_id, after, limit)
+        page = [Failure(d["user"], d["channel"], d.get("error") or "failed").to_json() for d in docs]
+        return {"id": job_id, "failures": page, "next": docs[-1]["_id"] if len(docs) == limit else None}
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stop a job that has not finished: deliveries in flight finish, the rest are cancelled."""
+        doc = await self._job(job_id)
+        if doc["state"] not in FINAL_STATES:
+            await self._require_ledger().request_cancel(job_id)
+            run = self._runs.get(job_id)
+            if run is not None:
+                run.journal.cancel()
+        return await self.status(job_id)
 
     async def prepare(self, request: SendRequest) -> RequestPlan:
         """Every check that can reject the request: channels, template, compilation, attachments."""
@@ -98,11 +159,212 @@ class Dispatcher:
         if request.template_id is not None:
             template = await self.store.find_template(request.template_id)
             if template is None:
-                raise RequestError(f"templateId: no template {request.template_id!r}")
+                log.info("no template %s in %s (load templates with `dispatcher seed`)", shown(request.template_id),
+                         self.settings.store.templates_collection)
+                raise RequestError(f"templateId: no template {shown(request.template_id)}")
         email_options = None
         if "email" in request.channels:
             email_options = await self._email_options(request, template)
         return build_plan(request, template, self.settings, self._renderer, email_options, self.store.user_id)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new sends and wait up to `timeout` seconds for those in flight; True if all finished."""
+        self._closing = True
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        return self._in_flight == 0
+
+    # -- accepting and running jobs -------------------------------------------------------------
+
+    async def _accept(self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None,
+                      key_scope: str) -> tuple[_Run | None, str | None]:
+        """Validate and start a job; `(None, id)` when the idempotency key names an earlier one."""
+        self._refuse_when_closing()
+        if not isinstance(request, SendRequest):
+            request = SendRequest.parse(dict(request))
+        idempotency_key = idempotency_key or request.idempotency_key
+        plan = await self.prepare(request)
+        self._refuse_when_closing()
+        if self.ledger is None:
+            if idempotency_key:
+                raise RequestError("Idempotency-Key needs the delivery ledger ([store].ledger = true)")
+            run = _Run(None, plan, Unrecorded())
+            self._start(run)
+            return run, None
+        job_id = uuid.uuid4().hex
+        body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        await self.ledger.create_job(job_id, body, self.owner, self.settings.store.lease_seconds, idempotency_key)
+        if idempotency_key:
+            claim = await self.ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
+            if not claim.ours:
+                await self.ledger.delete_job(job_id)
+                if not claim.same_body:
+                    raise Conflict(f"Idempotency-Key {shown(idempotency_key)} was already used for a different "
+                                   f"request (job {claim.job_id}); use a new key for a new request")
+                return None, claim.job_id
+        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self._on_ambiguous))
+        self._start(run)
+        return run, job_id
+
+    def _start(self, run: _Run) -> None:
+        self._in_flight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        if run.job_id is not None:
+            self._runs[run.job_id] = run
+        self._nursery.start_soon(self._execute, run)
+
+    async def _execute(self, run: _Run) -> None:
+        ledger, job_id = self.ledger, run.job_id
+        try:
+            if ledger is not None and job_id is not None:
+                await ledger.update_job(job_id, state="running", started_at=now_iso())
+            async with trio.open_nursery() as nursery:
+                if ledger is not None and job_id is not None:
+                    nursery.start_soon(self._keep_lease, run, nursery.cancel_scope)
+                await run_pipeline(run.plan, self.store, self._transports, self.settings.dispatcher.queue_size,
+                                   run.result, run.journal)
+                nursery.cancel_scope.cancel()
+            await self._finish(run)
+        except StoreError as exc:
+            log.error("job %s: store unavailable: %s", job_id, exc)
+            run.error = Interrupted("the store became unavailable during the send" + _resume_note(job_id),
+                                    run.result, job_id)
+        except Exception as exc:
+            log.exception("send failed (job %s)", job_id)
+            run.error = InternalError("the send failed unexpectedly; see the service log")
+            run.error.__cause__ = exc
+            if ledger is not None and job_id is not None:
+                with trio.CancelScope(shield=True), suppress(StoreError):
+                    await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error="internal error")
+        finally:
+            if not run.finished and run.error is None:  # cancelled: the drain window ended
+                run.error = Interrupted("the service shut down before every delivery of this send was attempted"
+                                        + _resume_note(job_id), run.result, job_id)
+            run.done.set()
+            if job_id is not None:
+                self._runs.pop(job_id, None)
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _finish(self, run: _Run) -> None:
+        summary = run.result.summary
+        if run.journal.fault is not None:
+            # Left active: once its lease expires, an instance that reaches the store resumes it.
+            raise run.journal.fault
+        if run.lease_lost:
+            raise StoreError("another instance took over the job's lease")
+        run.finished = True
+        log.info("send done%s: %d users; sent %s; skipped %s; failed %s", f" (job {run.job_id})" if run.job_id else "",
+                 summary.users, _counts(summary.sent), _counts(summary.skipped), _counts(summary.failed))
+        if self.ledger is not None and run.job_id is not None:
+            state = "cancelled" if run.journal.cancelled else "done"
+            try:
+                await self.ledger.update_job(run.job_id, state=state, finished_at=now_iso(),
+                                             summary=summary.to_json(), lease_expires=0)
+            except StoreError as exc:
+                # Every outcome is recorded: whoever resumes the job settles it from the ledger.
+                log.error("job %s finished but cannot be marked %s: %s", run.job_id, state, exc)
+
+    async def _keep_lease(self, run: _Run, pipeline: trio.CancelScope) -> None:
+        assert self.ledger is not None and run.job_id is not None
+        lease = self.settings.store.lease_seconds
+        while True:
+            await trio.sleep(lease / 3)
+            try:
+                doc = await self.ledger.renew(run.job_id, self.owner, lease, run.result.summary.to_json())
+            except StoreError as exc:
+                log.warning("job %s: cannot renew its lease: %s", run.job_id, exc)
+                continue
+            if doc is None:
+                log.error("job %s: lease lost to another instance; stopping here", run.job_id)
+                run.lease_lost = True
+                pipeline.cancel()
+                return
+            if doc.get("cancel_requested"):
+                run.journal.cancel()
+
+    async def _wait(self, run: _Run) -> SendResult:
+        await run.done.wait()
+        if run.error is not None:
+            raise run.error
+        return run.result
+
+    async def _result_of(self, job_id: str | None) -> SendResult:
+        """The result of a job started earlier (by this process or another): wait for it to end."""
+        assert job_id is not None
+        run = self._runs.get(job_id)
+        if run is not None:
+            return await self._wait(run)
+        while True:
+            doc = await self._job(job_id)
+            if doc["state"] in FINAL_STATES:
+                break
+            await trio.sleep(_POLL_SECONDS)
+        result = SendResult(summary=Summary.from_json(doc.get("summary") or {}))
+        after = None
+        while True:
+            page = await self.failures(job_id, after, 1000)
+            result.failures.extend(Failure(f["userId"], f["channel"], f["error"]) for f in page["failures"])
+            after = page["next"]
+            if after is None:
+                return result
+
+    async def _job(self, job_id: str) -> dict[str, Any]:
+        doc = await self._require_ledger().job(job_id)
+        if doc is None:
+            raise NotFound(f"no send {shown(job_id)}")
+        return doc
+
+    def _require_ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise NotFound("jobs are not recorded ([store].ledger = false)")
+        return self.ledger
+
+    def _refuse_when_closing(self) -> None:
+        if self._closing:
+            raise ShuttingDown("the service is shutting down")
+
+    # -- resuming -------------------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Resume jobs whose owner died (their lease expired), now and every lease period, and
+        purge what retention no longer keeps."""
+        assert self.ledger is not None
+        lease = self.settings.store.lease_seconds
+        next_purge = trio.current_time()
+        indexed = False
+        while not self._closing:
+            try:
+                if not indexed:  # here, not at start-up: the service starts while the store is down
+                    await self.ledger.ensure_indexes()
+                    indexed = True
+                for job_id in await self.ledger.orphaned_jobs():
+                    if job_id not in self._runs and not self._closing:
+                        await self._resume(job_id)
+                if trio.current_time() >= next_purge:
+                    await self.ledger.purge_expired()
+                    next_purge = trio.current_time() + _PURGE_EVERY_SECONDS
+            except StoreError as exc:
+                log.warning("cannot look for jobs to resume: %s", exc)
+            await trio.sleep(lease)
+
+    async def _resume(self, job_id: str) -> None:
+        assert self.ledger is not None
+        doc = await self.ledger.claim(job_id, self.owner, self.settings.store.lease_seconds)
+        if doc is None:
+            return  # another instance was quicker
+        try:
+            plan = await self.prepare(SendRequest.parse(doc["request"]))
+        except RequestError as exc:
+            log.error("job %s cannot be resumed: %s", job_id, exc)
+            await self.ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
+            return
+        log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
+        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self._on_ambiguous)
+        if doc.get("cancel_requested"):
+            journal.cancel()
+        self._start(_Run(job_id, plan, journal))
 
     async def _email_options(self, request: SendRequest, template: dict[str, Any] | None) -> EmailOptions:
         names = [*template_attachments(template), *request.email_attachments]
@@ -115,27 +377,13 @@ class Dispatcher:
                             cc=request.email_carbon_copies, bcc=request.email_blind_carbon_copies,
                             attachments=attachments)
 
-    async def _run(self, plan: RequestPlan, outcome: dict[str, Any], done: trio.Event) -> None:
-        try:
-            outcome["result"] = result = await run_pipeline(
-                plan, self.store, self._transports, self.settings.dispatcher.queue_size)
-            log.info("send done: %d users, sent %s, skipped %s, failed %s", result.summary.users,
-                     result.summary.sent, result.summary.skipped, result.summary.failed)
-        except Exception as exc:
-            log.exception("send failed")
-            outcome["error"] = exc
-        finally:
-            done.set()
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
-    async def drain(self, timeout: float) -> bool:
-        """Refuse new sends and wait up to `timeout` seconds for those in flight; True if all finished."""
-        self._closing = True
-        with trio.move_on_after(timeout):
-            await self._idle.wait()
-        return self._in_flight == 0
+def _resume_note(job_id: str | None) -> str:
+    return f"; job {job_id} resumes when the service can reach its store again" if job_id else ""
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{channel} {n}" for channel, n in counts.items()) or "none"
 
 
 def _gate(settings: Settings, channel: str) -> ChannelGate:
@@ -145,14 +393,16 @@ def _gate(settings: Settings, channel: str) -> ChannelGate:
 
 @asynccontextmanager
 async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
-    """Open the store (starting the embedded one when `[store].url` is empty), the providers and
-    the dispatcher's nursery; on exit, drain the sends in flight, then close everything."""
+    """Open the store (starting the embedded one when `[store].url` is empty), the ledger, the
+    providers and the dispatcher's nursery; resume orphaned jobs; on exit, drain the jobs in
+    flight, then close everything."""
     async with AsyncExitStack() as stack:
         url = settings.store.url.get_secret_value()
         if not url:
             url = await stack.enter_async_context(open_embedded_store(settings.store.data_dir))
         store = Store.connect(url, settings.store, settings.user_fields, settings.dispatcher.store_batch_size)
         stack.callback(store.close)
+        ledger = Ledger(store.client, settings.store) if settings.store.ledger else None
         providers = await stack.enter_async_context(open_providers(settings))
         files = None
         if settings.files.url:
@@ -160,7 +410,9 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 httpx.AsyncClient(timeout=settings.files.timeout_seconds, follow_redirects=False))
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
-            dispatcher = Dispatcher(settings, store, providers, files, nursery)
+            dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger)
+            if ledger is not None:
+                nursery.start_soon(dispatcher.maintain)
             try:
                 yield dispatcher
             finally:
@@ -172,4 +424,4 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 nursery.cancel_scope.cancel()
 
 
-__all__ = ["Dispatcher", "InternalError", "open_dispatcher"]
+__all__ = ["Dispatcher", "open_dispatcher"]

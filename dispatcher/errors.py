@@ -7,6 +7,11 @@ the provider into transient (worth retrying) or permanent.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models import SendResult
+
 
 class DispatcherError(Exception):
     """Base class of every error raised on purpose by this service."""
@@ -34,6 +39,29 @@ class UpstreamError(RequestError):
 
 class ShuttingDown(RequestError):
     status_code = 503
+
+
+class NotFound(RequestError):
+    status_code = 404
+
+
+class Conflict(RequestError):
+    """An idempotency key already used with a different request."""
+
+    status_code = 422
+
+
+class Interrupted(DispatcherError):
+    """A store outage or a shutdown stopped an accepted send before every delivery was
+    attempted. `partial` holds what was attempted; `job_id` names the job that will be resumed
+    (None without the ledger)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, partial: "SendResult", job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.job_id = job_id
 
 
 class InternalError(DispatcherError):

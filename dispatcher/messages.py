@@ -87,3 +87,5 @@ class Delivery:
     attempts: int = 0
     # The provider's id of what it accepted (several, space-separated, for several devices).
     provider_id: str | None = None
+    # Read back from the ledger (a resumed job): already recorded, not to be written again.
+    recorded: bool = False

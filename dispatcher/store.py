@@ -14,6 +14,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
+from pymongo.uri_parser import parse_uri
 
 from .errors import StoreError
 from .messages import User
@@ -32,8 +33,11 @@ class Store:
 
     @classmethod
     def connect(cls, url: str, settings: StoreSettings, fields: UserFields, batch_size: int = 500) -> "Store":
-        client: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=5000, tz_aware=True)
-        return cls(client, settings, fields, batch_size)
+        return cls(MongoClient(url, tz_aware=True, **_defaults_unless_in(url)), settings, fields, batch_size)
+
+    @property
+    def client(self) -> MongoClient[dict[str, Any]]:
+        return self._client
 
     def close(self) -> None:
         self._client.close()
@@ -99,6 +103,12 @@ def _next_batch(cursor: Any, size: int) -> tuple[list[dict[str, Any]], bool]:
     return batch, cursor.alive
 
 
+def _defaults_unless_in(url: str) -> dict[str, Any]:
+    """Our timeouts, unless the URL sets its own (a keyword would override the URL's option)."""
+    options = {key.lower() for key in parse_uri(url, validate=False, warn=True).get("options", {})}
+    return {"serverSelectionTimeoutMS": 5000} if "serverselectiontimeoutms" not in options else {}
+
+
 def _id_variants(value: str) -> list[Any]:
     """A valid ObjectId string matches both the ObjectId and the plain string id."""
     try:
@@ -109,7 +119,7 @@ def _id_variants(value: str) -> list[Any]:
 
 def seed_documents(url: str, settings: StoreSettings, document: dict[str, Any]) -> dict[str, int]:
     """Upsert `{"users": [...], "templates": [...]}` by `_id` (blocking; for the `seed` command)."""
-    client: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=5000)
+    client: MongoClient[dict[str, Any]] = MongoClient(url, **_defaults_unless_in(url))
     try:
         db = client[settings.database]
         counts = {}

@@ -17,7 +17,7 @@ import trio
 
 from dispatcher import open_dispatcher
 from dispatcher.app import create_app
-from dispatcher.errors import ShuttingDown
+from dispatcher.errors import Interrupted, ShuttingDown
 
 # 12 users at 20 SMS/s: the send takes ~0.6 s, long enough to interrupt.
 SLOW_SMS = {"sms": {"rate_per_second": 20, "burst": 1, "concurrency": 2}}
@@ -78,8 +78,12 @@ async def test_drain_timeout_cancels_what_is_left(make_settings: Any, database: 
     async with trio.open_nursery() as nursery:
         async with open_dispatcher(settings) as d:
             async def send() -> None:
-                with pytest.raises(ShuttingDown, match="shut down before"):
+                with pytest.raises(Interrupted, match="shut down before") as interrupted:
                     await d.send(REQUEST)
+                # The client learns what was attempted before the end of the drain window.
+                partial = interrupted.value.partial.summary
+                assert 0 < partial.sent.get("sms", 0) < 12
+                assert interrupted.value.job_id is not None
 
             nursery.start_soon(send)
             await wait_for_first_delivery(outbox)

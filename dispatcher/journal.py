@@ -1,0 +1,78 @@
+"""One run of one job as the actors see the ledger: what an earlier run already settled, marking
+deliveries `sending` before their provider calls, recording outcomes, and the cancel flag.
+
+`Journal` writes to the ledger; `Unrecorded` is the same interface for `[store].ledger = false`
+(nothing written, nothing resumable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .errors import StoreError
+from .ledger import FINAL_DELIVERY_STATES, Ledger
+from .messages import Delivery
+
+STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
+
+
+class Unrecorded:
+    """Also the state every actor of one run shares: cancelled by the client, or stopped by a
+    store failure (the actors stop starting deliveries; those in flight finish)."""
+
+    job_id: str | None = None
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.fault: StoreError | None = None
+
+    @property
+    def halted(self) -> bool:
+        return self.cancelled or self.fault is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def stop(self, fault: StoreError) -> None:
+        if self.fault is None:
+            self.fault = fault
+
+    async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
+        return {}
+
+    async def sending(self, channel: str, user_ids: Sequence[str]) -> None:
+        return None
+
+    async def record(self, deliveries: Sequence[Delivery]) -> None:
+        return None
+
+
+class Journal(Unrecorded):
+    def __init__(self, ledger: Ledger, job_id: str, *, resumed: bool, on_ambiguous: Mapping[str, str]) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self._ledger = ledger
+        self._resumed = resumed
+        self._on_ambiguous = on_ambiguous
+
+    async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
+        """Deliveries of these users that must not be attempted again, by user id: those an
+        earlier run finished, and (unless the channel resends) those it left `sending`."""
+        if not self._resumed or not user_ids:
+            return {}  # a new job has no history: no round trip
+        settled = {}
+        for user_id, doc in (await self._ledger.prior(self.job_id, channel, user_ids)).items():
+            state = doc.get("state")
+            if state in FINAL_DELIVERY_STATES:
+                settled[user_id] = Delivery(user_id, channel, state, doc.get("error"),
+                                            user_found=doc.get("user_found", True), attempts=doc.get("attempts", 0),
+                                            provider_id=doc.get("provider_id"), recorded=True)
+            elif state == "sending" and self._on_ambiguous.get(channel, "report") == "report":
+                settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT)
+        return settled
+
+    async def sending(self, channel: str, user_ids: Sequence[str]) -> None:
+        await self._ledger.mark_sending(self.job_id, channel, user_ids)
+
+    async def record(self, deliveries: Sequence[Delivery]) -> None:
+        await self._ledger.record(self.job_id, [d for d in deliveries if not d.recorded])

@@ -1,0 +1,213 @@
+"""The delivery ledger: what was accepted and what became of every delivery, in MongoDB.
+
+Two collections (names under `[store]`): one job document per accepted send, one delivery
+document per (job, user, channel). A delivery is written `sending` before its provider call and
+`sent`/`failed`/`skipped`/`cancelled` after, in batches (one round trip per store batch or per
+flush, never per delivery). After a crash, a `sending` delivery is the only kind whose outcome is
+unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
+
+Times that the service compares (lease expiry) are epoch seconds; `expires_at` is a BSON date
+for MongoDB's TTL index (and for the purge that runs where the server has no TTL monitor).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pymongo
+import trio
+from pymongo import ReturnDocument, UpdateOne
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from .errors import StoreError
+from .messages import Delivery
+from .settings import StoreSettings
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("done", "failed", "cancelled")
+FINAL_DELIVERY_STATES = frozenset({"sent", "failed", "skipped", "cancelled"})
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def delivery_key(job_id: str, channel: str, user_id: str) -> str:
+    return f"{job_id}|{channel}|{user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """The outcome of presenting an idempotency key: ours (a new job) or someone's before us."""
+
+    job_id: str
+    ours: bool
+    same_body: bool = True
+
+
+class Ledger:
+    def __init__(self, client: pymongo.MongoClient[dict[str, Any]], settings: StoreSettings) -> None:
+        db = client[settings.database]
+        self._jobs: Collection[dict[str, Any]] = db[settings.jobs_collection]
+        self._deliveries: Collection[dict[str, Any]] = db[settings.deliveries_collection]
+        self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
+        self._retention = dt.timedelta(days=settings.retention_days)
+        self._key_ttl = settings.idempotency_ttl_hours * 3600
+
+    async def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+        except PyMongoError as exc:
+            raise StoreError(f"ledger {what} failed: {exc}") from exc
+
+    def _expires_at(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc) + self._retention
+
+    async def ensure_indexes(self) -> None:
+        def create() -> None:
+            self._deliveries.create_index([("job", 1), ("user", 1), ("channel", 1)], unique=True)
+            self._deliveries.create_index([("job", 1), ("state", 1)])
+            for collection in (self._jobs, self._deliveries, self._keys):
+                collection.create_index("expires_at", expireAfterSeconds=0)
+            self._jobs.create_index([("state", 1), ("lease_expires", 1)])
+
+        await self._run("index creation", create)
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    async def create_job(self, job_id: str, request: dict[str, Any], owner: str, lease: float,
+                         idempotency_key: str | None) -> None:
+        doc = {"_id": job_id, "request": request, "state": "queued", "created_at": now_iso(),
+               "started_at": None, "finished_at": None, "summary": None, "error": None,
+               "cancel_requested": False, "idempotency_key": idempotency_key,
+               "lease_owner": owner, "lease_expires": time.time() + lease, "expires_at": self._expires_at()}
+        await self._run("job creation", self._jobs.insert_one, doc)
+
+    async def delete_job(self, job_id: str) -> None:
+        await self._run("job removal", self._jobs.delete_one, {"_id": job_id, "state": "queued"})
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return await self._run("job lookup", self._jobs.find_one, {"_id": job_id})
+
+    async def claim(self, job_id: str, owner: str, lease: float) -> dict[str, Any] | None:
+        """Take over an active job whose lease has expired (or is already ours)."""
+        query = {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)},
+                 "$or": [{"lease_expires": {"$lt": time.time()}}, {"lease_owner": owner}]}
+        update = {"$set": {"lease_owner": owner, "lease_expires": time.time() + lease}}
+        return await self._run("job claim", self._jobs.find_one_and_update, query, update,
+                               return_document=ReturnDocument.AFTER)
+
+    async def orphaned_jobs(self, limit: int = 20) -> list[str]:
+        """Active jobs nobody holds a live lease on: their owner died."""
+        query = {"state": {"$in": list(ACTIVE_STATES)}, "lease_expires": {"$lt": time.time()}}
+        docs = await self._run("job scan", lambda: list(self._jobs.find(query, {"_id": 1}).limit(limit)))
+        return [doc["_id"] for doc in docs]
+
+    async def renew(self, job_id: str, owner: str, lease: float, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """Extend our lease and publish progress; None when the lease is no longer ours."""
+        query = {"_id": job_id, "lease_owner": owner}
+        update = {"$set": {"lease_expires": time.time() + lease, "summary": summary}}
+        return await self._run("lease renewal", self._jobs.find_one_and_update, query, update,
+                               return_document=ReturnDocument.AFTER)
+
+    async def update_job(self, job_id: str, **fields: Any) -> None:
+        await self._run("job update", self._jobs.update_one, {"_id": job_id}, {"$set": fields})
+
+    async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
+        return await self._run("job cancellation", self._jobs.find_one_and_update,
+                               {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
+                               {"$set": {"cancel_requested": True}}, return_document=ReturnDocument.AFTER)
+
+    # -- idempotency keys -----------------------------------------------------------------------
+
+    async def claim_key(self, key: str, body_hash: str, job_id: str) -> IdempotencyClaim:
+        """Bind `key` to `job_id`, or report the job it is already bound to (within the TTL)."""
+        key_id = hashlib.sha256(key.encode()).hexdigest()
+
+        def claim() -> IdempotencyClaim:
+            now = time.time()
+            doc = {"_id": key_id, "job_id": job_id, "body_hash": body_hash, "valid_until": now + self._key_ttl,
+                   "expires_at": dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._key_ttl)}
+            try:
+                self._keys.insert_one(doc)
+                return IdempotencyClaim(job_id, ours=True)
+            except DuplicateKeyError:
+                pass
+            existing = self._keys.find_one({"_id": key_id})
+            if existing is not None and existing["valid_until"] < now:
+                # Expired but not purged yet: the key is free again (one winner if several race).
+                replaced = self._keys.find_one_and_update(
+                    {"_id": key_id, "valid_until": existing["valid_until"]},
+                    {"$set": {"job_id": job_id, "body_hash": body_hash, "valid_until": doc["valid_until"],
+                              "expires_at": doc["expires_at"]}})
+                if replaced is not None:
+                    return IdempotencyClaim(job_id, ours=True)
+                existing = self._keys.find_one({"_id": key_id})
+            if existing is None:  # purged between our insert and read: try once more
+                self._keys.insert_one(doc)
+                return IdempotencyClaim(job_id, ours=True)
+            return IdempotencyClaim(existing["job_id"], ours=False, same_body=existing["body_hash"] == body_hash)
+
+        return await self._run("idempotency key", claim)
+
+    # -- deliveries -----------------------------------------------------------------------------
+
+    async def prior(self, job_id: str, channel: str, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """What an earlier run of this job recorded for these users on this channel."""
+        keys = [delivery_key(job_id, channel, u) for u in user_ids]
+        docs = await self._run("delivery lookup", lambda: list(self._deliveries.find({"_id": {"$in": keys}})))
+        return {doc["user"]: doc for doc in docs}
+
+    async def mark_sending(self, job_id: str, channel: str, user_ids: Iterable[str]) -> None:
+        """Record, before the provider calls, that these deliveries are being attempted."""
+        expires = self._expires_at()
+        ops = [UpdateOne({"_id": delivery_key(job_id, channel, u)},
+                         {"$set": {"job": job_id, "user": u, "channel": channel, "state": "sending",
+                                   "expires_at": expires}}, upsert=True)
+               for u in user_ids]
+        if ops:
+            await self._run("delivery start", self._deliveries.bulk_write, ops, ordered=False)
+
+    async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Record final outcomes, one round trip for the whole batch."""
+        if not deliveries:
+            return
+        expires = self._expires_at()
+        ops = [UpdateOne({"_id": delivery_key(job_id, d.channel, d.user_id)},
+                         {"$set": {"job": job_id, "user": d.user_id, "channel": d.channel, "state": d.status,
+                                   "error": d.error, "attempts": d.attempts, "provider_id": d.provider_id,
+                                   "user_found": d.user_found, "expires_at": expires}}, upsert=True)
+               for d in deliveries]
+        await self._run("delivery outcome", self._deliveries.bulk_write, ops, ordered=False)
+
+    async def failures(self, job_id: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"job": job_id, "state": "failed"}
+        if after:
+            query["_id"] = {"$gt": after}
+        return await self._run("failure listing",
+                               lambda: list(self._deliveries.find(query).sort("_id", 1).limit(limit)))
+
+    async def purge_expired(self) -> None:
+        """Remove what retention no longer keeps, for servers without a TTL monitor."""
+        cutoff = {"expires_at": {"$lt": dt.datetime.now(dt.timezone.utc)}}
+
+        def purge() -> None:
+            for collection in (self._deliveries, self._jobs, self._keys):
+                collection.delete_many(cutoff)
+
+        await self._run("purge", purge)
+
+
+def body_hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+__all__ = ["ACTIVE_STATES", "FINAL_DELIVERY_STATES", "FINAL_STATES", "IdempotencyClaim", "Ledger", "body_hash",
+           "delivery_key", "now_iso"]
