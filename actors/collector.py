@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # Outcomes are written when this many are pending, or when the oldest has waited this long: the
 # bound on what a crash can leave `sending` although its outcome was known.
 FLUSH_SIZE = 500
-FLUSH_SECONDS = 0.5
+FLUSH_SECONDS = 0.2
 
 
 async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, channels: Sequence[str],

@@ -25,13 +25,10 @@ async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out
             ids = [_id_of(user, plan) for user in batch]
             try:
                 settled = await journal.settled(plan.channel, ids)
-                outcomes = [settled.get(user_id) or _render_one(user, plan, data) for user, user_id in zip(batch, ids)]
-                # Marked `sending` before any provider call: after a crash these are the only
-                # deliveries whose outcome is unknown.
-                await journal.sending(plan.channel, [o.user_id for o in outcomes if isinstance(o, Message)])
             except StoreError as exc:
                 journal.stop(exc)
                 continue
+            outcomes = [settled.get(user_id) or _render_one(user, plan, data) for user, user_id in zip(batch, ids)]
             for outcome in outcomes:
                 if isinstance(outcome, Message):
                     await out.send(outcome)  # blocks while the sender is behind: backpressure

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import trio
 from trio import MemoryReceiveChannel, MemorySendChannel
 
@@ -9,9 +11,14 @@ from dispatcher.delivery import Transport, deliver
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message
 
+from .marker import MarkRequest
+
 
 async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],
-               transport: Transport, journal: Unrecorded | None = None) -> None:
+               transport: Transport, journal: Unrecorded | None = None,
+               marks: MemorySendChannel[MarkRequest] | None = None) -> None:
+    """`marks` (with a recording journal) is the marker's inbox: each message is marked
+    `sending` there before its provider call."""
     # One task per message, started only when a slot is free: a one-recipient send costs one task,
     # not a pool of idle workers. The channel's limiter inside `deliver` is process-wide, so
     # concurrent sends share the provider's allowance.
@@ -20,16 +27,22 @@ async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChann
 
     async def deliver_one(message: Message) -> None:
         try:
+            if marks is not None:
+                marked = trio.Event()
+                await marks.send((message, marked))
+                await marked.wait()
+                if journal.fault is not None:
+                    return  # not marked, so not attempted: a resumed run sends it
             await results.send(await deliver(message, transport))
         finally:
             slots.release()
 
-    with messages, results:
+    # Closing `marks` with the rest: the marker ends once every sender has.
+    with messages, results, marks if marks is not None else nullcontext():
         async with trio.open_nursery() as nursery:
             async for message in messages:
                 await slots.acquire()
                 if journal.cancelled:
-                    # Marked `sending` already: settle it as cancelled, not as unknown.
                     slots.release()
                     await results.send(Delivery(message.user_id, message.channel, "cancelled"))
                     continue

@@ -19,6 +19,7 @@ from dispatcher.plan import RequestPlan
 from dispatcher.store import Store
 
 from .collector import collect
+from .marker import MarkRequest, mark
 from .renderer import render
 from .resolver import UnknownRecipient, resolve
 from .sender import send
@@ -33,9 +34,15 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
     result = SendResult() if result is None else result
     journal = journal or Unrecorded()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
+    marks_send, marks_receive = trio.open_memory_channel[MarkRequest](queue_size)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(collect, results_receive, result, [lane.channel for lane in plan.channels], journal)
-        with results_send:
+        recording = journal.job_id is not None
+        if recording:
+            nursery.start_soon(mark, marks_receive, journal)
+        else:
+            marks_receive.close()
+        with results_send, marks_send:
             for lane in plan.channels:
                 # Users travel in store batches, so a couple of batches in flight are plenty.
                 users_send, users_receive = trio.open_memory_channel[list[User | UnknownRecipient]](2)
@@ -43,5 +50,7 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
                 nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
                 nursery.start_soon(render, users_receive, messages_send, results_send.clone(), lane, request.data,
                                    journal)
-                nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal)
+                marks = marks_send.clone() if recording else None
+                nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal,
+                                   marks)
     return result

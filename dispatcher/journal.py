@@ -1,5 +1,5 @@
 """One run of one job as the actors see the ledger: what an earlier run already settled, marking
-deliveries `sending` before their provider calls, recording outcomes, and the cancel flag.
+deliveries `sending` just before their provider calls, recording outcomes, and the cancel flag.
 
 `Journal` writes to the ledger; `Unrecorded` is the same interface for `[store].ledger = false`
 (nothing written, nothing resumable).
@@ -40,7 +40,8 @@ class Unrecorded:
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         return {}
 
-    async def sending(self, channel: str, user_ids: Sequence[str]) -> None:
+    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> None:
+        """Record that these (channel, user id) deliveries are about to be attempted."""
         return None
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
@@ -71,8 +72,8 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT)
         return settled
 
-    async def sending(self, channel: str, user_ids: Sequence[str]) -> None:
-        await self._ledger.mark_sending(self.job_id, channel, user_ids)
+    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> None:
+        await self._ledger.mark_sending(self.job_id, deliveries)
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         await self._ledger.record(self.job_id, [d for d in deliveries if not d.recorded])

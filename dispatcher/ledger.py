@@ -165,13 +165,14 @@ class Ledger:
         docs = await self._run("delivery lookup", lambda: list(self._deliveries.find({"_id": {"$in": keys}})))
         return {doc["user"]: doc for doc in docs}
 
-    async def mark_sending(self, job_id: str, channel: str, user_ids: Iterable[str]) -> None:
-        """Record, before the provider calls, that these deliveries are being attempted."""
+    async def mark_sending(self, job_id: str, deliveries: Iterable[tuple[str, str]]) -> None:
+        """Record, before the provider calls, that these (channel, user) deliveries are being
+        attempted."""
         expires = self._expires_at()
-        ops = [UpdateOne({"_id": delivery_key(job_id, channel, u)},
-                         {"$set": {"job": job_id, "user": u, "channel": channel, "state": "sending",
+        ops = [UpdateOne({"_id": delivery_key(job_id, channel, user)},
+                         {"$set": {"job": job_id, "user": user, "channel": channel, "state": "sending",
                                    "expires_at": expires}}, upsert=True)
-               for u in user_ids]
+               for channel, user in deliveries]
         if ops:
             await self._run("delivery start", self._deliveries.bulk_write, ops, ordered=False)
 
