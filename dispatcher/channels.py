@@ -107,7 +107,7 @@ def _build_email(texts: TextSource, ctx: BuildContext) -> BuildFn:
 def _text_builder(channel: str) -> Callable[[TextSource, BuildContext], BuildFn]:
     def factory(texts: TextSource, ctx: BuildContext) -> BuildFn:
         body = texts.get(f"{channel}Message", texts.request.message_content)
-        sender = getattr(ctx.settings.sender, channel)
+        sender = ctx.settings.sender.of(channel)
         assert body is not None
 
         def build(context: dict[str, Any]) -> Content:

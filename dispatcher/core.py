@@ -32,6 +32,7 @@ import trio
 
 from actors import run_pipeline
 
+from .channels import CHANNELS
 from .embedded_store import open_embedded_store
 from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
 from .files import FilesClient
@@ -163,7 +164,7 @@ class Dispatcher:
                          self.settings.store.templates_collection)
                 raise RequestError(f"templateId: no template {shown(request.template_id)}")
         email_options = None
-        if "email" in request.channels:
+        if any(CHANNELS[channel].uses_email_options for channel in request.channels):
             email_options = await self._email_options(request, template)
         return build_plan(request, template, self.settings, self._renderer, email_options, self.store.user_id)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .channels import CHANNELS, BuildContext, BuildFn, RenderFn
-from .errors import RequestError
+from .errors import RenderError, RequestError
 from .messages import EmailOptions, Message, User
-from .models import SendRequest
+from .models import SendRequest, shown
 from .settings import Settings
 from .templating import Renderer
 
@@ -46,11 +46,17 @@ class ChannelPlan:
     address_field: str
     build: BuildFn
     id_of: Callable[[User], str]
+    valid_address: Callable[[str], bool] = lambda address: True
 
     def message_for(self, user: User, data: dict[str, Any]) -> Message | None:
+        """None when the user has no address; `RenderError` for an address no provider would
+        accept (checked here, the same for every provider, the outbox included)."""
         addresses = addresses_of(user.get(self.address_field))
         if not addresses:
             return None
+        invalid = [a for a in addresses if not self.valid_address(a)]
+        if invalid:
+            raise RenderError(f"invalid address: {shown(invalid[0], 40)} is not a valid {self.channel} address")
         content = self.build({"user": user, "data": data})
         return Message(self.channel, self.id_of(user), addresses, content)
 
@@ -88,7 +94,8 @@ def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: 
             _check_template(template, channel)
     texts = _TextSource(request, template, renderer)
     context = BuildContext(settings, email_options)
-    plans = tuple(ChannelPlan(channel, address_field(channel, settings), CHANNELS[channel].build(texts, context), id_of)
+    plans = tuple(ChannelPlan(channel, address_field(channel, settings), CHANNELS[channel].build(texts, context), id_of,
+                              CHANNELS[channel].valid_address)
                   for channel in request.channels)
     return RequestPlan(request, plans)
 

@@ -55,8 +55,9 @@ class TokenBucket:
 
 
 class ChannelGate:
-    """Concurrency slot, then rate token: the order that keeps a throttled channel from holding
-    every slot while it waits. Use as `await gate.enter()` ... `gate.exit()` (in a finally): this
+    """Concurrency slot, then rate token: a token is spent only when a call can start, so tokens
+    are never banked by queued messages and released in a burst when slots free, and no queued
+    message slips past a 429's pause with a token taken before it. Use as `await gate.enter()` ... `gate.exit()` (in a finally): this
     sits on the per-message path, where an async context manager costs measurably more."""
 
     def __init__(self, concurrency: int, rate: float, burst: int) -> None:
