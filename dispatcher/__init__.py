@@ -11,7 +11,13 @@ Embed it in any Trio program::
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version as _package_version
 from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = _package_version("trio-dispatcher")
+except PackageNotFoundError:  # a source tree that was never installed (`pip install -e .` records it)
+    __version__ = "0+unknown"
 
 # The public API, by the module that defines each name. Imported lazily (PEP 562) so that the
 # modules the actors depend on (`dispatcher.messages`, `dispatcher.plan`, ...) can be imported

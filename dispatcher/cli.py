@@ -3,86 +3,288 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import trio
 
+from . import __version__
 from .errors import ConfigError, DispatcherError
 from .loadtest.cli import add_parser as add_loadtest_parser
-from .settings import Settings, load_settings
+from .logs import configure_logging
+from .settings import ENV_PREFIX, Settings, find_config_file, load_settings
 
 log = logging.getLogger("dispatcher")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Hypercorn's graceful shutdown runs alongside the dispatcher's drain and lasts this much longer,
+# so that the answers to sends cancelled at the end of the drain still reach their clients.
+RESPONSE_MARGIN_SECONDS = 1.0
+
+
+class CannotListen(DispatcherError):
+    """The server's address cannot be bound (in use, not local, privileged)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line saying what is wrong and where to look, not the usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535; 0 picks a free one)")
+    return port
+
+
+def _add_config_option(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    # In a subcommand the option is SUPPRESSed when absent, so that the global form still applies
+    # and, when both are given, the subcommand's value wins.
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS if in_subcommand else None,
+                        help="TOML configuration (default: $DISPATCHER_CONFIG, else ./config.toml if present, "
+                             "else the built-in defaults)")
+
+
+def _add_log_level_option(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    parser.add_argument("--log-level", metavar="LEVEL", type=_log_level,
+                        default=argparse.SUPPRESS if in_subcommand else "INFO",
+                        help=f"{', '.join(LOG_LEVELS)}, any case (default: INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dispatcher` parser; `--config` and `--log-level` go before or after the subcommand."""
+    parser = _Parser(prog="dispatcher", description="Multi-channel messaging service",
+                     epilog="--config and --log-level may also follow the command (its value wins); "
+                            "'dispatcher COMMAND --help' lists each command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_config_option(parser, in_subcommand=False)
+    _add_log_level_option(parser, in_subcommand=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        _add_config_option(sub, in_subcommand=True)
+        _add_log_level_option(sub, in_subcommand=True)
+        return sub
+
+    serve_parser = command("serve", "run the HTTP service")
+    serve_parser.add_argument("--host", help="address to listen on (overrides [server].host, default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=_port, help="port to listen on (overrides [server].port, default 3000)")
+    seed = command("seed", "load users and templates from a JSON file into the store")
+    seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
+    command("check-config", "validate the configuration and print it (secrets hidden)")
+    loadtest = add_loadtest_parser(commands)
+    # The harness logs at its own --service-log-level; --config is its default --base-config.
+    _add_config_option(loadtest, in_subcommand=True)
+    return parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dispatcher", description="Multi-channel messaging service")
-    parser.add_argument("--config", help="TOML configuration (default: $DISPATCHER_CONFIG or ./config.toml)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the HTTP service")
-    seed = commands.add_parser("seed", help="load users and templates from a JSON file into the store")
-    seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
-    commands.add_parser("check-config", help="validate the configuration and print it (secrets hidden)")
-    add_loadtest_parser(commands)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "loadtest":
         # The harness generates the service's configuration itself: no load_settings here.
         from .loadtest.cli import run as run_loadtest
 
         return run_loadtest(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs one INFO line per request: per delivery, far too much for a service log.
-    for noisy in ("httpx", "httpcore", "hpack"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        settings = load_settings(args.config)
+        overrides = {}
         if args.command == "serve":
-            trio.run(serve, settings)
+            overrides = {f"server.{key}": getattr(args, key) for key in ("host", "port")
+                         if getattr(args, key) is not None}
+        settings = load_settings(args.config, overrides=overrides)
+        configure_logging(settings, args.log_level)  # [logging].format: text or JSON lines
+        if args.command == "serve":
+            # Bound before anything starts (the embedded store above all): a busy port is then one
+            # line, with nothing to stop.
+            sockets = listen(settings)
+            _announce(settings, args.config)
+            trio.run(partial(serve, settings, sockets=sockets))
         elif args.command == "seed":
             trio.run(seed_store, settings, args.file)
         elif args.command == "check-config":
+            _announce(settings, args.config)
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    except DispatcherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:  # noqa: BLE001 - unwrapping the nurseries' groups
+        leaves = _leaves(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        if not all(isinstance(leaf, DispatcherError) for leaf in leaves):
+            raise
+        for leaf in leaves:
+            prefix = "configuration error" if isinstance(leaf, ConfigError) else "error"
+            print(f"{prefix}: {leaf}", file=sys.stderr)
+        return 2 if any(isinstance(leaf, (ConfigError, CannotListen)) for leaf in leaves) else 1
     return 0
 
 
-async def serve(settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, drain the sends in flight and exit."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
-    from .app import create_app
-    from .core import open_dispatcher
+
+def listen(settings: Settings) -> list[socket.socket]:
+    """Bind `[server].host:port` as hypercorn would; `CannotListen` says what to do instead."""
+    host, port = settings.server.host, settings.server.port
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    config = _hypercorn_config(settings)
+    config.bind = [address]
+    try:
+        return config.create_sockets().insecure_sockets
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRINUSE:
+            advice = "stop the process that holds it, or choose another port (--port or [server].port)"
+        else:
+            advice = "choose another address (--host/--port or [server].host/port)"
+        raise CannotListen(f"cannot listen on {address}: {reason}; {advice}") from None
+
+
+def _announce(settings: Settings, config_arg: str | None) -> None:
+    """One line each: the configuration file, the store, the provider of each active channel."""
+    overridden = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+    path = find_config_file(config_arg)
+    source = f"configuration: {path}" if path else "configuration: no ./config.toml, built-in defaults apply"
+    log.info("%s%s", source, f" (overridden by {', '.join(overridden)})" if overridden else "")
+    log.info("store: %s", describe_store(settings))
+    log.info("channels: %s", ", ".join(f"{channel} via {_describe_provider(settings, channel)}"
+                                       for channel in settings.channels.active))
+
+
+def describe_store(settings: Settings) -> str:
+    """Where users and templates are read from, without credentials."""
+    url = settings.store.url.get_secret_value()
+    if not url:
+        return f"embedded, data in {settings.store.data_dir / 'store.db'}"
+    try:
+        parts = urlsplit(url)
+        where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    except ValueError:
+        where = "an unparsable URL"
+    origin = "MONGODB_URL" if os.environ.get("MONGODB_URL") else "[store].url"
+    return f"{where} (from {origin}), database {settings.store.database}"
+
+
+def _describe_provider(settings: Settings, channel: str) -> str:
+    name = settings.channels[channel].provider
+    providers = settings.providers
+    detail = {
+        "outbox": lambda: str(providers.outbox.dir / channel),
+        "smtp": lambda: f"{providers.smtp.host}:{providers.smtp.port}, {providers.smtp.security}",
+        "fcm": lambda: f"project {providers.fcm.project_id}",
+    }.get(name)
+    return f"{name} ({detail()})" if detail else name
+
+
+def _hypercorn_config(settings: Settings) -> Any:
+    from hypercorn.config import Config
 
     config = Config()
     config.bind = [f"{settings.server.host}:{settings.server.port}"]
     config.accesslog = None
-    # Let responses of sends that are finishing reach their clients during the drain.
-    config.graceful_timeout = settings.dispatcher.drain_timeout_seconds
+    # Through the root logger (one format, one line), without its own "Running on" line: the
+    # service announces the address itself.
+    error_logger = logging.getLogger("hypercorn.error")
+    if _quiet_startup not in error_logger.filters:
+        error_logger.addFilter(_quiet_startup)
+    config.errorlog = error_logger
+    config.graceful_timeout = settings.dispatcher.drain_timeout_seconds + RESPONSE_MARGIN_SECONDS
+    return config
+
+
+def _quiet_startup(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Running on ")
+
+
+async def serve(settings: Settings, *, sockets: list[socket.socket] | None = None,
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM/SIGINT; `sockets` are the bound listening sockets (see `listen`).
+
+    Shutdown is one window of `[dispatcher].drain_timeout_seconds`: at the signal, hypercorn stops
+    accepting and the dispatcher starts draining at the same moment; sends still running at the
+    end of the window are cancelled and their clients answered, for which hypercorn's own graceful
+    shutdown lasts `RESPONSE_MARGIN_SECONDS` longer.
+    """
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from .app import create_app
+
+    config = _hypercorn_config(settings)
+    # Hypercorn takes already-bound sockets as file descriptors.
+    config.bind = [f"fd://{sock.detach()}" for sock in (sockets if sockets is not None else listen(settings))]
     stop = trio.Event()
-    async with open_dispatcher(settings) as dispatcher:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, stop)
-            urls = await nursery.start(lambda task_status: hypercorn_serve(
-                create_app(dispatcher), config, shutdown_trigger=stop.wait, task_status=task_status))
-            log.info("listening on %s", ", ".join(urls))
-            task_status.started(urls)
-            await stop.wait()
-            log.info("shutting down: draining %d sends in flight", dispatcher.in_flight)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, stop)
+        dispatcher = await nursery.start(_run_dispatcher, settings, stop)
+        urls = await nursery.start(partial(hypercorn_serve, _complete_responses(create_app(dispatcher)), config,
+                                           shutdown_trigger=stop.wait, mode="asgi"))
+        log.info("listening on %s", ", ".join(urls))
+        task_status.started(urls)
     log.info("stopped")
+
+
+async def _run_dispatcher(settings: Settings, stop: trio.Event, *,
+                          task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    from .core import open_dispatcher
+
+    # A task beside hypercorn, not a block around it: leaving `open_dispatcher` is what drains the
+    # sends (and cancels them at the end of the window), and it must start at the signal, not once
+    # hypercorn's own graceful wait is over.
+    async with open_dispatcher(settings) as dispatcher:
+        task_status.started(dispatcher)
+        await stop.wait()
+        log.info("shutting down: draining %d sends in flight (at most %gs)", dispatcher.in_flight,
+                 settings.dispatcher.drain_timeout_seconds)
+
+
+def _complete_responses(app: Any) -> Any:
+    """Shield the last `send` of each HTTP response.
+
+    Quart-Trio cancels a request's task as soon as hypercorn, handling that last send, reports the
+    request as disconnected; the cancellation lands in the middle of hypercorn's own bookkeeping of
+    the connection (recycle it, or close it once shutdown has begun). A connection whose send was
+    answered during the drain then stayed open until the graceful timeout, holding the process.
+    Hypercorn already shields its socket writes; this covers the rest of that send.
+    """
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def complete_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, complete_send)
+
+    return asgi
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:
@@ -96,8 +298,8 @@ async def seed_store(settings: Settings, path: Path) -> None:
     """Upsert the file's users and templates by `_id` (re-seeding is harmless)."""
     from bson import json_util
 
-    from .store import seed_documents
     from .embedded_store import open_embedded_store
+    from .store import seed_documents
 
     try:
         document: Any = json_util.loads(path.read_text(encoding="utf-8"))

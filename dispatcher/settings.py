@@ -7,10 +7,13 @@ message naming it. Secrets never appear in the file: they come from `MONGODB_URL
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_serializer,
                       model_validator)
@@ -68,9 +71,24 @@ class UserFields(_Section):
 
 
 class SenderSettings(_Section):
+    """The From of each channel; a channel added to the table may have one too."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     email: str = "no-reply@localhost"
     sms: str = ""
     voice: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _channels_only(cls, raw: Any) -> Any:
+        for key in raw if isinstance(raw, Mapping) else ():
+            if key not in CHANNEL_TABLE:
+                raise ValueError(f"unknown key {key!r} (senders are per channel: {', '.join(CHANNEL_TABLE)})")
+        return raw
+
+    def of(self, channel: str) -> str:
+        return str(getattr(self, channel, "") or "")
 
 
 class ChannelSettings(_Section):
@@ -230,13 +248,18 @@ class Settings(_Section):
     store: StoreSettings = StoreSettings()
     user_fields: UserFields = UserFields()
     sender: SenderSettings = SenderSettings()
-    channels: ChannelsSettings = ChannelsSettings()
+    channels: ChannelsSettings = Field(default_factory=ChannelsSettings)
     providers: ProvidersSettings = ProvidersSettings()
     files: FilesSettings = FilesSettings()
     templates: TemplateSettings = TemplateSettings()
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
+
+    @model_validator(mode="after")
+    def _providers_have_what_they_need(self) -> "Settings":
+        _check_provider_requirements(self)
+        return self
 
 
 # Keys that hold secrets may only be set from these variables, never from the file.
@@ -247,54 +270,158 @@ _SECRET_ENV: dict[tuple[str, ...], str] = {
     ("cluster", "redis_url"): "REDIS_URL",
     ("auth", "keys"): "DISPATCHER_API_KEYS",
 }
+# Of those, the URLs may name their server in the file; their credentials (user:password@, or a
+# `password` query parameter) may not.
+_URL_SECRETS = frozenset({("store", "url"), ("cluster", "redis_url")})
+
+# What a provider needs once an active channel uses it: the key under [providers.<name>], and the
+# variable that can set it (a secret's only source).
+_PROVIDER_REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "twilio": (("account_sid", "DISPATCHER__PROVIDERS__TWILIO__ACCOUNT_SID"), ("auth_token", "TWILIO_AUTH_TOKEN")),
+    "fcm": (("project_id", "DISPATCHER__PROVIDERS__FCM__PROJECT_ID"),
+            ("credentials_file", "GOOGLE_APPLICATION_CREDENTIALS")),
+}
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file, apply environment overrides and secrets, validate once.
+def find_config_file(path: str | os.PathLike[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file `load_settings` reads: `path`, else `$DISPATCHER_CONFIG`, else `./config.toml`.
 
-    `path` defaults to `DISPATCHER_CONFIG`, then `./config.toml`; the default file may be absent
-    (the embedded defaults apply), a named one may not.
+    None when the default file is absent (the defaults apply); a named file that does not exist
+    is a `ConfigError`.
     """
     env = os.environ if environ is None else environ
     explicit = path is not None or "DISPATCHER_CONFIG" in env
     config_path = Path(path if path is not None else env.get("DISPATCHER_CONFIG", DEFAULT_CONFIG_PATH))
-    raw: dict[str, Any] = {}
     if config_path.exists():
+        return config_path
+    if explicit:
+        raise ConfigError(f"configuration file {config_path} does not exist")
+    return None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None, *,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read the TOML file, apply environment overrides and secrets, validate once.
+
+    `path` defaults to `DISPATCHER_CONFIG`, then `./config.toml`; the default file may be absent
+    (the embedded defaults apply), a named one may not. `overrides` (dotted keys, e.g.
+    `{"server.port": 8080}`, from the command line) win over the file and the environment.
+    An error names the key and where it came from: the file, or the environment variable.
+    """
+    env = os.environ if environ is None else environ
+    config_path = find_config_file(path, env)
+    source = str(config_path) if config_path is not None else "configuration"
+    raw: dict[str, Any] = {}
+    if config_path is not None:
         try:
             raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_path}: invalid TOML: {exc}") from exc
-    elif explicit:
-        raise ConfigError(f"configuration file {config_path} does not exist")
-    for keys, var in _SECRET_ENV.items():
-        if _dig(raw, keys) is not None and keys != ("store", "url"):
-            raise ConfigError(f"{'.'.join(keys)}: secrets are read from the environment ({var}), not from the file")
-    _apply_env_overrides(raw, env)
+    _refuse_file_secrets(raw, source)
+    from_file = copy.deepcopy(raw)
+    # Where each key set outside the file came from, so that an error names the variable.
+    origins = _apply_env_overrides(raw, env)
     for keys, var in _SECRET_ENV.items():
         if env.get(var):
             _put(raw, keys, env[var])
+            origins[keys] = var
     if env.get("GOOGLE_APPLICATION_CREDENTIALS") and not _dig(raw, ("providers", "fcm", "credentials_file")):
         _put(raw, ("providers", "fcm", "credentials_file"), env["GOOGLE_APPLICATION_CREDENTIALS"])
-    return settings_from_dict(raw, source=str(config_path))
+        origins[("providers", "fcm", "credentials_file")] = "GOOGLE_APPLICATION_CREDENTIALS"
+    for dotted, value in (overrides or {}).items():
+        keys = tuple(dotted.split("."))
+        _put(raw, keys, value)
+        origins[keys] = "command line"
+
+    def origin_of(loc: tuple[str, ...]) -> str:
+        # The longest key set outside the file that holds `loc` (a variable may set a whole table).
+        holders = [keys for keys in origins if loc[:len(keys)] == keys]
+        if holders:
+            return origins[max(holders, key=len)]
+        # An unknown key or section only a variable introduced (DISPATCHER__SEVER__PORT).
+        if _dig(from_file, loc) is None:
+            for keys, var in origins.items():
+                if keys[:len(loc)] == loc:
+                    return var
+        return source
+
+    return _validate(raw, origin_of)
 
 
 def settings_from_dict(raw: Mapping[str, Any], source: str = "settings") -> Settings:
     """Validate a plain mapping (as parsed from TOML) into `Settings`; errors name the key."""
+    return _validate(raw, lambda loc: source)
+
+
+def _validate(raw: Mapping[str, Any], origin_of: Callable[[tuple[str, ...]], str]) -> Settings:
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        raise ConfigError("; ".join(_describe(err, origin_of) for err in exc.errors())) from None
 
 
-def _describe(err: Mapping[str, Any]) -> str:
-    key = ".".join(str(part) for part in err["loc"] if part != "per_channel")
+def _describe(err: Mapping[str, Any], origin_of: Callable[[tuple[str, ...]], str]) -> str:
+    loc = tuple(str(part) for part in err["loc"] if part != "per_channel")
+    key = ".".join(loc)
     if err["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    return f"{key}: {message}" if key else message
+        text = f"unknown key {key!r}"
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+        text = f"{key}: {message}" if key else message
+    # An error of the whole configuration (a provider's required keys) names its keys and
+    # variables itself.
+    return f"{origin_of(loc)}: {text}" if loc else text
 
 
-def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+def _refuse_file_secrets(raw: Mapping[str, Any], source: str) -> None:
+    for keys, var in _SECRET_ENV.items():
+        value = _dig(raw, keys)
+        if value is None:
+            continue
+        key = ".".join(keys)
+        if keys not in _URL_SECRETS:
+            raise ConfigError(f"{source}: {key}: secrets are read from the environment ({var}), not from the file")
+        if isinstance(value, str) and _has_credentials(value):
+            raise ConfigError(f"{source}: {key}: credentials do not belong in the file; set {var} to the whole "
+                              f"URL instead (a URL without user:password@ may stay in the file)")
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed URL: validation or the client reports it; look for userinfo anyway
+        return "@" in url
+    return "@" in parts.netloc or any(name.lower() == "password" for name, _ in parse_qsl(parts.query))
+
+
+def _check_provider_requirements(settings: Settings) -> None:
+    """What a provider needs, checked when a channel uses it, so that `check-config` refuses what
+    `serve` would (the providers' constructors check again, harmlessly)."""
+    users: dict[str, list[str]] = {}
+    for channel in settings.channels.active:
+        users.setdefault(settings.channels[channel].provider, []).append(channel)
+    problems = []
+    for provider, channels in users.items():
+        section = getattr(settings.providers, provider, None)
+        for field, var in _PROVIDER_REQUIREMENTS.get(provider, ()):
+            value = getattr(section, field)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+                where = f"set {var}"
+            else:
+                where = f"set it in [providers.{provider}] or {var}"
+            if not value:
+                used_by = ", ".join(f"channels.{name}" for name in channels)
+                problems.append(f"providers.{provider}.{field}: required because {used_by} "
+                                f"{'uses' if len(channels) == 1 else 'use'} the {provider} provider ({where})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Put every `DISPATCHER__SECTION__KEY` into `raw`; return which variable set which key."""
+    origins: dict[tuple[str, ...], str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -303,7 +430,9 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             raise ConfigError(f"{name}: malformed override (expected DISPATCHER__SECTION__KEY)")
         if keys in _SECRET_ENV:
             raise ConfigError(f"{name}: {'.'.join(keys)} is a secret; set {_SECRET_ENV[keys]} instead")
-        _put(raw, keys, _parse_env_value(value))
+        _put(raw, keys, _parse_env_value(value), origin=name)
+        origins[keys] = name
+    return origins
 
 
 def _parse_env_value(value: str) -> Any:
@@ -323,11 +452,12 @@ def _dig(raw: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     return node
 
 
-def _put(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+def _put(raw: dict[str, Any], keys: tuple[str, ...], value: Any, origin: str | None = None) -> None:
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
+            where = f"{origin}: " if origin else ""
+            raise ConfigError(f"{where}{'.'.join(keys)}: {key} is not a section")
         node = child
     node[keys[-1]] = value

@@ -240,17 +240,15 @@ async def test_unusable_credentials_stop_the_dispatcher_naming_the_key(make_sett
     elif problem == "no_private_key":
         path.write_text(json.dumps({"type": "service_account", "client_email": "a@b.c",
                                     "token_uri": "http://127.0.0.1:1/token"}))
-    settings = make_settings(channels={"push": {"provider": "fcm"}},
-                             providers={"fcm": {"project_id": "demo",
-                                                "credentials_file": "" if problem == "unset" else str(path)}})
     with pytest.raises(ConfigError, match=r"^providers\.fcm\.credentials_file: "):
+        # A missing key file is refused by the settings, an unusable one when the dispatcher opens.
+        settings = make_settings(channels={"push": {"provider": "fcm"}},
+                                 providers={"fcm": {"project_id": "demo",
+                                                    "credentials_file": "" if problem == "unset" else str(path)}})
         async with open_dispatcher(settings):
             pass
 
 
 async def test_missing_project_id_stops_the_dispatcher(make_settings, world) -> None:
-    settings = make_settings(channels={"push": {"provider": "fcm"}},
-                             providers={"fcm": {"credentials_file": str(world.key_path)}})
     with pytest.raises(ConfigError, match=r"^providers\.fcm\.project_id: "):
-        async with open_dispatcher(settings):
-            pass
+        make_settings(channels={"push": {"provider": "fcm"}}, providers={"fcm": {"credentials_file": str(world.key_path)}})

@@ -82,16 +82,32 @@ async def test_voice_says_the_xml_escaped_text(fake: FakeTwilio, twilio_settings
     assert request.form["Twiml"] == "<Response><Say>Fish &amp; chips &lt; 5 pounds</Say></Response>"
 
 
-async def test_invalid_number_fails_with_21211_without_retry(fake: FakeTwilio, twilio_settings, database) -> None:
+async def test_number_that_is_not_e164_fails_before_reaching_twilio(fake: FakeTwilio, twilio_settings,
+                                                                     database) -> None:
     database.users.insert_many([{"_id": "bad", "phoneNumber": "555-1234"},
                                 {"_id": "good", "phoneNumber": "+15551230002"}])
     async with open_dispatcher(twilio_settings()) as d:
         result = await d.send({"channels": ["sms"], "recipients": ["bad", "good"], "messageContent": "x"})
     [failure] = result.failures
     assert failure.user_id == "bad"
-    assert failure.error == "Twilio 21211: The 'To' number 555-1234 is not a valid phone number."
-    assert len(fake.attempts_to("555-1234")) == 1
+    assert failure.error == "invalid address: '555-1234' is not a valid sms address"
+    assert fake.attempts_to("555-1234") == []
     assert [r.form["To"] for r in fake.received] == ["+15551230002"]
+
+
+async def test_twilio_21211_is_a_permanent_error_naming_the_code(fake: FakeTwilio, twilio_url: str) -> None:
+    from dispatcher.errors import PermanentDeliveryError
+    from dispatcher.messages import Message, TextContent
+
+    provider = TwilioProvider(TwilioSettings(account_sid=fake.account_sid, auth_token=fake.auth_token,
+                                             api_base_url=twilio_url))
+    try:
+        with pytest.raises(PermanentDeliveryError) as error:
+            await provider.send(Message("sms", "u1", ("555-1234",), TextContent("x", "+15550009999")), "555-1234")
+    finally:
+        await provider.aclose()
+    assert error.value.reason == "Twilio 21211: The 'To' number 555-1234 is not a valid phone number."
+    assert len(fake.attempts_to("555-1234")) == 1
 
 
 async def test_permanent_error_is_not_retried(fake: FakeTwilio, twilio_settings, database) -> None:

@@ -7,6 +7,7 @@ service (it never reads the service's `config.toml`, unless given as a base) and
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from functools import partial
@@ -151,9 +152,23 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+# What the harness needs beyond the service: the `loadtest` extra, absent from a core install.
+EXTRA_MODULES = ("rich", "matplotlib", "psutil", "apprise", "tomli_w")
+
+
+def missing_extra() -> list[str]:
+    """The modules of the `loadtest` extra that cannot be imported."""
+    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `dispatcher loadtest`; 0 when the checks hold, 1 when they do not or the run failed,
-    2 for a bad option, 130 on Ctrl-C."""
+    2 for a bad option or a missing extra, 130 on Ctrl-C."""
+    missing = missing_extra()
+    if missing:
+        print(f"dispatcher loadtest: needs the 'loadtest' extra (missing {', '.join(missing)}): "
+              f"pip install 'trio-dispatcher[loadtest]'", file=sys.stderr)
+        return 2
     import trio
     from rich.console import Console
     from rich.logging import RichHandler

@@ -1,0 +1,40 @@
+# The service: `docker build -t trio-dispatcher .`, then `docker run -p 3000:3000 trio-dispatcher`
+# (embedded store and outbox under /var/lib/dispatcher/var), or `docker compose up` for MongoDB
+# and Redis. The configuration is /etc/dispatcher/config.toml (the repo's example config.toml;
+# mount your own over it); any key can be overridden as DISPATCHER__SECTION__KEY and secrets come
+# from the environment (MONGODB_URL, REDIS_URL, SMTP_PASSWORD, TWILIO_AUTH_TOKEN,
+# GOOGLE_APPLICATION_CREDENTIALS, DISPATCHER_API_KEYS).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY dispatcher ./dispatcher
+COPY actors ./actors
+RUN python -m pip install . && rm -rf /src
+
+# An unprivileged user owning only its working directory (embedded store, outbox).
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/dispatcher --shell /usr/sbin/nologin dispatcher \
+    && mkdir -p /var/lib/dispatcher/var /etc/dispatcher \
+    && chown -R dispatcher:dispatcher /var/lib/dispatcher
+COPY config.toml /etc/dispatcher/config.toml
+
+# On top of the example configuration: listen on every interface of the container, log JSON.
+ENV DISPATCHER__SERVER__HOST=0.0.0.0 \
+    DISPATCHER__LOGGING__FORMAT=json
+
+WORKDIR /var/lib/dispatcher
+USER dispatcher
+EXPOSE 3000
+# No curl in the image: python's urllib, on the port the configuration may have moved.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/-/healthz' % os.environ.get('DISPATCHER__SERVER__PORT', '3000'), timeout=4)"]
+# SIGTERM (docker stop) drains the sends in flight for [dispatcher].drain_timeout_seconds: give
+# the container at least that long to stop (`docker stop -t 40`, compose's stop_grace_period).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["dispatcher"]
+CMD ["serve", "--config", "/etc/dispatcher/config.toml"]

@@ -1,0 +1,129 @@
+"""Optional API keys for `/send` and `/send/...` (and `/-/metrics` with `[auth].protect_metrics`).
+
+Keys come from `[auth].keys_file` (one SHA-256 hex digest of a key per line, optionally
+`name:digest`; `#` starts a comment) and/or `DISPATCHER_API_KEYS` (comma-separated plain keys,
+hashed when loaded). Only digests are kept in memory. With no key configured, authentication is
+off. A client presents its key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+Each key has an id, its name or the first 12 hex digits of its digest, which is safe to log and
+scopes what belongs to one client (idempotency keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest written in a keys file: `printf %s KEY | sha256sum`."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    digest: bytes  # raw SHA-256
+
+
+class ApiKeys:
+    """The configured keys; `authenticate` checks a presented key against all of them."""
+
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._keys = tuple(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(key.id for key in self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def authenticate(self, presented: str | None) -> str | None:
+        """The id of the key `presented`, or None. Digests are compared with
+        `hmac.compare_digest`, against every key (no early exit), so the time taken does not
+        tell which digest, or how much of one, matched."""
+        if not presented:
+            return None
+        digest = hashlib.sha256(presented.encode("utf-8")).digest()
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key.id
+        return found
+
+
+def load_api_keys(settings: Any) -> ApiKeys:
+    """Load the keys of `settings` (the whole `Settings` or its `AuthSettings`).
+
+    Raises `ConfigError` naming `auth.keys_file` when the file is missing, unreadable or has a
+    line that is not a digest. Call it at start-up so a bad file stops the service early.
+    """
+    auth = getattr(settings, "auth", settings)
+    keys: list[ApiKey] = []
+    if auth.keys_file:
+        keys.extend(_read_keys_file(Path(auth.keys_file)))
+    plain = auth.keys.get_secret_value()
+    for key in (part.strip() for part in plain.split(",")):
+        if key:
+            digest = hash_key(key)
+            keys.append(ApiKey(digest[:12], bytes.fromhex(digest)))
+    return ApiKeys(keys)
+
+
+def _read_keys_file(path: Path) -> list[ApiKey]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"auth.keys_file: cannot read {path}: {reason}") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, colon, digest = line.rpartition(":")
+        name, digest = name.strip(), digest.strip()
+        if not _DIGEST.fullmatch(digest):
+            raise ConfigError(f"auth.keys_file: {path} line {number}: expected a SHA-256 hex digest "
+                              f"(64 hex digits) or name:digest")
+        if colon and not _NAME.fullmatch(name):
+            raise ConfigError(f"auth.keys_file: {path} line {number}: a key name is 1-64 of A-Z a-z 0-9 . _ -")
+        digest = digest.lower()
+        keys.append(ApiKey(name if colon else digest[:12], bytes.fromhex(digest)))
+    return keys
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key of a request: `Authorization: Bearer <key>`, else `X-API-Key: <key>`."""
+    authorization = headers.get("Authorization")
+    if authorization:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    api_key = headers.get("X-API-Key")
+    return api_key.strip() if api_key and api_key.strip() else None
+
+
+def is_protected(path: str, protect_metrics: bool) -> bool:
+    """`/send` and everything under it; `/-/metrics` when asked. Health and docs stay open."""
+    if path == "/send" or path.startswith("/send/"):
+        return True
+    return protect_metrics and path == "/-/metrics"
+
+
+__all__ = ["ApiKey", "ApiKeys", "hash_key", "is_protected", "load_api_keys", "presented_key"]

@@ -1,0 +1,418 @@
+"""The OpenAPI 3.1 document of the service (`GET /-/openapi.json`, browsable at `GET /-/docs`).
+
+Schemas are generated from pydantic models: `SendRequest` (the model that validates the body of
+`POST /send`) and, for the answers, small models below that mirror `SendResult`, `Failure`,
+`Summary` and the error shape. The request schema is completed with what its validators enforce
+and JSON Schema can say (the channels this deployment accepts, no duplicates) and a description
+of each field, unless the model already gives one.
+
+The document describes the routes the app actually has (`openapi_for(app, settings)`), so a
+route that is not there yet (the job API) does not appear, and a route without an entry here is
+caught by the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic.json_schema import models_json_schema
+
+from .channels import CHANNELS
+from .models import SendRequest
+
+REF = "#/components/schemas/{model}"
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+_COUNTS = dict[Literal[tuple(CHANNELS)], NonNegativeInt]  # type: ignore[valid-type]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Failure(_Wire):
+    """One (user, channel) delivery that did not succeed."""
+
+    userId: str
+    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    error: str = Field(description="Short reason; names the provider's error code when there is one")
+
+
+class Summary(_Wire):
+    """Users selected and, per channel, deliveries sent, skipped (no address) and failed; channels
+    with a zero count are omitted."""
+
+    users: int = Field(ge=0)
+    sent: _COUNTS
+    skipped: _COUNTS
+    failed: _COUNTS
+    cancelled: _COUNTS = Field(default_factory=dict, description="Deliveries stopped by `DELETE /send/{id}`; "
+                                                                 "present only when there are some")
+
+
+class SendResult(_Wire):
+    """The answer once every delivery was attempted (retries included)."""
+
+    failures: list[Failure]
+    summary: Summary
+
+
+class Error(_Wire):
+    """Every 4xx/5xx answer."""
+
+    statusCode: int = Field(ge=400, le=599)
+    error: str = Field(description="The HTTP reason phrase")
+    message: str
+
+
+class JobAccepted(_Wire):
+    """`POST /send` in asynchronous mode: the job to poll at `Location`."""
+
+    id: str
+    status: JobState
+
+
+class JobStatus(_Wire):
+    """A job: its state, counts so far and times."""
+
+    id: str
+    status: JobState
+    summary: Summary | None = None
+    createdAt: datetime | None = None
+    startedAt: datetime | None = None
+    finishedAt: datetime | None = None
+
+
+class FailuresPage(_Wire):
+    """One page of a job's failures, in a stable order; pass `next` as `after` for the next page."""
+
+    failures: list[Failure]
+    next: str | None = None
+
+
+class Health(_Wire):
+    status: str
+
+
+# What each field of the request means, for the fields whose model gives no description.
+_FIELD_DOCS = {
+    "channels": "Channels to deliver on, each at most once",
+    "recipients": "User ids; at least one of recipients/clusters is required",
+    "clusters": "A user is selected when one of its clusters matches; at least one of recipients/clusters "
+                "is required",
+    "templateId": "A stored template (ObjectId hex or any string id); when given, messageTitle and "
+                  "messageContent are ignored",
+    "messageTitle": "Without a template: e-mail subject and push title (required for email and push)",
+    "messageContent": "Without a template: the body of every channel (required)",
+    "data": "Free data available to templates as `data`",
+    "emailAttachments": "File names fetched from the Files Service (merged with the template's)",
+    "emailCarbonCopies": "Cc addresses",
+    "emailBlindCarbonCopies": "Bcc addresses (envelope only)",
+    "emailSender": "From of the e-mails of this request",
+}
+
+QUICK_START_REQUEST = {
+    "channels": ["email", "sms", "push"],
+    "clusters": ["beta"],
+    "recipients": ["u43", "nobody"],
+    "templateId": "65a000000000000000000001",
+    "data": {"plan": "Pro", "start": "2026-12-01T09:00:00Z"},
+}
+QUICK_START_RESULT = {
+    "failures": [{"channel": c, "error": "user not found", "userId": "nobody"} for c in ("email", "sms", "push")],
+    "summary": {"users": 4, "sent": {"email": 3, "sms": 3, "push": 2},
+                "skipped": {"email": 1, "sms": 1, "push": 2}, "failed": {"email": 1, "sms": 1, "push": 1}},
+}
+
+_RESPONSE_MODELS = (SendResult, Failure, Summary, Error, JobAccepted, JobStatus, FailuresPage, Health)
+
+
+def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """`components.schemas`: the request model in validation mode, the answers in serialization
+    mode, `$ref`s pointing into `#/components/schemas`."""
+    models = [(SendRequest, "validation"), *((model, "serialization") for model in _RESPONSE_MODELS)]
+    _, top = models_json_schema(models, by_alias=True, ref_template=REF)
+    schemas = copy.deepcopy(top["$defs"])
+    request = schemas["SendRequest"]
+    channels = request["properties"]["channels"]
+    channels.setdefault("uniqueItems", True)
+    channels["items"].setdefault("enum", list(active_channels if active_channels is not None else CHANNELS))
+    for name, prop in request["properties"].items():
+        prop.pop("title", None)
+        if name in _FIELD_DOCS:
+            prop.setdefault("description", _FIELD_DOCS[name])
+    request.setdefault("description", "One message to many users over several channels. Unknown fields are "
+                                      "ignored.")
+    for schema in schemas.values():
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)
+    return schemas
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _json(name: str, description: str, **extra: Any) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                                "content": {"application/json": {"schema": _ref(name)}}}
+    response.update(extra)
+    return response
+
+
+def _error(description: str, **headers: Any) -> dict[str, Any]:
+    response = _json("Error", description)
+    response["headers"].update(headers)
+    return response
+
+
+def _text(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description, "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+            "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+_UNAUTHORIZED = _error("No valid API key (only when API keys are configured)",
+                       **{"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}})
+_JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+
+
+def _operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every operation the service may have, keyed by (method, path)."""
+    request_id = {"$ref": "#/components/parameters/RequestId"}
+    return {
+        ("post", "/send"): {
+            "operationId": "send",
+            "summary": "Deliver one message to many users over several channels",
+            "description": "Synchronous by default: answers once every delivery was attempted. With "
+                           "`Prefer: respond-async` or `?async=true`, answers 202 at once with the job to poll.",
+            "tags": ["send"],
+            "parameters": [
+                request_id,
+                {"name": "async", "in": "query", "required": False, "schema": {"type": "boolean"},
+                 "description": "Answer 202 at once and run the send as a job"},
+                {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "`respond-async`: same as `?async=true`"},
+                {"name": "Idempotency-Key", "in": "header", "required": False,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                 "description": "The same key and body within the idempotency window answer the first "
+                                "send's result or status; nothing is sent again. Another body: 422"},
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": _ref("SendRequest"), "example": QUICK_START_REQUEST}}},
+            "responses": {
+                "200": _json("SendResult", "Every delivery was attempted; the failures and counts",
+                             content={"application/json": {"schema": _ref("SendResult"),
+                                                           "example": QUICK_START_RESULT}}),
+                "202": _json("JobAccepted", "Accepted as a job (asynchronous mode)"),
+                "400": _error("Invalid request; nothing was sent"),
+                "401": _UNAUTHORIZED,
+                "413": _error("Body larger than `[server].max_body_bytes`"),
+                "422": _error("Idempotency-Key reused with another body"),
+                "500": _error("A bug; logged with a traceback"),
+                "502": _error("The Files Service is down"),
+                "503": _error("Shutting down, or the store is unavailable"),
+            },
+        },
+        ("get", "/send/{id}"): {
+            "operationId": "getJob", "summary": "A job's state, counts and times", "tags": ["send"],
+            "parameters": [_JOB_ID, request_id],
+            "responses": {"200": _json("JobStatus", "The job"), "401": _UNAUTHORIZED,
+                          "404": _error("No such job"), "503": _error("The store is unavailable")},
+        },
+        ("delete", "/send/{id}"): {
+            "operationId": "cancelJob", "summary": "Cancel a job (deliveries not started are not sent)",
+            "tags": ["send"], "parameters": [_JOB_ID, request_id],
+            "responses": {"200": _json("JobStatus", "The job after cancellation"), "401": _UNAUTHORIZED,
+                          "404": _error("No such job"), "503": _error("The store is unavailable")},
+        },
+        ("get", "/send/{id}/failures"): {
+            "operationId": "getJobFailures", "summary": "A job's failures, paged", "tags": ["send"],
+            "parameters": [
+                _JOB_ID, request_id,
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "The `next` of the previous page"},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+            ],
+            "responses": {"200": _json("FailuresPage", "One page of failures"), "400": _error("Invalid paging"),
+                          "401": _UNAUTHORIZED, "404": _error("No such job"),
+                          "503": _error("The store is unavailable")},
+        },
+        ("get", "/-/healthz"): {
+            "operationId": "healthz", "summary": "200 while the process runs", "tags": ["operations"],
+            "parameters": [request_id], "responses": {"200": _json("Health", "Alive")},
+        },
+        ("get", "/-/ready"): {
+            "operationId": "ready", "summary": "200 when the store answers a ping", "tags": ["operations"],
+            "parameters": [request_id],
+            "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready (the store does not answer)")},
+        },
+        ("get", "/-/metrics"): {
+            "operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
+            "tags": ["operations"], "parameters": [request_id],
+            "responses": {"200": _text("text/plain", "The metrics"), "401": _UNAUTHORIZED},
+        },
+        ("get", "/-/openapi.json"): {
+            "operationId": "openapi", "summary": "This document", "tags": ["operations"],
+            "parameters": [request_id],
+            "responses": {"200": {"description": "OpenAPI 3.1", "headers": {
+                "X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                "content": {"application/json": {"schema": {"type": "object"}}}}},
+        },
+        ("get", "/-/docs"): {
+            "operationId": "docs", "summary": "This document, browsable", "tags": ["operations"],
+            "parameters": [request_id], "responses": {"200": _text("text/html", "An HTML page")},
+        },
+    }
+
+
+def known_operations() -> set[tuple[str, str]]:
+    return set(_operations())
+
+
+def build_openapi(*, routes: set[tuple[str, str]] | None = None, active_channels: tuple[str, ...] | None = None,
+                  auth_enabled: bool = False, protect_metrics: bool = False, version: str | None = None) -> dict[str, Any]:
+    """The document, limited to `routes` ((method, path) pairs, lower-case method, `{param}`
+    paths) when given."""
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), operation in _operations().items():
+        if routes is not None and (method, path) not in routes:
+            continue
+        operation = copy.deepcopy(operation)
+        protected = path == "/send" or path.startswith("/send/") or (protect_metrics and path == "/-/metrics")
+        if auth_enabled and protected:
+            operation["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+        else:
+            operation["responses"].pop("401", None)
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "trio-dispatcher",
+            "version": version or _version(),
+            "description": "Multi-channel messaging service: one request, many users, e-mail, SMS, push and "
+                           "voice. Every error is JSON `{statusCode, error, message}`.",
+        },
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "paths": paths,
+        "components": {
+            "schemas": component_schemas(active_channels),
+            "parameters": {"RequestId": {
+                "name": "X-Request-ID", "in": "header", "required": False,
+                "description": "Reused when 1-128 of `[A-Za-z0-9._-]`, generated otherwise; echoed in the answer",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}}},
+            "headers": {"RequestId": {"description": "The request's id, on every log line it caused",
+                                      "required": True, "schema": {"type": "string"}}},
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trio-dispatcher")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def route_template(rule: str) -> str:
+    """Werkzeug's `/send/<id>` or `/send/<string:id>` as OpenAPI's `/send/{id}`."""
+    out, rest = [], rule
+    while "<" in rest:
+        head, _, tail = rest.partition("<")
+        inner, _, rest = tail.partition(">")
+        out.append(head + "{" + inner.rpartition(":")[2] + "}")
+    out.append(rest)
+    return "".join(out)
+
+
+def app_routes(app: Any) -> set[tuple[str, str]]:
+    """The (method, path) pairs an app serves, without the static route and automatic methods."""
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        for method in rule.methods or ():
+            if method in ("HEAD", "OPTIONS"):
+                continue
+            routes.add((method.lower(), route_template(rule.rule)))
+    return routes
+
+
+def openapi_for(app: Any, settings: Any, auth_enabled: bool) -> dict[str, Any]:
+    return build_openapi(routes=app_routes(app), active_channels=tuple(settings.channels.active),
+                         auth_enabled=auth_enabled, protect_metrics=settings.auth.protect_metrics)
+
+
+DOCS_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} API</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }}
+h2 {{ border-bottom: 1px solid #ccc; }}
+code, pre {{ font-family: ui-monospace, monospace; }}
+pre {{ background: #f6f6f6; padding: .6rem; overflow-x: auto; font-size: .85rem; }}
+.method {{ display: inline-block; min-width: 4.5rem; font-weight: bold; text-transform: uppercase; }}
+details {{ margin: .4rem 0 .8rem; }}
+</style>
+</head>
+<body>
+<h1>{title} API</h1>
+<p>The OpenAPI 3.1 document is <a href="{spec}">{spec}</a>; load it in any OpenAPI viewer or client
+generator. This page lists its operations and schemas.</p>
+<div id="operations"><p>Loading <code>{spec}</code>&hellip;</p></div>
+<h2>Schemas</h2>
+<div id="schemas"></div>
+<script>
+(function () {{
+  function el(tag, text) {{ var e = document.createElement(tag); if (text) e.textContent = text; return e; }}
+  function block(summary, value) {{
+    var d = el("details"); d.appendChild(el("summary", summary));
+    d.appendChild(el("pre", JSON.stringify(value, null, 2))); return d;
+  }}
+  fetch("{spec}").then(function (r) {{ return r.json(); }}).then(function (doc) {{
+    var ops = document.getElementById("operations"); ops.textContent = "";
+    Object.keys(doc.paths).forEach(function (path) {{
+      Object.keys(doc.paths[path]).forEach(function (method) {{
+        var op = doc.paths[path][method], h = el("h2");
+        var m = el("span", method); m.className = "method"; h.appendChild(m);
+        h.appendChild(el("code", path)); ops.appendChild(h);
+        if (op.summary) ops.appendChild(el("p", op.summary));
+        if (op.description) ops.appendChild(el("p", op.description));
+        if (op.parameters) ops.appendChild(block("Parameters", op.parameters));
+        if (op.requestBody) ops.appendChild(block("Request body", op.requestBody));
+        ops.appendChild(block("Responses: " + Object.keys(op.responses).join(", "), op.responses));
+      }});
+    }});
+    var schemas = document.getElementById("schemas");
+    Object.keys(doc.components.schemas).forEach(function (name) {{
+      schemas.appendChild(block(name, doc.components.schemas[name]));
+    }});
+  }}).catch(function (err) {{
+    document.getElementById("operations").textContent = "Could not load {spec}: " + err;
+  }});
+}})();
+</script>
+<noscript><p>Without JavaScript, read <a href="{spec}">{spec}</a> directly.</p></noscript>
+</body>
+</html>
+"""
+
+
+def docs_page(spec_url: str = "/-/openapi.json", title: str = "trio-dispatcher") -> str:
+    return DOCS_HTML.format(spec=html.escape(spec_url, quote=True), title=html.escape(title))
+
+
+__all__ = ["Error", "Failure", "FailuresPage", "JobAccepted", "JobStatus", "SendResult", "Summary", "app_routes",
+           "build_openapi", "docs_page", "known_operations", "openapi_for", "route_template"]
