@@ -2,6 +2,10 @@
 
 Every error, including 404/405 and anything unexpected, is answered as JSON in the predecessor's
 shape `{"statusCode", "error", "message"}`, never as HTML or a stack trace.
+
+The status line carries no reason phrase (`HTTP/1.1 400 `): hypercorn's HTTP/1.1 protocol builds
+its `h11.Response` without one and offers no hook to add it, and HTTP/2 has none at all. RFC 9112
+makes the phrase optional and tells clients to ignore it; the phrase is in the body's `error`.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from quart import Response, request
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
-from .errors import RequestError, StoreError
-from .models import SendRequest
+from .errors import Interrupted, RequestError, StoreError
+from .models import MAX_DEPTH, SendRequest
+from .ops import install_ops
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +34,91 @@ def error_response(status: int, message: str) -> Response:
     return Response(json.dumps(body), status=status, content_type="application/json")
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Run the ASGI `app` on one exchange so that an answer sent before the request body was read
+    (a 413, a 401, a 404 to a POST) does not leave the connection wedged.
+
+    hypercorn (0.18) ends such an exchange by closing the connection from inside the app's last
+    `send`: it first puts an `http.disconnect` in the app's (bounded) receive queue, then closes the
+    socket. Quart-Trio cancels the request as soon as it reads that disconnect, which interrupts
+    the close halfway: the socket stays open, hypercorn's HTTP/1.1 state machine never starts a
+    new cycle, and the client's next request on the keep-alive connection is never answered. So
+    that last `send` runs shielded (hypercorn already shields its socket writes, so this waits no
+    longer than they do), with the rest of the queue drained meanwhile so the disconnect fits. The
+    answer carries `Connection: close` (HTTP/1.x) so that clients do not count on the connection.
+    Nothing waits for the rest of the body: the connection is closed instead.
+    """
+    if scope["type"] != "http":
+        await app(scope, receive, send)
+        return
+    # HTTP/1.x says in its headers whether a body follows; a GET without one is never "early"
+    # (deciding on the body messages alone would race hypercorn queueing the empty one).
+    body_done = scope.get("http_version") in ("1.0", "1.1") and not any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+        for name, value in scope.get("headers", ()))
+
+    async def tracked_receive() -> ASGIReceiveEvent:
+        nonlocal body_done
+        message = await receive()
+        body_done = message["type"] == "http.disconnect" or not message.get("more_body", False)
+        return message
+
+    async def drain() -> None:
+        while not body_done:
+            await tracked_receive()
+
+    async def guarded_send(message: Any) -> None:
+        if body_done:
+            await send(message)
+        elif message["type"] == "http.response.start":
+            if scope.get("http_version") in ("1.0", "1.1"):
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+                with trio.CancelScope(shield=True):
+                    await send(message)
+                nursery.cancel_scope.cancel()
+        else:
+            await send(message)
+
+    try:
+        await app(scope, tracked_receive, guarded_send)
+    except Exception:
+        await drain()
+        raise
+    # Without an answer from the app hypercorn writes a 500 itself once we return; it needs the
+    # queue emptied the same way. After an answer the disconnect is already queued: this is quick.
+    await drain()
+
+
+class _App(QuartTrio):
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        # Around `asgi_app` rather than inside it, so that middleware installed later with
+        # `app.asgi_app = middleware(app.asgi_app)` is covered too.
+        await finish_early_answers(super().__call__, scope, receive, send)
+
+    async def make_default_options_response(self) -> Response:
+        # Quart's default is an empty 200 labelled text/html.
+        response = await super().make_default_options_response()
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
+
+
+def _wants_async() -> bool:
+    """RFC 7240 `Prefer: respond-async`, or `?async=true`."""
+    prefer = {token.strip().lower() for value in request.headers.getlist("Prefer") for token in value.split(",")}
+    return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
+
+
 def create_app(dispatcher: Dispatcher) -> QuartTrio:
-    app = QuartTrio(__name__)
+    app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = dispatcher.settings.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 
@@ -37,11 +127,43 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
         raw = await request.get_data(cache=False)
         try:
-            payload = json.loads(raw)
+            payload = json.loads(raw, parse_constant=_not_json)
         except (ValueError, UnicodeDecodeError) as exc:
             raise RequestError(f"malformed JSON body: {exc}") from None
-        result = await dispatcher.send(SendRequest.parse(payload))
+        except RecursionError:
+            raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
+        send_request = SendRequest.parse(payload)
+        key = request.headers.get("Idempotency-Key") or None
+        if key is not None and not 0 < len(key) <= 256:
+            raise RequestError("Idempotency-Key: must be 1 to 256 characters")
+        # Idempotency keys are scoped per API key: two clients cannot collide.
+        scope = g.get("api_key_id") or ""
+        if _wants_async():
+            job_id = await dispatcher.submit(send_request, idempotency_key=key, key_scope=scope)
+            status = await dispatcher.status(job_id)
+            body = {"id": job_id, "status": status["status"]}
+            return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
+        result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
         return result.to_json()
+
+    # `<id>`, as the OpenAPI document names it.
+    @app.get("/send/<id>")
+    async def job_status(id: str) -> Any:  # noqa: A002
+        return await dispatcher.status(id)
+
+    @app.delete("/send/<id>")
+    async def job_cancel(id: str) -> Any:  # noqa: A002
+        return await dispatcher.cancel(id)
+
+    @app.get("/send/<id>/failures")
+    async def job_failures(id: str) -> Any:  # noqa: A002
+        try:
+            limit = int(request.args.get("limit", "100"))
+        except ValueError:
+            raise RequestError("limit: must be an integer") from None
+        if not 1 <= limit <= 1000:
+            raise RequestError("limit: must be between 1 and 1000")
+        return await dispatcher.failures(id, request.args.get("after") or None, limit)
 
     @app.get("/-/healthz")
     async def healthz() -> Any:
@@ -49,13 +171,23 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
 
     @app.get("/-/ready")
     async def ready() -> Any:
-        if await dispatcher.store.ping():
-            return {"status": "ready"}
-        return error_response(503, "the store does not answer")
+        checks = await dispatcher.readiness()
+        if all(checks.values()):
+            return {"status": "ready", **checks}
+        down = " and ".join({"store": "the store", "redis": "Redis (rate-limited channels wait, then fail)"}[name]
+                            for name, ok in checks.items() if not ok)
+        return error_response(503, f"not ready: {down} does not answer")
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:
         return error_response(exc.status_code, str(exc))
+
+    @app.errorhandler(Interrupted)
+    async def interrupted(exc: Interrupted) -> Response:
+        # The error shape, plus what was attempted: the client must not resend blindly.
+        body = {"statusCode": 503, "error": HTTPStatus(503).phrase, "message": str(exc), "id": exc.job_id,
+                **exc.partial.to_json()}
+        return Response(json.dumps(body), status=503, content_type="application/json")
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
@@ -77,4 +209,5 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
         return error_response(500, "internal error; see the service log")
 
+    install_ops(app, dispatcher)
     return app

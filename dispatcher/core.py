@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -47,6 +47,9 @@ from .delivery import RetryPolicy, Transport
 from .settings import Settings
 from .store import Store
 from .templating import Renderer
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +76,19 @@ class Dispatcher:
     """Validates and runs sends. Create it with `open_dispatcher`."""
 
     def __init__(self, settings: Settings, store: Store, providers: Mapping[str, Provider],
-                 files: FilesClient | None, nursery: trio.Nursery, ledger: Ledger | None = None) -> None:
+                 files: FilesClient | None, nursery: trio.Nursery, ledger: Ledger | None = None,
+                 cluster: Cluster | None = None) -> None:
         self.settings = settings
         self.store = store
         self.ledger = ledger
+        self.cluster = cluster
         self._files = files
         self._nursery = nursery
         limits = settings.templates
         self._renderer = Renderer(default_locale=limits.default_locale, max_template_chars=limits.max_template_chars,
                                   max_rendered_chars=limits.max_rendered_chars)
         self._transports = {
-            channel: Transport(provider, _gate(settings, channel), RetryPolicy.from_settings(
+            channel: Transport(provider, _gate(settings, channel, cluster), RetryPolicy.from_settings(
                 settings.channels[channel], settings.channels.on_ambiguous(channel)))
             for channel, provider in providers.items()
         }
@@ -167,6 +172,14 @@ class Dispatcher:
         if any(CHANNELS[channel].uses_email_options for channel in request.channels):
             email_options = await self._email_options(request, template)
         return build_plan(request, template, self.settings, self._renderer, email_options, self.store.user_id)
+
+    async def readiness(self) -> dict[str, bool]:
+        """What `/-/ready` reports: the store, and Redis in cluster mode (rate-limited channels
+        fail closed without it)."""
+        checks = {"store": await self.store.ping()}
+        if self.cluster is not None:
+            checks["redis"] = await self.cluster.ping()
+        return checks
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new sends and wait up to `timeout` seconds for those in flight; True if all finished."""
@@ -387,9 +400,12 @@ def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{channel} {n}" for channel, n in counts.items()) or "none"
 
 
-def _gate(settings: Settings, channel: str) -> ChannelGate:
+def _gate(settings: Settings, channel: str, cluster: Cluster | None) -> ChannelGate:
     cs = settings.channels[channel]
-    return ChannelGate(cs.concurrency, cs.rate_per_second, cs.burst)
+    # In cluster mode every channel's bucket is shared, unlimited ones too: a provider's 429
+    # pauses the channel for every process.
+    bucket = cluster.bucket(channel, cs.rate_per_second, cs.burst) if cluster is not None else None
+    return ChannelGate(cs.concurrency, cs.rate_per_second, cs.burst, bucket)
 
 
 @asynccontextmanager
@@ -404,6 +420,11 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
         store = Store.connect(url, settings.store, settings.user_fields, settings.dispatcher.store_batch_size)
         stack.callback(store.close)
         ledger = Ledger(store.client, settings.store) if settings.store.ledger else None
+        cluster = None
+        if settings.cluster.redis_url.get_secret_value():
+            from .cluster import open_cluster
+
+            cluster = await stack.enter_async_context(open_cluster(settings))
         providers = await stack.enter_async_context(open_providers(settings))
         files = None
         if settings.files.url:
@@ -411,7 +432,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 httpx.AsyncClient(timeout=settings.files.timeout_seconds, follow_redirects=False))
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
-            dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger)
+            dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
             try:

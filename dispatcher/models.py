@@ -5,6 +5,10 @@ The wire format is the predecessor's (camelCase); Python code uses snake_case at
 
 from __future__ import annotations
 
+import math
+import re
+import reprlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +17,87 @@ from pydantic.alias_generators import to_camel
 
 from .channels import CHANNELS, valid_email as _valid_email
 from .errors import RequestError
+
+# How deeply the values of a request may nest (`data` is the only field where nesting makes
+# sense). Deeper structures are rejected up front instead of failing later in whatever recurses
+# over them (the JSON parser, a template, a provider's JSON encoder).
+MAX_DEPTH = 32
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Characters that break a header line or a file name, or hide what it says: controls (CR, LF,
+# NUL, ...), format characters (bidi overrides), line and paragraph separators.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
+_short_repr = reprlib.Repr()  # bounded in depth and width: a deep or huge value costs little to show
+_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 3, 200, 200
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`repr(value)` for a message that echoes client input, cut to `limit` characters with an
+    ellipsis and the original length: a 500 KB id is not sent back whole. Non-printable
+    characters (CR, a lone surrogate) come out escaped, as `repr` writes them."""
+    if isinstance(value, str):
+        # Slice before repr: a 1 MB string is not copied to be thrown away.
+        text = repr(value[: limit + 1])
+        if len(value) <= limit and len(text) <= limit:
+            return text
+        return f"{text[:limit]}… ({len(value)} characters)"
+    text = _short_repr.repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} items" if isinstance(value, (list, tuple, dict, set)) else "shortened"
+    return f"{text[:limit]}… ({size})"
+
+
+def _unprintable(value: str) -> str | None:
+    """The first character of `value` that has no business in an address or a file name."""
+    return next((ch for ch in value if unicodedata.category(ch) in _UNPRINTABLE_CATEGORIES), None)
+
+
+def _path(parts: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if _PLAIN_KEY.fullmatch(part) else shown(part, 40)
+            text = f"{text}.{name}" if text else name
+    return text
+
+
+def _check_plain_json(fields: dict[str, Any]) -> None:
+    """Reject what JSON can carry but the service cannot store or send: nesting deeper than
+    `MAX_DEPTH`, strings (values or keys) with an unpaired UTF-16 surrogate, which no encoder
+    (UTF-8, BSON, MIME) accepts, keys with a NUL (BSON), integers outside 64 bits (BSON) and
+    numbers too large for a double (`1e999`). Iterative: a deep structure cannot overflow the
+    stack here."""
+    stack: list[tuple[Any, tuple[str | int, ...], int]] = [(value, (name,), 1) for name, value in fields.items()]
+    while stack:
+        value, parts, depth = stack.pop()
+        if isinstance(value, str):
+            if (match := _SURROGATE.search(value)) is not None:
+                raise ValueError(f"{_path(parts)}: invalid Unicode text (unpaired surrogate {shown(match.group())})")
+        elif isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                raise ValueError(f"{_path(parts)}: integer out of range (64 bits at most)")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"{_path(parts)}: number out of range")
+        elif isinstance(value, (dict, list, tuple)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"{parts[0]}: nested deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if isinstance(key, str) and _SURROGATE.search(key):
+                        raise ValueError(f"{_path(parts)}: key {shown(key, 40)} is not valid Unicode text")
+                    if isinstance(key, str) and "\x00" in key:
+                        raise ValueError(f"{_path(parts)}: key {shown(key, 40)} contains a NUL character")
+                    stack.append((item, (*parts, key), depth + 1))
+            else:
+                stack.extend((item, (*parts, i), depth + 1) for i, item in enumerate(value))
 
 
 class SendRequest(BaseModel):
@@ -31,6 +116,17 @@ class SendRequest(BaseModel):
     email_carbon_copies: tuple[str, ...] = ()
     email_blind_carbon_copies: tuple[str, ...] = ()
     email_sender: str | None = None
+    # Also accepted as the `Idempotency-Key` header (the header wins).
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            # Only the fields we use: unknown fields are ignored, whatever they hold.
+            known = {name for n, f in cls.model_fields.items() for name in (n, f.alias)}
+            _check_plain_json({k: v for k, v in values.items() if k in known})
+        return values
 
     @field_validator("recipients", "clusters", "email_attachments", "email_carbon_copies",
                      "email_blind_carbon_copies", mode="before")
@@ -48,25 +144,24 @@ class SendRequest(BaseModel):
     def _known_unique_channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for channel in value:
             if channel not in CHANNELS:
-                raise ValueError(f"{channel!r} is not a supported channel")
+                raise ValueError(f"{shown(channel)} is not a supported channel")
         duplicates = sorted({c for c in value if value.count(c) > 1})
         if duplicates:
-            raise ValueError(f"{duplicates[0]!r} is listed more than once")
+            raise ValueError(f"{shown(duplicates[0])} is listed more than once")
         return value
 
     @field_validator("email_carbon_copies", "email_blind_carbon_copies")
     @classmethod
     def _valid_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for address in value:
-            if not _valid_email(address):
-                raise ValueError(f"{address!r} is not a valid e-mail address")
+            _check_address(address)
         return value
 
     @field_validator("email_sender")
     @classmethod
     def _valid_sender(cls, value: str | None) -> str | None:
-        if value is not None and not _valid_email(value):
-            raise ValueError(f"{value!r} is not a valid e-mail address")
+        if value is not None:
+            _check_address(value)
         return value
 
     @field_validator("email_attachments")
@@ -74,7 +169,10 @@ class SendRequest(BaseModel):
     def _attachment_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
             if not name or name in (".", ".."):
-                raise ValueError(f"{name!r} is not a file name")
+                raise ValueError(f"{shown(name)} is not a file name")
+            # It becomes a MIME parameter: a CR/LF there fails every e-mail of the request.
+            if (char := _unprintable(name)) is not None:
+                raise ValueError(f"{shown(name)} contains a control character {shown(char)}")
         return value
 
     @model_validator(mode="after")
@@ -84,6 +182,8 @@ class SendRequest(BaseModel):
         if self.template_id is None:
             if self.message_content is None:
                 raise ValueError("messageContent: required when no templateId is given")
+            if not self.message_content.strip():
+                raise ValueError("messageContent: must not be empty")
             titled = [c for c in self.channels if CHANNELS[c].needs_title]
             if self.message_title is None and titled:
                 raise ValueError(f"messageTitle: required for {' and '.join(titled)} when no templateId is given")
@@ -100,11 +200,53 @@ class SendRequest(BaseModel):
             raise RequestError(_first_error(exc)) from None
 
 
+def _check_address(address: str) -> None:
+    # `valid_email` accepts a U+2028 LINE SEPARATOR, which a header line must not carry.
+    if not _valid_email(address) or _unprintable(address) is not None:
+        raise ValueError(f"{shown(address)} is not a valid e-mail address")
+
+
+_STRING_ARRAYS = frozenset({"channels", "recipients", "clusters", "emailAttachments", "emailCarbonCopies",
+                            "emailBlindCarbonCopies"})
+# pydantic's error types in words for the client; `_FIELD_PHRASES` first.
+_FIELD_PHRASES = {
+    ("channels", "missing"): "must be a non-empty array",
+    ("channels", "too_short"): "must be a non-empty array",
+    ("channels", "tuple_type"): "must be a non-empty array",
+}
+_TYPE_PHRASES = {
+    "missing": "is required",
+    "string_type": "must be a string",
+    "string_unicode": "must be valid Unicode text",
+    "tuple_type": "must be an array",
+    "list_type": "must be an array",
+    "dict_type": "must be an object",
+    "too_short": "must not be empty",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters long",
+    "too_long": "must have at most {max_length} items",
+}
+
+
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
-    message = str(err["msg"]).removeprefix("Value error, ")
-    return f"{'.'.join(loc)}: {message}" if loc else message
+    err = exc.errors(include_url=False, include_input=False)[0]
+    loc, kind = err["loc"], err["type"]
+    if kind == "value_error":
+        # Our own validators: the message is already written for the client (the model-wide
+        # ones name their field themselves).
+        message = str(err["msg"]).removeprefix("Value error, ")
+        names = [str(part) for part in loc if not isinstance(part, int)]
+        return f"{'.'.join(names)}: {message}" if names else message
+    name = str(loc[0]) if loc else "body"
+    if name in _STRING_ARRAYS and (len(loc) > 1 or kind in ("tuple_type", "list_type")):
+        phrase = _FIELD_PHRASES.get((name, kind), "must be an array of strings")
+    else:
+        phrase = _FIELD_PHRASES.get((name, kind)) or _TYPE_PHRASES.get(kind, "is invalid")
+    try:
+        phrase = phrase.format(**err.get("ctx", {}))
+    except (KeyError, IndexError, ValueError):
+        phrase = "is invalid"
+    return f"{name}: {phrase}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +265,20 @@ class Summary:
     sent: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    # Deliveries a `DELETE /send/{id}` stopped; shown only when there are some, so that a
+    # synchronous send answers exactly the predecessor's shape.
+    cancelled: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"users": self.users, "sent": self.sent, "skipped": self.skipped, "failed": self.failed}
+        body = {"users": self.users, "sent": self.sent, "skipped": self.skipped, "failed": self.failed}
+        if self.cancelled:
+            body["cancelled"] = self.cancelled
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> "Summary":
+        return cls(body.get("users", 0), dict(body.get("sent", {})), dict(body.get("skipped", {})),
+                   dict(body.get("failed", {})), dict(body.get("cancelled", {})))
 
 
 @dataclass(slots=True)

@@ -84,6 +84,7 @@ class JobStatus(_Wire):
     createdAt: datetime | None = None
     startedAt: datetime | None = None
     finishedAt: datetime | None = None
+    error: str | None = Field(None, description="Why a job failed, when it did")
 
 
 class FailuresPage(_Wire):

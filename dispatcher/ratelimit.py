@@ -7,7 +7,15 @@ as long as the dispatcher and is shared by every request's sender actor.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import trio
+
+
+class Bucket(Protocol):
+    async def acquire(self) -> None: ...
+
+    def pause_until(self, deadline: float) -> None: ...
 
 
 class TokenBucket:
@@ -60,9 +68,10 @@ class ChannelGate:
     message slips past a 429's pause with a token taken before it. Use as `await gate.enter()` ... `gate.exit()` (in a finally): this
     sits on the per-message path, where an async context manager costs measurably more."""
 
-    def __init__(self, concurrency: int, rate: float, burst: int) -> None:
+    def __init__(self, concurrency: int, rate: float, burst: int, bucket: "Bucket | None" = None) -> None:
         self.limiter = trio.CapacityLimiter(concurrency)
-        self.bucket = TokenBucket(rate, burst)
+        # In cluster mode, a bucket shared through Redis by every process (dispatcher.cluster).
+        self.bucket: Bucket = bucket if bucket is not None else TokenBucket(rate, burst)
 
     async def enter(self) -> None:
         try:

@@ -14,6 +14,7 @@ import pytest
 
 from dispatcher import Dispatcher, Settings, open_dispatcher, settings_from_dict
 from dispatcher.embedded_store import EmbeddedServer
+from redis_server import redis_url  # noqa: F401  (the session's own redis-server, a fixture)
 
 _db_counter = itertools.count()
 
