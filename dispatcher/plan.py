@@ -12,6 +12,7 @@ from typing import Any
 
 from .channels import CHANNELS, BuildContext, BuildFn, RenderFn
 from .errors import RenderError, RequestError
+from .handlebars import HandlebarsSyntaxError, to_jinja
 from .messages import EmailOptions, Message, User
 from .models import SendRequest, shown
 from .settings import Settings
@@ -92,7 +93,7 @@ def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: 
     if template is not None:
         for channel in request.channels:
             _check_template(template, channel)
-    texts = _TextSource(request, template, renderer)
+    texts = _TextSource(request, template, renderer, settings)
     context = BuildContext(settings, email_options)
     plans = tuple(ChannelPlan(channel, address_field(channel, settings), CHANNELS[channel].build(texts, context), id_of,
                               CHANNELS[channel].valid_address)
@@ -100,21 +101,45 @@ def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: 
     return RequestPlan(request, plans)
 
 
-class _TextSource:
-    """Compiles a text from the template field, or from the request's own title/content."""
+ENGINES = ("handlebars", "jinja")
 
-    def __init__(self, request: SendRequest, template: dict[str, Any] | None, renderer: Renderer) -> None:
+
+class _TextSource:
+    """Compiles a text from the template field, or from the request's own title/content, in the
+    syntax it is written in: a stored template's `engine` (else `[templates].default_engine`),
+    or `[templates].request_engine` for the request's texts. Handlebars is translated into Jinja,
+    so both run in the same sandbox under the same limits."""
+
+    def __init__(self, request: SendRequest, template: dict[str, Any] | None, renderer: Renderer,
+                 settings: Settings) -> None:
         self.request = request
         self._template = template
         self._renderer = renderer
+        self._engine = settings.templates.request_engine
+        if template is not None:
+            self._engine = template.get("engine") or settings.templates.default_engine
+            if self._engine not in ENGINES:
+                raise RequestError(f"templateId: the template's engine {shown(self._engine)} is not one of "
+                                   f"{', '.join(ENGINES)}")
 
     def get(self, template_field: str, request_value: str | None = None, *, html: bool = False) -> RenderFn | None:
         if self._template is not None:
             source = self._template.get(template_field)
             if not isinstance(source, str) or source == "":
                 return None
-            return self._renderer.compile(source, html=html, field=f"template {template_field}")
+            return self._compile(source, html, f"template {template_field}")
         if request_value is None:
             return None
         field = {"emailTitle": "messageTitle", "pushTitle": "messageTitle"}.get(template_field, "messageContent")
-        return self._renderer.compile(request_value, field=field)
+        return self._compile(request_value, False, field)
+
+    def _compile(self, source: str, html: bool, field: str) -> RenderFn:
+        if self._engine == "jinja":
+            return self._renderer.compile(source, html=html, field=field)
+        # The limit applies to what the author wrote; the translation is longer.
+        self._renderer.check_length(source, field)
+        try:
+            translated = to_jinja(source)
+        except HandlebarsSyntaxError as exc:
+            raise RequestError(f"{field}: template does not compile: {exc}") from None
+        return self._renderer.compile(translated, html=html, field=field, length_checked=True)

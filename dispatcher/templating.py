@@ -1,53 +1,216 @@
 """Rendering untrusted templates: Jinja2's sandbox, the predecessor's helpers, size limits.
 
-Templates come from requests and from the store, so they are untrusted: they are compiled only in
-a `SandboxedEnvironment`, and because the sandbox bounds neither memory nor output, this module
-caps template size, the size of `*`/`**` results and the rendered output.
+Templates come from requests and from the store, so they are untrusted. They are compiled only in
+an `ImmutableSandboxedEnvironment` (no attribute escapes, and `data`, shared by every user of a
+request, cannot be modified), and because the sandbox bounds neither memory nor time, every
+operation that allocates in proportion to an argument is checked first (`template_limits`), the
+rendered output is capped, and `render_budget` bounds the time of a rendering.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
+import logging
+import types
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from babel import UnknownLocaleError
 from babel.numbers import format_decimal
-from jinja2 import ChainableUndefined, TemplateError
+from jinja2 import ChainableUndefined, TemplateError, nodes
+from jinja2.compiler import CodeGenerator, Frame, optimizeconst
+from jinja2.environment import Template
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.runtime import Markup  # markupsafe.Markup, re-exported by Jinja (not a direct dependency)
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 
 from . import dateformat
 from .errors import RenderError, RequestError
+from .template_limits import SizeGuard, TemplateLimitExceeded
 
-class _LimitedSandbox(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+logger = logging.getLogger(__name__)
+
+# Raised by Python itself or by a helper when a template hands it a value it cannot take
+# (`'a' + 1`, `dateFormat('soon')`, `data.list[99]`, a macro recursing forever): that delivery
+# fails, nothing to log. Any other exception is a bug in our code and is logged.
+_VALUE_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, RecursionError)
+
+
+class _GuardedCodeGenerator(CodeGenerator):
+    """Routes through `environment.guard` the constructs that build values without a call the
+    sandbox sees: `~` (compiled into `str_join`/`markup_join`), block buffers (macros,
+    `{% set %}`/`{% filter %}`/call blocks), list/tuple/dict literals and `*args`."""
+
+    @optimizeconst
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        if frame.eval_ctx.volatile:
+            # Jinja 3.1.6 tests `volatile` (not `autoescape`) at run time here; kept as is.
+            markup = "context.eval_ctx.volatile"
+        else:
+            markup = "True" if frame.eval_ctx.autoescape else "False"
+        self.write(f"environment.guard.concat({markup}, (")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.guard.output_buffer()")
+
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self.write("environment.guard.literal(")
+        super().visit_List(node, frame)
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self.write("environment.guard.literal(")
+        super().visit_Dict(node, frame)
+        self.write(")")
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx != "load":  # an assignment target: `{% for a, b in ... %}`
+            super().visit_Tuple(node, frame)
+            return
+        self.write("environment.guard.literal(")
+        super().visit_Tuple(node, frame)
+        self.write(")")
+
+    def signature(self, node: nodes.Call | nodes.Filter | nodes.Test, frame: Frame,
+                  extra_kwargs: Any = None) -> None:
+        dyn_args = node.dyn_args
+        if dyn_args is None:
+            super().signature(node, frame, extra_kwargs)
+            return
+        # Jinja forbids new node types: `*x` becomes `*environment.bounded_iter(x)`, a call the
+        # sandbox makes like any other.
+        bounded = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [dyn_args], [], None, None,
+                             lineno=dyn_args.lineno)
+        node.dyn_args = bounded
+        try:
+            super().signature(node, frame, extra_kwargs)
+        finally:
+            node.dyn_args = dyn_args
+
+
+class _GuardedTemplate(Template):
+    @classmethod
+    def _from_namespace(cls, environment: Any, namespace: Any, globals: Any) -> Template:
+        # The compiled module imports LoopContext from jinja2.runtime; its functions look the
+        # name up in this namespace at run time.
+        namespace["LoopContext"] = environment.guard.loop_context_class
+        return super()._from_namespace(environment, namespace, globals)
+
+
+class _BoundedFormatterMixin:
+    """`str.format` from templates: widths, precisions and the total output are bounded."""
+
+    _guard: SizeGuard
+    _produced: int
+
+    def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
+        self._produced = len(format_string)
+        return super().vformat(format_string, args, kwargs)  # type: ignore[misc, no-any-return]
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        if conversion is not None:
+            self._guard.check_size(value, "a formatted value")
+        return super().convert_field(value, conversion)  # type: ignore[misc]
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        self._guard.check_format_spec(format_spec)
+        self._guard.check_size(value, "a formatted value")
+        result = super().format_field(value, format_spec)  # type: ignore[misc]
+        self._produced += len(result)
+        if self._produced > self._guard.max_chars:
+            raise TemplateLimitExceeded(
+                f"template error: str.format() exceeds {self._guard.max_chars} characters")
+        return result
+
+
+class _BoundedFormatter(_BoundedFormatterMixin, SandboxedFormatter):
+    def __init__(self, env: Any, guard: SizeGuard) -> None:
+        super().__init__(env)
+        self._guard = guard
+
+
+class _BoundedEscapeFormatter(_BoundedFormatterMixin, SandboxedEscapeFormatter):
+    def __init__(self, env: Any, guard: SizeGuard, escape: Callable[[Any], Markup]) -> None:
+        super().__init__(env, escape=escape)
+        self._guard = guard
+
+
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    code_generator_class = _GuardedCodeGenerator
+    template_class = _GuardedTemplate
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, *, max_output: int, **options: Any) -> None:
-        super().__init__(**options)
+        guard = SizeGuard(max_output)
+        super().__init__(finalize=guard.finalize, **options)
         self.max_output = max_output
+        self.guard = guard
+        self.concat = guard.join_buffer  # type: ignore[assignment]
+        self.globals.update(guard.globals())
+        self.filters = guard.filters(self.filters)
+        self.tests = guard.tests(self.tests)
+
+    def bounded_iter(self, iterable: Any) -> Any:
+        return self.guard.bounded_iter(iterable)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # The default returns an Undefined that ChainableUndefined renders as "": an attempt to
-        # escape the sandbox should fail that delivery visibly instead.
+        # escape the sandbox (or to modify `data`) should fail that delivery visibly instead.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
-    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
-        # The sandbox blocks attribute escapes, not `'a' * 10**9`: bound the size of the result
-        # before computing it.
-        if op == "**":
-            if isinstance(right, (int, float)) and abs(right) > 64:
-                raise RenderError("exponent too large")
-            return operator.pow(left, right)
-        for seq, count in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
-                if len(seq) * count > self.max_output:
-                    raise RenderError("repetition exceeds the rendered size limit")
-        return operator.mul(left, right)
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        return self.guard.binop(operator, left, right)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # The sandbox's own wrapper, with a formatter that bounds widths and output.
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or value.__name__ not in (
+                "format", "format_map"):
+            return None
+        receiver = value.__self__
+        if not isinstance(receiver, str):
+            return None
+        str_type = type(receiver)
+        is_format_map = value.__name__ == "format_map"
+        formatter: SandboxedFormatter
+        if isinstance(receiver, Markup):
+            formatter = _BoundedEscapeFormatter(self, self.guard, escape=receiver.escape)
+        else:
+            formatter = _BoundedFormatter(self, self.guard)
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs:
+                    raise TypeError("format_map() takes no keyword arguments")
+                if len(args) != 1:
+                    raise TypeError(f"format_map() takes exactly one argument ({len(args)} given)")
+                kwargs = args[0]
+                args = ()
+            return str_type(formatter.vformat(receiver, args, kwargs))
+
+        return functools.update_wrapper(wrapper, value)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if not __self.is_safe_callable(__obj):
+            raise SecurityError(f"{__obj!r} is not safely callable")
+        # A bound str.format that did not come through getattr (wrap_str_format) still is bounded.
+        wrapped = __self.wrap_str_format(__obj)
+        if wrapped is not None:
+            __obj = wrapped
+        args, kwargs = __self.guard.before_call(__obj, args, kwargs)
+        return __self.guard.after_call(__context.call(__obj, *args, **kwargs))
 
 
 class Renderer:
-    """Compiles templates once and renders them per user within the configured limits."""
+    """Compiles templates once and renders them per user within the configured limits.
+
+    A render function runs on the calling thread and is bounded in memory only; run it through
+    `render_budget.render_batch` to bound its time and keep it off the event loop.
+    """
 
     def __init__(self, *, default_locale: str, max_template_chars: int, max_rendered_chars: int) -> None:
         self.max_template_chars = max_template_chars
@@ -61,15 +224,27 @@ class Renderer:
         # Compilation is the expensive part; the same template text is reused across requests.
         self._compile_cached = functools.lru_cache(maxsize=512)(self._compile_uncached)
 
-    def compile(self, source: str, *, html: bool = False, field: str = "template") -> Callable[[dict[str, Any]], str]:
+    def compile(self, source: str, *, html: bool = False, field: str = "template",
+                length_checked: bool = False) -> Callable[[dict[str, Any]], str]:
         """Return a render function for `source`; a template that is too long or does not
-        compile is a `RequestError` naming `field`."""
-        if len(source) > self.max_template_chars:
-            raise RequestError(f"{field}: template longer than {self.max_template_chars} characters")
+        compile is a `RequestError` naming `field`. `length_checked`: the caller checked the
+        length of what the author wrote (a Handlebars translation is longer than its source).
+
+        The render function raises `RenderError` (`template error: ...`) for anything that goes
+        wrong while rendering; an unexpected exception in our own helpers is also logged."""
+        if not length_checked:
+            self.check_length(source, field)
         try:
             return self._compile_cached(source, html)
         except TemplateError as exc:
             raise RequestError(f"{field}: template does not compile: {exc}") from None
+        except (RecursionError, SyntaxError, MemoryError):
+            # Python's own compiler gave up on the generated code: nesting beyond its limits.
+            raise RequestError(f"{field}: template does not compile: nested too deeply") from None
+
+    def check_length(self, source: str, field: str) -> None:
+        if len(source) > self.max_template_chars:
+            raise RequestError(f"{field}: template longer than {self.max_template_chars} characters")
 
     def _compile_uncached(self, source: str, html: bool) -> Callable[[dict[str, Any]], str]:
         template = (self._html if html else self._plain).from_string(source)
@@ -84,12 +259,15 @@ class Renderer:
                     if size > limit:
                         raise RenderError(f"rendered text exceeds {limit} characters")
                     parts.append(part)
-            except TemplateError as exc:
-                raise RenderError(f"template error: {exc}") from None
             except RenderError:
                 raise
-            except Exception as exc:  # a helper or filter given a value it cannot handle
+            except TemplateError as exc:
                 raise RenderError(f"template error: {exc}") from None
+            except _VALUE_ERRORS as exc:  # a helper, filter or operator given a value it cannot take
+                raise RenderError(f"template error: {exc}") from None
+            except Exception as exc:
+                logger.exception("unexpected error while rendering a template")
+                raise RenderError(f"template error: {type(exc).__name__}: {exc}") from None
             return "".join(parts)
 
         return render
@@ -103,7 +281,10 @@ class Renderer:
     def _to_locale(self, value: Any, locale: str | None = None) -> str:
         if value is None or isinstance(value, ChainableUndefined):
             return ""
-        loc = dateformat.parse_locale(locale) if locale else self._default_locale
+        try:
+            loc = dateformat.parse_locale(str(locale)) if locale else self._default_locale
+        except UnknownLocaleError:
+            raise ValueError(f"unknown locale {locale!r}") from None
         if isinstance(value, bool):
             return str(value).lower()
         if isinstance(value, (int, float)):

@@ -136,6 +136,7 @@ async def test_interpolation_end_to_end(dispatcher: Dispatcher, database: Any, o
     database.users.insert_one({"_id": "u1", "name": "<Ada>", "emailAddress": "ada@example.com",
                                "profile": {"city": "Pisa"}})
     template_id = database.message_templates.insert_one({
+        "engine": "jinja",
         "emailTitle": "Hi {{user.name}}",
         "emailMessage": "{{ user.name }} from {{ user.profile.city }} owes {{ toLocale(data.amount) }}"
                         " by {{ dateFormat(data.due, 'DD/MM/YYYY') }}{{ user.missing }}",
@@ -157,3 +158,30 @@ async def test_subject_cannot_inject_headers(dispatcher: Dispatcher, database: A
     [mail] = outbox_mails(outbox)
     assert "Bcc" not in mail and "X-Envelope-Bcc" not in mail
     assert "evil@example.com" in mail["Subject"]
+
+
+async def test_a_stored_template_without_engine_is_handlebars_as_in_the_predecessor(
+        dispatcher: Dispatcher, database: Any, outbox: Path) -> None:
+    database.users.insert_one({"_id": "u1", "name": "<Ada>", "emailAddress": "ada@example.com",
+                               "profile": {"city": "Pisa"}})
+    template_id = database.message_templates.insert_one({
+        "emailTitle": "Hi {{user.name}}",
+        "emailMessage": "{{user.name}} from {{user.profile.city}} owes {{toLocale data.amount}}"
+                        " by {{dateFormat data.due 'DD/MM/YYYY'}}{{#if user.missing}} never{{/if}}",
+        "emailHtmlMessage": "<p>{{user.name}} {{{data.badge}}}</p>",
+    }).inserted_id
+    result = await dispatcher.send({"channels": ["email"], "recipients": ["u1"], "templateId": str(template_id),
+                                    "data": {"amount": 1234.5, "due": "2026-12-24T10:00:00Z", "badge": "<b>VIP</b>"}})
+    assert result.failures == []
+    [mail] = outbox_mails(outbox)
+    assert mail["Subject"] == "Hi <Ada>"
+    assert mail.get_body(("plain",)).get_content().strip() == "<Ada> from Pisa owes 1,234.5 by 24/12/2026"
+    assert mail.get_body(("html",)).get_content().strip() == "<p>&lt;Ada&gt; <b>VIP</b></p>"
+
+
+async def test_an_unknown_engine_is_a_400_naming_it(client: Any, database: Any) -> None:
+    template_id = database.message_templates.insert_one({"engine": "mustache", "smsMessage": "x"}).inserted_id
+    response = await client.post("/send", json={"channels": ["sms"], "recipients": ["u1"],
+                                                "templateId": str(template_id)})
+    assert response.status_code == 400
+    assert "'mustache' is not one of handlebars, jinja" in (await response.get_json())["message"]
