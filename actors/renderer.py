@@ -1,8 +1,16 @@
 """Turns users into one channel's messages; skips, render failures and what an earlier run of the
-job already settled go straight to the collector."""
+job already settled go straight to the collector.
+
+Rendering runs off the event loop, a chunk of users per worker-thread hop, each rendering under
+`[templates].max_render_ms`. A template that overruns its budget for a few users will for all
+of them: after `POISONED_AFTER` overruns the channel's remaining users fail at once instead of
+each burning the budget.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 from trio import MemoryReceiveChannel, MemorySendChannel
@@ -11,13 +19,22 @@ from dispatcher.errors import RenderError, StoreError
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.plan import ChannelPlan
+from dispatcher.render_budget import RenderBudgetExceeded
 
 from .resolver import UnknownRecipient
+
+CHUNK = 32
+POISONED_AFTER = 3
+
+RenderJobs = Callable[[Sequence[Callable[[], Any]]], Awaitable[list[Any]]]
 
 
 async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out: MemorySendChannel[Message],
                  results: MemorySendChannel[Delivery], plan: ChannelPlan, data: dict[str, Any],
-                 journal: Unrecorded) -> None:
+                 journal: Unrecorded, render_jobs: RenderJobs) -> None:
+    """`render_jobs` runs a chunk of renderings (`render_budget.render_batch` with the budget)."""
+    overruns: list[str] = []
+    chunk_size = 1
     with users, out, results:
         async for batch in users:
             if journal.halted:
@@ -28,19 +45,40 @@ async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out
             except StoreError as exc:
                 journal.stop(exc)
                 continue
-            outcomes = [settled.get(user_id) or _render_one(user, plan, data) for user, user_id in zip(batch, ids)]
-            for outcome in outcomes:
-                if isinstance(outcome, Message):
-                    await out.send(outcome)  # blocks while the sender is behind: backpressure
+            pending = [user for user, user_id in zip(batch, ids) if user_id not in settled]
+            for delivery in settled.values():
+                await results.send(delivery)
+            while pending:
+                # Chunks grow from one user: a hostile template is found out after a few renderings.
+                chunk, pending = pending[:chunk_size], pending[chunk_size:]
+                chunk_size = min(CHUNK, chunk_size * 2)
+                if len(overruns) >= POISONED_AFTER:
+                    outcomes: list[Any] = [_poisoned(user, plan, overruns[0]) for user in chunk]
                 else:
-                    await results.send(outcome)
+                    outcomes = await render_jobs([partial(_render_one, user, plan, data) for user in chunk])
+                for user, outcome in zip(chunk, outcomes):
+                    if isinstance(outcome, RenderBudgetExceeded):
+                        overruns.append(str(outcome))
+                        outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome))
+                    if isinstance(outcome, Message):
+                        await out.send(outcome)  # blocks while the sender is behind: backpressure
+                    else:
+                        await results.send(outcome)
 
 
 def _id_of(user: User | UnknownRecipient, plan: ChannelPlan) -> str:
     return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 
+def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> Delivery:
+    if isinstance(user, UnknownRecipient):
+        return _render_one(user, plan, {})  # type: ignore[return-value]
+    return Delivery(plan.id_of(user), plan.channel, "failed",
+                    f"{reason} (for {POISONED_AFTER} users: not rendered for the others)")
+
+
 def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:
+    """Runs in the render thread."""
     if isinstance(user, UnknownRecipient):
         return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False)
     try:

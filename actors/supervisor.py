@@ -8,6 +8,7 @@ bounded, so a slow sender pushes back on its renderer and resolver instead of fi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import trio
 
@@ -16,22 +17,26 @@ from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.models import SendResult
 from dispatcher.plan import RequestPlan
+from dispatcher.render_budget import render_batch
 from dispatcher.store import Store
 
 from .collector import collect
 from .marker import MarkRequest, mark
-from .renderer import render
+from .renderer import RenderJobs, render
 from .resolver import UnknownRecipient, resolve
 from .sender import send
 
 
 async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str, Transport], queue_size: int,
-                       result: SendResult | None = None, journal: Unrecorded | None = None) -> SendResult:
+                       result: SendResult | None = None, journal: Unrecorded | None = None,
+                       render_jobs: RenderJobs | None = None) -> SendResult:
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
-    `journal.fault` tells whether a store failure stopped it early."""
+    `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders off
+    the event loop under a budget (default: 50 ms per rendering, in a worker thread)."""
     request = plan.request
     result = SendResult() if result is None else result
+    render_jobs = render_jobs or partial(render_batch, budget_seconds=0.05)
     journal = journal or Unrecorded()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     marks_send, marks_receive = trio.open_memory_channel[MarkRequest](queue_size)
@@ -49,7 +54,7 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
                 messages_send, messages_receive = trio.open_memory_channel[Message](queue_size)
                 nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
                 nursery.start_soon(render, users_receive, messages_send, results_send.clone(), lane, request.data,
-                                   journal)
+                                   journal, render_jobs)
                 marks = marks_send.clone() if recording else None
                 nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal,
                                    marks)

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -41,6 +42,7 @@ from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
 from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
+from .render_budget import render_batch
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
 from .delivery import RetryPolicy, Transport
@@ -92,6 +94,7 @@ class Dispatcher:
                 settings.channels[channel], settings.channels.on_ambiguous(channel)))
             for channel, provider in providers.items()
         }
+        self._render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
         self._on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
@@ -236,7 +239,7 @@ class Dispatcher:
                 if ledger is not None and job_id is not None:
                     nursery.start_soon(self._keep_lease, run, nursery.cancel_scope)
                 await run_pipeline(run.plan, self.store, self._transports, self.settings.dispatcher.queue_size,
-                                   run.result, run.journal)
+                                   run.result, run.journal, self._render_jobs)
                 nursery.cancel_scope.cancel()
             await self._finish(run)
         except StoreError as exc:

@@ -35,6 +35,11 @@ from dispatcher.ratelimit import ChannelGate
 from dispatcher.settings import StoreSettings, UserFields
 from dispatcher.store import Store
 
+
+async def render_inline(jobs: Any) -> list[Any]:
+    """Renders on the event loop: the render thread would let real time into virtual-time tests."""
+    return [job() for job in jobs]
+
 # How one attempt ends: None (accepted after `latency`), an exception to raise after `latency`,
 # or an awaitable factory (the attempt waits for it, then is accepted).
 Behaviour = Callable[[Message, str, int], Any]
@@ -340,7 +345,8 @@ async def test_a_slow_channel_keeps_the_resolver_from_running_ahead(autojump_clo
     provider.on_call = lambda: held.append(store.read - len(provider.calls))
     transport = Transport(provider, ChannelGate(concurrency=concurrency, rate=0, burst=1), policy())
 
-    result = await run_pipeline(plan_for(lane("sms", "phoneNumber")), store, {"sms": transport}, queue)
+    result = await run_pipeline(plan_for(lane("sms", "phoneNumber")), store, {"sms": transport}, queue,
+                                render_jobs=render_inline)
 
     assert result.summary.sent == {"sms": users} and result.summary.users == users
     assert len(provider.calls) == users
@@ -375,7 +381,7 @@ async def test_a_stalled_collector_stops_deliveries_after_a_bounded_number(
     async def run() -> None:
         nonlocal result
         result = await run_pipeline(plan_for(lane("sms", "phoneNumber")), MemoryStore(memory_users(users), 10),
-                                    {"sms": transport}, queue, journal=journal)
+                                    {"sms": transport}, queue, journal=journal, render_jobs=render_inline)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
@@ -426,7 +432,7 @@ async def test_fast_channel_finishes_while_slow_channel_is_still_paced(autojump_
     }
     plan = plan_for(lane("email", "emailAddress"), lane("sms", "phoneNumber"))
 
-    result = await run_pipeline(plan, store, transports, queue_size=2)
+    result = await run_pipeline(plan, store, transports, queue_size=2, render_jobs=render_inline)
 
     assert result.summary.sent == {"email": users, "sms": users}
     email_times, sms_times = sorted(email_provider.starts()), sorted(sms_provider.starts())
