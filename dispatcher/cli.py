@@ -30,6 +30,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Hypercorn's graceful shutdown runs alongside the dispatcher's drain and lasts this much longer,
 # so that the answers to sends cancelled at the end of the drain still reach their clients.
 RESPONSE_MARGIN_SECONDS = 1.0
+# Set by `serve --workers N` for its workers: the listening sockets' file descriptors.
+WORKER_FDS_ENV = "DISPATCHER_WORKER_FDS"
 
 
 class CannotListen(DispatcherError):
@@ -46,6 +48,16 @@ def _log_level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
     return value.upper()
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes") from None
+    if workers < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return workers
 
 
 def _port(value: str) -> int:
@@ -91,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = command("serve", "run the HTTP service")
     serve_parser.add_argument("--host", help="address to listen on (overrides [server].host, default 127.0.0.1)")
     serve_parser.add_argument("--port", type=_port, help="port to listen on (overrides [server].port, default 3000)")
+    serve_parser.add_argument("--workers", type=_workers, default=1,
+                              help="service processes sharing the listening socket (default 1; more than 1 needs "
+                                   "[cluster].redis_url, so that the channel limits hold across them)")
     seed = command("seed", "load users and templates from a JSON file into the store")
     seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
     command("check-config", "validate the configuration and print it (secrets hidden)")
@@ -114,11 +129,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                          if getattr(args, key) is not None}
         settings = load_settings(args.config, overrides=overrides)
         configure_logging(settings, args.log_level)  # [logging].format: text or JSON lines
-        if args.command == "serve":
+        if args.command == "serve" and os.environ.get(WORKER_FDS_ENV):
+            # A worker of `serve --workers N`: the supervisor bound the socket and announced.
+            sockets = [socket.socket(fileno=int(fd)) for fd in os.environ[WORKER_FDS_ENV].split(",")]
+            trio.run(partial(serve, settings, sockets=sockets))
+        elif args.command == "serve":
+            if args.workers > 1 and not settings.cluster.redis_url.get_secret_value():
+                raise ConfigError(f"--workers {args.workers}: needs [cluster].redis_url (or REDIS_URL): without a "
+                                  "shared Redis each process would apply the channels' rate limits on its own, "
+                                  f"and {args.workers} processes would send at {args.workers} times the allowed rate")
             # Bound before anything starts (the embedded store above all): a busy port is then one
             # line, with nothing to stop.
             sockets = listen(settings)
             _announce(settings, args.config)
+            if args.workers > 1:
+                from .workers import supervise
+
+                return supervise(settings, sockets, args.workers, sys.argv[1:] if argv is None else list(argv))
             trio.run(partial(serve, settings, sockets=sockets))
         elif args.command == "seed":
             trio.run(seed_store, settings, args.file)

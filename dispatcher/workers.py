@@ -1,0 +1,107 @@
+"""`dispatcher serve --workers N`: N service processes sharing one listening socket.
+
+The supervisor binds the socket (so a busy port fails once, before anything starts), starts the
+embedded store once when `[store].url` is empty (every worker must see the same store), and runs
+each worker as `dispatcher serve` with the socket inherited. Signals are passed on; a worker that
+dies is started again; the supervisor exits when every worker has stopped after a signal. The
+workers share their rate limits and fan-outs through Redis, which is why one is required.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from .settings import Settings
+
+log = logging.getLogger("dispatcher.workers")
+
+_RESTART_PAUSE_SECONDS = 1.0
+
+
+def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int, argv: Sequence[str]) -> int:
+    from .cli import WORKER_FDS_ENV
+    from .embedded_store import EmbeddedServer
+    from .metrics import clear_multiprocess_dir, mark_process_dead
+
+    env = dict(os.environ)
+    fds = [sock.fileno() for sock in sockets]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    env[WORKER_FDS_ENV] = ",".join(str(fd) for fd in fds)
+    scratch = None
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /-/metrics of any worker reports the sum over all of them.
+        scratch = tempfile.TemporaryDirectory(prefix="dispatcher-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = scratch.name
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"]
+    clear_multiprocess_dir()
+    store = None
+    if not settings.store.url.get_secret_value():
+        store = EmbeddedServer(settings.store.data_dir)
+        env["MONGODB_URL"] = store.url
+    command = [sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(main())",
+               *_without_workers(argv)]
+    stopping = False
+    children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start() -> None:
+        # A session of its own: a Ctrl-C in the terminal reaches the supervisor only, which passes
+        # it on once (a second signal would cut a worker's drain short).
+        child = subprocess.Popen(command, env=env, pass_fds=fds, start_new_session=True)
+        children[child.pid] = child
+        log.info("worker %d started", child.pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for _ in range(workers):
+            start()
+        while children:
+            pid, status = os.wait()
+            child = children.pop(pid, None)
+            if child is None:
+                continue
+            mark_process_dead(pid)
+            if not stopping:
+                log.error("worker %d exited (status %d); starting another", pid, status)
+                time.sleep(_RESTART_PAUSE_SECONDS)
+                start()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for child in children.values():
+            child.kill()
+        if store is not None:
+            store.stop()
+        if scratch is not None:
+            scratch.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    """The same command line, minus `--workers N` (each worker is one process)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
