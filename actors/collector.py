@@ -4,11 +4,12 @@ ledger in batches."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import trio
 from trio import MemoryReceiveChannel
 
+from dispatcher import metrics
 from dispatcher.errors import StoreError
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery
@@ -22,10 +23,11 @@ FLUSH_SIZE = 500
 FLUSH_SECONDS = 0.2
 
 
-async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, channels: Sequence[str],
+async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, providers: Mapping[str, str],
                   journal: Unrecorded) -> None:
     """Fill `result` (owned by the caller, so that it holds what was attempted even if the send
-    stops early)."""
+    stops early). `providers`: the provider name of each requested channel, in request order."""
+    channels = list(providers)
     summary = result.summary
     # Every lane sees every selected user once, so the first lane's count is the number of users.
     counting = channels[0]
@@ -50,6 +52,9 @@ async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, c
                 result.failures.append(Failure(delivery.user_id, delivery.channel, delivery.error or "failed"))
             if delivery.channel == counting and delivery.user_found:
                 summary.users += 1
+            if not delivery.recorded:
+                metrics.observe_delivery(delivery.channel, providers[delivery.channel], delivery.status,
+                                         delivery.kind)
             pending.append(delivery)
             if len(pending) >= FLUSH_SIZE or trio.current_time() >= deadline:
                 await flush()

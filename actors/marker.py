@@ -15,10 +15,20 @@ from dispatcher.errors import StoreError
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Message
 
-MarkRequest = tuple[Message, trio.Event]
+
+class Mark:
+    """One sender's request; `claimed` is False when another run holds the delivery."""
+
+    __slots__ = ("message", "done", "claimed")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.done = trio.Event()
+        self.claimed = False
 
 
-async def mark(requests: MemoryReceiveChannel[MarkRequest], journal: Unrecorded) -> None:
+
+async def mark(requests: MemoryReceiveChannel[Mark], journal: Unrecorded) -> None:
     with requests:
         async for first in requests:
             batch = [first]
@@ -27,10 +37,13 @@ async def mark(requests: MemoryReceiveChannel[MarkRequest], journal: Unrecorded)
                     batch.append(requests.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            taken: set[tuple[str, str]] = set()
             if journal.fault is None:
                 try:
-                    await journal.sending([(message.channel, message.user_id) for message, _ in batch])
+                    taken = await journal.sending([(m.message.channel, m.message.user_id) for m in batch])
                 except StoreError as exc:
                     journal.stop(exc)  # the senders see the fault and do not call the provider
-            for _, marked in batch:
-                marked.set()
+            for request in batch:
+                key = (request.message.channel, request.message.user_id)
+                request.claimed = journal.fault is None and key not in taken
+                request.done.set()

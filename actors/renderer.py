@@ -59,7 +59,7 @@ async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out
                 for user, outcome in zip(chunk, outcomes):
                     if isinstance(outcome, RenderBudgetExceeded):
                         overruns.append(str(outcome))
-                        outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome))
+                        outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome), kind="render")
                     if isinstance(outcome, Message):
                         await out.send(outcome)  # blocks while the sender is behind: backpressure
                     else:
@@ -74,15 +74,15 @@ def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> 
     if isinstance(user, UnknownRecipient):
         return _render_one(user, plan, {})  # type: ignore[return-value]
     return Delivery(plan.id_of(user), plan.channel, "failed",
-                    f"{reason} (for {POISONED_AFTER} users: not rendered for the others)")
+                    f"{reason} (for {POISONED_AFTER} users: not rendered for the others)", kind="render")
 
 
 def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:
     """Runs in the render thread."""
     if isinstance(user, UnknownRecipient):
-        return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False)
+        return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False, kind="not_found")
     try:
         message = plan.message_for(user, data)
     except RenderError as exc:
-        return Delivery(plan.id_of(user), plan.channel, "failed", str(exc))
+        return Delivery(plan.id_of(user), plan.channel, "failed", str(exc), kind="render")
     return message if message is not None else Delivery(plan.id_of(user), plan.channel, "skipped")

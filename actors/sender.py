@@ -11,12 +11,12 @@ from dispatcher.delivery import Transport, deliver
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message
 
-from .marker import MarkRequest
+from .marker import Mark
 
 
 async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],
                transport: Transport, journal: Unrecorded | None = None,
-               marks: MemorySendChannel[MarkRequest] | None = None) -> None:
+               marks: MemorySendChannel[Mark] | None = None) -> None:
     """`marks` (with a recording journal) is the marker's inbox: each message is marked
     `sending` there before its provider call."""
     # One task per message, started only when a slot is free: a one-recipient send costs one task,
@@ -28,11 +28,13 @@ async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChann
     async def deliver_one(message: Message) -> None:
         try:
             if marks is not None:
-                marked = trio.Event()
-                await marks.send((message, marked))
-                await marked.wait()
-                if journal.fault is not None:
-                    return  # not marked, so not attempted: a resumed run sends it
+                mark = Mark(message)
+                await marks.send(mark)
+                await mark.done.wait()
+                if not mark.claimed:
+                    # Store down (not marked, so not attempted: a resumed run sends it), or another
+                    # run of this job holds the delivery: that run reports it.
+                    return
             await results.send(await deliver(message, transport))
         finally:
             slots.release()

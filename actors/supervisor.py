@@ -12,6 +12,7 @@ from functools import partial
 
 import trio
 
+from dispatcher import metrics
 from dispatcher.delivery import Transport
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
@@ -21,7 +22,7 @@ from dispatcher.render_budget import render_batch
 from dispatcher.store import Store
 
 from .collector import collect
-from .marker import MarkRequest, mark
+from .marker import Mark, mark
 from .renderer import RenderJobs, render
 from .resolver import UnknownRecipient, resolve
 from .sender import send
@@ -39,9 +40,11 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
     render_jobs = render_jobs or partial(render_batch, budget_seconds=0.05)
     journal = journal or Unrecorded()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
-    marks_send, marks_receive = trio.open_memory_channel[MarkRequest](queue_size)
+    marks_send, marks_receive = trio.open_memory_channel[Mark](queue_size)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect, results_receive, result, [lane.channel for lane in plan.channels], journal)
+        providers = {lane.channel: transports[lane.channel].provider.name for lane in plan.channels}
+        nursery.start_soon(collect, results_receive, result, providers, journal)
+        metrics.track_queue("collect", results_receive)
         recording = journal.job_id is not None
         if recording:
             nursery.start_soon(mark, marks_receive, journal)
@@ -52,6 +55,8 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
                 # Users travel in store batches, so a couple of batches in flight are plenty.
                 users_send, users_receive = trio.open_memory_channel[list[User | UnknownRecipient]](2)
                 messages_send, messages_receive = trio.open_memory_channel[Message](queue_size)
+                metrics.track_queue("send", messages_receive)
+                metrics.track_queue("render", users_receive)
                 nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
                 nursery.start_soon(render, users_receive, messages_send, results_send.clone(), lane, request.data,
                                    journal, render_jobs)

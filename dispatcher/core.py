@@ -33,6 +33,7 @@ import trio
 
 from actors import run_pipeline
 
+from . import logs, metrics
 from .channels import CHANNELS
 from .embedded_store import open_embedded_store
 from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
@@ -228,41 +229,44 @@ class Dispatcher:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if run.job_id is not None:
             self._runs[run.job_id] = run
-        self._nursery.start_soon(self._execute, run)
+        with logs.bind(job_id=run.job_id):  # on every line the job's tasks log
+            self._nursery.start_soon(self._execute, run)
 
     async def _execute(self, run: _Run) -> None:
         ledger, job_id = self.ledger, run.job_id
-        try:
-            if ledger is not None and job_id is not None:
-                await ledger.update_job(job_id, state="running", started_at=now_iso())
-            async with trio.open_nursery() as nursery:
+        with metrics.track_send():
+            try:
                 if ledger is not None and job_id is not None:
-                    nursery.start_soon(self._keep_lease, run, nursery.cancel_scope)
-                await run_pipeline(run.plan, self.store, self._transports, self.settings.dispatcher.queue_size,
-                                   run.result, run.journal, self._render_jobs)
-                nursery.cancel_scope.cancel()
-            await self._finish(run)
-        except StoreError as exc:
-            log.error("job %s: store unavailable: %s", job_id, exc)
-            run.error = Interrupted("the store became unavailable during the send" + _resume_note(job_id),
-                                    run.result, job_id)
-        except Exception as exc:
-            log.exception("send failed (job %s)", job_id)
-            run.error = InternalError("the send failed unexpectedly; see the service log")
-            run.error.__cause__ = exc
-            if ledger is not None and job_id is not None:
-                with trio.CancelScope(shield=True), suppress(StoreError):
-                    await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error="internal error")
-        finally:
-            if not run.finished and run.error is None:  # cancelled: the drain window ended
-                run.error = Interrupted("the service shut down before every delivery of this send was attempted"
-                                        + _resume_note(job_id), run.result, job_id)
-            run.done.set()
-            if job_id is not None:
-                self._runs.pop(job_id, None)
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+                    await ledger.update_job(job_id, state="running", started_at=now_iso())
+                    metrics.observe_job("running")
+                async with trio.open_nursery() as nursery:
+                    if ledger is not None and job_id is not None:
+                        nursery.start_soon(self._keep_lease, run, nursery.cancel_scope)
+                    await run_pipeline(run.plan, self.store, self._transports, self.settings.dispatcher.queue_size,
+                                       run.result, run.journal, self._render_jobs)
+                    nursery.cancel_scope.cancel()
+                await self._finish(run)
+            except StoreError as exc:
+                log.error("job %s: store unavailable: %s", job_id, exc)
+                run.error = Interrupted("the store became unavailable during the send" + _resume_note(job_id),
+                                        run.result, job_id)
+            except Exception as exc:
+                log.exception("send failed (job %s)", job_id)
+                run.error = InternalError("the send failed unexpectedly; see the service log")
+                run.error.__cause__ = exc
+                if ledger is not None and job_id is not None:
+                    with trio.CancelScope(shield=True), suppress(StoreError):
+                        await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error="internal error")
+            finally:
+                if not run.finished and run.error is None:  # cancelled: the drain window ended
+                    run.error = Interrupted("the service shut down before every delivery of this send was attempted"
+                                            + _resume_note(job_id), run.result, job_id)
+                run.done.set()
+                if job_id is not None:
+                    self._runs.pop(job_id, None)
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
 
     async def _finish(self, run: _Run) -> None:
         summary = run.result.summary
@@ -276,6 +280,7 @@ class Dispatcher:
                  summary.users, _counts(summary.sent), _counts(summary.skipped), _counts(summary.failed))
         if self.ledger is not None and run.job_id is not None:
             state = "cancelled" if run.journal.cancelled else "done"
+            metrics.observe_job(state)
             try:
                 await self.ledger.update_job(run.job_id, state=state, finished_at=now_iso(),
                                              summary=summary.to_json(), lease_expires=0)

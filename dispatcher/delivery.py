@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import trio
 
+from . import metrics
 from .errors import DeliveryError, TransientDeliveryError
 from .messages import Delivery, Message
 from .providers.base import Provider
@@ -60,6 +61,7 @@ class _Attempts:
 
     count: int = 0
     error: str | None = None
+    kind: str | None = None
     provider_id: str | None = None
 
 
@@ -71,32 +73,38 @@ async def deliver(message: Message, transport: Transport) -> Delivery:
     outcomes = [await _deliver_one(message, address, transport) for address in message.addresses]
     attempts = sum(o.count for o in outcomes)
     provider_id = " ".join(o.provider_id for o in outcomes if o.provider_id) or None
-    errors = [(address, o.error) for address, o in zip(message.addresses, outcomes) if o.error is not None]
-    if not errors:
+    failed = [(address, o) for address, o in zip(message.addresses, outcomes) if o.error is not None]
+    if not failed:
         return Delivery(message.user_id, message.channel, "sent", attempts=attempts, provider_id=provider_id)
     if len(message.addresses) == 1:
-        error = errors[0][1]
+        error = failed[0][1].error
     else:
-        detail = "; ".join(f"{_shorten(address)}: {error}" for address, error in errors)
-        error = f"{len(errors)} of {len(message.addresses)} devices failed: {detail}"
-    return Delivery(message.user_id, message.channel, "failed", error, attempts=attempts, provider_id=provider_id)
+        detail = "; ".join(f"{_shorten(address)}: {o.error}" for address, o in failed)
+        error = f"{len(failed)} of {len(message.addresses)} devices failed: {detail}"
+    return Delivery(message.user_id, message.channel, "failed", error, attempts=attempts, provider_id=provider_id,
+                    kind=failed[0][1].kind)
 
 
 async def _deliver_one(message: Message, address: str, transport: Transport) -> _Attempts:
     policy = transport.policy
     name = transport.provider.name
     result = _Attempts()
+    channel = message.channel
     while True:
         result.count += 1
+        started = trio.current_time()
         try:
             await transport.gate.enter()
+            called = trio.current_time()
+            metrics.observe_rate_limit_wait(channel, called - started)
             try:
                 # A bare CancelScope rather than fail_after: this runs once per message.
-                with trio.CancelScope(deadline=trio.current_time() + policy.timeout) as attempt_scope:
+                with trio.CancelScope(deadline=called + policy.timeout) as attempt_scope:
                     result.provider_id = await transport.provider.send(message, address)
             finally:
                 transport.gate.exit()
             if not attempt_scope.cancelled_caught:
+                metrics.observe_attempt(channel, name, trio.current_time() - called, "ok")
                 return result
             # The request may have reached the provider: as ambiguous as a crash mid-call.
             error: DeliveryError = TransientDeliveryError(f"{name}: no answer within {policy.timeout:g}s",
@@ -106,8 +114,12 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
         except Exception as exc:
             # A bug in a provider must cost one delivery, not the whole request.
             log.exception("provider %s crashed delivering to user %s", name, message.user_id)
-            result.error = f"{name}: internal error ({type(exc).__name__})"
+            metrics.observe_attempt(channel, name, trio.current_time() - started, "internal")
+            result.error, result.kind = f"{name}: internal error ({type(exc).__name__})", "internal"
             return result
+        result.kind = _kind(error)
+        metrics.observe_attempt(channel, name, trio.current_time() - started,
+                                "timeout" if result.kind == "ambiguous" else result.kind)
         suffix = f" (after {result.count} attempts)" if result.count > 1 else ""
         if not isinstance(error, TransientDeliveryError) or result.count >= policy.max_attempts:
             result.error = error.reason + suffix
@@ -118,13 +130,21 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
         if error.retry_after is not None and error.retry_after > policy.max_retry_after:
             result.error = (f"{error.reason}: throttled, the provider asked to wait {error.retry_after:g}s "
                             f"(more than max_retry_after_seconds = {policy.max_retry_after:g}){suffix}")
+            result.kind = "throttled"
             return result
         delay = policy.backoff(result.count, error.retry_after)
         if error.throttled:
             # A 429 is about the account: slow the whole channel, not just this message.
             transport.gate.bucket.pause_until(trio.current_time() + delay)
-        log.info("retrying %s for user %s in %.2fs: %s", message.channel, message.user_id, delay, error.reason)
+        log.info("retrying %s for user %s in %.2fs: %s", channel, message.user_id, delay, error.reason)
+        metrics.observe_retry(channel, name)
         await trio.sleep(delay)
+
+
+def _kind(error: DeliveryError) -> str:
+    if not isinstance(error, TransientDeliveryError):
+        return "permanent"
+    return "throttled" if error.throttled else "ambiguous" if error.ambiguous else "transient"
 
 
 def _shorten(token: str) -> str:

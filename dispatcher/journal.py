@@ -7,6 +7,7 @@ deliveries `sending` just before their provider calls, recording outcomes, and t
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 
 from .errors import StoreError
@@ -40,9 +41,10 @@ class Unrecorded:
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         return {}
 
-    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> None:
-        """Record that these (channel, user id) deliveries are about to be attempted."""
-        return None
+    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Record that these (channel, user id) deliveries are about to be attempted; return
+        those another run has claimed (not to be attempted here)."""
+        return set()
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         return None
@@ -52,9 +54,13 @@ class Journal(Unrecorded):
     def __init__(self, ledger: Ledger, job_id: str, *, resumed: bool, on_ambiguous: Mapping[str, str]) -> None:
         super().__init__()
         self.job_id = job_id
+        self.run_id = uuid.uuid4().hex
         self._ledger = ledger
         self._resumed = resumed
         self._on_ambiguous = on_ambiguous
+        # Deliveries an earlier run left `sending` that this run may send again ("resend"): the
+        # claim must name that run.
+        self._resending: dict[tuple[str, str], str] = {}
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that must not be attempted again, by user id: those an
@@ -69,11 +75,14 @@ class Journal(Unrecorded):
                                             user_found=doc.get("user_found", True), attempts=doc.get("attempts", 0),
                                             provider_id=doc.get("provider_id"), recorded=True)
             elif state == "sending" and self._on_ambiguous.get(channel, "report") == "report":
-                settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT)
+                settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
+            elif state == "sending":
+                self._resending[(channel, user_id)] = doc.get("run") or ""
         return settled
 
-    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> None:
-        await self._ledger.mark_sending(self.job_id, deliveries)
+    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        claims = [(channel, user, self._resending.pop((channel, user), None)) for channel, user in deliveries]
+        return await self._ledger.claim_sending(self.job_id, self.run_id, claims)
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         await self._ledger.record(self.job_id, [d for d in deliveries if not d.recorded])

@@ -24,7 +24,7 @@ import pymongo
 import trio
 from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .messages import Delivery
@@ -33,6 +33,7 @@ from .settings import StoreSettings
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
 FINAL_DELIVERY_STATES = frozenset({"sent", "failed", "skipped", "cancelled"})
+_DUPLICATE_KEY = 11000
 
 
 def now_iso() -> str:
@@ -165,16 +166,35 @@ class Ledger:
         docs = await self._run("delivery lookup", lambda: list(self._deliveries.find({"_id": {"$in": keys}})))
         return {doc["user"]: doc for doc in docs}
 
-    async def mark_sending(self, job_id: str, deliveries: Iterable[tuple[str, str]]) -> None:
-        """Record, before the provider calls, that these (channel, user) deliveries are being
-        attempted."""
+    async def claim_sending(self, job_id: str, run_id: str,
+                            deliveries: Sequence[tuple[str, str, str | None]]) -> set[tuple[str, str]]:
+        """Mark these (channel, user, previous run) deliveries `sending` for run `run_id`, before
+        their provider calls, and return those that could NOT be claimed: another run holds or
+        settled them. A claim is a compare-and-set (an upsert whose filter only matches a
+        delivery nobody has touched, or one left `sending` by `previous run`), so two runs of the
+        same partition or job never both send one delivery."""
         expires = self._expires_at()
-        ops = [UpdateOne({"_id": delivery_key(job_id, channel, user)},
-                         {"$set": {"job": job_id, "user": user, "channel": channel, "state": "sending",
-                                   "expires_at": expires}}, upsert=True)
-               for channel, user in deliveries]
-        if ops:
+        ops = []
+        for channel, user, previous in deliveries:
+            match: dict[str, Any] = {"_id": delivery_key(job_id, channel, user)}
+            # `previous` is "" for a delivery left `sending` by a run that recorded no id.
+            match.update({"state": "sending", "run": previous or None} if previous is not None
+                         else {"state": {"$exists": False}})
+            ops.append(UpdateOne(match, {"$set": {"job": job_id, "user": user, "channel": channel, "state": "sending",
+                                                  "run": run_id, "expires_at": expires}}, upsert=True))
+        if not ops:
+            return set()
+        try:
             await self._run("delivery start", self._deliveries.bulk_write, ops, ordered=False)
+        except StoreError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, BulkWriteError):
+                raise
+            errors = cause.details.get("writeErrors", [])
+            if any(error.get("code") != _DUPLICATE_KEY for error in errors):
+                raise
+            return {deliveries[error["index"]][:2] for error in errors}
+        return set()
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
         """Record final outcomes, one round trip for the whole batch."""

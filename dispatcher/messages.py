@@ -89,3 +89,6 @@ class Delivery:
     provider_id: str | None = None
     # Read back from the ledger (a resumed job): already recorded, not to be written again.
     recorded: bool = False
+    # Why a failure failed, for the metrics: transient, permanent, throttled, ambiguous, render,
+    # not_found, internal.
+    kind: str | None = None

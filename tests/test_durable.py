@@ -190,3 +190,27 @@ async def test_without_the_ledger_sends_work_and_jobs_are_refused(make_settings:
             await d.submit(REQUEST)
     assert result.summary.sent == {"sms": 1, "push": 1}
     assert database.dispatch_jobs.count_documents({}) == 0
+
+
+async def test_two_runs_of_one_job_never_both_send_a_delivery(make_settings: Any, database: Any, outbox: Path) -> None:
+    # A partition processed twice, or a job resumed while its old owner still runs: each
+    # delivery is claimed by compare-and-set before its provider call, so one run sends it.
+    from actors import run_pipeline
+    from dispatcher.journal import Journal
+    from dispatcher.models import SendRequest
+
+    seed(database, 50)
+    async with open_dispatcher(make_settings(store={"ledger": True})) as d:
+        assert d.ledger is not None
+        plan = await d.prepare(SendRequest.parse({**REQUEST, "channels": ["sms"]}))
+        results = []
+
+        async def run() -> None:
+            journal = Journal(d.ledger, "job-twice", resumed=True, on_ambiguous={"sms": "report"})
+            results.append(await run_pipeline(plan, d.store, d._transports, 8, journal=journal))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            nursery.start_soon(run)
+    assert len(outbox_messages(outbox, "sms")) == 50
+    assert sum(r.summary.sent.get("sms", 0) for r in results) == 50
