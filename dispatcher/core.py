@@ -53,6 +53,7 @@ from .templating import Renderer
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .fanout import SharedFanOut
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,16 @@ class Dispatcher:
         limits = settings.templates
         self._renderer = Renderer(default_locale=limits.default_locale, max_template_chars=limits.max_template_chars,
                                   max_rendered_chars=limits.max_rendered_chars)
-        self._transports = {
+        self.transports = {
             channel: Transport(provider, _gate(settings, channel, cluster), RetryPolicy.from_settings(
                 settings.channels[channel], settings.channels.on_ambiguous(channel)))
             for channel, provider in providers.items()
         }
-        self._render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
+        self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
         self._on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        self.channels = tuple(providers)
+        # Cluster mode with the ledger: large jobs are shared with the other processes.
+        self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
         self._in_flight = 0
@@ -242,8 +246,12 @@ class Dispatcher:
                 async with trio.open_nursery() as nursery:
                     if ledger is not None and job_id is not None:
                         nursery.start_soon(self._keep_lease, run, nursery.cancel_scope)
-                    await run_pipeline(run.plan, self.store, self._transports, self.settings.dispatcher.queue_size,
-                                       run.result, run.journal, self._render_jobs)
+                    if self.fanout is not None and job_id is not None and self.fanout.shares(run.plan.request):
+                        assert isinstance(run.journal, Journal)
+                        await self.fanout.coordinate(job_id, run.plan, run.journal, run.result)
+                    else:
+                        await run_pipeline(run.plan, self.store, self.transports, self.settings.dispatcher.queue_size,
+                                           run.result, run.journal, self.render_jobs)
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
             except StoreError as exc:
@@ -443,6 +451,13 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
+            if ledger is not None and cluster is not None:
+                from .cluster.partitions import PartitionQueue
+                from .fanout import SharedFanOut
+
+                dispatcher.fanout = fanout = SharedFanOut(dispatcher, ledger, PartitionQueue.from_cluster(cluster))
+                await nursery.start(partial(fanout.queue.serve, fanout.deliver, workers=2,
+                                            claim_idle_seconds=settings.store.lease_seconds))
             try:
                 yield dispatcher
             finally:

@@ -208,6 +208,19 @@ class Ledger:
                for d in deliveries]
         await self._run("delivery outcome", self._deliveries.bulk_write, ops, ordered=False)
 
+    async def summary(self, job_id: str, channels: Sequence[str]) -> dict[str, Any]:
+        """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote)."""
+        def count() -> dict[str, Any]:
+            body: dict[str, Any] = {"users": self._deliveries.count_documents(
+                {"job": job_id, "channel": channels[0], "user_found": {"$ne": False}})}
+            for state in ("sent", "skipped", "failed", "cancelled"):
+                counts = {c: self._deliveries.count_documents({"job": job_id, "channel": c, "state": state})
+                          for c in channels}
+                body[state] = {c: n for c, n in counts.items() if n}
+            return body
+
+        return await self._run("job summary", count)
+
     async def failures(self, job_id: str, after: str | None, limit: int) -> list[dict[str, Any]]:
         query: dict[str, Any] = {"job": job_id, "state": "failed"}
         if after:

@@ -69,10 +69,13 @@ class Store:
             alternatives.append({self._fields.clusters: {"$in": list(clusters)}})
         return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
 
-    async def stream_users(self, recipients: Sequence[str], clusters: Sequence[str]) -> AsyncIterator[list[User]]:
-        """Yield the selected users in batches, each user once, `_id` as a string."""
+    async def stream_users(self, recipients: Sequence[str], clusters: Sequence[str],
+                           only_ids: bool = False) -> AsyncIterator[list[User]]:
+        """Yield the selected users in batches, each user once, `_id` as a string (`only_ids`:
+        documents holding nothing but the id field)."""
         query = self.user_query(recipients, clusters)
-        cursor = self._users.find(query, batch_size=self._batch_size)
+        projection = {self._fields.id: 1} if only_ids else None
+        cursor = self._users.find(query, projection, batch_size=self._batch_size)
         try:
             more = True
             while more:

@@ -207,7 +207,7 @@ async def test_two_runs_of_one_job_never_both_send_a_delivery(make_settings: Any
 
         async def run() -> None:
             journal = Journal(d.ledger, "job-twice", resumed=True, on_ambiguous={"sms": "report"})
-            results.append(await run_pipeline(plan, d.store, d._transports, 8, journal=journal))
+            results.append(await run_pipeline(plan, d.store, d.transports, 8, journal=journal))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)

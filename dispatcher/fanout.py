@@ -1,0 +1,125 @@
+"""Shared fan-outs (cluster mode): one job delivered by every process on the same Redis.
+
+The process that runs a job (it holds the job's lease) becomes its coordinator: it streams the
+selected user ids from the store, publishes them as partitions of `store_batch_size` users on
+the Redis Stream, records the requested ids that matched nobody, and waits until every
+partition is finished. Every process's partition workers take partitions (XREADGROUP), deliver
+them through the normal actor lanes and record them in the ledger; a dead worker's partitions are
+reclaimed after `[store].lease_seconds`. Each delivery is claimed in the ledger by
+compare-and-set before its provider call, so a partition delivered twice (reclaimed from a
+worker that was only slow) sends nothing twice. The result is assembled from the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from actors import run_pipeline
+
+from .cluster.partitions import Partition, PartitionQueue
+from .errors import RequestError
+from .journal import Journal
+from .ledger import FINAL_STATES, Ledger
+from .messages import Delivery
+from .models import Failure, SendRequest, SendResult, Summary
+from .plan import RequestPlan
+
+if TYPE_CHECKING:
+    from .core import Dispatcher
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.2
+_PLANS_CACHED = 32
+
+
+class SharedFanOut:
+    def __init__(self, dispatcher: "Dispatcher", ledger: Ledger, queue: PartitionQueue) -> None:
+        self._dispatcher = dispatcher
+        self._ledger = ledger
+        self.queue = queue
+        # Plans by job id: a worker takes many partitions of one job; compiling once is enough.
+        self._plans: OrderedDict[str, RequestPlan] = OrderedDict()
+
+    def shares(self, request: SendRequest) -> bool:
+        """Large sends are shared: a cluster selection, or more ids than one store batch."""
+        return bool(request.clusters) or len(request.recipients) > self._dispatcher.settings.dispatcher.store_batch_size
+
+    async def coordinate(self, job_id: str, plan: RequestPlan, journal: Journal, result: SendResult) -> None:
+        """Publish the job's partitions (unless an earlier coordinator did), wait for them, and
+        fill `result` from the ledger."""
+        doc = await self._ledger.job(job_id)
+        total = (doc or {}).get("partitions")
+        if total is None:
+            total = await self._publish(job_id, plan)
+        channels = [lane.channel for lane in plan.channels]
+        while True:
+            done, _ = await self.queue.progress(job_id)
+            doc = await self._ledger.job(job_id)
+            if doc is not None and doc.get("cancel_requested"):
+                journal.cancel()
+            result.summary = Summary.from_json(await self._ledger.summary(job_id, channels))
+            if done >= total or journal.cancelled:
+                break
+            await trio.sleep(_POLL_SECONDS)
+        after = None
+        while True:
+            page = await self._ledger.failures(job_id, after, 1000)
+            result.failures.extend(Failure(d["user"], d["channel"], d.get("error") or "failed") for d in page)
+            if len(page) < 1000:
+                return
+            after = page[-1]["_id"]
+
+    async def _publish(self, job_id: str, plan: RequestPlan) -> int:
+        request, store = plan.request, self._dispatcher.store
+        missing = dict.fromkeys(request.recipients)
+        index = 0
+        async for batch in store.stream_users(request.recipients, request.clusters, only_ids=True):
+            ids = tuple(store.user_id(user) for user in batch)
+            for user_id in ids:
+                missing.pop(user_id, None)
+            await self.queue.publish(job_id, [Partition(job_id, None, ids[-1], index, ids)])
+            index += 1
+        await self._ledger.record(job_id, [Delivery(user_id, lane.channel, "failed", "user not found", user_found=False)
+                                           for user_id in missing for lane in plan.channels])
+        await self.queue.expect(job_id, index)
+        await self._ledger.update_job(job_id, partitions=index)
+        log.info("job %s: %d partitions published", job_id, index)
+        return index
+
+    async def deliver(self, partition: Partition) -> None:
+        """A partition worker's handler: deliver these users of the job, recorded in the ledger."""
+        doc = await self._ledger.job(partition.job_id)
+        if doc is None or doc["state"] in FINAL_STATES:
+            return
+        plan = await self._plan(partition.job_id, doc)
+        if plan is None:
+            return
+        dispatcher = self._dispatcher
+        journal = Journal(self._ledger, partition.job_id, resumed=True,
+                          on_ambiguous={c: dispatcher.settings.channels.on_ambiguous(c) for c in dispatcher.channels})
+        if doc.get("cancel_requested"):
+            journal.cancel()
+        request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
+        await run_pipeline(RequestPlan(request, plan.channels), dispatcher.store, dispatcher.transports,
+                           dispatcher.settings.dispatcher.queue_size, journal=journal,
+                           render_jobs=dispatcher.render_jobs)
+        if journal.fault is not None:
+            raise journal.fault  # left pending: the partition is taken again after the idle time
+
+    async def _plan(self, job_id: str, doc: dict[str, Any]) -> RequestPlan | None:
+        plan = self._plans.get(job_id)
+        if plan is None:
+            try:
+                plan = await self._dispatcher.prepare(SendRequest.parse(doc["request"]))
+            except RequestError as exc:
+                log.error("job %s: partition cannot be delivered: %s", job_id, exc)
+                return None
+            self._plans[job_id] = plan
+            if len(self._plans) > _PLANS_CACHED:
+                self._plans.popitem(last=False)
+        return plan
