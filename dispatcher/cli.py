@@ -129,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          if getattr(args, key) is not None}
         settings = load_settings(args.config, overrides=overrides)
         configure_logging(settings, args.log_level)  # [logging].format: text or JSON lines
+        if args.command in ("serve", "check-config"):
+            from .auth import load_api_keys
+
+            load_api_keys(settings.auth)  # an unreadable keys file stops here, naming auth.keys_file
         if args.command == "serve" and os.environ.get(WORKER_FDS_ENV):
             # A worker of `serve --workers N`: the supervisor bound the socket and announced.
             sockets = [socket.socket(fileno=int(fd)) for fd in os.environ[WORKER_FDS_ENV].split(",")]

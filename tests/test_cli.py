@@ -386,3 +386,12 @@ def test_only_the_harness_imports_its_extra() -> None:
                 continue
             offenders += [f"{path.relative_to(ROOT)}: {m}" for m in modules if m.split(".")[0] in HARNESS_ONLY]
     assert offenders == []
+
+
+def test_unreadable_api_keys_file_stops_check_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[auth]\nkeys_file = "{tmp_path / "missing-keys"}"\n')
+    result = subprocess.run([sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(main())",
+                             "check-config", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "auth.keys_file" in result.stderr

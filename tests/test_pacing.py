@@ -307,3 +307,18 @@ async def test_stalled_waiters_do_not_fire_together(autojump_clock: trio.testing
     assert max_in_any_window(times) <= 100 + 1
     # After a stall, tokens resume at most half an interval early, never as a burst.
     assert all(b - a >= 0.005 - 1e-9 for a, b in zip(times, times[1:]))
+
+
+async def test_retry_after_date_beyond_the_cap_fails_now(autojump_clock: trio.testing.MockClock) -> None:
+    import datetime as dt
+    import email.utils
+
+    from dispatcher.providers.retry_after import parse_retry_after
+
+    tomorrow = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1), usegmt=True)
+    provider = ScriptedProvider(lambda m, a, n: TransientDeliveryError(
+        "Fake 429", retry_after=parse_retry_after(tomorrow), throttled=True))
+    start = trio.current_time()
+    [delivery] = await run_sender(provider, [message(1)], policy=RetryPolicy(max_attempts=5, max_retry_after=300))
+    assert delivery.status == "failed" and "throttled, the provider asked to wait 86" in (delivery.error or "")
+    assert len(provider.starts) == 1 and trio.current_time() - start < 1
