@@ -4,7 +4,8 @@
     python examples/embed.py
 
 It reads ./config.toml (or $DISPATCHER_CONFIG; the embedded defaults when neither exists), sends
-the example template to the `beta` cluster on e-mail and SMS, and prints the result. With the
+the example template to the `beta` cluster on e-mail and SMS and prints the result, then submits
+a job and prints its status. With the
 default `outbox` provider the messages land as files under var/outbox/.
 """
 
@@ -30,6 +31,13 @@ async def main() -> None:
         except dispatcher.RequestError as exc:  # e.g. the store was not seeded
             raise SystemExit(f"request refused ({exc.status_code}): {exc}") from None
         print(json.dumps(result.to_json(), indent=2))
+        # The same as a job: the id at once, then its status (idempotent: a second submit with
+        # the same key and request names the same job and sends nothing).
+        job_id = await d.submit({"channels": ["sms"], "clusters": ["beta"], "messageTitle": "Hi",
+                                 "messageContent": "Hello {{ user.name }}"}, idempotency_key="example-1")
+        while (status := await d.status(job_id))["status"] in ("queued", "running"):
+            await trio.sleep(0.1)
+        print(json.dumps(status, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ def test_seed_then_embedding_example(mongo_url: str, database: Any, tmp_path: Pa
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "embed.py")], capture_output=True, text=True,
                          env=env, timeout=60)
     assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
+    decoder = json.JSONDecoder()
+    result, end = decoder.raw_decode(run.stdout)
+    job, _ = decoder.raw_decode(run.stdout[end:].lstrip())
+    assert job["status"] == "done" and job["summary"]["sent"] == {"sms": 2}
     # beta: Ada (e-mail, phone), Grace (e-mail, phone), Linus (e-mail only).
     assert result == {"failures": [], "summary": {"users": 3, "sent": {"email": 3, "sms": 2},
                                                   "skipped": {"sms": 1}, "failed": {}}}
