@@ -20,7 +20,7 @@ import trio
 
 from actors import run_pipeline
 
-from .cluster.partitions import Partition, PartitionQueue
+from .cluster.partitions import Partition, PartitionQueue, PartitionQueueUnavailable
 from .errors import RequestError
 from .journal import Journal
 from .ledger import FINAL_STATES, Ledger
@@ -56,9 +56,24 @@ class SharedFanOut:
         total = (doc or {}).get("partitions")
         if total is None:
             total = await self._publish(job_id, plan)
+        return await self._follow(job_id, plan, journal, result, total)
+
+    async def _follow(self, job_id: str, plan: RequestPlan, journal: Journal, result: SendResult,
+                      total: int) -> None:
         channels = [lane.channel for lane in plan.channels]
         while True:
-            done, _ = await self.queue.progress(job_id)
+            try:
+                done, expected = await self.queue.progress(job_id)
+            except PartitionQueueUnavailable as exc:
+                log.warning("job %s: cannot follow its partitions: %s", job_id, exc)
+                await trio.sleep(1.0)
+                continue
+            if expected is None:
+                # Redis lost the job's partitions (a restart without persistence): publish them
+                # again; what was delivered is settled in the ledger and not sent twice.
+                log.warning("job %s: its partitions are gone from Redis; publishing them again", job_id)
+                total = await self._publish(job_id, plan)
+                continue
             doc = await self._ledger.job(job_id)
             if doc is not None and doc.get("cancel_requested"):
                 journal.cancel()
@@ -75,6 +90,16 @@ class SharedFanOut:
             after = page[-1]["_id"]
 
     async def _publish(self, job_id: str, plan: RequestPlan) -> int:
+        """Publish every partition (again, after Redis lost them: duplicates are harmless), retrying
+        while Redis is away."""
+        while True:
+            try:
+                return await self._publish_once(job_id, plan)
+            except PartitionQueueUnavailable as exc:
+                log.warning("job %s: cannot publish its partitions yet: %s", job_id, exc)
+                await trio.sleep(1.0)
+
+    async def _publish_once(self, job_id: str, plan: RequestPlan) -> int:
         request, store = plan.request, self._dispatcher.store
         missing = dict.fromkeys(request.recipients)
         index = 0

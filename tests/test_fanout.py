@@ -102,3 +102,37 @@ namespace = "kill{time.time_ns()}"
     assert all(d["state"] == "sent" for u, d in deliveries.items() if u not in unknown)
     assert status["summary"]["sent"]["sms"] == len(sent)
     print(f"shared fan-out, worker killed: received {len(received)}, sent {len(sent)}, unknown {len(unknown)}")
+
+
+async def test_redis_restarted_during_a_shared_send_the_job_still_finishes_once_each(
+        make_settings: Any, database: Any, outbox: Path) -> None:
+    from redis_server import start_redis_server
+
+    seed(database, 600)
+    redis = await trio.to_thread.run_sync(start_redis_server)
+    try:
+        settings = make_settings(cluster={"redis_url": redis.url, "namespace": f"restart{time.time_ns()}"},
+                                 dispatcher={"store_batch_size": 25}, store={"lease_seconds": 1},
+                                 channels={"sms": {"concurrency": 2}})
+        async with open_dispatcher(settings) as first, open_dispatcher(settings) as second:
+            results = []
+
+            async def send() -> None:
+                results.append(await first.send({"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"}))
+
+            with trio.fail_after(60):  # without republishing, the job would wait forever
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    while not (outbox / "sms").exists() or len(list((outbox / "sms").glob("*.json"))) < 150:
+                        await trio.sleep(0.01)
+                    await trio.to_thread.run_sync(redis.kill)
+                    await trio.sleep(0.5)
+                    await trio.to_thread.run_sync(redis.start)
+        [result] = results
+    finally:
+        await trio.to_thread.run_sync(redis.kill)
+    received = Counter(json.loads(p.read_text())["userId"] for p in (outbox / "sms").glob("*.json"))
+    assert max(received.values()) == 1, "a user received the SMS twice"
+    assert result.summary.sent["sms"] == len(received)
+    assert result.summary.sent["sms"] + result.summary.failed.get("sms", 0) == 600
+    assert all(f.error.startswith("outcome unknown") for f in result.failures)
