@@ -3,7 +3,7 @@ template to 1,000 users, another polls /-/healthz meanwhile. Prints a Markdown t
 
 Run: python benchmarks/hostile_templates.py
 """
-import os, subprocess, sys, time, threading, json, resource
+import os, subprocess, sys, time, threading
 import httpx, psutil
 from dispatcher.embedded_store import EmbeddedServer, free_port
 import pymongo

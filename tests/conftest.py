@@ -14,7 +14,7 @@ import pytest
 
 from dispatcher import Dispatcher, Settings, open_dispatcher, settings_from_dict
 from dispatcher.embedded_store import EmbeddedServer
-from redis_server import redis_url  # noqa: F401  (the session's own redis-server, a fixture)
+from redis_server import own_redis, redis_url  # noqa: F401  (fixtures: the session's redis-server, a test's own)
 
 _db_counter = itertools.count()
 

@@ -127,3 +127,13 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A server of the test's own, to kill and restart."""
+    server = start_redis_server()
+    try:
+        yield server
+    finally:
+        server.close()

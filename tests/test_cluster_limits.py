@@ -11,7 +11,6 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import coredis
@@ -25,7 +24,7 @@ from dispatcher.cluster.limiter import RedisClock
 from dispatcher.errors import TransientDeliveryError
 from dispatcher.loadtest.metrics import mean_rate
 from dispatcher.settings import ClusterSettings
-from redis_server import RedisServer, start_redis_server
+from redis_server import RedisServer
 
 WORKER = Path(__file__).with_name("cluster_limit_worker.py")
 KEYS = ("t:ratelimit:{sms}:tat", "t:ratelimit:{sms}:pause")
@@ -247,16 +246,6 @@ async def test_a_pause_set_by_one_client_delays_the_others(redis_url: str) -> No
                 await trio.sleep(0.005)
         await waiting.acquire()
         assert deadline <= trio.current_time() < deadline + 0.3
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A server of the test's own, to kill and restart."""
-    server = start_redis_server()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_redis_down_fails_closed_then_recovers(own_redis: RedisServer) -> None:

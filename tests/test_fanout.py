@@ -114,7 +114,7 @@ async def test_redis_restarted_during_a_shared_send_the_job_still_finishes_once_
         settings = make_settings(cluster={"redis_url": redis.url, "namespace": f"restart{time.time_ns()}"},
                                  dispatcher={"store_batch_size": 25}, store={"lease_seconds": 1},
                                  channels={"sms": {"concurrency": 2}})
-        async with open_dispatcher(settings) as first, open_dispatcher(settings) as second:
+        async with open_dispatcher(settings) as first, open_dispatcher(settings):  # a second process's workers
             results = []
 
             async def send() -> None:

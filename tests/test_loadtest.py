@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from rich.console import Console
 
 from dispatcher.loadtest import ErrorMix, LoadTestOptions, OptionError, run_loadtest
 from dispatcher.loadtest.accounting import check_exactly_once, failure_kind
-from dispatcher.loadtest.metrics import max_in_window, percentile
+from dispatcher.loadtest.durability import check_durability, expected_receipts
+from dispatcher.loadtest.metrics import busy_rate, busy_window, max_in_window, percentile
 from dispatcher.loadtest.options import parse_channel_values, parse_errors, parse_latency
 from dispatcher.loadtest.population import Population
 
@@ -155,3 +157,74 @@ def test_exactly_once_check_catches_missing_duplicated_and_stray_receipts() -> N
     assert (report["missing"], report["duplicated"]) == (1, 1)
     assert report["received_for_unknown_addresses"] == 1  # "x": nobody was sent that
     assert report["received_for_failed_deliveries"] == 1  # "f": reported failed, yet delivered
+
+
+async def test_sigkill_mid_fanout_then_restart_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
+    users = 300
+    results, printed = await _run(users=users, latency=0.03, concurrency={"email": 4, "sms": 4, "push": 4},
+                                  kill_at=0.5, output=tmp_path)
+
+    durability = results["durability"]
+    timeline = durability["timeline"]
+    population = Population(users)
+    expected = expected_receipts(population, ("email", "sms", "push"))
+    # Killed for real, mid-job, and the job was finished by the restarted process.
+    assert timeline["killed_pid"] != timeline["restarted_pid"]
+    assert expected / 2 <= timeline["received_at_kill"] < expected
+    assert timeline["status"] == "done"
+    for channel, figures in durability["channels"].items():
+        assert figures["lost"] == 0, (channel, figures)
+        if figures["on_ambiguous"] == "report":
+            assert figures["duplicates"] == 0, (channel, figures)
+        accounted = results["channels"][channel]
+        assert accounted["sent"] + accounted["skipped"] + accounted["failed"] == users, channel
+        # What the kill left unknown is reported as such, among the failures.
+        assert figures["outcome_unknown"] <= accounted["failed"]
+    assert results["checks"]["durability"] and results["checks"]["ok"]
+    assert "durability" in printed
+
+
+def test_durability_check_tells_duplicates_losses_and_unknown_outcomes_apart() -> None:
+    population = Population(4)  # user 0: one e-mail; user 3: one e-mail
+    email = {i: population.addresses(i, "email")[0] for i in range(4)}
+    received = {"email": Counter({email[0]: 2, email[1]: 1, email[2]: 1})}
+    failures = [{"userId": population.user_id(2), "channel": "email",
+                 "error": "outcome unknown: the service stopped during the attempt"}]
+    report = check_durability(population, ("email",), received, failures, {"email": "report"})
+    email_report = report["channels"]["email"]
+    assert (email_report["duplicates"], email_report["lost"]) == (1, 1)  # user 0 twice, user 3 never
+    assert (email_report["outcome_unknown"], email_report["outcome_unknown_received"]) == (1, 1)
+    assert not report["ok"]
+    # On a channel that resends ambiguous attempts, a duplicate is the policy, not a failure.
+    resend = check_durability(population, ("email",), {"email": Counter({email[0]: 2, email[1]: 1, email[2]: 1,
+                                                                        email[3]: 1})},
+                              [], {"email": "resend"})
+    assert resend["ok"] and resend["channels"]["email"]["duplicates"] == 1
+
+
+def test_busy_rate_counts_only_while_every_lane_delivers() -> None:
+    # Lane a: 0..9 s, one a second; lane b: 2..4 s. Busy from 2 to 4: a has 3, b has 3 arrivals.
+    lanes = {"a": [float(t) for t in range(10)], "b": [2.0, 3.0, 4.0]}
+    assert busy_window(lanes) == (2.0, 4.0)
+    assert busy_rate(lanes)["deliveries_per_s"] == 3.0
+    assert busy_window({"a": [0.0, 1.0], "b": [2.0, 3.0]}) is None
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+async def test_replicas_share_one_rate_limit_and_split_the_fanout(tmp_path: Path) -> None:
+    users = 300
+    results, printed = await _run(users=users, channels=("sms",), rate={"sms": 100.0}, burst={"sms": 2},
+                                  replicas=2, output=tmp_path)
+
+    replicas = results["replicas"]
+    assert [r["replica"] for r in replicas] == [1, 2]
+    assert len({r["pid"] for r in replicas}) == 2
+    # Each replica fanned out to its own shards; together, every user once.
+    assert all(r["users"] > 0 for r in replicas) and sum(r["users"] for r in replicas) == users
+    _assert_every_user_accounted_for(results, users)
+    sms = results["channels"]["sms"]
+    # One limit for both processes: never more than rate + burst in any second at the fake.
+    assert sms["rate_limit"]["max_allowed_in_1s"] == 102 and sms["rate_limit"]["window_ok"]
+    assert results["cluster"]["script_calls"] > 0
+    assert results["checks"]["ok"]
+    assert "per replica" in printed

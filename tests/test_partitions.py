@@ -15,17 +15,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
 import coredis
-import pytest
 import trio
 from coredis.retry import NoRetryPolicy
 
 from dispatcher.cluster.partitions import Partition, PartitionQueue
-from redis_server import RedisServer, start_redis_server
+from redis_server import RedisServer
 
 _namespaces = iter(range(10**6))
 IDLE = 0.5  # claim_idle_seconds of the tests
@@ -238,16 +237,6 @@ async def test_a_cancelled_worker_hands_its_partition_over_at_once(redis_url: st
             await wait_for_progress(staying, "job6", 1, within=2)
             nursery.cancel_scope.cancel()
         assert delivered == [0] and staying.stats.reclaimed == 1
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A server of the test's own, to kill and restart."""
-    server = start_redis_server()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_consumption_resumes_after_a_redis_restart(own_redis: RedisServer) -> None:

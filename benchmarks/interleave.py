@@ -1,0 +1,119 @@
+"""Compare `dispatcher loadtest` configurations side by side: run them interleaved (A, B, A, B...),
+each run a fresh harness (fakes, store, service), and print the medians and the median of each
+round's ratio to the first variant. On a shared machine the load drifts over minutes; rounds that
+alternate and ratios taken within a round are what hold up.
+
+    python benchmarks/interleave.py --repeat 3 \\
+        --common "--users 10000 --channels email,sms,push --latency 20ms" \\
+        --variant "ledger on=--ledger on" --variant "ledger off=--ledger off"
+
+Each variant is NAME=ARGS (ARGS added to --common). Results: one folder per run under --output,
+and summary.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def figures(results: dict[str, Any]) -> dict[str, Any]:
+    """What a run is compared on (None where the scenario has no such figure)."""
+    total, cpu, requests = results["total"], results.get("cpu", {}), results["requests"]
+    limits = [c["rate_limit"] for c in results["channels"].values() if c.get("rate_limit")]
+    row: dict[str, Any] = {
+        "deliveries_per_s": total["deliveries_per_s"],
+        "busy_deliveries_per_s": total.get("busy_deliveries_per_s"),
+        "elapsed_s": results["duration_s"],
+        "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
+        "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
+        "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
+        "peak_rss_mb": results["memory"]["peak_rss_mb"],
+        "checks_ok": results["checks"]["ok"],
+    }
+    if results["scenario"] == "stream":
+        row.update(achieved_rps=requests["achieved_rps"], p50_ms=requests["latency"]["p50_ms"],
+                   p99_ms=requests["latency"]["p99_ms"], errors=requests["errors"])
+    if limits:
+        row.update(rate_achieved=limits[0]["achieved"], rate_deviation_pct=limits[0]["deviation_pct"],
+                   max_in_1s=limits[0]["max_in_1s"], max_allowed_in_1s=limits[0]["max_allowed_in_1s"])
+    if "cluster" in results:
+        row["redis_calls_per_delivery"] = results["cluster"]["script_calls_per_delivery"]
+    return row
+
+
+def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
+    output.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "dispatcher", "loadtest", *arguments, "--no-progress", "--output", str(output)]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(output.glob("*/results.json"))
+    if not found:
+        raise SystemExit(f"no results from {shlex.join(command)} (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    results = json.loads(found[-1].read_text())
+    row = figures(results)
+    row["exit_code"] = done.returncode
+    row["wall_s"] = round(time.monotonic() - started, 1)
+    return row
+
+
+def _median(values: list[Any]) -> Any:
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return round(statistics.median(numbers), 4) if numbers else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--common", default="", help="arguments of every run")
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME=ARGS")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=Path("loadtest-results/interleaved"))
+    args = parser.parse_args()
+    variants = [(name.strip(), shlex.split(rest)) for name, _, rest in (v.partition("=") for v in args.variant)]
+    common = shlex.split(args.common)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = args.output / stamp
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for number in range(1, args.repeat + 1):
+        entry = {}
+        for index, (name, extra) in enumerate(variants):
+            row = run_once(common + extra, root / f"round{number}-{index + 1}")
+            entry[name] = row
+            print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        rounds.append(entry)
+
+    keys = list(rounds[0][variants[0][0]])
+    medians = {name: {k: _median([r[name].get(k) for r in rounds]) for k in keys} for name, _ in variants}
+    base = variants[0][0]
+    ratios = {}
+    for name, _ in variants[1:]:
+        ratios[name] = {}
+        for key in keys:
+            per_round = [r[name][key] / r[base][key] for r in rounds
+                         if isinstance(r[name].get(key), (int, float)) and isinstance(r[base].get(key), (int, float))
+                         and not isinstance(r[name].get(key), bool) and r[base][key]]
+            if per_round:
+                ratios[name][key] = {"median": round(statistics.median(per_round), 4),
+                                     "rounds": [round(v, 4) for v in per_round]}
+    summary = {"command": shlex.join(sys.argv), "common": common, "variants": dict(variants), "rounds": rounds,
+               "medians": medians, f"ratios_to_{base}": ratios}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nmedians of {args.repeat} interleaved rounds:")
+    for name, row in medians.items():
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    for name, row in ratios.items():
+        print(f"  {name} / {base} (median of per-round ratios): "
+              + ", ".join(f"{k}={v['median']} {v['rounds']}" for k, v in row.items()))
+    print(f"summary: {root / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
