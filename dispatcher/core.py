@@ -97,7 +97,7 @@ class Dispatcher:
             for channel, provider in providers.items()
         }
         self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
-        self._on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.channels = tuple(providers)
         # Cluster mode with the ledger: large jobs are shared with the other processes.
         self.fanout: SharedFanOut | None = None
@@ -224,7 +224,7 @@ class Dispatcher:
                     raise Conflict(f"Idempotency-Key {shown(idempotency_key)} was already used for a different "
                                    f"request (job {claim.job_id}); use a new key for a new request")
                 return None, claim.job_id
-        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self._on_ambiguous))
+        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
         self._start(run)
         return run, job_id
 
@@ -391,7 +391,7 @@ class Dispatcher:
             await self.ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self._on_ambiguous)
+        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
         if doc.get("cancel_requested"):
             journal.cancel()
         self._start(_Run(job_id, plan, journal))

@@ -125,8 +125,7 @@ class SharedFanOut:
         if plan is None:
             return
         dispatcher = self._dispatcher
-        journal = Journal(self._ledger, partition.job_id, resumed=True,
-                          on_ambiguous={c: dispatcher.settings.channels.on_ambiguous(c) for c in dispatcher.channels})
+        journal = Journal(self._ledger, partition.job_id, resumed=True, on_ambiguous=dispatcher.on_ambiguous)
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
