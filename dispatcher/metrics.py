@@ -74,6 +74,11 @@ DELIVERIES_IN_FLIGHT = Gauge("dispatcher_deliveries_in_flight", "Deliveries bein
 QUEUE_DEPTH = Gauge("dispatcher_queue_depth", "Items buffered in the channels between actors, by reading stage",
                     ["stage"], multiprocess_mode="livesum")
 JOBS = Counter("dispatcher_jobs", "Jobs that entered each state", ["state"])
+# Set at each scrape from the cluster's own count: divided by dispatcher_deliveries_total, the
+# Redis cost of the shared rate limits per delivery.
+REDIS_LIMIT_ROUND_TRIPS = Gauge("dispatcher_redis_limit_round_trips",
+                                "Redis round trips made by the cluster-wide rate limits since start",
+                                multiprocess_mode="livesum")
 HTTP_REQUESTS = Counter("dispatcher_http_requests", "HTTP requests answered, by route template and status",
                         ["method", "route", "status"])
 HTTP_LATENCY = Histogram("dispatcher_http_request_duration_seconds", "Time to answer an HTTP request",

@@ -136,3 +136,21 @@ async def test_redis_restarted_during_a_shared_send_the_job_still_finishes_once_
     assert result.summary.sent["sms"] == len(received)
     assert result.summary.sent["sms"] + result.summary.failed.get("sms", 0) == 600
     assert all(f.error.startswith("outcome unknown") for f in result.failures)
+
+
+async def test_metrics_report_the_redis_cost_of_the_shared_limits(make_settings: Any, database: Any,
+                                                                 redis_url: str) -> None:
+    from dispatcher.app import create_app
+
+    seed(database, 40)
+    settings = make_settings(cluster={"redis_url": redis_url, "namespace": f"m{time.time_ns()}"},
+                             channels={"sms": {"rate_per_second": 1000, "burst": 10}})
+    async with open_dispatcher(settings) as d, create_app(d).test_app() as app:
+        client = app.test_client()
+        response = await client.post("/send", json={"channels": ["sms"], "recipients": [f"u{i:04d}" for i in range(40)],
+                                                    "messageContent": "hi"})
+        assert response.status_code == 200
+        text = (await (await client.get("/-/metrics")).get_data()).decode()
+    [line] = [l for l in text.splitlines() if l.startswith("dispatcher_redis_limit_round_trips ")]
+    round_trips = float(line.split()[1])
+    assert 1 <= round_trips < 40  # tokens are reserved in batches, not one round trip per SMS
