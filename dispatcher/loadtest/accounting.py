@@ -6,7 +6,9 @@
   address (a push user with k device tokens means k receipts), and nothing arrived twice.
   Receipts for deliveries reported as failed are counted apart: for a multi-device push whose
   other devices failed they are expected; otherwise the service reported a failure for a message
-  that was in fact delivered.
+  that was in fact delivered (an attempt whose outcome was unknown, reported as such). On a
+  channel whose `on_ambiguous` is `resend` (push by default) an attempt that may have reached the
+  provider is sent again: duplicates there are counted as resent and do not fail the check.
 """
 
 from __future__ import annotations
@@ -55,16 +57,18 @@ def check_accounting(summary: Mapping[str, Any], channel: str, selected: int,
 
 
 def check_exactly_once(expected: Counter[str], received: Counter[str], sent: int,
-                       failed_addresses: set[str]) -> dict[str, Any]:
-    """`expected` counts, per address, the deliveries reported sent; `received` what the fake got."""
+                       failed_addresses: set[str], *, resend: bool = False) -> dict[str, Any]:
+    """`expected` counts, per address, the deliveries reported sent; `received` what the fake got;
+    `resend`: the channel sends ambiguous attempts again (at least once, by policy)."""
     missing = {a: n - received.get(a, 0) for a, n in expected.items() if received.get(a, 0) < n}
     duplicated = {a: n - max(expected.get(a, 0), 1) for a, n in received.items() if n > max(expected.get(a, 0), 1)}
     unexpected = {a: n for a, n in received.items() if a not in expected}
     delivered_but_failed = {a: n for a, n in unexpected.items() if a in failed_addresses}
     strays = {a: n for a, n in unexpected.items() if a not in failed_addresses}
-    ok = not missing and not duplicated and not strays
+    ok = not missing and not strays and (resend or not duplicated)
     return {
         "ok": ok,
+        "on_ambiguous": "resend" if resend else "report",
         "reported_sent": sent,
         "expected_receipts": sum(expected.values()),
         "distinct_addresses_expected": len(expected),

@@ -1,5 +1,6 @@
 """From a measured phase to figures: per channel deliveries, rates and the rate-limit check,
-the accounting and exactly-once checks, request latencies and failures by kind."""
+the rate while every lane is busy, the accounting and exactly-once checks, request latencies
+(per replica too) and failures by kind."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any
 
 from .accounting import (check_accounting, check_exactly_once, expected_for_fanout, expected_for_stream,
                          failures_by_kind)
+from .config import embedded_settings
 from .drivers import Exchange, Phase
 from .environment import Environment
-from .metrics import latency_summary, max_in_window, mean_rate, per_second, percentile
+from .metrics import busy_rate, latency_summary, max_in_window, mean_rate, per_second, percentile
 from .options import LoadTestOptions
 from .population import Population
 from .service import RunningService
@@ -74,7 +76,7 @@ def _channel_accounting(scenario: str, population: Population, channel: str, ok:
     if scenario == "fanout":
         if not ok:
             return check_accounting({}, channel, 0, 0), Counter(), 0
-        summary = ok[0].reply.body["summary"]  # type: ignore[index]
+        summary = merged_summary(ok)
         accounting = check_accounting(summary, channel, population.size,
                                       population.size - population.with_address(channel))
         return accounting, expected_for_fanout(population, channel, failed_users), accounting["sent"]
@@ -87,6 +89,29 @@ def _channel_accounting(scenario: str, population: Population, channel: str, ok:
             counts[channel] = counts.get(channel, 0) + summary.get(key, {}).get(channel, 0)
     expected, sent = expected_for_stream(population, channel, on_channel)
     return check_accounting(totals, channel, len(on_channel), 0), expected, sent
+
+
+def merged_summary(exchanges: Sequence[Exchange]) -> dict[str, Any]:
+    """The summaries of a fan-out's requests added up (one per replica, each to its shards)."""
+    merged: dict[str, Any] = {"users": 0, "sent": {}, "skipped": {}, "failed": {}}
+    for exchange in exchanges:
+        summary = exchange.reply.body.get("summary", {})  # type: ignore[union-attr]
+        merged["users"] += int(summary.get("users", 0))
+        for key in ("sent", "skipped", "failed"):
+            for channel, count in summary.get(key, {}).items():
+                merged[key][channel] = merged[key].get(channel, 0) + count
+    return merged
+
+
+def _per_replica(options: LoadTestOptions, exchanges: list[Exchange], replicas: int) -> list[dict[str, Any]]:
+    rows = []
+    for replica in range(replicas):
+        mine = [e for e in exchanges if e.replica == replica]
+        row: dict[str, Any] = {"replica": replica + 1, "requests": len(mine),
+                               "errors": sum(1 for e in mine if not e.ok),
+                               "latency": latency_summary([e.latency for e in mine])}
+        rows.append(row)
+    return rows
 
 
 def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: float) -> dict[str, Any]:
@@ -105,7 +130,7 @@ def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: flo
         requests["users_per_request_ok"] = all(
             e.reply.body.get("summary", {}).get("users") == 1 for e in ok)  # type: ignore[union-attr]
     elif ok:
-        requests["users_selected"] = ok[0].reply.body["summary"].get("users")  # type: ignore[index]
+        requests["users_selected"] = merged_summary(ok)["users"]
     return requests
 
 
@@ -116,7 +141,9 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
     duration = phase.end - phase.start
     channels: dict[str, Any] = {}
     series: dict[str, list[int]] = {}
+    settings = embedded_settings(service.config, env)
     for channel in options.channels:
+        resend = settings.channels.on_ambiguous(channel) == "resend"
         failed_users = {i for f in failures if f.get("channel") == channel
                         and (i := population.index_of(str(f.get("userId")))) is not None}
         accounting, expected, sent = _channel_accounting(options.scenario, population, channel, ok, failed_users)
@@ -126,7 +153,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
             **{k: accounting[k] for k in ("sent", "skipped", "failed", "selected", "expected_skipped")},
             "accounting_ok": accounting["ok"],
             **_channel_figures(env, phase, channel, service.config),
-            "exactly_once": check_exactly_once(expected, receipts.counts(), sent, failed_addresses),
+            "exactly_once": check_exactly_once(expected, receipts.counts(), sent, failed_addresses, resend=resend),
         }
         series[channel] = per_second(receipts.times, phase.start, phase.end)
     requests = _requests(options, phase.exchanges, duration)
@@ -136,10 +163,19 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
     else:
         accounting_ok = accounting_ok and requests["users_per_request_ok"]
     exactly_once_ok = bool(ok) and all(c["exactly_once"]["ok"] for c in channels.values())
+    # Never more than rate + burst in any second at the fakes: with several processes, the
+    # cluster-wide (shared) limit.
+    rate_limit_ok = all(c["rate_limit"]["window_ok"] for c in channels.values() if c["rate_limit"])
     total_received = sum(c["received"] for c in channels.values())
+    busy = busy_rate({c: sorted(env.tap.since(phase.mark, c).times) for c in options.channels})
     notes = []
     if options.mode == "embedded":
         notes.append("embedded mode: peak RSS is the harness process, which also runs the fakes")
+    if options.processes > 1:
+        shared = (", and the fan-out (sent to replica 1) is shared by every process" if options.scenario == "fanout"
+                  else "")
+        notes.append(f"{options.replicas} replica(s) x {options.workers or 1} worker(s) share one Redis: rate limits "
+                     f"are cluster-wide, concurrency is per process{shared}")
     return {
         "scenario": options.scenario,
         "options": jsonable(dataclasses.asdict(options)),
@@ -153,10 +189,14 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
         "total": {"sent": sum(c["sent"] for c in channels.values()),
                   "failed": sum(c["failed"] for c in channels.values()),
                   "received": total_received,
-                  "deliveries_per_s": round(total_received / duration, 2) if duration > 0 else 0.0},
+                  # Until the last channel finished: diluted by the slowest lane's tail.
+                  "deliveries_per_s": round(total_received / duration, 2) if duration > 0 else 0.0,
+                  # While every channel was delivering: what the pipeline sustains.
+                  "busy_deliveries_per_s": busy["deliveries_per_s"], "busy_window_s": busy["window_s"]},
+        "replicas": _per_replica(options, phase.exchanges, service.replicas),
         "failures_by_kind": failures_by_kind(failures),
-        "checks": {"accounting": accounting_ok, "exactly_once": exactly_once_ok,
-                   "ok": accounting_ok and exactly_once_ok},
+        "checks": {"accounting": accounting_ok, "exactly_once": exactly_once_ok, "rate_limit": rate_limit_ok,
+                   "ok": accounting_ok and exactly_once_ok and rate_limit_ok},
         "series": {"start": "scenario start", "bin_seconds": 1, "per_second": series},
         "notes": notes,
     }

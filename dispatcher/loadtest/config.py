@@ -77,10 +77,16 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
         providers["twilio"] = {"account_sid": fakes.twilio_sid, "api_base_url": fakes.twilio_url}
     if fakes.fcm is not None:
         providers["fcm"] = {"project_id": fakes.fcm_project, "api_base_url": fakes.fcm_url}
+    store: dict[str, Any] = {"database": DATABASE, "users_collection": USERS_COLLECTION}
+    if options.ledger is not None:
+        store["ledger"] = options.ledger
+    if options.kill_at is not None:
+        # The restarted service resumes the job once the killed one's lease has expired.
+        store["lease_seconds"] = options.kill_lease_seconds
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port},
         "dispatcher": dispatcher_section,
-        "store": {"database": DATABASE, "users_collection": USERS_COLLECTION},
+        "store": store,
         "sender": {"email": SENDER_EMAIL, "sms": SENDER_PHONE, "voice": SENDER_PHONE},
         "channels": channels,
         "providers": providers,
@@ -93,6 +99,8 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
 def secret_environment(env: Environment) -> dict[str, str]:
     """The service's secrets, as it reads them: from the environment only."""
     secrets = {"MONGODB_URL": env.store_url}
+    if env.redis is not None:
+        secrets["REDIS_URL"] = env.redis.url
     if env.fakes.twilio is not None:
         secrets["TWILIO_AUTH_TOKEN"] = env.fakes.twilio_token
     if env.fakes.key_file is not None:
@@ -104,6 +112,8 @@ def embedded_settings(config: Mapping[str, Any], env: Environment) -> Settings:
     """`config` plus the secrets, validated as the service would."""
     raw = copy.deepcopy(dict(config))
     raw["store"]["url"] = env.store_url
+    if env.redis is not None:
+        raw.setdefault("cluster", {})["redis_url"] = env.redis.url
     if env.fakes.twilio is not None:
         raw["providers"]["twilio"]["auth_token"] = env.fakes.twilio_token
     if env.fakes.key_file is not None:
@@ -116,7 +126,8 @@ def child_environment(env: Environment) -> dict[str, str]:
     file must be the whole configuration), plus the secrets, and the package importable."""
     child = {name: value for name, value in os.environ.items()
              if not name.startswith("DISPATCHER_") and name not in
-             ("MONGODB_URL", "SMTP_PASSWORD", "TWILIO_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")}
+             ("MONGODB_URL", "REDIS_URL", "SMTP_PASSWORD", "TWILIO_AUTH_TOKEN",
+                              "GOOGLE_APPLICATION_CREDENTIALS")}
     child.update(secret_environment(env))
     root = str(Path(dispatcher.__file__).resolve().parent.parent)
     child["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))

@@ -1,11 +1,12 @@
 """The scenarios: what is sent to the service, when, and what came back.
 
-- fanout: one `POST /send` to the whole `loadtest` cluster on the selected channels.
+- fanout: one `POST /send` to the whole `loadtest` cluster on the selected channels (to the
+  first replica: in cluster mode the service shares a fan-out among all its processes itself).
 - stream: single-recipient, single-channel sends offered at a fixed rate for a duration,
   open-loop: request k is due at `start + k / rps` whatever happened to the earlier ones, and its
   latency runs from that due time, so a slow service cannot hide its queueing (no coordinated
   omission). At most `clients` requests are in flight; a request waiting for a client is late,
-  and that shows in its latency.
+  and that shows in its latency. Request k goes to replica k mod N (the harness's round robin).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Exchange:
     started: float
     finished: float
     reply: Reply
+    replica: int = 0
 
     @property
     def latency(self) -> float:
@@ -114,12 +116,12 @@ async def run_stream(service: RunningService, env: Environment, options: LoadTes
     phase = Phase("stream", trio.current_time(), mark=env.tap.mark())
     status.started = phase.start
 
-    async def one(channel: str, index: int, due: float) -> None:
+    async def one(channel: str, index: int, due: float, replica: int) -> None:
         async with clients:
             started = trio.current_time()
-            reply = await service.send(single_payload(channel, env.population.user_id(index)))
+            reply = await service.send(single_payload(channel, env.population.user_id(index)), replica)
         finished = trio.current_time()
-        phase.exchanges.append(Exchange(channel, index, due, started, finished, reply))
+        phase.exchanges.append(Exchange(channel, index, due, started, finished, reply, replica))
         status.requests_done += 1
         if reply.status != 200:
             status.request_errors += 1
@@ -129,6 +131,6 @@ async def run_stream(service: RunningService, env: Environment, options: LoadTes
             due = phase.start + k / options.rps
             await trio.sleep_until(due)
             channel, index = next(targets)
-            nursery.start_soon(one, channel, index, due)
+            nursery.start_soon(one, channel, index, due, k % service.replicas)
     phase.end = trio.current_time()
     return phase

@@ -1,5 +1,9 @@
-"""The world a load test runs in: the fake providers the selected channels need, and an
-in-memory store seeded with the synthetic population. The service itself is in `service.py`.
+"""The world a load test runs in: the fake providers the selected channels need, an in-memory
+store seeded with the synthetic population, and, for several service processes, their Redis.
+The service itself is in `service.py`.
+
+The store (nx-27017) and Redis are processes of their own, started here: they outlive a service
+that the harness kills (`--kill-at`), as a real deployment's MongoDB and Redis would.
 
 Everything listens on 127.0.0.1 and is stopped when the `open_environment` block exits, whether
 it ends normally, on an error or on Ctrl-C.
@@ -11,19 +15,26 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import psutil
 import trio
+from pymongo import MongoClient
 
 from ..embedded_store import open_embedded_store
 from ..fakes import Faults, serve_asgi
 from ..fakes.fcm import FakeFcm, FakeOAuthToken, write_service_account_key
 from ..fakes.smtp import SmtpSink
 from ..fakes.twilio import FakeTwilio
+from ..settings import StoreSettings
 from .options import LoadTestOptions
 from .population import Population, seed_users
 from .receipts import ReceiptTap, StampedList
+from .redis_server import RedisServer, open_redis
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,21 @@ class Environment:
     fakes: Fakes
     tap: ReceiptTap
     scratch: Path  # private files (the service-account key): removed at the end
+    redis: RedisServer | None = None
+    store_pid: int | None = None  # the store's process, for its CPU time
+
+    def clear_ledger(self) -> None:
+        """Empty the delivery ledger between measured rounds (blocking), so that a later round
+        does not write into a bigger ledger than the first; the indexes stay."""
+        settings = StoreSettings()
+        client: MongoClient[dict[str, Any]] = MongoClient(self.store_url, serverSelectionTimeoutMS=10_000)
+        try:
+            db = client[DATABASE]
+            for name in (settings.jobs_collection, settings.deliveries_collection,
+                         f"{settings.jobs_collection}_keys"):
+                db[name].delete_many({})
+        finally:
+            client.close()
 
 
 def _faults(options: LoadTestOptions, channel: str, offset: int) -> Faults:
@@ -103,11 +129,25 @@ async def open_fakes(options: LoadTestOptions, scratch: Path) -> AsyncIterator[F
 async def open_environment(options: LoadTestOptions, scratch: Path) -> AsyncIterator[Environment]:
     """Fakes, then the store with `options.users` users; `scratch` is a private directory."""
     population = Population(options.users)
-    async with open_fakes(options, scratch) as fakes:
-        async with open_embedded_store(None) as store_url:
-            log.info("seeding %d users", population.size)
-            # Abandoned on Ctrl-C: the store it writes to is about to stop anyway.
-            await trio.to_thread.run_sync(seed_users, store_url, DATABASE, USERS_COLLECTION, population,
-                                          abandon_on_cancel=True)
-            tap = ReceiptTap(fakes.sink, fakes.twilio, fakes.fcm)
-            yield Environment(options, population, store_url, fakes, tap, scratch)
+    async with open_fakes(options, scratch) as fakes, AsyncExitStack() as stack:
+        store_url = await stack.enter_async_context(open_embedded_store(None))
+        redis = await stack.enter_async_context(open_redis(scratch)) if options.cluster else None
+        log.info("seeding %d users", population.size)
+        # Abandoned on Ctrl-C: the store it writes to is about to stop anyway.
+        await trio.to_thread.run_sync(seed_users, store_url, DATABASE, USERS_COLLECTION, population,
+                                      abandon_on_cancel=True)
+        tap = ReceiptTap(fakes.sink, fakes.twilio, fakes.fcm)
+        yield Environment(options, population, store_url, fakes, tap, scratch, redis, _store_pid(store_url))
+
+
+def _store_pid(url: str) -> int | None:
+    """The embedded store's process: our child listening on the URL's port."""
+    port = str(urlsplit(url).port)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if "--port" in command and command[command.index("--port") + 1:][:1] == [port]:
+            return child.pid
+    return None

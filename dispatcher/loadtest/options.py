@@ -59,7 +59,14 @@ class LoadTestOptions:
     smtp_pool_size: int | None = None
     queue_size: int | None = None
     store_batch_size: int | None = None
+    ledger: bool | None = None  # [store].ledger; None: the service's default (on)
     base_config: Path | None = None
+    # Processes: `replicas` services on their own ports behind the harness's round-robin client,
+    # `workers` per service (`dispatcher serve --workers`); with more than one process in all, or
+    # with `redis`, the harness starts a Redis and the services run in cluster mode.
+    replicas: int = 1
+    workers: int | None = None
+    redis: bool = False
     # Stream scenario.
     rps: float = 200.0
     duration: float = 30.0
@@ -68,6 +75,12 @@ class LoadTestOptions:
     compare: bool = False
     naive_sample: int = 500
     apprise_sample: int = 500
+    # Rounds of the measured phases, interleaved (pipeline, baselines, pipeline, ...); medians reported.
+    repeat: int = 1
+    # Durability: SIGKILL the service once this fraction of the expected deliveries reached the
+    # fakes, start it again, and check that the resumed job lost nothing and sent nothing twice.
+    kill_at: float | None = None
+    kill_lease_seconds: float = 2.0
     # Harness.
     output: Path = Path("loadtest-results")
     progress: bool = True
@@ -95,11 +108,36 @@ class LoadTestOptions:
                 raise OptionError(f"--errors: the rates of {channel} add up to more than 1")
         if self.compare and self.scenario != "fanout":
             raise OptionError("--compare: the baselines exist for the fanout scenario only")
+        if self.repeat < 1:
+            raise OptionError("--repeat: at least 1")
+        if self.replicas < 1 or (self.workers is not None and self.workers < 1):
+            raise OptionError("--replicas and --workers: at least 1")
+        if self.mode == "embedded" and (self.replicas > 1 or self.workers is not None or self.kill_at is not None):
+            raise OptionError("--replicas, --workers and --kill-at need --mode process")
+        if self.kill_at is not None:
+            if not 0 <= self.kill_at < 1:
+                raise OptionError("--kill-at: a fraction of the expected deliveries, 0 <= F < 1")
+            if self.scenario != "fanout" or self.compare or self.repeat > 1 or self.processes > 1:
+                raise OptionError("--kill-at: one fan-out on one service (no --compare, --repeat, --replicas)")
+            if self.ledger is False:
+                raise OptionError("--kill-at: the resumed job is the ledger's; it cannot be off")
+            if self.kill_lease_seconds <= 0:
+                raise OptionError("--kill-lease: must be positive")
         if self.scenario == "stream" and (self.rps <= 0 or self.duration <= 0 or self.clients < 1):
             raise OptionError("--rps, --duration and --clients must be positive")
 
     def errors_for(self, channel: str) -> ErrorMix:
         return self.errors.get(channel, ErrorMix())
+
+    @property
+    def processes(self) -> int:
+        """Service processes in all (replicas times workers)."""
+        return self.replicas * (self.workers or 1)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the services share a Redis (cluster-wide rate limits)."""
+        return self.redis or self.processes > 1
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "": 1.0}

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .drivers import PhaseStatus
-from .metrics import RssSampler
+from .metrics import ProcessSampler
 from .receipts import ReceiptTap
 
 REFRESH_SECONDS = 0.25
@@ -22,7 +22,7 @@ class ProgressDisplay:
     """Shows `status` (the running phase) and the tap's counts; `enabled=False` only polls the tap
     (so its per-channel columns keep up with the fakes)."""
 
-    def __init__(self, console: Console, tap: ReceiptTap, channels: tuple[str, ...], rss: RssSampler | None,
+    def __init__(self, console: Console, tap: ReceiptTap, channels: tuple[str, ...], rss: ProcessSampler | None,
                  *, enabled: bool = True) -> None:
         self.console = console
         self.tap = tap

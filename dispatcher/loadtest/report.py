@@ -44,8 +44,11 @@ def print_report(results: dict[str, Any], console: Console) -> None:
         else:
             limit_text = "-"
         once = c["exactly_once"]
-        once_text = "yes" if once["ok"] else (f"NO: {once['missing']} missing, {once['duplicated']} twice, "
-                                              f"{once['received_for_unknown_addresses']} unknown")
+        if once["ok"]:
+            once_text = f"yes ({once['duplicated']} resent)" if once["duplicated"] else "yes"
+        else:
+            once_text = (f"NO: {once['missing']} missing, {once['duplicated']} twice, "
+                         f"{once['received_for_unknown_addresses']} unknown")
         deliveries.add_row(channel, _fmt(c["sent"]), _fmt(c["skipped"]), _fmt(c["failed"]), _fmt(c["received"]),
                            _fmt(c["deliveries_per_s"]), _fmt(c["max_in_1s"]), limit_text, once_text)
     total = results["total"]
@@ -66,10 +69,46 @@ def print_report(results: dict[str, Any], console: Console) -> None:
                     " / ".join(f"{_fmt(latency[k], 1)}" for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms")
     memory = results["memory"]
     summary.add_row(f"peak RSS ({memory['measured']})", _mb(memory["peak_rss_bytes"]))
+    cpu = results.get("cpu")
+    if cpu:
+        summary.add_row("CPU per delivery: service / store / harness",
+                        " / ".join(f"{_fmt(cpu[k], 3)}" for k in ("service_ms_per_delivery", "store_ms_per_delivery",
+                                                                   "harness_ms_per_delivery")) + " ms")
+    summary.add_row("deliveries/s while every channel is busy",
+                    f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)")
+    cluster = results.get("cluster")
+    if cluster:
+        summary.add_row("Redis: limiter script calls / all commands, per delivery",
+                        f"{_fmt(cluster['script_calls_per_delivery'], 3)} / {_fmt(cluster['commands_per_delivery'], 3)}")
     summary.add_row("accounting (sent+skipped+failed = selected)", _fmt(results["checks"]["accounting"]))
     for sample in requests.get("error_samples", []):
         summary.add_row("error", sample)
     console.print(summary)
+
+    if len(results.get("replicas", [])) > 1:
+        table = Table(title="per replica (the harness's round robin)")
+        for column in ("replica", "pid", "requests", "errors", "p99", "CPU", "peak RSS", "Redis round trips"):
+            table.add_column(column, justify="right")
+        for row in results["replicas"]:
+            table.add_row(str(row["replica"]), str(row.get("pid", "-")), _fmt(row["requests"]), _fmt(row["errors"]),
+                          f"{_fmt(row['latency']['p99_ms'])} ms", f"{_fmt(row.get('cpu_s'), 2)} s",
+                          f"{_fmt(row.get('peak_rss_mb'))} MB", _fmt(row.get("redis_round_trips")))
+        console.print(table)
+
+    durability = results.get("durability")
+    if durability:
+        timeline = durability["timeline"]
+        table = Table(title=f"durability: SIGKILL after {timeline['received_at_kill']:,} receipts "
+                            f"({timeline['killed_after_s']:.1f} s), restarted in {timeline['restart_s']:.1f} s, "
+                            f"resumed {_fmt(timeline['resumed_after_s'])} s later, job {timeline['status']}")
+        for column in ("channel", "on_ambiguous", "duplicates", "lost", "outcome unknown", "of which received", "ok"):
+            table.add_column(column, justify="left" if column in ("channel", "on_ambiguous") else "right")
+        for channel, c in durability["channels"].items():
+            dup = _fmt(c["duplicates"]) + (" (resent by policy)" if c["duplicates"] and c["on_ambiguous"] == "resend"
+                                           else "")
+            table.add_row(channel, c["on_ambiguous"], dup, _fmt(c["lost"]), _fmt(c["outcome_unknown"]),
+                          _fmt(c["outcome_unknown_received"]), _fmt(c["ok"]))
+        console.print(table)
 
     if results["failures_by_kind"]:
         failures = Table(title="failures by kind")
@@ -94,12 +133,25 @@ def print_report(results: dict[str, Any], console: Console) -> None:
                           _fmt(run["deliveries_per_s"]), run["note"])
         console.print(table)
         ratios = Table(title="ratios (benchmarks, not pass/fail)")
-        for column in ("ratio", "value", "target"):
+        for column in ("ratio", "median", "rounds", "target"):
             ratios.add_column(column, justify="left" if column == "ratio" else "right")
         for name, ratio in compare["ratios"].items():
             value = "-" if ratio["value"] is None else f"{ratio['value']:.2f}"
-            ratios.add_row(ratio["label"], value, ratio["target"])
+            rounds = " ".join("-" if v is None else f"{v:.2f}" for v in ratio["rounds"])
+            ratios.add_row(ratio["label"], value, rounds, ratio["target"])
         console.print(ratios)
+    medians = results.get("medians")
+    if medians:
+        table = Table(title=f"medians of {len(results['rounds'])} interleaved rounds")
+        for column in ("measurement", "deliveries/s", "busy deliveries/s", "CPU ms/delivery", "store CPU ms/delivery"):
+            table.add_column(column, justify="left" if column == "measurement" else "right")
+        m = medians["pipeline"]
+        table.add_row("pipeline (service)", _fmt(m["deliveries_per_s"]), _fmt(m["busy_deliveries_per_s"]),
+                      _fmt(m["cpu_ms_per_delivery"], 3), _fmt(m["store_cpu_ms_per_delivery"], 3))
+        for kind, b in medians["baselines"].items():
+            table.add_row(kind, _fmt(b["deliveries_per_s"]), _fmt(b["busy_deliveries_per_s"]),
+                          _fmt(b["cpu_ms_per_delivery"], 3), _fmt(b["store_cpu_ms_per_delivery"], 3))
+        console.print(table)
     for note in results.get("notes", []):
         console.print(f"[dim]note:[/dim] {note}")
     files = results.get("files", {})

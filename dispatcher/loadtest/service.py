@@ -1,6 +1,7 @@
-"""The service under test and its lifecycle: a separate process (`python -m dispatcher --config
-<generated toml> serve`) or embedded in the harness (`open_dispatcher`), behind one small `send`
-interface."""
+"""The service under test and its lifecycle: separate processes (`python -m dispatcher --config
+<generated toml> serve --port P`, one per replica, each on its own port) or embedded in the
+harness (`open_dispatcher`), behind one small `send` interface. A process can be SIGKILLed and
+started again with the same command (`--kill-at`)."""
 
 from __future__ import annotations
 
@@ -49,56 +50,146 @@ class Reply:
 
 class RunningService(Protocol):
     mode: str
-    pid: int
+    pid: int  # the (first) service process
     memory_note: str
     config: dict[str, Any]
+    replicas: int  # processes the harness addresses directly (each may have workers)
 
-    async def send(self, payload: dict[str, Any]) -> Reply: ...
+    def roots(self) -> list[int]:
+        """The service processes now (their workers are their children)."""
+        ...
+
+    async def send(self, payload: dict[str, Any], replica: int = 0) -> Reply: ...
+
+
+class ServiceProcess:
+    """One `dispatcher serve` process on its own port, started with the same command each time:
+    `start` (returns once `/-/ready` answers), `kill` (SIGKILL: no drain, nothing flushed), `stop`
+    (SIGTERM, then SIGKILL if it lingers)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.port = port
+        self.process: trio.Process | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, http: httpx.AsyncClient) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.process = await trio.lowlevel.open_process(
+                self.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=self.env)
+        self.starts += 1
+        await _wait_ready(self.process, http, self.log_path)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            await stop_process(self.process)
 
 
 class ProcessService:
-    """Drives the service over HTTP with `len(clients)` keep-alive connections, one per
-    `httpx.AsyncClient`: httpcore scans its whole pool for every request it queues, which made
-    a single 64-connection client the harness's own bottleneck at a few hundred requests/s."""
+    """Drives service processes over HTTP, each (a replica, on its own port) with `clients`
+    keep-alive connections, one per `httpx.AsyncClient`: httpcore scans its whole pool for every
+    request it queues, which made a single 64-connection client the harness's own bottleneck at a
+    few hundred requests/s. Which replica serves a send is the caller's choice (the drivers go
+    round-robin)."""
 
     mode = "process"
-    memory_note = "service process"
 
-    def __init__(self, process: trio.Process, clients: list[httpx.AsyncClient], config: dict[str, Any]) -> None:
-        self.process = process
-        self.pid = process.pid
+    def __init__(self, processes: list[ServiceProcess], clients: list[list[httpx.AsyncClient]],
+                 config: dict[str, Any], workers: int | None = None) -> None:
+        self.processes = processes
         self.config = config
-        self._idle_in, self._idle_out = trio.open_memory_channel[httpx.AsyncClient](len(clients))
-        for client in clients:
-            self._idle_in.send_nowait(client)
+        self.replicas = len(processes)
+        self.memory_note = ("service process" if self.replicas == 1 and workers is None
+                            else "service processes, summed (supervisors and workers)")
+        self._idle = []
+        for pool in clients:
+            idle_in, idle_out = trio.open_memory_channel[httpx.AsyncClient](len(pool))
+            for client in pool:
+                idle_in.send_nowait(client)
+            self._idle.append((idle_in, idle_out))
 
-    async def send(self, payload: dict[str, Any]) -> Reply:
-        client = await self._idle_out.receive()
+    @property
+    def pid(self) -> int:
+        return self.processes[0].pid
+
+    def roots(self) -> list[int]:
+        return [p.pid for p in self.processes if p.process is not None]
+
+    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None,
+                      replica: int = 0) -> Reply:
+        """One HTTP exchange; a 2xx answer with a JSON body is a success."""
+        idle_in, idle_out = self._idle[replica]
+        client = await idle_out.receive()
         try:
-            response = await client.post("/send", json=payload)
+            response = await client.request(method, path, json=payload)
         except httpx.HTTPError as exc:
             return Reply(0, None, f"{type(exc).__name__}: {exc}".rstrip(": "))
         finally:
-            self._idle_in.send_nowait(client)
+            idle_in.send_nowait(client)
         try:
             body = response.json()
         except ValueError:
             return Reply(response.status_code, None, f"not JSON: {response.text[:200]!r}")
-        if response.status_code != 200:
+        if not 200 <= response.status_code < 300:
             return Reply(response.status_code, body, str(body.get("message", body)) if isinstance(body, dict) else None)
-        return Reply(200, body)
+        return Reply(response.status_code, body)
+
+    async def send(self, payload: dict[str, Any], replica: int = 0) -> Reply:
+        return await self.request("POST", "/send", payload, replica)
+
+    async def metric(self, name: str, replica: int = 0) -> float | None:
+        """The sum of a metric's samples in the replica's `/-/metrics` (Prometheus text); None
+        when it is not there (an older service, or protected metrics)."""
+        idle_in, idle_out = self._idle[replica]
+        client = await idle_out.receive()
+        try:
+            response = await client.get("/-/metrics", headers={"Accept": "text/plain"})
+        except httpx.HTTPError:
+            return None
+        finally:
+            idle_in.send_nowait(client)
+        if response.status_code != 200:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in response.text.splitlines()
+                  if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]
+        return sum(values) if values else None
+
+    async def restart(self, replica: int = 0) -> None:
+        """Start a killed (or stopped) replica again, same command, same port."""
+        idle_in, idle_out = self._idle[replica]
+        client = await idle_out.receive()
+        try:
+            await self.processes[replica].start(client)
+        finally:
+            idle_in.send_nowait(client)
 
 
 class EmbeddedService:
     mode = "embedded"
     memory_note = "harness process, embedded mode"
+    replicas = 1
 
     def __init__(self, instance: dispatcher.Dispatcher, config: dict[str, Any]) -> None:
         self._dispatcher = instance
         self.pid = os.getpid()
         self.config = config
 
-    async def send(self, payload: dict[str, Any]) -> Reply:
+    def roots(self) -> list[int]:
+        return [self.pid]
+
+    async def send(self, payload: dict[str, Any], replica: int = 0) -> Reply:
         try:
             result = await self._dispatcher.send(payload)
         except RequestError as exc:
@@ -116,39 +207,69 @@ async def open_service(options: LoadTestOptions, env: Environment, output: Path)
         async with dispatcher.open_dispatcher(embedded_settings(config, env)) as instance:
             yield EmbeddedService(instance, config)
         return
-    port = free_port()
-    config = service_config(options, env, port)
+    ports = [free_port() for _ in range(options.replicas)]
+    config = service_config(options, env, ports[0])
     embedded_settings(config, env)  # a ConfigError now, rather than a child that exits at start-up
     config_path = output / "service-config.toml"
     config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    async with _service_process(options, env, config_path, output / "service.log") as process, \
-            AsyncExitStack() as stack:
+    extra: list[str] = []
+    if options.workers is not None:
+        if not await serve_has_workers(env):
+            raise ServiceError("--workers: this version of `dispatcher serve` has no --workers option; "
+                               "run without it (or use --replicas)")
+        extra = ["--workers", str(options.workers)]
+    processes = [ServiceProcess(service_command(config_path, options.service_log_level, port, extra),
+                                child_environment(env), _log_path(output, i, options.replicas), port)
+                 for i, port in enumerate(ports)]
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(_stop_all, processes)
         timeout = httpx.Timeout(options.request_timeout, connect=10.0)
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         tls = ssl.create_default_context()  # unused (plain HTTP); shared, since each one costs ~40 ms
-        clients = [await stack.enter_async_context(httpx.AsyncClient(
+        per_replica = options.clients if options.scenario == "stream" else 2
+        clients = [[await stack.enter_async_context(httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits, verify=tls))
-            for _ in range(options.clients if options.scenario == "stream" else 1)]
-        await _wait_ready(process, clients[0], output / "service.log")
-        yield ProcessService(process, clients, config)
+            for _ in range(per_replica)] for port in ports]
+        if len(processes) == 1:
+            await processes[0].start(clients[0][0])
+        else:
+            async with trio.open_nursery() as nursery:  # side by side: each takes a few seconds
+                for process, pool in zip(processes, clients):
+                    nursery.start_soon(process.start, pool[0])
+        yield ProcessService(processes, clients, config, options.workers)
 
 
-def service_command(config_path: Path, log_level: str) -> list[str]:
-    return [sys.executable, "-m", "dispatcher", "--config", str(config_path), "--log-level", log_level, "serve"]
+def _log_path(output: Path, index: int, replicas: int) -> Path:
+    return output / ("service.log" if replicas == 1 else f"service-{index + 1}.log")
 
 
-@asynccontextmanager
-async def _service_process(options: LoadTestOptions, env: Environment, config_path: Path,
-                           log_path: Path) -> AsyncIterator[trio.Process]:
-    with open(log_path, "wb") as log_file:
-        process = await trio.lowlevel.open_process(
-            service_command(config_path, options.service_log_level), stdin=subprocess.DEVNULL,
-            stdout=log_file, stderr=log_file, env=child_environment(env))
-        try:
-            yield process
-        finally:
-            with trio.CancelScope(shield=True):
-                await stop_process(process)
+async def _stop_all(processes: list[ServiceProcess]) -> None:
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            for process in processes:
+                nursery.start_soon(process.stop)
+
+
+def service_command(config_path: Path, log_level: str, port: int | None = None,
+                    extra: list[str] | None = None) -> list[str]:
+    command = [sys.executable, "-m", "dispatcher", "--config", str(config_path), "--log-level", log_level, "serve"]
+    if port is not None:
+        command += ["--port", str(port)]
+    return command + (extra or [])
+
+
+_WORKERS_SUPPORTED: bool | None = None
+
+
+async def serve_has_workers(env: Environment) -> bool:
+    """Whether `dispatcher serve` takes `--workers` (the option is new; older versions lack it)."""
+    global _WORKERS_SUPPORTED
+    if _WORKERS_SUPPORTED is None:
+        result = await trio.run_process([sys.executable, "-m", "dispatcher", "serve", "--help"],
+                                        capture_stdout=True, capture_stderr=True, check=False,
+                                        env=child_environment(env))
+        _WORKERS_SUPPORTED = b"--workers" in result.stdout
+    return _WORKERS_SUPPORTED
 
 
 async def stop_process(process: trio.Process) -> None:
