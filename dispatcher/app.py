@@ -140,8 +140,8 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         scope = g.get("api_key_id") or ""
         if _wants_async():
             job_id = await dispatcher.submit(send_request, idempotency_key=key, key_scope=scope)
-            status = await dispatcher.status(job_id)
-            body = {"id": job_id, "status": status["status"]}
+            # Accepted, nothing reported yet: the contract's "queued" (GET /send/{id} follows it).
+            body = {"id": job_id, "status": "queued"}
             return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
         result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
         return result.to_json()

@@ -74,6 +74,7 @@ class _Run:
     error: Exception | None = None
     finished: bool = False
     lease_lost: bool = False
+    resumed: bool = False
 
 
 class Dispatcher:
@@ -240,9 +241,9 @@ class Dispatcher:
         ledger, job_id = self.ledger, run.job_id
         with metrics.track_send():
             try:
-                if ledger is not None and job_id is not None:
+                if ledger is not None and job_id is not None and run.resumed:
                     await ledger.update_job(job_id, state="running", started_at=now_iso())
-                    metrics.observe_job("running")
+                metrics.observe_job("running")
                 async with trio.open_nursery() as nursery:
                     if ledger is not None and job_id is not None:
                         nursery.start_soon(self._keep_lease, run, nursery.cancel_scope)
@@ -394,7 +395,7 @@ class Dispatcher:
         journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
         if doc.get("cancel_requested"):
             journal.cancel()
-        self._start(_Run(job_id, plan, journal))
+        self._start(_Run(job_id, plan, journal, resumed=True))
 
     async def _email_options(self, request: SendRequest, template: dict[str, Any] | None) -> EmailOptions:
         names = [*template_attachments(template), *request.email_attachments]
