@@ -46,6 +46,14 @@ def failures_by_kind(failures: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def failure_samples(failures: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """One full failure text per kind (the first seen), for what the kind's prefix leaves out."""
+    samples: dict[str, str] = {}
+    for f in failures:
+        samples.setdefault(f"{f.get('channel')}: {failure_kind(str(f.get('error', '')))}", str(f.get("error", "")))
+    return samples
+
+
 def check_accounting(summary: Mapping[str, Any], channel: str, selected: int,
                      expected_skipped: int | None) -> dict[str, Any]:
     sent = int(summary.get("sent", {}).get(channel, 0))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .accounting import (check_accounting, check_exactly_once, expected_for_fanout, expected_for_stream,
-                         failures_by_kind)
+                         failure_samples, failures_by_kind)
 from .config import embedded_settings
 from .drivers import Exchange, Phase
 from .environment import Environment
@@ -195,6 +195,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
                   "busy_deliveries_per_s": busy["deliveries_per_s"], "busy_window_s": busy["window_s"]},
         "replicas": _per_replica(options, phase.exchanges, service.replicas),
         "failures_by_kind": failures_by_kind(failures),
+        "failure_samples": failure_samples(failures),
         "checks": {"accounting": accounting_ok, "exactly_once": exactly_once_ok, "rate_limit": rate_limit_ok,
                    "ok": accounting_ok and exactly_once_ok and rate_limit_ok},
         "series": {"start": "scenario start", "bin_seconds": 1, "per_second": series},

@@ -78,8 +78,9 @@ def print_report(results: dict[str, Any], console: Console) -> None:
                     f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)")
     cluster = results.get("cluster")
     if cluster:
-        summary.add_row("Redis: limiter script calls / all commands, per delivery",
-                        f"{_fmt(cluster['script_calls_per_delivery'], 3)} / {_fmt(cluster['commands_per_delivery'], 3)}")
+        summary.add_row("Redis per delivery: limiter round trips (services' count) / script calls (Redis's)",
+                        f"{_fmt(cluster.get('limiter_round_trips_per_delivery'), 3)} / "
+                        f"{_fmt(cluster['script_calls_per_delivery'], 3)}")
     summary.add_row("accounting (sent+skipped+failed = selected)", _fmt(results["checks"]["accounting"]))
     for sample in requests.get("error_samples", []):
         summary.add_row("error", sample)
