@@ -129,7 +129,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                          help="also measure, on the same fakes: the transport ceiling (the same provider "
                               "classes at the same concurrency in a bare loop over pre-rendered messages), a "
                               "naive loop (one store query, Jinja2, one send at a time) and Apprise (the same "
-                              "e-mails to the same SMTP sink), and report the ratios")
+                              "e-mails to the same SMTP sink, from as many threads as the e-mail channel has "
+                              "connections), and report the ratios, CPU-seconds per delivery included")
     compare.add_argument("--repeat", type=int, default=1, metavar="N",
                          help="measure N rounds, interleaved (the scenario, then each baseline, then the scenario "
                               "again...), and report medians and each round's ratios (default: 1)")

@@ -99,6 +99,7 @@ class _Tracked:
     root: int
     process: psutil.Process
     cpu: float = 0.0  # user + system CPU-seconds at the last sample
+    system: float = 0.0  # of which in the kernel (syscalls: sockets, thread hand-offs)
     rss: int = 0
     peak_rss: int = 0
     alive: bool = True
@@ -159,6 +160,7 @@ class ProcessSampler:
                 tracked.alive = False  # gone: keep what we saw
                 continue
             tracked.cpu = times.user + times.system
+            tracked.system = times.system
             tracked.peak_rss = max(tracked.peak_rss, tracked.rss)
             total += tracked.rss
         self.peak = max(self.peak, total)
@@ -175,6 +177,13 @@ class ProcessSampler:
         self.sample()
         return sum(t.cpu - snapshot.get(pid, 0.0) for pid, t in self._tracked.items()
                    if root is None or t.root == root)
+
+    def system_snapshot(self) -> dict[int, float]:
+        return {pid: t.system for pid, t in self._tracked.items()}
+
+    def system_since(self, snapshot: Mapping[int, float]) -> float:
+        """Kernel CPU-seconds since `snapshot` (taken with `system_snapshot` after `cpu_snapshot`)."""
+        return sum(t.system - snapshot.get(pid, 0.0) for pid, t in self._tracked.items())
 
     def peak_of(self, root: int) -> int:
         """The highest RSS seen of one root's process (its workers' peaks are separate)."""

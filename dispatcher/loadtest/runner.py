@@ -177,7 +177,8 @@ class _Meter:
     def __init__(self, env: Environment, sampler: ProcessSampler, service: RunningService) -> None:
         self.env, self.sampler, self.service = env, sampler, service
         self.service_cpu: dict[int, float] = {}
-        self.service_s = 0.0
+        self.service_s = self.system_s = 0.0
+        self.service_system: dict[int, float] = {}
         self.per_root: list[float] = []
         self.store: float | None = None
         self.harness = 0.0
@@ -191,6 +192,7 @@ class _Meter:
             meter.redis_calls = await trio.to_thread.run_sync(env.redis.command_calls)
             meter.reported = await _reported_round_trips(service)
         meter.service_cpu = sampler.cpu_snapshot()
+        meter.service_system = sampler.system_snapshot()
         meter.store = _cpu_of(env.store_pid)
         meter.harness = own_cpu_seconds()
         return meter
@@ -198,6 +200,7 @@ class _Meter:
     async def stop(self) -> None:
         snapshot = self.service_cpu
         self.service_s = self.sampler.cpu_since(snapshot)
+        self.system_s = self.sampler.system_since(self.service_system)
         self.per_root = [self.sampler.cpu_since(snapshot, root) for root in self.service.roots()]
         store_end = _cpu_of(self.env.store_pid)
         self.store = None if store_end is None or self.store is None else store_end - self.store
@@ -217,6 +220,7 @@ class _Meter:
 
         results["cpu"] = {
             "service_s": round(self.service_s, 3), "service_ms_per_delivery": per_delivery_ms(self.service_s),
+            "service_system_s": round(self.system_s, 3),
             "store_s": None if self.store is None else round(self.store, 3),
             "store_ms_per_delivery": per_delivery_ms(self.store),
             "harness_s": round(self.harness, 3), "harness_ms_per_delivery": per_delivery_ms(self.harness),
