@@ -19,6 +19,7 @@ from dispatcher.messages import Delivery, Message, User
 from dispatcher.models import SendResult
 from dispatcher.plan import RequestPlan
 from dispatcher.render_budget import render_batch
+from dispatcher.settings import TemplateSettings
 from dispatcher.store import Store
 
 from .collector import collect
@@ -34,10 +35,11 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
     `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders off
-    the event loop under a budget (default: 50 ms per rendering, in a worker thread)."""
+    the event loop under a budget (default: `[templates].max_render_ms`'s default, in a worker
+    thread)."""
     request = plan.request
     result = SendResult() if result is None else result
-    render_jobs = render_jobs or partial(render_batch, budget_seconds=0.05)
+    render_jobs = render_jobs or partial(render_batch, budget_seconds=TemplateSettings().max_render_ms / 1000)
     journal = journal or Unrecorded()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     marks_send, marks_receive = trio.open_memory_channel[Mark](queue_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,22 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.embedded_store import free_port
+from dispatcher.loadtest.redis_server import answers_ping
+
 _START_TIMEOUT = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def find_redis_server() -> tuple[str | None, str]:
@@ -66,7 +53,7 @@ class RedisServer:
 
     def __init__(self, binary: str, port: int | None = None) -> None:
         self.binary = binary
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         self._process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -86,7 +73,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + _START_TIMEOUT
-        while not _answers_ping(self.port):
+        while not answers_ping(self.port):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 output = (self._dir / "redis.log").read_text(errors="replace")[-2000:]

@@ -66,7 +66,7 @@ async def open_redis(scratch: Path) -> AsyncIterator[RedisServer]:
     try:
         ready = False
         with trio.move_on_after(START_TIMEOUT_SECONDS):
-            while not await trio.to_thread.run_sync(_answers_ping, port):
+            while not await trio.to_thread.run_sync(answers_ping, port):
                 if process.poll() is not None:
                     raise RedisNotAvailable(f"redis-server exited at start-up (code {process.returncode}): "
                                             f"{log_path.read_text(errors='replace')[-1000:]}")
@@ -86,7 +86,7 @@ async def open_redis(scratch: Path) -> AsyncIterator[RedisServer]:
                 await process.wait()
 
 
-def _answers_ping(port: int) -> bool:
+def answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
