@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import trio
 from trio import MemoryReceiveChannel, MemorySendChannel
 
 from dispatcher.delivery import Transport, deliver
+from dispatcher.errors import StoreError
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message
 
-from .marker import Mark
-
 
 async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],
-               transport: Transport, journal: Unrecorded | None = None,
-               marks: MemorySendChannel[Mark] | None = None) -> None:
-    """`marks` (with a recording journal) is the marker's inbox: each message is marked
-    `sending` there before its provider call."""
+               transport: Transport, journal: Unrecorded | None = None) -> None:
+    """With a recording journal, each message is marked `sending` in the ledger just before its
+    provider call (the ledger writes the marks of every concurrent task in one round trip)."""
     # One task per message, started only when a slot is free: a one-recipient send costs one task,
     # not a pool of idle workers. The channel's limiter inside `deliver` is process-wide, so
     # concurrent sends share the provider's allowance.
@@ -27,20 +23,14 @@ async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChann
 
     async def deliver_one(message: Message) -> None:
         try:
-            if marks is not None:
-                mark = Mark(message)
-                await marks.send(mark)
-                await mark.done.wait()
-                if not mark.claimed:
-                    # Store down (not marked, so not attempted: a resumed run sends it), or another
-                    # run of this job holds the delivery: that run reports it.
-                    return
-            await results.send(await deliver(message, transport))
+            # Not claimed: the store is down (not marked, so not attempted: a resumed run sends
+            # it), or another run of this job holds the delivery (that run reports it).
+            if await _claimed(message, journal):
+                await results.send(await deliver(message, transport))
         finally:
             slots.release()
 
-    # Closing `marks` with the rest: the marker ends once every sender has.
-    with messages, results, marks if marks is not None else nullcontext():
+    with messages, results:
         async with trio.open_nursery() as nursery:
             async for message in messages:
                 await slots.acquire()
@@ -49,3 +39,14 @@ async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChann
                     await results.send(Delivery(message.user_id, message.channel, "cancelled"))
                     continue
                 nursery.start_soon(deliver_one, message)
+
+
+async def _claimed(message: Message, journal: Unrecorded) -> bool:
+    if journal.fault is not None:
+        return False
+    try:
+        taken = await journal.sending([(message.channel, message.user_id)])
+    except StoreError as exc:
+        journal.stop(exc)  # every sender of the run sees the fault and stops calling providers
+        return False
+    return journal.fault is None and not taken

@@ -23,7 +23,6 @@ from dispatcher.settings import TemplateSettings
 from dispatcher.store import Store
 
 from .collector import collect
-from .marker import Mark, mark
 from .renderer import RenderJobs, render
 from .resolver import UnknownRecipient, resolve
 from .sender import send
@@ -42,17 +41,11 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
     render_jobs = render_jobs or partial(render_batch, budget_seconds=TemplateSettings().max_render_ms / 1000)
     journal = journal or Unrecorded()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
-    marks_send, marks_receive = trio.open_memory_channel[Mark](queue_size)
     async with trio.open_nursery() as nursery:
         providers = {lane.channel: transports[lane.channel].provider.name for lane in plan.channels}
         nursery.start_soon(collect, results_receive, result, providers, journal)
         metrics.track_queue("collect", results_receive)
-        recording = journal.job_id is not None
-        if recording:
-            nursery.start_soon(mark, marks_receive, journal)
-        else:
-            marks_receive.close()
-        with results_send, marks_send:
+        with results_send:
             for lane in plan.channels:
                 # Users travel in store batches, so a couple of batches in flight are plenty.
                 users_send, users_receive = trio.open_memory_channel[list[User | UnknownRecipient]](2)
@@ -62,7 +55,5 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
                 nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
                 nursery.start_soon(render, users_receive, messages_send, results_send.clone(), lane, request.data,
                                    journal, render_jobs)
-                marks = marks_send.clone() if recording else None
-                nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal,
-                                   marks)
+                nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal)
     return result

@@ -2,8 +2,9 @@
 
 Two collections (names under `[store]`): one job document per accepted send, one delivery
 document per (job, user, channel). A delivery is written `sending` before its provider call and
-`sent`/`failed`/`skipped`/`cancelled` after, in batches (one round trip per store batch or per
-flush, never per delivery). After a crash, a `sending` delivery is the only kind whose outcome is
+`sent`/`failed`/`skipped`/`cancelled` after. Those writes, and the creation and end of every job,
+go through one group commit per process (`group_commit.py`): what every run of every job asks to
+write while one write is in flight goes in the next, never a round trip per delivery or per job. After a crash, a `sending` delivery is the only kind whose outcome is
 unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
 
 Times that the service compares (lease expiry) are epoch seconds; `expires_at` is a BSON date
@@ -22,11 +23,12 @@ from typing import Any
 
 import pymongo
 import trio
-from pymongo import ReturnDocument, UpdateOne
+from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
+from .group_commit import GroupCommit, Write
 from .messages import Delivery
 from .settings import StoreSettings
 
@@ -61,6 +63,7 @@ class Ledger:
         self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
+        self._commits = GroupCommit(self._flush)
 
     async def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -92,7 +95,7 @@ class Ledger:
                "started_at": created, "finished_at": None, "summary": None, "error": None,
                "cancel_requested": False, "idempotency_key": idempotency_key,
                "lease_owner": owner, "lease_expires": time.time() + lease, "expires_at": self._expires_at()}
-        await self._run("job creation", self._jobs.insert_one, doc)
+        await self._commits.submit("job", ([doc], None))
 
     async def delete_job(self, job_id: str) -> None:
         # Only ever our own job, just created and never started (its lease keeps others off).
@@ -123,7 +126,7 @@ class Ledger:
                                return_document=ReturnDocument.AFTER)
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        await self._run("job update", self._jobs.update_one, {"_id": job_id}, {"$set": fields})
+        await self._commits.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
         return await self._run("job cancellation", self._jobs.find_one_and_update,
@@ -174,34 +177,27 @@ class Ledger:
                             deliveries: Sequence[tuple[str, str, str | None]]) -> set[tuple[str, str]]:
         """Mark these (channel, user, previous run) deliveries `sending` for run `run_id`, before
         their provider calls, and return those that could NOT be claimed: another run holds or
-        settled them. A claim is a compare-and-set (an upsert whose filter only matches a
-        delivery nobody has touched, or one left `sending` by `previous run`), so two runs of the
-        same partition or job never both send one delivery."""
+        settled them. A claim is a compare-and-set, so two runs of the same partition or job never
+        both send one delivery: an insert (the unique `_id` refuses a delivery anyone wrote), or,
+        for a delivery left `sending` by `previous` run (`""` for one that recorded no run), an
+        update whose filter names that run."""
         expires = self._expires_at()
-        ops = []
+        ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
         for channel, user, previous in deliveries:
-            match: dict[str, Any] = {"_id": delivery_key(job_id, channel, user)}
-            # `previous` is "" for a delivery left `sending` by a run that recorded no id.
-            match.update({"state": "sending", "run": previous or None} if previous is not None
-                         else {"state": {"$exists": False}})
-            ops.append(UpdateOne(match, {"$set": {"job": job_id, "user": user, "channel": channel, "state": "sending",
-                                                  "run": run_id, "expires_at": expires}}, upsert=True))
+            doc = {"job": job_id, "user": user, "channel": channel, "state": "sending", "run": run_id,
+                   "expires_at": expires}
+            key = delivery_key(job_id, channel, user)
+            if previous is None:
+                ops.append(InsertOne({"_id": key, **doc}))
+            else:
+                ops.append(UpdateOne({"_id": key, "state": "sending", "run": previous or None}, {"$set": doc},
+                                     upsert=True))
         if not ops:
             return set()
-        try:
-            await self._run("delivery start", self._deliveries.bulk_write, ops, ordered=False)
-        except StoreError as exc:
-            cause = exc.__cause__
-            if not isinstance(cause, BulkWriteError):
-                raise
-            errors = cause.details.get("writeErrors", [])
-            if any(error.get("code") != _DUPLICATE_KEY for error in errors):
-                raise
-            return {deliveries[error["index"]][:2] for error in errors}
-        return set()
+        return await self._commits.submit("claim", (ops, [d[:2] for d in deliveries]))
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
-        """Record final outcomes, one round trip for the whole batch."""
+        """Record final outcomes."""
         if not deliveries:
             return
         expires = self._expires_at()
@@ -210,7 +206,17 @@ class Ledger:
                                    "error": d.error, "attempts": d.attempts, "provider_id": d.provider_id,
                                    "user_found": d.user_found, "expires_at": expires}}, upsert=True)
                for d in deliveries]
-        await self._run("delivery outcome", self._deliveries.bulk_write, ops, ordered=False)
+        await self._commits.submit("outcome", (ops, None))
+
+    def _flush(self, batch: list[Write]) -> None:
+        """One group of writes (in a worker thread): new jobs, then every delivery write in one
+        unordered bulk, then job updates; a failed command fails only the writes it carried."""
+        _bulk([w for w in batch if w.kind == "job"], "job creation",
+              lambda docs: self._jobs.insert_many(docs, ordered=False))
+        _bulk([w for w in batch if w.kind in ("claim", "outcome")], "delivery write",
+              lambda ops: self._deliveries.bulk_write(ops, ordered=False))
+        _bulk([w for w in batch if w.kind == "job update"], "job update",
+              lambda ops: self._jobs.bulk_write(ops, ordered=False))
 
     async def summary(self, job_id: str, channels: Sequence[str]) -> dict[str, Any]:
         """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote)."""
@@ -241,6 +247,42 @@ class Ledger:
                 collection.delete_many(cutoff)
 
         await self._run("purge", purge)
+
+
+def _bulk(writes: list[Write], what: str, command: Any) -> None:
+    """Run `command` once on the operations of every write (each payload is `(operations, keys)`)
+    and settle each write from the per-operation errors: a duplicate key on a claim means another
+    run holds that delivery (`keys[i]` joins the claim's result); any other error fails its write."""
+    if not writes:
+        return
+    ops = [op for write in writes for op in write.payload[0]]
+    try:
+        command(ops)
+        errors: dict[int, dict[str, Any]] = {}
+    except BulkWriteError as exc:
+        errors = {error["index"]: error for error in exc.details.get("writeErrors", [])}
+    except PyMongoError as exc:
+        for write in writes:
+            write.fail(StoreError(f"ledger {what} failed: {exc}"))
+        return
+    start = 0
+    for write in writes:
+        own, keys = write.payload
+        taken = set()
+        failure = None
+        for i in range(len(own)):
+            error = errors.get(start + i)
+            if error is None:
+                continue
+            if write.kind == "claim" and error.get("code") == _DUPLICATE_KEY:
+                taken.add(keys[i])
+            else:
+                failure = StoreError(f"ledger {what} failed: {error.get('errmsg', error)}")
+        start += len(own)
+        if failure is not None:
+            write.fail(failure)
+        else:
+            write.succeed(taken if write.kind == "claim" else None)
 
 
 def body_hash(payload: dict[str, Any]) -> str:
