@@ -21,7 +21,8 @@ import select
 import socket
 import ssl
 from collections.abc import Callable
-from email.message import EmailMessage
+from email.message import Message as MimeMessage
+from email.policy import Policy
 from email.utils import parseaddr
 from typing import Any
 
@@ -30,7 +31,7 @@ from smtpproto.protocol import ClientState, SMTPClientProtocol, SMTPException, S
 
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import EmailContent, Message
-from ..mime import build_email, envelope_recipients
+from ..mime import POLICY, build_email, envelope_recipients
 from ..settings import SmtpSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ _QUIT_TIMEOUT_SECONDS = 2.0
 # the data) as a protocol violation whose text carries the code.
 _UNEXPECTED_REPLY = re.compile(r"Unexpected response: (\d{3}) ?(.*)", re.DOTALL)
 _IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_WIRE_POLICY = POLICY.clone(linesep="\r\n")
 
 
 class _Reply(Exception):
@@ -56,6 +58,30 @@ class _Reply(Exception):
 
 class _ConnectionLost(Exception):
     """The server closed the connection (EOF) or answered gibberish."""
+
+
+class _Wire:
+    """A message from `mime.build_email` as smtpproto's `data()` takes it (`in`, `as_bytes(policy=)`).
+
+    smtpproto writes it with `policy.SMTP`, an `EmailPolicy`, whose generator runs every header it
+    reads (Content-Type, boundary) through the header registry's parser again: most of what
+    building with compat32 saves. The message's headers are ASCII, encoded and folded, and its
+    bodies 7bit, so its own policy with CRLF writes the same message (tests/test_mime.py compares
+    the bytes); only an SMTPUTF8 transaction (an address that is not ASCII, to be written as
+    UTF-8) keeps smtpproto's policy.
+    """
+
+    def __init__(self, mail: MimeMessage) -> None:
+        self.mail = mail
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.mail
+
+    def as_bytes(self, policy: Policy) -> bytes:
+        data = self.mail.as_bytes(policy=policy if getattr(policy, "utf8", False) else _WIRE_POLICY)
+        # smtpproto puts the final "." right after the data, which must end a line to end it
+        # (RFC 5321 4.1.1.4); a body's last line need not end with a line break.
+        return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 class _Session:
@@ -202,7 +228,7 @@ class SmtpProvider:
             for session in idle:
                 nursery.start_soon(session.quit)
 
-    async def _transact(self, session: _Session, mail: EmailMessage, sender: str, recipients: list[str],
+    async def _transact(self, session: _Session, mail: MimeMessage, sender: str, recipients: list[str],
                         user_id: str) -> None:
         protocol = session.protocol
         primary = recipients[0]
@@ -222,7 +248,7 @@ class SmtpProvider:
             await session.reset()
             raise
         try:
-            await session.command(protocol.data, mail)
+            await session.command(protocol.data, _Wire(mail))
         except (_ConnectionLost, *_IO_ERRORS) as exc:
             # The server may have queued the message before the connection went.
             raise TransientDeliveryError(f"SMTP connection lost after the message was sent: {_describe(exc)}",
