@@ -197,15 +197,27 @@ class Ledger:
         return await self._commits.submit("claim", (ops, [d[:2] for d in deliveries]))
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
-        """Record final outcomes."""
+        """Record final outcomes. A delivery with attempts was claimed first (providers are only
+        called after the claim), so its document exists and only what the attempt changed is
+        written (half the store's work per delivery); any other is written whole."""
         if not deliveries:
             return
         expires = self._expires_at()
-        ops = [UpdateOne({"_id": delivery_key(job_id, d.channel, d.user_id)},
-                         {"$set": {"job": job_id, "user": d.user_id, "channel": d.channel, "state": d.status,
-                                   "error": d.error, "attempts": d.attempts, "provider_id": d.provider_id,
-                                   "user_found": d.user_found, "expires_at": expires}}, upsert=True)
-               for d in deliveries]
+        ops = []
+        for d in deliveries:
+            key = {"_id": delivery_key(job_id, d.channel, d.user_id)}
+            if d.attempts:
+                outcome: dict[str, Any] = {"state": d.status, "attempts": d.attempts}
+                if d.error is not None:
+                    outcome["error"] = d.error
+                if d.provider_id is not None:
+                    outcome["provider_id"] = d.provider_id
+                ops.append(UpdateOne(key, {"$set": outcome}))
+            else:
+                ops.append(UpdateOne(key, {"$set": {"job": job_id, "user": d.user_id, "channel": d.channel,
+                                                    "state": d.status, "error": d.error, "attempts": d.attempts,
+                                                    "provider_id": d.provider_id, "user_found": d.user_found,
+                                                    "expires_at": expires}}, upsert=True))
         await self._commits.submit("outcome", (ops, None))
 
     def _flush(self, batch: list[Write]) -> None:

@@ -106,7 +106,7 @@ async def test_ledger_claims_and_outcomes_of_several_jobs_in_one_group(database:
     other claims and another job's outcomes in the same bulk are written."""
     ledger = Ledger(database.client, StoreSettings(database=database.name))
     await ledger.ensure_indexes()
-    await ledger.record("job-a", [Delivery("u1", "sms", "sent", attempts=1, provider_id="SM1")])
+    await ledger.record("job-a", [Delivery("u1", "sms", "skipped")])
 
     async with trio.open_nursery() as nursery:
         taken: dict[str, set[tuple[str, str]]] = {}
@@ -121,5 +121,13 @@ async def test_ledger_claims_and_outcomes_of_several_jobs_in_one_group(database:
     assert taken == {"job-a": {("sms", "u1")}, "job-b": set()}
     deliveries = database[StoreSettings().deliveries_collection]
     states = {doc["_id"]: doc["state"] for doc in deliveries.find()}
-    assert states == {delivery_key("job-a", "sms", "u1"): "sent", delivery_key("job-a", "sms", "u2"): "sending",
+    assert states == {delivery_key("job-a", "sms", "u1"): "skipped", delivery_key("job-a", "sms", "u2"): "sending",
                       delivery_key("job-b", "sms", "u1"): "sending", delivery_key("job-c", "email", "u9"): "skipped"}
+
+    # The outcome of an attempt updates its claim: only what the attempt changed is written.
+    await ledger.record("job-b", [Delivery("u1", "sms", "sent", attempts=2, provider_id="SM1")])
+    doc = deliveries.find_one({"_id": delivery_key("job-b", "sms", "u1")})
+    assert doc is not None
+    assert {k: doc.get(k) for k in ("job", "user", "channel", "state", "attempts", "provider_id", "run")} == {
+        "job": "job-b", "user": "u1", "channel": "sms", "state": "sent", "attempts": 2, "provider_id": "SM1",
+        "run": "run-1"}
