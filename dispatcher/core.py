@@ -191,11 +191,17 @@ class Dispatcher:
         return checks
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new sends and wait up to `timeout` seconds for those in flight; True if all finished."""
+        """Refuse new sends, take no more partitions of shared fan-outs, and wait up to `timeout`
+        seconds for the jobs and partitions in flight; True if all finished."""
         self._closing = True
+        queue = self.fanout.queue if self.fanout is not None else None
+        if queue is not None:
+            queue.stop_taking()
         with trio.move_on_after(timeout):
             await self._idle.wait()
-        return self._in_flight == 0
+            if queue is not None:
+                await queue.stopped.wait()
+        return self._in_flight == 0 and (queue is None or queue.stopped.is_set())
 
     # -- accepting and running jobs -------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Partitions of large sends on a Redis Stream (`dispatcher.cluster.partitions`), against a real
 `redis-server`: every partition consumed once by several queues, progress counted once per
 partition, a SIGKILLed process's partition reclaimed, a slow-but-alive worker not robbed, a failing
-handler retried without spinning, a graceful shutdown handing its partition over at once, and a
-Redis restart survived.
+handler retried without spinning, a graceful shutdown handing its partition over at once, a
+draining process finishing its partition and taking no other, and a Redis restart survived.
 
 Run as a script, this file is the consumer process that the SIGKILL test kills:
     python tests/test_partitions.py URL NAMESPACE CLAIM_IDLE_SECONDS
@@ -237,6 +237,43 @@ async def test_a_cancelled_worker_hands_its_partition_over_at_once(redis_url: st
             await wait_for_progress(staying, "job6", 1, within=2)
             nursery.cancel_scope.cancel()
         assert delivered == [0] and staying.stats.reclaimed == 1
+
+
+async def test_a_draining_process_finishes_its_partition_and_takes_no_other(redis_url: str) -> None:
+    ns = namespace()
+    started, release = trio.Event(), trio.Event()
+    delivered: dict[str, list[int]] = {"draining": [], "staying": []}
+
+    async def slow(name: str, partition: Partition) -> None:
+        started.set()
+        await release.wait()
+        delivered[name].append(partition.index)
+
+    async def record(name: str, partition: Partition) -> None:
+        delivered[name].append(partition.index)
+
+    async with open_queue(redis_url, ns) as draining, open_queue(redis_url, ns) as staying:
+        await draining.expect("job8", 3)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(draining.serve, partial(slow, "draining"), workers=2, claim_idle_seconds=10,
+                                        block_ms=100))
+            await draining.publish("job8", partitions_of("job8", 1))
+            with trio.fail_after(2):
+                await started.wait()
+            draining.stop_taking()
+            await draining.publish("job8", partitions_of("job8", 3)[1:])
+            await trio.sleep(0.5)  # several block times: an idle worker that still delivered would have
+            release.set()
+            with trio.fail_after(2):
+                await draining.stopped.wait()  # serve returned: the held partition was finished first
+        assert delivered["draining"] == [0] and await draining.progress("job8") == (1, 3)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(staying.serve, partial(record, "staying"), workers=1, claim_idle_seconds=10,
+                                        block_ms=100))
+            await wait_for_progress(staying, "job8", 3, within=3)
+            nursery.cancel_scope.cancel()
+        # A worker whose read returned after the drain began handed its entry over (reclaimed).
+        assert sorted(delivered["staying"]) == [1, 2] and staying.stats.reclaimed <= 1
 
 
 async def test_consumption_resumes_after_a_redis_restart(own_redis: RedisServer) -> None:

@@ -170,6 +170,9 @@ class PartitionQueue:
         self._scan_cursor = "0-0"
         self._next_scan = float("-inf")
         self._down_since: float | None = None
+        self._taking = True
+        # Set once every worker of `serve` has returned (after `stop_taking`).
+        self.stopped = trio.Event()
 
     @classmethod
     def from_cluster(cls, cluster: Cluster, **kwargs: Any) -> PartitionQueue:
@@ -184,6 +187,12 @@ class PartitionQueue:
 
     def expected_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{{{job_id}}}:expected"
+
+    def stop_taking(self) -> None:
+        """Drain: workers finish the partition they hold and take no other (within one block
+        time); `stopped` is set when the last has returned. Untaken partitions stay on the stream
+        for the other processes."""
+        self._taking = False
 
     @property
     def available(self) -> bool:
@@ -256,7 +265,7 @@ class PartitionQueue:
     async def serve(self, handler: Handler, *, workers: int = 2, claim_idle_seconds: float = 30.0,
                     block_ms: int = 1000, on_job_complete: JobCompleteHandler | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run `workers` consumers until cancelled. `handler(partition)` delivers one partition;
+        """Run `workers` consumers until cancelled or `stop_taking`. `handler(partition)` delivers one partition;
         `on_job_complete(job_id)` (optional) runs when a finished partition brings the job's
         count to its expected total: at least once per job (again if that partition is
         delivered again), before the entry is acknowledged. Started once the group has been
@@ -274,12 +283,13 @@ class PartitionQueue:
                 nursery.start_soon(self._worker, f"{self.consumer}-{index}", handler, on_job_complete,
                                    claim_idle_seconds, block_ms)
             task_status.started()
+        self.stopped.set()
 
     async def _worker(self, consumer: str, handler: Handler, on_job_complete: JobCompleteHandler | None,
                       claim_idle: float, block_ms: int) -> None:
         redis_backoff = _BACKOFF_INITIAL
         handler_failures = 0
-        while True:
+        while self._taking:
             try:
                 found = await self._next_entry(consumer, claim_idle, block_ms)
             except _FAILURES as exc:
@@ -292,6 +302,9 @@ class PartitionQueue:
             if found is None:
                 continue
             entry_id, fields = found
+            if not self._taking:  # read while draining: another process takes it at once
+                await self._hand_over(consumer, entry_id, claim_idle)
+                return
             if await self._process(consumer, entry_id, fields, handler, on_job_complete, claim_idle):
                 handler_failures = 0
             else:
@@ -366,13 +379,16 @@ class PartitionQueue:
         finally:
             if not settled:
                 # Cancelled (shutting down) mid-partition: let another process take it over at once.
-                with trio.CancelScope(shield=True), trio.move_on_after(2 * self._timeout):
-                    try:
-                        await self._touch(keys=[self.stream],
-                                          args=[self.group, consumer, entry_id, int(claim_idle * 1000)])
-                    except _FAILURES:
-                        pass
+                await self._hand_over(consumer, entry_id, claim_idle)
         return not failed
+
+    async def _hand_over(self, consumer: str, entry_id: str, claim_idle: float) -> None:
+        """Make our pending entry look idle for `claim_idle`: the next XAUTOCLAIM anywhere takes it."""
+        with trio.CancelScope(shield=True), trio.move_on_after(2 * self._timeout):
+            try:
+                await self._touch(keys=[self.stream], args=[self.group, consumer, entry_id, int(claim_idle * 1000)])
+            except _FAILURES:
+                pass
 
     async def _keep_alive(self, consumer: str, entry_id: str, partition: Partition, every: float) -> None:
         while True:
