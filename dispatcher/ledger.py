@@ -4,8 +4,10 @@ Two collections (names under `[store]`): one job document per accepted send, one
 document per (job, user, channel). A delivery is written `sending` before its provider call and
 `sent`/`failed`/`skipped`/`cancelled` after. Those writes, and the creation and end of every job,
 go through one group commit per process (`group_commit.py`): what every run of every job asks to
-write while one write is in flight goes in the next, never a round trip per delivery or per job. After a crash, a `sending` delivery is the only kind whose outcome is
-unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
+write while one write is in flight goes in the next, never a round trip per delivery or per job.
+A caller awaits each write before its next, so one caller's writes never share a group (groups are
+unordered bulks); claims of one delivery by two runs are compare-and-set. After a crash, a `sending` delivery is the only kind whose
+outcome is unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
 
 Times that the service compares (lease expiry) are epoch seconds; `expires_at` is a BSON date
 for MongoDB's TTL index (and for the purge that runs where the server has no TTL monitor).
@@ -199,7 +201,7 @@ class Ledger:
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
         """Record final outcomes. A delivery with attempts was claimed first (providers are only
         called after the claim), so its document exists and only what the attempt changed is
-        written (half the store's work per delivery); any other is written whole."""
+        written (less work for the store: benchmarks/store_writes.py); any other is written whole."""
         if not deliveries:
             return
         expires = self._expires_at()
