@@ -2,7 +2,8 @@
 `redis-server`: every partition consumed once by several queues, progress counted once per
 partition, a SIGKILLed process's partition reclaimed, a slow-but-alive worker not robbed, a failing
 handler retried without spinning, a graceful shutdown handing its partition over at once, a
-draining process finishing its partition and taking no other, and a Redis restart survived.
+draining process finishing its partition and taking no other, consumers of dead processes
+forgotten (never one holding a partition), and a Redis restart survived.
 
 Run as a script, this file is the consumer process that the SIGKILL test kills:
     python tests/test_partitions.py URL NAMESPACE CLAIM_IDLE_SECONDS
@@ -274,6 +275,26 @@ async def test_a_draining_process_finishes_its_partition_and_takes_no_other(redi
             nursery.cancel_scope.cancel()
         # A worker whose read returned after the drain began handed its entry over (reclaimed).
         assert sorted(delivered["staying"]) == [1, 2] and staying.stats.reclaimed <= 1
+
+
+async def test_idle_consumers_that_hold_nothing_are_forgotten(redis_url: str) -> None:
+    ns = namespace()
+    async with open_queue(redis_url, ns) as queue:
+        await queue.ensure_group()
+        await queue.publish("job9", partitions_of("job9", 2))
+        client = queue._client
+        # "gone" read an entry and acknowledged it; "holding" still holds one.
+        for consumer in ("gone", "holding"):
+            read = await client.xreadgroup(queue.group, consumer, {queue.stream: ">"}, count=1)
+            assert read
+            if consumer == "gone":
+                entry = next(iter(read.values()))[0]
+                await client.xack(queue.stream, queue.group, [entry.identifier])
+        await trio.sleep(0.05)
+        assert await queue.forget_idle_consumers(idle_seconds=3600) == 0  # not idle long enough
+        assert await queue.forget_idle_consumers(idle_seconds=0.01) == 1
+        names = {(c.get(b"name") or c.get("name")) for c in await client.xinfo_consumers(queue.stream, queue.group)}
+        assert names in ({b"holding"}, {"holding"})
 
 
 async def test_consumption_resumes_after_a_redis_restart(own_redis: RedisServer) -> None:

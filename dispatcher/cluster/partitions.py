@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 PUBLISH_BATCH = 500  # XADDs per pipelined round trip
 COUNTER_TTL_SECONDS = 86_400  # a job's counters expire a day after their last update
+FORGET_IDLE_CONSUMERS_SECONDS = 3_600
 _BACKOFF_INITIAL = 0.05
 _BACKOFF_MAX = 1.0
 _HANDLER_BACKOFF_MAX = 5.0
@@ -81,6 +82,23 @@ if type(p) ~= 'table' or p.err or #p == 0 or p[1][2] ~= ARGV[2] then
 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
 return 1
+"""
+
+# Forget consumers with nothing pending, idle for more than ARGV[2] ms: every process start adds
+# its own, and a dead process's would stay in the group for ever. In one script, so that no
+# consumer can read an entry between the check and the deletion (DELCONSUMER drops what a
+# consumer holds). KEYS: stream. ARGV: group, idle ms. Returns how many were forgotten.
+_FORGET_SCRIPT = """
+local forgotten = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
 """
 
 # Count partition ARGV[1] as finished; refresh the job's counters' expiry. KEYS: finished set,
@@ -163,6 +181,7 @@ class PartitionQueue:
         self._ttl = counter_ttl_seconds
         self._touch = client.register_script(_TOUCH_SCRIPT)
         self._finish_script = client.register_script(_FINISH_SCRIPT)
+        self._forget_script = client.register_script(_FORGET_SCRIPT)
         stream_timeout = client.connection_pool.connection_kwargs.get("stream_timeout")
         # A blocked XREADGROUP must answer before the client gives up on it.
         self._max_block_ms = int(stream_timeout * 1000 * _BLOCK_MARGIN) if stream_timeout else None
@@ -187,6 +206,12 @@ class PartitionQueue:
 
     def expected_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{{{job_id}}}:expected"
+
+    async def forget_idle_consumers(self, idle_seconds: float = FORGET_IDLE_CONSUMERS_SECONDS) -> int:
+        """Remove the group's consumers that hold nothing and were idle that long (a live but idle
+        one is simply created again by its next read)."""
+        with trio.fail_after(2 * self._timeout):
+            return int(await self._forget_script(keys=[self.stream], args=[self.group, int(idle_seconds * 1000)]))
 
     def stop_taking(self) -> None:
         """Drain: workers finish the partition they hold and take no other (within one block
@@ -326,6 +351,7 @@ class PartitionQueue:
                 self._scan_cursor = cursor
                 if cursor == "0-0":  # a full pass over the pending entries: next one in a while
                     self._next_scan = trio.current_time() + claim_idle / 2
+                    await self.forget_idle_consumers()
                 if entries:
                     entry = entries[0]
                     if not isinstance(entry, (str, bytes)):
