@@ -3,7 +3,7 @@
 Two collections (names under `[store]`): one job document per accepted send, one delivery
 document per (job, user, channel). A delivery is written `sending` before its provider call and
 `sent`/`failed`/`skipped`/`cancelled` after. Those writes, and the creation and end of every job,
-go through one group commit per process (`group_commit.py`): what every run of every job asks to
+go through one group commit per process (`batching.py`): what every run of every job asks to
 write while one write is in flight goes in the next, never a round trip per delivery or per job.
 A caller awaits each write before its next, so one caller's writes never share a group (groups are
 unordered bulks); claims of one delivery by two runs are compare-and-set. After a crash, a `sending` delivery is the only kind whose
@@ -30,7 +30,7 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
-from .group_commit import GroupCommit, Write
+from .batching import Batcher, Call
 from .messages import Delivery
 from .settings import StoreSettings
 
@@ -65,7 +65,7 @@ class Ledger:
         self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
-        self._commits = GroupCommit(self._flush)
+        self._writes = Batcher(self._flush)
 
     async def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -97,7 +97,7 @@ class Ledger:
                "started_at": created, "finished_at": None, "summary": None, "error": None,
                "cancel_requested": False, "idempotency_key": idempotency_key,
                "lease_owner": owner, "lease_expires": time.time() + lease, "expires_at": self._expires_at()}
-        await self._commits.submit("job", ([doc], None))
+        await self._writes.submit("job", ([doc], None))
 
     async def delete_job(self, job_id: str) -> None:
         # Only ever our own job, just created and never started (its lease keeps others off).
@@ -128,7 +128,7 @@ class Ledger:
                                return_document=ReturnDocument.AFTER)
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        await self._commits.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None))
+        await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
         return await self._run("job cancellation", self._jobs.find_one_and_update,
@@ -196,7 +196,7 @@ class Ledger:
                                      upsert=True))
         if not ops:
             return set()
-        return await self._commits.submit("claim", (ops, [d[:2] for d in deliveries]))
+        return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries]))
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
         """Record final outcomes. A delivery with attempts was claimed first (providers are only
@@ -220,9 +220,9 @@ class Ledger:
                                                     "state": d.status, "error": d.error, "attempts": d.attempts,
                                                     "provider_id": d.provider_id, "user_found": d.user_found,
                                                     "expires_at": expires}}, upsert=True))
-        await self._commits.submit("outcome", (ops, None))
+        await self._writes.submit("outcome", (ops, None))
 
-    def _flush(self, batch: list[Write]) -> None:
+    def _flush(self, batch: list[Call]) -> None:
         """One group of writes (in a worker thread): new jobs, then every delivery write in one
         unordered bulk, then job updates; a failed command fails only the writes it carried."""
         _bulk([w for w in batch if w.kind == "job"], "job creation",
@@ -263,7 +263,7 @@ class Ledger:
         await self._run("purge", purge)
 
 
-def _bulk(writes: list[Write], what: str, command: Any) -> None:
+def _bulk(writes: list[Call], what: str, command: Any) -> None:
     """Run `command` once on the operations of every write (each payload is `(operations, keys)`)
     and settle each write from the per-operation errors: a duplicate key on a claim means another
     run holds that delivery (`keys[i]` joins the claim's result); any other error fails its write."""

@@ -1,12 +1,15 @@
 """Users and templates in MongoDB, read through the sync pymongo client on worker threads.
 
 `pymongo.AsyncMongoClient` is asyncio-only, so every round trip runs in `trio.to_thread`; users
-are streamed one cursor batch per thread hop, never a whole cluster at once.
+are streamed one cursor batch per thread hop, never a whole cluster at once. A selection of a few
+ids (most single-recipient sends) is looked up together with the other such lookups made while
+one is in flight: one query and one thread hop for all of them (`batching.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -16,9 +19,13 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 from pymongo.uri_parser import parse_uri
 
+from .batching import Batcher, Call
 from .errors import StoreError
 from .messages import User
 from .settings import StoreSettings, UserFields
+
+# Selections of at most this many ids (and no cluster) share their lookups.
+SHARED_LOOKUP_IDS = 16
 
 
 class Store:
@@ -30,6 +37,7 @@ class Store:
         self._templates = db[settings.templates_collection]
         self._fields = fields
         self._batch_size = batch_size
+        self._lookups = Batcher(self._look_up)
 
     @classmethod
     def connect(cls, url: str, settings: StoreSettings, fields: UserFields, batch_size: int = 500) -> "Store":
@@ -73,6 +81,11 @@ class Store:
                            only_ids: bool = False) -> AsyncIterator[list[User]]:
         """Yield the selected users in batches, each user once, `_id` as a string (`only_ids`:
         documents holding nothing but the id field)."""
+        if not clusters and 0 < len(recipients) <= SHARED_LOOKUP_IDS and not only_ids:
+            users = await self._lookups.submit("users", recipients)
+            if users:
+                yield users
+            return
         query = self.user_query(recipients, clusters)
         projection = {self._fields.id: 1} if only_ids else None
         cursor = self._users.find(query, projection, batch_size=self._batch_size)
@@ -89,6 +102,30 @@ class Store:
                     yield batch
         finally:
             cursor.close()
+
+    def _look_up(self, calls: list[Call]) -> None:
+        """One query for the ids of every call (in a worker thread); each call gets the users its
+        own ids select, each once, as `stream_users` would have yielded them."""
+        field = self._fields.id
+        wanted = {id(call): self.user_query(call.payload, ())[field]["$in"] for call in calls}
+        try:
+            docs = list(self._users.find({field: {"$in": [v for values in wanted.values() for v in values]}}))
+        except PyMongoError as exc:
+            for call in calls:
+                call.fail(StoreError(f"user lookup failed: {exc}"))
+            return
+        by_value: dict[Any, list[dict[str, Any]]] = {}
+        for doc in docs:
+            value = doc.get(field)
+            for key in value if isinstance(value, list) else [value]:  # $in matches array elements too
+                with suppress(TypeError):  # an unhashable id value matches no requested id
+                    by_value.setdefault(key, []).append(doc)
+        for call in calls:
+            selected = {id(doc): doc for value in wanted[id(call)] for doc in by_value.get(value, ())}
+            users = [dict(doc) for doc in selected.values()]  # each send its own documents
+            for user in users:
+                user["_id"] = str(user["_id"])
+            call.succeed(users)
 
     def user_id(self, user: User) -> str:
         value = user.get(self._fields.id)

@@ -1,5 +1,6 @@
-"""The process-wide group commit of ledger writes: callers that arrive while a write is in flight go
-together in the next one, each gets its own outcome, and cancellation loses nothing it should not."""
+"""Shared round trips (`dispatcher.batching`): callers that arrive while one is in flight go together
+in the next, each gets its own outcome, and cancellation loses nothing it should not; the ledger's
+group commit and the store's grouped user lookups through real pymongo."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import threading
 from typing import Any
 
 import pymongo
+import pymongo.monitoring
 import pytest
 import trio
+from bson import ObjectId
 
 from dispatcher.errors import StoreError
-from dispatcher.group_commit import GroupCommit, Write
+from dispatcher.batching import Batcher, Call
 from dispatcher.ledger import Ledger, delivery_key
 from dispatcher.messages import Delivery
-from dispatcher.settings import StoreSettings
+from dispatcher.settings import StoreSettings, UserFields
+from dispatcher.store import Store
 
 
 class Recorder:
@@ -24,7 +28,7 @@ class Recorder:
         self.batches: list[list[Any]] = []
         self.release = threading.Event()
 
-    def flush(self, batch: list[Write]) -> None:
+    def flush(self, batch: list[Call]) -> None:
         if not self.batches:
             self.release.wait(5)
         self.batches.append([w.payload for w in batch])
@@ -37,11 +41,11 @@ class Recorder:
 
 async def test_writes_queued_during_a_write_go_together_in_the_next() -> None:
     recorder = Recorder()
-    commits = GroupCommit(recorder.flush)
+    batcher = Batcher(recorder.flush)
     results: dict[int, Any] = {}
 
     async def submit(i: int) -> None:
-        results[i] = await commits.submit("x", i)
+        results[i] = await batcher.submit("x", i)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(submit, 0)
@@ -58,12 +62,12 @@ async def test_writes_queued_during_a_write_go_together_in_the_next() -> None:
 async def test_each_caller_gets_its_own_outcome() -> None:
     recorder = Recorder()
     recorder.release.set()
-    commits = GroupCommit(recorder.flush)
+    batcher = Batcher(recorder.flush)
     outcomes: dict[str, Any] = {}
 
     async def submit(payload: str) -> None:
         try:
-            outcomes[payload] = await commits.submit("x", payload)
+            outcomes[payload] = await batcher.submit("x", payload)
         except StoreError as exc:
             outcomes[payload] = exc
 
@@ -77,28 +81,28 @@ async def test_each_caller_gets_its_own_outcome() -> None:
 
 async def test_a_caller_cancelled_before_its_write_was_taken_takes_it_back() -> None:
     recorder = Recorder()
-    commits = GroupCommit(recorder.flush)
+    batcher = Batcher(recorder.flush)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(commits.submit, "x", "first")
+        nursery.start_soon(batcher.submit, "x", "first")
         await trio.testing.wait_all_tasks_blocked()
         with trio.move_on_after(0.01):
-            await commits.submit("x", "abandoned")
-        nursery.start_soon(commits.submit, "x", "kept")
+            await batcher.submit("x", "abandoned")
+        nursery.start_soon(batcher.submit, "x", "kept")
         await trio.testing.wait_all_tasks_blocked()
         recorder.release.set()
     assert recorder.batches == [["first"], ["kept"]]
 
 
 async def test_a_flush_that_raises_fails_every_write_of_its_batch() -> None:
-    def flush(batch: list[Write]) -> None:
+    def flush(batch: list[Call]) -> None:
         raise ValueError("bug")
 
-    commits = GroupCommit(flush)
+    batcher = Batcher(flush)
     with pytest.raises(ValueError, match="bug"):
-        await commits.submit("x", 1)
+        await batcher.submit("x", 1)
     # The lock is free again and the next write is attempted.
     with pytest.raises(ValueError):
-        await commits.submit("x", 2)
+        await batcher.submit("x", 2)
 
 
 async def test_ledger_claims_and_outcomes_of_several_jobs_in_one_group(database: pymongo.database.Database) -> None:
@@ -131,3 +135,49 @@ async def test_ledger_claims_and_outcomes_of_several_jobs_in_one_group(database:
     assert {k: doc.get(k) for k in ("job", "user", "channel", "state", "attempts", "provider_id", "run")} == {
         "job": "job-b", "user": "u1", "channel": "sms", "state": "sent", "attempts": 2, "provider_id": "SM1",
         "run": "run-1"}
+
+
+class FindCounter(pymongo.monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.finds = 0
+
+    def started(self, event: pymongo.monitoring.CommandStartedEvent) -> None:
+        self.finds += event.command_name == "find"
+
+    def succeeded(self, event: Any) -> None:
+        pass
+
+    def failed(self, event: Any) -> None:
+        pass
+
+
+async def test_small_selections_of_concurrent_sends_share_one_lookup(mongo_url: str,
+                                                                      database: pymongo.database.Database) -> None:
+    oid = ObjectId()
+    database.users.insert_many([{"_id": "u1", "email": "a@example.com"}, {"_id": "u2", "email": "b@example.com"},
+                                {"_id": oid, "email": "c@example.com"}])
+    counter = FindCounter()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_url, event_listeners=[counter])
+    store = Store(client, StoreSettings(database=database.name), UserFields())
+    selections = {"one": ["u1"], "two and a miss": ["u2", "u1", "nobody"], "by object id": [str(oid)],
+                  "twice the same": ["u2", "u2"], **{f"more {i}": ["u1"] for i in range(6)}}
+    found: dict[str, list[dict[str, Any]]] = {}
+
+    async def read(name: str, ids: list[str]) -> None:
+        found[name] = [user async for batch in store.stream_users(ids, ()) for user in batch]
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for name, ids in selections.items():
+                nursery.start_soon(read, name, ids)
+    finally:
+        client.close()
+
+    assert counter.finds <= 2  # ten selections; one at a time would be ten queries
+    emails = {name: sorted(u["email"] for u in users) for name, users in found.items()}
+    assert emails["one"] == ["a@example.com"] and emails["more 5"] == ["a@example.com"]
+    assert emails["two and a miss"] == ["a@example.com", "b@example.com"]
+    assert emails["twice the same"] == ["b@example.com"]
+    assert found["by object id"] == [{"_id": str(oid), "email": "c@example.com"}]
+    # Each send gets documents of its own.
+    assert found["one"][0] is not found["more 0"][0]
