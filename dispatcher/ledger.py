@@ -233,17 +233,27 @@ class Ledger:
               lambda ops: self._jobs.bulk_write(ops, ordered=False))
 
     async def summary(self, job_id: str, channels: Sequence[str]) -> dict[str, Any]:
-        """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote)."""
-        def count() -> dict[str, Any]:
-            body: dict[str, Any] = {"users": self._deliveries.count_documents(
-                {"job": job_id, "channel": channels[0], "user_found": {"$ne": False}})}
-            for state in ("sent", "skipped", "failed", "cancelled"):
-                counts = {c: self._deliveries.count_documents({"job": job_id, "channel": c, "state": state})
-                          for c in channels}
-                body[state] = {c: n for c, n in counts.items() if n}
-            return body
+        """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote):
+        two passes over them, not a count per channel and state (thirteen scans of a
+        three-channel job on a store that counts by scanning). Grouped on one string key: the
+        embedded store cannot group on a compound key."""
+        states = ("sent", "skipped", "failed", "cancelled")
+        pipeline = [{"$match": {"job": job_id}},
+                    {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
+                    {"$group": {"_id": "$key", "n": {"$sum": 1}}}]
 
-        return await self._run("job summary", count)
+        def count() -> dict[str, Any]:
+            users = self._deliveries.count_documents({"job": job_id, "channel": channels[0],
+                                                      "user_found": {"$ne": False}})
+            return {"users": users, "groups": list(self._deliveries.aggregate(pipeline))}
+
+        counted = await self._run("job summary", count)
+        body: dict[str, Any] = {"users": counted["users"], **{state: {} for state in states}}
+        for group in counted["groups"]:
+            channel, _, state = (group["_id"] or "").partition("|")
+            if channel in channels and state in states:
+                body[state][channel] = group["n"]
+        return body
 
     async def failures(self, job_id: str, after: str | None, limit: int) -> list[dict[str, Any]]:
         query: dict[str, Any] = {"job": job_id, "state": "failed"}
