@@ -2,9 +2,11 @@
 job already settled go straight to the collector.
 
 Rendering runs off the event loop, a chunk of users per worker-thread hop, each rendering under
-`[templates].max_render_ms`. A template that overruns its budget for a few users will for all
-of them: after `POISONED_AFTER` overruns the channel's remaining users fail at once instead of
-each burning the budget.
+`[templates].max_render_ms`. An overrun counts once a second attempt overruns too: on a busy or
+oversubscribed machine a trivial rendering can be charged for a CPU hiccup, a hostile one
+overruns every time. A template that overruns for a few users will for all of them: after
+`POISONED_AFTER` confirmed overruns the channel's remaining users fail at once instead of each
+burning the budget.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out
                     outcomes: list[Any] = [_poisoned(user, plan, overruns[0]) for user in chunk]
                 else:
                     outcomes = await render_jobs([partial(_render_one, user, plan, data) for user in chunk])
+                    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderBudgetExceeded)]
+                    if again:
+                        retried = await render_jobs([partial(_render_one, chunk[i], plan, data) for i in again])
+                        for i, outcome in zip(again, retried):
+                            outcomes[i] = outcome
                 for user, outcome in zip(chunk, outcomes):
                     if isinstance(outcome, RenderBudgetExceeded):
                         overruns.append(str(outcome))
