@@ -51,9 +51,10 @@ class _Policy(Compat32):
 
 # The messages' own policy, so `as_bytes()` uses it; the SMTP provider clones it with CRLF.
 POLICY = _Policy()
-# Its own instance: changing the registry's "utf-8" entry would change it for the whole process.
-_UTF8_QP = Charset("utf-8")
-_UTF8_QP.body_encoding = QP
+# utf-8 with quoted-printable bodies (headers keep its shortest encoding). Its own instance:
+# changing the registry's "utf-8" entry would change it for the whole process.
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP
 _LONG_LINE = re.compile(r"[^\r\n]{999}")
 _TOKEN = r"[A-Za-z0-9!#$&^_.+-]+"
 # base64 is not allowed for multipart/* and message/* (RFC 2045 6.4): those go as octet-stream.
@@ -90,7 +91,7 @@ def _body(text: str | None, html: str | None) -> Message:
 
 def _text(body: str, subtype: str) -> MIMEText:
     plain = body.isascii() and "\0" not in body and not _LONG_LINE.search(body)
-    return MIMEText(body, subtype, "us-ascii" if plain else _UTF8_QP, policy=POLICY)
+    return MIMEText(body, subtype, "us-ascii" if plain else _UTF8, policy=POLICY)
 
 
 def _attachment(attachment: Attachment) -> MIMEBase:
@@ -114,7 +115,7 @@ def _attachment(attachment: Attachment) -> MIMEBase:
 def _subject(subject: str) -> str:
     # `Header` splits into encoded-words and folds, but costs ~130 µs where one word costs ~10:
     # most subjects fit on the line (and in the 75 characters of an encoded-word) without it.
-    short = subject if subject.isascii() else Charset("utf-8").header_encode(subject)
+    short = subject if subject.isascii() else _UTF8.header_encode(subject)
     return short if len("Subject: ") + len(short) <= 78 else Header(subject, header_name="Subject").encode()
 
 
@@ -127,7 +128,7 @@ def _mailbox(value: str) -> tuple[str, str]:
     if address.isascii():
         return formataddr((name, address), charset="utf-8"), address
     # formataddr refuses an SMTPUTF8 address (the SMTP provider announces SMTPUTF8 for it).
-    return f"{Charset('utf-8').header_encode(name)} <{address}>", address
+    return f"{_UTF8.header_encode(name)} <{address}>", address
 
 
 def _folded(name: str, value: str) -> str:

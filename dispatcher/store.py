@@ -107,9 +107,9 @@ class Store:
         """One query for the ids of every call (in a worker thread); each call gets the users its
         own ids select, each once, as `stream_users` would have yielded them."""
         field = self._fields.id
-        wanted = {id(call): self.user_query(call.payload, ())[field]["$in"] for call in calls}
+        wanted = [(call, self.user_query(call.payload, ())[field]["$in"]) for call in calls]
         try:
-            docs = list(self._users.find({field: {"$in": [v for values in wanted.values() for v in values]}}))
+            docs = list(self._users.find({field: {"$in": [v for _, values in wanted for v in values]}}))
         except PyMongoError as exc:
             for call in calls:
                 call.fail(StoreError(f"user lookup failed: {exc}"))
@@ -120,8 +120,8 @@ class Store:
             for key in value if isinstance(value, list) else [value]:  # $in matches array elements too
                 with suppress(TypeError):  # an unhashable id value matches no requested id
                     by_value.setdefault(key, []).append(doc)
-        for call in calls:
-            selected = {id(doc): doc for value in wanted[id(call)] for doc in by_value.get(value, ())}
+        for call, values in wanted:
+            selected = {id(doc): doc for value in values for doc in by_value.get(value, ())}
             users = [dict(doc) for doc in selected.values()]  # each send its own documents
             for user in users:
                 user["_id"] = str(user["_id"])
