@@ -10,13 +10,13 @@ ways (the results must agree) and prints the store process's CPU time and the wa
 import sys
 import time
 
-import psutil
 import pymongo
 import trio
 
 from dispatcher.embedded_store import EmbeddedServer
 from dispatcher.ledger import Ledger
 from dispatcher.settings import StoreSettings
+from process_cpu import cpu_seconds
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 9000
 CHANNELS = ["email", "sms", "push"]
@@ -40,13 +40,10 @@ def main() -> None:
         deliveries.insert_many([{"_id": f"j|{CHANNELS[i % 3]}|u{i}", "job": "j", "user": f"u{i}",
                                  "channel": CHANNELS[i % 3], "state": STATES[i % 7 % 3], "attempts": 1}
                                 for i in range(N)])
-        store = psutil.Process(server.pid)
-
         def measure(fn):
-            times, started = store.cpu_times(), time.perf_counter()
+            cpu, started = cpu_seconds(server.pid), time.perf_counter()
             result = fn()
-            after = store.cpu_times()
-            return result, (after.user + after.system) - (times.user + times.system), time.perf_counter() - started
+            return result, cpu_seconds(server.pid) - cpu, time.perf_counter() - started
 
         old, old_cpu, old_wall = measure(lambda: thirteen_counts(deliveries))
         new, new_cpu, new_wall = measure(lambda: trio.run(Ledger(client, settings).summary, "j", CHANNELS))

@@ -12,11 +12,11 @@ says nothing about MongoDB.
 import datetime as dt
 import sys
 
-import psutil
 import pymongo
 from pymongo import InsertOne, ReplaceOne, UpdateOne
 
 from dispatcher.embedded_store import EmbeddedServer
+from process_cpu import cpu_seconds
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 EXPIRES = dt.datetime.now(dt.timezone.utc)
@@ -46,19 +46,14 @@ def main() -> None:
         client: pymongo.MongoClient = pymongo.MongoClient(server.url)
         deliveries = client.bench.deliveries
         deliveries.create_index([("job", 1), ("user", 1), ("channel", 1)], unique=True)
-        store = psutil.Process(server.pid)
-
-        def cpu() -> float:
-            times = store.cpu_times()
-            return times.user + times.system
 
         for number, (name, outcome) in enumerate(OUTCOMES.items()):
             job = f"job{number}"
-            before = cpu()
+            before = cpu_seconds(server.pid)
             deliveries.bulk_write(claims(job), ordered=False)
-            claimed = cpu()
+            claimed = cpu_seconds(server.pid)
             deliveries.bulk_write([outcome(job, i) for i in range(N)], ordered=False)
-            done = cpu()
+            done = cpu_seconds(server.pid)
             print(f"claim (insert) {1e6 * (claimed - before) / N:.0f} µs, outcome as {name} "
                   f"{1e6 * (done - claimed) / N:.0f} µs of store CPU per delivery")
         client.close()
