@@ -23,8 +23,9 @@ FLUSH_SIZE = 500
 FLUSH_SECONDS = 0.2
 
 
-async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, providers: Mapping[str, str],
-                  journal: Unrecorded) -> None:
+async def collect(
+    results: MemoryReceiveChannel[Delivery], result: SendResult, providers: Mapping[str, str], journal: Unrecorded
+) -> None:
     """Fill `result` (owned by the caller, so that it holds what was attempted even if the send
     stops early). `providers`: the provider name of each requested channel, in request order."""
     channels = list(providers)
@@ -53,8 +54,7 @@ async def collect(results: MemoryReceiveChannel[Delivery], result: SendResult, p
             if delivery.channel == counting and delivery.user_found:
                 summary.users += 1
             if not delivery.recorded:
-                metrics.observe_delivery(delivery.channel, providers[delivery.channel], delivery.status,
-                                         delivery.kind)
+                metrics.observe_delivery(delivery.channel, providers[delivery.channel], delivery.status, delivery.kind)
             pending.append(delivery)
             if len(pending) >= FLUSH_SIZE or trio.current_time() >= deadline:
                 await flush()

@@ -31,9 +31,15 @@ POISONED_AFTER = 3
 RenderJobs = Callable[[Sequence[Callable[[], Any]]], Awaitable[list[Any]]]
 
 
-async def render(users: MemoryReceiveChannel[list[User | UnknownRecipient]], out: MemorySendChannel[Message],
-                 results: MemorySendChannel[Delivery], plan: ChannelPlan, data: dict[str, Any],
-                 journal: Unrecorded, render_jobs: RenderJobs) -> None:
+async def render(
+    users: MemoryReceiveChannel[list[User | UnknownRecipient]],
+    out: MemorySendChannel[Message],
+    results: MemorySendChannel[Delivery],
+    plan: ChannelPlan,
+    data: dict[str, Any],
+    journal: Unrecorded,
+    render_jobs: RenderJobs,
+) -> None:
     """`render_jobs` runs a chunk of renderings (`render_budget.render_batch` with the budget)."""
     overruns: list[str] = []
     chunk_size = 1
@@ -80,8 +86,13 @@ def _id_of(user: User | UnknownRecipient, plan: ChannelPlan) -> str:
 def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> Delivery:
     if isinstance(user, UnknownRecipient):
         return _render_one(user, plan, {})  # type: ignore[return-value]
-    return Delivery(plan.id_of(user), plan.channel, "failed",
-                    f"{reason} (for {POISONED_AFTER} users: not rendered for the others)", kind="render")
+    return Delivery(
+        plan.id_of(user),
+        plan.channel,
+        "failed",
+        f"{reason} (for {POISONED_AFTER} users: not rendered for the others)",
+        kind="render",
+    )
 
 
 def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:

@@ -18,8 +18,13 @@ class UnknownRecipient:
     user_id: str
 
 
-async def resolve(out: MemorySendChannel[list[User | UnknownRecipient]], store: Store,
-                  recipients: Sequence[str], clusters: Sequence[str], journal: Unrecorded) -> None:
+async def resolve(
+    out: MemorySendChannel[list[User | UnknownRecipient]],
+    store: Store,
+    recipients: Sequence[str],
+    clusters: Sequence[str],
+    journal: Unrecorded,
+) -> None:
     """Users travel in the store's batches: one channel hop per batch, not per user. A store
     failure stops the stream (what was read is still delivered) and is left on the journal."""
     with out:

@@ -11,8 +11,12 @@ from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message
 
 
-async def send(messages: MemoryReceiveChannel[Message], results: MemorySendChannel[Delivery],
-               transport: Transport, journal: Unrecorded | None = None) -> None:
+async def send(
+    messages: MemoryReceiveChannel[Message],
+    results: MemorySendChannel[Delivery],
+    transport: Transport,
+    journal: Unrecorded | None = None,
+) -> None:
     """With a recording journal, each message is marked `sending` in the ledger just before its
     provider call (the ledger writes the marks of every concurrent task in one round trip)."""
     # One task per message, started only when a slot is free: a one-recipient send costs one task,

@@ -28,9 +28,15 @@ from .resolver import UnknownRecipient, resolve
 from .sender import send
 
 
-async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str, Transport], queue_size: int,
-                       result: SendResult | None = None, journal: Unrecorded | None = None,
-                       render_jobs: RenderJobs | None = None) -> SendResult:
+async def run_pipeline(
+    plan: RequestPlan,
+    store: Store,
+    transports: Mapping[str, Transport],
+    queue_size: int,
+    result: SendResult | None = None,
+    journal: Unrecorded | None = None,
+    render_jobs: RenderJobs | None = None,
+) -> SendResult:
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
     `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders off
@@ -53,7 +59,8 @@ async def run_pipeline(plan: RequestPlan, store: Store, transports: Mapping[str,
                 metrics.track_queue("send", messages_receive)
                 metrics.track_queue("render", users_receive)
                 nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
-                nursery.start_soon(render, users_receive, messages_send, results_send.clone(), lane, request.data,
-                                   journal, render_jobs)
+                nursery.start_soon(
+                    render, users_receive, messages_send, results_send.clone(), lane, request.data, journal, render_jobs
+                )
                 nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal)
     return result

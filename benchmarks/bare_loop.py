@@ -43,8 +43,9 @@ async def main() -> None:
         for count in (USERS, USERS, USERS + USERS // 10):
             nursery.start_soon(lane, count)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    print(f"bare loop: {calls} sends in {elapsed:.2f}s = {calls / elapsed:.0f}/s, "
-          f"{cpu / calls * 1e6:.0f} µs CPU per send")
+    print(
+        f"bare loop: {calls} sends in {elapsed:.2f}s = {calls / elapsed:.0f}/s, {cpu / calls * 1e6:.0f} µs CPU per send"
+    )
 
 
 trio.run(main)

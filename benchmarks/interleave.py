@@ -39,11 +39,19 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "checks_ok": results["checks"]["ok"],
     }
     if results["scenario"] == "stream":
-        row.update(achieved_rps=requests["achieved_rps"], p50_ms=requests["latency"]["p50_ms"],
-                   p99_ms=requests["latency"]["p99_ms"], errors=requests["errors"])
+        row.update(
+            achieved_rps=requests["achieved_rps"],
+            p50_ms=requests["latency"]["p50_ms"],
+            p99_ms=requests["latency"]["p99_ms"],
+            errors=requests["errors"],
+        )
     if limits:
-        row.update(rate_achieved=limits[0]["achieved"], rate_deviation_pct=limits[0]["deviation_pct"],
-                   max_in_1s=limits[0]["max_in_1s"], max_allowed_in_1s=limits[0]["max_allowed_in_1s"])
+        row.update(
+            rate_achieved=limits[0]["achieved"],
+            rate_deviation_pct=limits[0]["deviation_pct"],
+            max_in_1s=limits[0]["max_in_1s"],
+            max_allowed_in_1s=limits[0]["max_allowed_in_1s"],
+        )
     if "cluster" in results:
         row["redis_script_calls_per_delivery"] = results["cluster"]["script_calls_per_delivery"]
         row["redis_round_trips_per_delivery"] = results["cluster"].get("limiter_round_trips_per_delivery")
@@ -97,21 +105,36 @@ def main() -> int:
     for name, _ in variants[1:]:
         ratios[name] = {}
         for key in keys:
-            per_round = [r[name][key] / r[base][key] for r in rounds
-                         if isinstance(r[name].get(key), (int, float)) and isinstance(r[base].get(key), (int, float))
-                         and not isinstance(r[name].get(key), bool) and r[base][key]]
+            per_round = [
+                r[name][key] / r[base][key]
+                for r in rounds
+                if isinstance(r[name].get(key), (int, float))
+                and isinstance(r[base].get(key), (int, float))
+                and not isinstance(r[name].get(key), bool)
+                and r[base][key]
+            ]
             if per_round:
-                ratios[name][key] = {"median": round(statistics.median(per_round), 4),
-                                     "rounds": [round(v, 4) for v in per_round]}
-    summary = {"command": shlex.join(sys.argv), "common": common, "variants": dict(variants), "rounds": rounds,
-               "medians": medians, f"ratios_to_{base}": ratios}
+                ratios[name][key] = {
+                    "median": round(statistics.median(per_round), 4),
+                    "rounds": [round(v, 4) for v in per_round],
+                }
+    summary = {
+        "command": shlex.join(sys.argv),
+        "common": common,
+        "variants": dict(variants),
+        "rounds": rounds,
+        "medians": medians,
+        f"ratios_to_{base}": ratios,
+    }
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nmedians of {args.repeat} interleaved rounds:")
     for name, row in medians.items():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
     for name, row in ratios.items():
-        print(f"  {name} / {base} (median of per-round ratios): "
-              + ", ".join(f"{k}={v['median']} {v['rounds']}" for k, v in row.items()))
+        print(
+            f"  {name} / {base} (median of per-round ratios): "
+            + ", ".join(f"{k}={v['median']} {v['rounds']}" for k, v in row.items())
+        )
     print(f"summary: {root / 'summary.json'}")
     return 0
 

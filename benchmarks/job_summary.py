@@ -37,9 +37,20 @@ def main() -> None:
         client: pymongo.MongoClient = pymongo.MongoClient(server.url)
         settings = StoreSettings()
         deliveries = client[settings.database][settings.deliveries_collection]
-        deliveries.insert_many([{"_id": f"j|{CHANNELS[i % 3]}|u{i}", "job": "j", "user": f"u{i}",
-                                 "channel": CHANNELS[i % 3], "state": STATES[i % 7 % 3], "attempts": 1}
-                                for i in range(N)])
+        deliveries.insert_many(
+            [
+                {
+                    "_id": f"j|{CHANNELS[i % 3]}|u{i}",
+                    "job": "j",
+                    "user": f"u{i}",
+                    "channel": CHANNELS[i % 3],
+                    "state": STATES[i % 7 % 3],
+                    "attempts": 1,
+                }
+                for i in range(N)
+            ]
+        )
+
         def measure(fn):
             cpu, started = cpu_seconds(server.pid), time.perf_counter()
             result = fn()
@@ -48,8 +59,10 @@ def main() -> None:
         old, old_cpu, old_wall = measure(lambda: thirteen_counts(deliveries))
         new, new_cpu, new_wall = measure(lambda: trio.run(Ledger(client, settings).summary, "j", CHANNELS))
         assert old == new, (old, new)
-        print(f"{N} deliveries: thirteen counts {old_cpu:.2f} s of store CPU ({old_wall:.2f} s); "
-              f"Ledger.summary {new_cpu:.2f} s ({new_wall:.2f} s)")
+        print(
+            f"{N} deliveries: thirteen counts {old_cpu:.2f} s of store CPU ({old_wall:.2f} s); "
+            f"Ledger.summary {new_cpu:.2f} s ({new_wall:.2f} s)"
+        )
         client.close()
     finally:
         server.stop()

@@ -21,11 +21,17 @@ from dispatcher.providers.smtp import _Wire
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 SENDER = "Example Shop <shop@example.com>"
-TEXT = ("Hello {name},\n\nyour order #{n} has shipped and should arrive on Friday.\n"
-        "Track it at https://shop.example.com/orders/{n}.\n\nThanks for shopping with us,\nExample Shop\n")
-HTML = ("<p>Hello <b>{name}</b>,</p><p>your order #{n} has shipped and should arrive on Friday.</p>"
-        "<p><a href=\"https://shop.example.com/orders/{n}\">Track it</a>.</p><p>Thanks, Example Shop</p>\n")
-TEXT_FR = "Bonjour {name},\n\nvotre commande n°{n} est expédiée ; livraison prévue vendredi.\n\nÀ bientôt,\nLa Boutique\n"
+TEXT = (
+    "Hello {name},\n\nyour order #{n} has shipped and should arrive on Friday.\n"
+    "Track it at https://shop.example.com/orders/{n}.\n\nThanks for shopping with us,\nExample Shop\n"
+)
+HTML = (
+    "<p>Hello <b>{name}</b>,</p><p>your order #{n} has shipped and should arrive on Friday.</p>"
+    '<p><a href="https://shop.example.com/orders/{n}">Track it</a>.</p><p>Thanks, Example Shop</p>\n'
+)
+TEXT_FR = (
+    "Bonjour {name},\n\nvotre commande n°{n} est expédiée ; livraison prévue vendredi.\n\nÀ bientôt,\nLa Boutique\n"
+)
 
 
 def previous_build(content: EmailContent, to: str) -> EmailMessage:
@@ -53,11 +59,15 @@ def variants(n: int) -> dict[str, EmailContent]:
     name, options = f"Ada{n}", EmailOptions(sender=SENDER)
     return {
         "text": EmailContent(f"Your order #{n} has shipped, {name}", TEXT.format(name=name, n=n), None, options),
-        "text+html": EmailContent(f"Your order #{n} has shipped, {name}", TEXT.format(name=name, n=n),
-                                  HTML.format(name=name, n=n), options),
-        "text+html, non-ASCII": EmailContent(f"Votre commande n°{n} est expédiée, Adèle",
-                                             TEXT_FR.format(name="Adèle", n=n), HTML.format(name="Adèle", n=n),
-                                             EmailOptions(sender='"La Boutique Été" <shop@example.com>')),
+        "text+html": EmailContent(
+            f"Your order #{n} has shipped, {name}", TEXT.format(name=name, n=n), HTML.format(name=name, n=n), options
+        ),
+        "text+html, non-ASCII": EmailContent(
+            f"Votre commande n°{n} est expédiée, Adèle",
+            TEXT_FR.format(name="Adèle", n=n),
+            HTML.format(name="Adèle", n=n),
+            EmailOptions(sender='"La Boutique Été" <shop@example.com>'),
+        ),
     }
 
 
@@ -71,11 +81,13 @@ def cpu_us(variant: str, run: Callable[[EmailContent, str], bytes], count: int =
 
 RUNS: dict[str, Callable[[EmailContent, str], bytes]] = {
     "previous build (EmailMessage, policy.default) + as_bytes()": lambda c, to: previous_build(c, to).as_bytes(),
-    "previous build (EmailMessage, policy.default) + SMTP wire (policy.SMTP)":
-        lambda c, to: previous_build(c, to).as_bytes(policy=policy.SMTP),
+    "previous build (EmailMessage, policy.default) + SMTP wire (policy.SMTP)": lambda c, to: previous_build(
+        c, to
+    ).as_bytes(policy=policy.SMTP),
     "build_email (email.mime, compat32) + as_bytes()": lambda c, to: build_email(c, to).as_bytes(),
-    "build_email (email.mime, compat32) + SMTP wire (_Wire)":
-        lambda c, to: _Wire(build_email(c, to)).as_bytes(policy=policy.SMTP),
+    "build_email (email.mime, compat32) + SMTP wire (_Wire)": lambda c, to: _Wire(build_email(c, to)).as_bytes(
+        policy=policy.SMTP
+    ),
 }
 
 if __name__ == "__main__":

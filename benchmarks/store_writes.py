@@ -19,24 +19,60 @@ from dispatcher.embedded_store import EmbeddedServer
 from process_cpu import cpu_seconds
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-EXPIRES = dt.datetime.now(dt.timezone.utc)
+EXPIRES = dt.datetime.now(dt.UTC)
 
 
 def claims(job: str) -> list[InsertOne]:
-    return [InsertOne({"_id": f"{job}|sms|u{i}", "job": job, "user": f"u{i}", "channel": "sms", "state": "sending",
-                       "run": "r1", "expires_at": EXPIRES}) for i in range(N)]
+    return [
+        InsertOne(
+            {
+                "_id": f"{job}|sms|u{i}",
+                "job": job,
+                "user": f"u{i}",
+                "channel": "sms",
+                "state": "sending",
+                "run": "r1",
+                "expires_at": EXPIRES,
+            }
+        )
+        for i in range(N)
+    ]
 
 
 OUTCOMES = {
     "update of the attempt's fields (the ledger's)": lambda job, i: UpdateOne(
-        {"_id": f"{job}|sms|u{i}"}, {"$set": {"state": "sent", "attempts": 1, "provider_id": f"SM{i}"}}),
+        {"_id": f"{job}|sms|u{i}"}, {"$set": {"state": "sent", "attempts": 1, "provider_id": f"SM{i}"}}
+    ),
     "upsert of every field (the ledger before)": lambda job, i: UpdateOne(
-        {"_id": f"{job}|sms|u{i}"}, {"$set": {"job": job, "user": f"u{i}", "channel": "sms", "state": "sent",
-                                              "error": None, "attempts": 1, "provider_id": f"SM{i}",
-                                              "user_found": True, "expires_at": EXPIRES}}, upsert=True),
+        {"_id": f"{job}|sms|u{i}"},
+        {
+            "$set": {
+                "job": job,
+                "user": f"u{i}",
+                "channel": "sms",
+                "state": "sent",
+                "error": None,
+                "attempts": 1,
+                "provider_id": f"SM{i}",
+                "user_found": True,
+                "expires_at": EXPIRES,
+            }
+        },
+        upsert=True,
+    ),
     "replacement of the whole document": lambda job, i: ReplaceOne(
-        {"_id": f"{job}|sms|u{i}"}, {"job": job, "user": f"u{i}", "channel": "sms", "state": "sent", "run": "r1",
-                                     "attempts": 1, "provider_id": f"SM{i}", "expires_at": EXPIRES}),
+        {"_id": f"{job}|sms|u{i}"},
+        {
+            "job": job,
+            "user": f"u{i}",
+            "channel": "sms",
+            "state": "sent",
+            "run": "r1",
+            "attempts": 1,
+            "provider_id": f"SM{i}",
+            "expires_at": EXPIRES,
+        },
+    ),
 }
 
 
@@ -54,8 +90,10 @@ def main() -> None:
             claimed = cpu_seconds(server.pid)
             deliveries.bulk_write([outcome(job, i) for i in range(N)], ordered=False)
             done = cpu_seconds(server.pid)
-            print(f"claim (insert) {1e6 * (claimed - before) / N:.0f} µs, outcome as {name} "
-                  f"{1e6 * (done - claimed) / N:.0f} µs of store CPU per delivery")
+            print(
+                f"claim (insert) {1e6 * (claimed - before) / N:.0f} µs, outcome as {name} "
+                f"{1e6 * (done - claimed) / N:.0f} µs of store CPU per delivery"
+            )
         client.close()
     finally:
         server.stop()

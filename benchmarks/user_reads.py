@@ -28,8 +28,18 @@ def main() -> None:
     try:
         client: pymongo.MongoClient = pymongo.MongoClient(server.url)
         client.messaging.users.insert_many(
-            [{"_id": f"u{i:06d}", "firstName": "Ana", "email": f"u{i}@example.com", "phone": "+15550001234",
-              "devices": ["token-" + "x" * 140], "clusters": ["loadtest"]} for i in range(USERS)])
+            [
+                {
+                    "_id": f"u{i:06d}",
+                    "firstName": "Ana",
+                    "email": f"u{i}@example.com",
+                    "phone": "+15550001234",
+                    "devices": ["token-" + "x" * 140],
+                    "clusters": ["loadtest"],
+                }
+                for i in range(USERS)
+            ]
+        )
         store = Store.connect(server.url, StoreSettings(), UserFields(), 500)
 
         async def read() -> int:
@@ -42,8 +52,10 @@ def main() -> None:
             before, started = cpu_seconds(server.pid), time.process_time()
             n = trio.run(read)
             service, store_cpu = time.process_time() - started, cpu_seconds(server.pid) - before
-            print(f"read {n} users: service CPU {1000 * service:.0f} ms ({1e6 * service / n:.1f} µs per user), "
-                  f"store CPU {1000 * store_cpu:.0f} ms ({1e6 * store_cpu / n:.1f} µs per user)")
+            print(
+                f"read {n} users: service CPU {1000 * service:.0f} ms ({1e6 * service / n:.1f} µs per user), "
+                f"store CPU {1000 * store_cpu:.0f} ms ({1e6 * store_cpu / n:.1f} µs per user)"
+            )
         store.close()
         client.close()
     finally:

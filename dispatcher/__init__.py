@@ -23,20 +23,41 @@ except PackageNotFoundError:  # a source tree that was never installed (`pip ins
 # modules the actors depend on (`dispatcher.messages`, `dispatcher.plan`, ...) can be imported
 # without importing `core`, which imports the actors: the dependency runs one way.
 _EXPORTS = {
-    "Dispatcher": "core", "open_dispatcher": "core",
-    "ConfigError": "errors", "Conflict": "errors", "DispatcherError": "errors", "InternalError": "errors",
-    "Interrupted": "errors", "NotFound": "errors",
-    "PayloadTooLarge": "errors", "RequestError": "errors", "UpstreamError": "errors",
-    "Failure": "models", "SendRequest": "models", "SendResult": "models", "Summary": "models",
-    "Settings": "settings", "load_settings": "settings", "settings_from_dict": "settings",
+    "Dispatcher": "core",
+    "open_dispatcher": "core",
+    "ConfigError": "errors",
+    "Conflict": "errors",
+    "DispatcherError": "errors",
+    "InternalError": "errors",
+    "Interrupted": "errors",
+    "NotFound": "errors",
+    "PayloadTooLarge": "errors",
+    "RequestError": "errors",
+    "UpstreamError": "errors",
+    "Failure": "models",
+    "SendRequest": "models",
+    "SendResult": "models",
+    "Summary": "models",
+    "Settings": "settings",
+    "load_settings": "settings",
+    "settings_from_dict": "settings",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .core import Dispatcher, open_dispatcher
-    from .errors import (ConfigError, Conflict, DispatcherError, InternalError, Interrupted, NotFound, PayloadTooLarge,
-                         RequestError, UpstreamError)
+    from .errors import (
+        ConfigError,
+        Conflict,
+        DispatcherError,
+        InternalError,
+        Interrupted,
+        NotFound,
+        PayloadTooLarge,
+        RequestError,
+        UpstreamError,
+    )
     from .models import Failure, SendRequest, SendResult, Summary
     from .settings import Settings, load_settings, settings_from_dict
 

@@ -59,7 +59,8 @@ async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCalla
     # (deciding on the body messages alone would race hypercorn queueing the empty one).
     body_done = scope.get("http_version") in ("1.0", "1.1") and not any(
         name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
-        for name, value in scope.get("headers", ()))
+        for name, value in scope.get("headers", ())
+    )
 
     async def tracked_receive() -> ASGIReceiveEvent:
         nonlocal body_done
@@ -174,8 +175,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         checks = await dispatcher.readiness()
         if all(checks.values()):
             return {"status": "ready", **checks}
-        down = " and ".join({"store": "the store", "redis": "Redis (rate-limited channels wait, then fail)"}[name]
-                            for name, ok in checks.items() if not ok)
+        down = " and ".join(
+            {"store": "the store", "redis": "Redis (rate-limited channels wait, then fail)"}[name]
+            for name, ok in checks.items()
+            if not ok
+        )
         return error_response(503, f"not ready: {down} does not answer")
 
     @app.errorhandler(RequestError)
@@ -185,8 +189,13 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.errorhandler(Interrupted)
     async def interrupted(exc: Interrupted) -> Response:
         # The error shape, plus what was attempted: the client must not resend blindly.
-        body = {"statusCode": 503, "error": HTTPStatus(503).phrase, "message": str(exc), "id": exc.job_id,
-                **exc.partial.to_json()}
+        body = {
+            "statusCode": 503,
+            "error": HTTPStatus(503).phrase,
+            "message": str(exc),
+            "id": exc.job_id,
+            **exc.partial.to_json(),
+        }
         return Response(json.dumps(body), status=503, content_type="application/json")
 
     @app.errorhandler(StoreError)

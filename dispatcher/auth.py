@@ -99,8 +99,9 @@ def _read_keys_file(path: Path) -> list[ApiKey]:
         name, colon, digest = line.rpartition(":")
         name, digest = name.strip(), digest.strip()
         if not _DIGEST.fullmatch(digest):
-            raise ConfigError(f"auth.keys_file: {path} line {number}: expected a SHA-256 hex digest "
-                              f"(64 hex digits) or name:digest")
+            raise ConfigError(
+                f"auth.keys_file: {path} line {number}: expected a SHA-256 hex digest (64 hex digits) or name:digest"
+            )
         if colon and not _NAME.fullmatch(name):
             raise ConfigError(f"auth.keys_file: {path} line {number}: a key name is 1-64 of A-Z a-z 0-9 . _ -")
         digest = digest.lower()

@@ -36,15 +36,14 @@ class TextSource(Protocol):
 
     request: Any  # SendRequest
 
-    def get(self, template_field: str, request_value: str | None = None, *,
-            html: bool = False) -> RenderFn | None: ...
+    def get(self, template_field: str, request_value: str | None = None, *, html: bool = False) -> RenderFn | None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class BuildContext:
     """Request-wide inputs of a channel's builder besides the texts."""
 
-    settings: "Settings"
+    settings: Settings
     email_options: EmailOptions | None = None
 
 
@@ -52,7 +51,7 @@ class BuildContext:
 class ChannelSpec:
     name: str
     # The user document field holding this channel's address(es), from the configuration.
-    address_field: Callable[["Settings"], str]
+    address_field: Callable[[Settings], str]
     # What a stored template must hold: every group, one non-empty field of each.
     template_fields: tuple[tuple[str, ...], ...]
     # Without a template, `messageTitle` is required (it is the subject or title).
@@ -175,18 +174,48 @@ def register(spec: ChannelSpec) -> ChannelSpec:
     return spec
 
 
-register(ChannelSpec(
-    "email", lambda s: s.user_fields.email_address, (("emailTitle",), ("emailMessage", "emailHtmlMessage")),
-    needs_title=True, build=_build_email, valid_address=valid_email, uses_email_options=True))
-register(ChannelSpec(
-    "sms", lambda s: s.user_fields.phone_number, (("smsMessage",),),
-    needs_title=False, build=_text_builder("sms"), valid_address=valid_phone))
-register(ChannelSpec(
-    "push", lambda s: s.user_fields.device_token, (("pushTitle", "pushMessage", "pushData"),),
-    needs_title=True, build=_build_push, valid_address=valid_token, on_ambiguous="resend"))
-register(ChannelSpec(
-    "voice", lambda s: s.user_fields.phone_number, (("voiceMessage",),),
-    needs_title=False, build=_text_builder("voice"), valid_address=valid_phone))
+register(
+    ChannelSpec(
+        "email",
+        lambda s: s.user_fields.email_address,
+        (("emailTitle",), ("emailMessage", "emailHtmlMessage")),
+        needs_title=True,
+        build=_build_email,
+        valid_address=valid_email,
+        uses_email_options=True,
+    )
+)
+register(
+    ChannelSpec(
+        "sms",
+        lambda s: s.user_fields.phone_number,
+        (("smsMessage",),),
+        needs_title=False,
+        build=_text_builder("sms"),
+        valid_address=valid_phone,
+    )
+)
+register(
+    ChannelSpec(
+        "push",
+        lambda s: s.user_fields.device_token,
+        (("pushTitle", "pushMessage", "pushData"),),
+        needs_title=True,
+        build=_build_push,
+        valid_address=valid_token,
+        on_ambiguous="resend",
+    )
+)
+register(
+    ChannelSpec(
+        "voice",
+        lambda s: s.user_fields.phone_number,
+        (("voiceMessage",),),
+        needs_title=False,
+        build=_text_builder("voice"),
+        valid_address=valid_phone,
+    )
+)
 
 
 def spec(channel: str) -> ChannelSpec:

@@ -73,22 +73,33 @@ def _port(value: str) -> int:
 def _add_config_option(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
     # In a subcommand the option is SUPPRESSed when absent, so that the global form still applies
     # and, when both are given, the subcommand's value wins.
-    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS if in_subcommand else None,
-                        help="TOML configuration (default: $DISPATCHER_CONFIG, else ./config.toml if present, "
-                             "else the built-in defaults)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS if in_subcommand else None,
+        help="TOML configuration (default: $DISPATCHER_CONFIG, else ./config.toml if present, "
+        "else the built-in defaults)",
+    )
 
 
 def _add_log_level_option(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
-    parser.add_argument("--log-level", metavar="LEVEL", type=_log_level,
-                        default=argparse.SUPPRESS if in_subcommand else "INFO",
-                        help=f"{', '.join(LOG_LEVELS)}, any case (default: INFO)")
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=_log_level,
+        default=argparse.SUPPRESS if in_subcommand else "INFO",
+        help=f"{', '.join(LOG_LEVELS)}, any case (default: INFO)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `dispatcher` parser; `--config` and `--log-level` go before or after the subcommand."""
-    parser = _Parser(prog="dispatcher", description="Multi-channel messaging service",
-                     epilog="--config and --log-level may also follow the command (its value wins); "
-                            "'dispatcher COMMAND --help' lists each command's options.")
+    parser = _Parser(
+        prog="dispatcher",
+        description="Multi-channel messaging service",
+        epilog="--config and --log-level may also follow the command (its value wins); "
+        "'dispatcher COMMAND --help' lists each command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_config_option(parser, in_subcommand=False)
     _add_log_level_option(parser, in_subcommand=False)
@@ -103,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = command("serve", "run the HTTP service")
     serve_parser.add_argument("--host", help="address to listen on (overrides [server].host, default 127.0.0.1)")
     serve_parser.add_argument("--port", type=_port, help="port to listen on (overrides [server].port, default 3000)")
-    serve_parser.add_argument("--workers", type=_workers, default=1,
-                              help="service processes sharing the listening socket (default 1; more than 1 needs "
-                                   "[cluster].redis_url, so that the channel limits hold across them)")
+    serve_parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="service processes sharing the listening socket (default 1; more than 1 needs "
+        "[cluster].redis_url, so that the channel limits hold across them)",
+    )
     seed = command("seed", "load users and templates from a JSON file into the store")
     seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
     command("check-config", "validate the configuration and print it (secrets hidden)")
@@ -125,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {}
         if args.command == "serve":
-            overrides = {f"server.{key}": getattr(args, key) for key in ("host", "port")
-                         if getattr(args, key) is not None}
+            overrides = {
+                f"server.{key}": getattr(args, key) for key in ("host", "port") if getattr(args, key) is not None
+            }
         settings = load_settings(args.config, overrides=overrides)
         configure_logging(settings, args.log_level)  # [logging].format: text or JSON lines
         if args.command in ("serve", "check-config"):
@@ -139,9 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(partial(serve, settings, sockets=sockets))
         elif args.command == "serve":
             if args.workers > 1 and not settings.cluster.redis_url.get_secret_value():
-                raise ConfigError(f"--workers {args.workers}: needs [cluster].redis_url (or REDIS_URL): without a "
-                                  "shared Redis each process would apply the channels' rate limits on its own, "
-                                  f"and {args.workers} processes would send at {args.workers} times the allowed rate")
+                raise ConfigError(
+                    f"--workers {args.workers}: needs [cluster].redis_url (or REDIS_URL): without a "
+                    "shared Redis each process would apply the channels' rate limits on its own, "
+                    f"and {args.workers} processes would send at {args.workers} times the allowed rate"
+                )
             # Bound before anything starts (the embedded store above all): a busy port is then one
             # line, with nothing to stop.
             sockets = listen(settings)
@@ -201,8 +219,10 @@ def _announce(settings: Settings, config_arg: str | None) -> None:
     source = f"configuration: {path}" if path else "configuration: no ./config.toml, built-in defaults apply"
     log.info("%s%s", source, f" (overridden by {', '.join(overridden)})" if overridden else "")
     log.info("store: %s", describe_store(settings))
-    log.info("channels: %s", ", ".join(f"{channel} via {_describe_provider(settings, channel)}"
-                                       for channel in settings.channels.active))
+    log.info(
+        "channels: %s",
+        ", ".join(f"{channel} via {_describe_provider(settings, channel)}" for channel in settings.channels.active),
+    )
 
 
 def describe_store(settings: Settings) -> str:
@@ -250,8 +270,12 @@ def _quiet_startup(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Running on ")
 
 
-async def serve(settings: Settings, *, sockets: list[socket.socket] | None = None,
-                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    sockets: list[socket.socket] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until SIGTERM/SIGINT; `sockets` are the bound listening sockets (see `listen`).
 
     Shutdown is one window of `[dispatcher].drain_timeout_seconds`: at the signal, hypercorn stops
@@ -270,15 +294,23 @@ async def serve(settings: Settings, *, sockets: list[socket.socket] | None = Non
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
         dispatcher = await nursery.start(_run_dispatcher, settings, stop)
-        urls = await nursery.start(partial(hypercorn_serve, _complete_responses(create_app(dispatcher)), config,
-                                           shutdown_trigger=stop.wait, mode="asgi"))
+        urls = await nursery.start(
+            partial(
+                hypercorn_serve,
+                _complete_responses(create_app(dispatcher)),
+                config,
+                shutdown_trigger=stop.wait,
+                mode="asgi",
+            )
+        )
         log.info("listening on %s", ", ".join(urls))
         task_status.started(urls)
     log.info("stopped")
 
 
-async def _run_dispatcher(settings: Settings, stop: trio.Event, *,
-                          task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+async def _run_dispatcher(
+    settings: Settings, stop: trio.Event, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
     from .core import open_dispatcher
 
     # A task beside hypercorn, not a block around it: leaving `open_dispatcher` is what drains the
@@ -287,8 +319,11 @@ async def _run_dispatcher(settings: Settings, stop: trio.Event, *,
     async with open_dispatcher(settings) as dispatcher:
         task_status.started(dispatcher)
         await stop.wait()
-        log.info("shutting down: draining %d sends in flight (at most %gs)", dispatcher.in_flight,
-                 settings.dispatcher.drain_timeout_seconds)
+        log.info(
+            "shutting down: draining %d sends in flight (at most %gs)",
+            dispatcher.in_flight,
+            settings.dispatcher.drain_timeout_seconds,
+        )
 
 
 def _complete_responses(app: Any) -> Any:

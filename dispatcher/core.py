@@ -80,9 +80,16 @@ class _Run:
 class Dispatcher:
     """Validates and runs sends. Create it with `open_dispatcher`."""
 
-    def __init__(self, settings: Settings, store: Store, providers: Mapping[str, Provider],
-                 files: FilesClient | None, nursery: trio.Nursery, ledger: Ledger | None = None,
-                 cluster: Cluster | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        providers: Mapping[str, Provider],
+        files: FilesClient | None,
+        nursery: trio.Nursery,
+        ledger: Ledger | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.ledger = ledger
@@ -90,11 +97,17 @@ class Dispatcher:
         self._files = files
         self._nursery = nursery
         limits = settings.templates
-        self._renderer = Renderer(default_locale=limits.default_locale, max_template_chars=limits.max_template_chars,
-                                  max_rendered_chars=limits.max_rendered_chars)
+        self._renderer = Renderer(
+            default_locale=limits.default_locale,
+            max_template_chars=limits.max_template_chars,
+            max_rendered_chars=limits.max_rendered_chars,
+        )
         self.transports = {
-            channel: Transport(provider, _gate(settings, channel, cluster), RetryPolicy.from_settings(
-                settings.channels[channel], settings.channels.on_ambiguous(channel)))
+            channel: Transport(
+                provider,
+                _gate(settings, channel, cluster),
+                RetryPolicy.from_settings(settings.channels[channel], settings.channels.on_ambiguous(channel)),
+            )
             for channel, provider in providers.items()
         }
         self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
@@ -116,8 +129,9 @@ class Dispatcher:
 
     # -- the public API -------------------------------------------------------------------------
 
-    async def send(self, request: SendRequest | Mapping[str, Any], *, idempotency_key: str | None = None,
-                   key_scope: str = "") -> SendResult:
+    async def send(
+        self, request: SendRequest | Mapping[str, Any], *, idempotency_key: str | None = None, key_scope: str = ""
+    ) -> SendResult:
         """Validate `request`, deliver it on every requested channel and return the failures.
 
         Raises `RequestError` (nothing was sent) for an invalid request, `Conflict` for an
@@ -132,8 +146,9 @@ class Dispatcher:
             return await self._result_of(job_id)
         return await self._wait(run)
 
-    async def submit(self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None = None,
-                     key_scope: str = "") -> str:
+    async def submit(
+        self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None = None, key_scope: str = ""
+    ) -> str:
         """Accept `request` as a job and return its id at once; follow it with `status`."""
         if self.ledger is None:
             raise RequestError("asynchronous sends need the delivery ledger ([store].ledger = true)")
@@ -146,9 +161,15 @@ class Dispatcher:
         doc = await self._job(job_id)
         run = self._runs.get(job_id)
         summary = run.result.summary.to_json() if run is not None else (doc.get("summary") or Summary().to_json())
-        return {"id": job_id, "status": doc["state"], "createdAt": doc.get("created_at"),
-                "startedAt": doc.get("started_at"), "finishedAt": doc.get("finished_at"),
-                "summary": summary, "error": doc.get("error")}
+        return {
+            "id": job_id,
+            "status": doc["state"],
+            "createdAt": doc.get("created_at"),
+            "startedAt": doc.get("started_at"),
+            "finishedAt": doc.get("finished_at"),
+            "summary": summary,
+            "error": doc.get("error"),
+        }
 
     async def failures(self, job_id: str, after: str | None = None, limit: int = 100) -> dict[str, Any]:
         """One page of a job's failures, in a stable order; `next` continues after this page."""
@@ -174,8 +195,11 @@ class Dispatcher:
         if request.template_id is not None:
             template = await self.store.find_template(request.template_id)
             if template is None:
-                log.info("no template %s in %s (load templates with `dispatcher seed`)", shown(request.template_id),
-                         self.settings.store.templates_collection)
+                log.info(
+                    "no template %s in %s (load templates with `dispatcher seed`)",
+                    shown(request.template_id),
+                    self.settings.store.templates_collection,
+                )
                 raise RequestError(f"templateId: no template {shown(request.template_id)}")
         email_options = None
         if any(CHANNELS[channel].uses_email_options for channel in request.channels):
@@ -205,8 +229,9 @@ class Dispatcher:
 
     # -- accepting and running jobs -------------------------------------------------------------
 
-    async def _accept(self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None,
-                      key_scope: str) -> tuple[_Run | None, str | None]:
+    async def _accept(
+        self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None, key_scope: str
+    ) -> tuple[_Run | None, str | None]:
         """Validate and start a job; `(None, id)` when the idempotency key names an earlier one."""
         self._refuse_when_closing()
         if not isinstance(request, SendRequest):
@@ -228,8 +253,10 @@ class Dispatcher:
             if not claim.ours:
                 await self.ledger.delete_job(job_id)
                 if not claim.same_body:
-                    raise Conflict(f"Idempotency-Key {shown(idempotency_key)} was already used for a different "
-                                   f"request (job {claim.job_id}); use a new key for a new request")
+                    raise Conflict(
+                        f"Idempotency-Key {shown(idempotency_key)} was already used for a different "
+                        f"request (job {claim.job_id}); use a new key for a new request"
+                    )
                 return None, claim.job_id
         run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
         self._start(run)
@@ -257,14 +284,22 @@ class Dispatcher:
                         assert isinstance(run.journal, Journal)
                         await self.fanout.coordinate(job_id, run.plan, run.journal, run.result)
                     else:
-                        await run_pipeline(run.plan, self.store, self.transports, self.settings.dispatcher.queue_size,
-                                           run.result, run.journal, self.render_jobs)
+                        await run_pipeline(
+                            run.plan,
+                            self.store,
+                            self.transports,
+                            self.settings.dispatcher.queue_size,
+                            run.result,
+                            run.journal,
+                            self.render_jobs,
+                        )
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
             except StoreError as exc:
                 log.error("job %s: store unavailable: %s", job_id, exc)
-                run.error = Interrupted("the store became unavailable during the send" + _resume_note(job_id),
-                                        run.result, job_id)
+                run.error = Interrupted(
+                    "the store became unavailable during the send" + _resume_note(job_id), run.result, job_id
+                )
             except Exception as exc:
                 log.exception("send failed (job %s)", job_id)
                 run.error = InternalError("the send failed unexpectedly; see the service log")
@@ -274,8 +309,11 @@ class Dispatcher:
                         await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error="internal error")
             finally:
                 if not run.finished and run.error is None:  # cancelled: the drain window ended
-                    run.error = Interrupted("the service shut down before every delivery of this send was attempted"
-                                            + _resume_note(job_id), run.result, job_id)
+                    run.error = Interrupted(
+                        "the service shut down before every delivery of this send was attempted" + _resume_note(job_id),
+                        run.result,
+                        job_id,
+                    )
                 run.done.set()
                 if job_id is not None:
                     self._runs.pop(job_id, None)
@@ -291,14 +329,21 @@ class Dispatcher:
         if run.lease_lost:
             raise StoreError("another instance took over the job's lease")
         run.finished = True
-        log.info("send done%s: %d users; sent %s; skipped %s; failed %s", f" (job {run.job_id})" if run.job_id else "",
-                 summary.users, _counts(summary.sent), _counts(summary.skipped), _counts(summary.failed))
+        log.info(
+            "send done%s: %d users; sent %s; skipped %s; failed %s",
+            f" (job {run.job_id})" if run.job_id else "",
+            summary.users,
+            _counts(summary.sent),
+            _counts(summary.skipped),
+            _counts(summary.failed),
+        )
         if self.ledger is not None and run.job_id is not None:
             state = "cancelled" if run.journal.cancelled else "done"
             metrics.observe_job(state)
             try:
-                await self.ledger.update_job(run.job_id, state=state, finished_at=now_iso(),
-                                             summary=summary.to_json(), lease_expires=0)
+                await self.ledger.update_job(
+                    run.job_id, state=state, finished_at=now_iso(), summary=summary.to_json(), lease_expires=0
+                )
             except StoreError as exc:
                 # Every outcome is recorded: whoever resumes the job settles it from the ledger.
                 log.error("job %s finished but cannot be marked %s: %s", run.job_id, state, exc)
@@ -410,9 +455,12 @@ class Dispatcher:
             if self._files is None:
                 raise RequestError("emailAttachments: no Files Service is configured ([files].url)")
             attachments = await self._files.fetch_all(names)
-        return EmailOptions(sender=request.email_sender or self.settings.sender.email,
-                            cc=request.email_carbon_copies, bcc=request.email_blind_carbon_copies,
-                            attachments=attachments)
+        return EmailOptions(
+            sender=request.email_sender or self.settings.sender.email,
+            cc=request.email_carbon_copies,
+            bcc=request.email_blind_carbon_copies,
+            attachments=attachments,
+        )
 
 
 def _resume_note(job_id: str | None) -> str:
@@ -452,7 +500,8 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
         files = None
         if settings.files.url:
             http = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=settings.files.timeout_seconds, follow_redirects=False))
+                httpx.AsyncClient(timeout=settings.files.timeout_seconds, follow_redirects=False)
+            )
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
@@ -463,8 +512,11 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 from .fanout import SharedFanOut
 
                 dispatcher.fanout = fanout = SharedFanOut(dispatcher, ledger, PartitionQueue.from_cluster(cluster))
-                await nursery.start(partial(fanout.queue.serve, fanout.deliver, workers=2,
-                                            claim_idle_seconds=settings.store.lease_seconds))
+                await nursery.start(
+                    partial(
+                        fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds
+                    )
+                )
             try:
                 yield dispatcher
             finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timezone, UTC
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel import Locale
@@ -24,7 +24,7 @@ def to_datetime(value: object) -> datetime:
         moment = datetime(value.year, value.month, value.day)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = value / 1000 if abs(value) >= _EPOCH_MS_THRESHOLD else value
-        moment = datetime.fromtimestamp(seconds, timezone.utc)
+        moment = datetime.fromtimestamp(seconds, UTC)
     elif isinstance(value, str) and value.strip():
         text = value.strip()
         try:
@@ -36,12 +36,12 @@ def to_datetime(value: object) -> datetime:
                 raise ValueError(f"not a date: {value!r}") from None
     else:
         raise ValueError(f"not a date: {value!r}")
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def zone(name: str | None) -> ZoneInfo | timezone:
     if not name or name.upper() == "UTC":
-        return timezone.utc
+        return UTC
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -62,18 +62,28 @@ def format_dayjs(moment: datetime, pattern: str, locale: Locale) -> str:
         tok = match.group(0)
         hour12 = moment.hour % 12 or 12
         simple = {
-            "YYYY": f"{moment.year:04d}", "YY": f"{moment.year % 100:02d}",
-            "M": str(moment.month), "MM": f"{moment.month:02d}",
-            "D": str(moment.day), "DD": f"{moment.day:02d}",
+            "YYYY": f"{moment.year:04d}",
+            "YY": f"{moment.year % 100:02d}",
+            "M": str(moment.month),
+            "MM": f"{moment.month:02d}",
+            "D": str(moment.day),
+            "DD": f"{moment.day:02d}",
             "d": str(moment.isoweekday() % 7),
-            "H": str(moment.hour), "HH": f"{moment.hour:02d}",
-            "h": str(hour12), "hh": f"{hour12:02d}",
-            "m": str(moment.minute), "mm": f"{moment.minute:02d}",
-            "s": str(moment.second), "ss": f"{moment.second:02d}",
+            "H": str(moment.hour),
+            "HH": f"{moment.hour:02d}",
+            "h": str(hour12),
+            "hh": f"{hour12:02d}",
+            "m": str(moment.minute),
+            "mm": f"{moment.minute:02d}",
+            "s": str(moment.second),
+            "ss": f"{moment.second:02d}",
             "SSS": f"{moment.microsecond // 1000:03d}",
-            "Z": _offset(moment, ":"), "ZZ": _offset(moment, ""),
-            "A": "AM" if moment.hour < 12 else "PM", "a": "am" if moment.hour < 12 else "pm",
-            "X": str(int(moment.timestamp())), "x": str(int(moment.timestamp() * 1000)),
+            "Z": _offset(moment, ":"),
+            "ZZ": _offset(moment, ""),
+            "A": "AM" if moment.hour < 12 else "PM",
+            "a": "am" if moment.hour < 12 else "pm",
+            "X": str(int(moment.timestamp())),
+            "x": str(int(moment.timestamp() * 1000)),
         }
         if tok in simple:
             return simple[tok]

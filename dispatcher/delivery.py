@@ -34,9 +34,15 @@ class RetryPolicy:
     on_ambiguous: str = "report"
 
     @classmethod
-    def from_settings(cls, settings: ChannelSettings, on_ambiguous: str = "report") -> "RetryPolicy":
-        return cls(settings.max_attempts, settings.timeout_seconds, settings.backoff_initial_seconds,
-                   settings.backoff_max_seconds, settings.max_retry_after_seconds, on_ambiguous)
+    def from_settings(cls, settings: ChannelSettings, on_ambiguous: str = "report") -> RetryPolicy:
+        return cls(
+            settings.max_attempts,
+            settings.timeout_seconds,
+            settings.backoff_initial_seconds,
+            settings.backoff_max_seconds,
+            settings.max_retry_after_seconds,
+            on_ambiguous,
+        )
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Delay before attempt `attempt + 1`: "equal jitter" on a capped exponential, never less
@@ -81,8 +87,15 @@ async def deliver(message: Message, transport: Transport) -> Delivery:
     else:
         detail = "; ".join(f"{_shorten(address)}: {o.error}" for address, o in failed)
         error = f"{len(failed)} of {len(message.addresses)} devices failed: {detail}"
-    return Delivery(message.user_id, message.channel, "failed", error, attempts=attempts, provider_id=provider_id,
-                    kind=failed[0][1].kind)
+    return Delivery(
+        message.user_id,
+        message.channel,
+        "failed",
+        error,
+        attempts=attempts,
+        provider_id=provider_id,
+        kind=failed[0][1].kind,
+    )
 
 
 async def _deliver_one(message: Message, address: str, transport: Transport) -> _Attempts:
@@ -107,8 +120,9 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
                 metrics.observe_attempt(channel, name, trio.current_time() - called, "ok")
                 return result
             # The request may have reached the provider: as ambiguous as a crash mid-call.
-            error: DeliveryError = TransientDeliveryError(f"{name}: no answer within {policy.timeout:g}s",
-                                                          ambiguous=True)
+            error: DeliveryError = TransientDeliveryError(
+                f"{name}: no answer within {policy.timeout:g}s", ambiguous=True
+            )
         except DeliveryError as exc:
             error = exc
         except Exception as exc:
@@ -118,8 +132,9 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
             result.error, result.kind = f"{name}: internal error ({type(exc).__name__})", "internal"
             return result
         result.kind = _kind(error)
-        metrics.observe_attempt(channel, name, trio.current_time() - started,
-                                "timeout" if result.kind == "ambiguous" else result.kind)
+        metrics.observe_attempt(
+            channel, name, trio.current_time() - started, "timeout" if result.kind == "ambiguous" else result.kind
+        )
         suffix = f" (after {result.count} attempts)" if result.count > 1 else ""
         if not isinstance(error, TransientDeliveryError) or result.count >= policy.max_attempts:
             result.error = error.reason + suffix
@@ -128,8 +143,10 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
             result.error = f"{UNKNOWN_OUTCOME}: {error.reason}{suffix}; not retried, it may have been delivered"
             return result
         if error.retry_after is not None and error.retry_after > policy.max_retry_after:
-            result.error = (f"{error.reason}: throttled, the provider asked to wait {error.retry_after:g}s "
-                            f"(more than max_retry_after_seconds = {policy.max_retry_after:g}){suffix}")
+            result.error = (
+                f"{error.reason}: throttled, the provider asked to wait {error.retry_after:g}s "
+                f"(more than max_retry_after_seconds = {policy.max_retry_after:g}){suffix}"
+            )
             result.kind = "throttled"
             return result
         delay = policy.backoff(result.count, error.retry_after)

@@ -69,10 +69,25 @@ class EmbeddedServer:
         # Its output is a log of every command: into a file, never a pipe nobody reads.
         self._output = open(scratch / "output.log", "w+b")
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "from nx_27017.nx_27017 import main; main()", "--host", "127.0.0.1",
-             "--port", str(port), "--db", db, "--log-file", str(scratch / "store.log"),
-             "--pid-file", str(scratch / "store.pid")],
-            stdin=subprocess.DEVNULL, stdout=self._output, stderr=self._output)
+            [
+                sys.executable,
+                "-c",
+                "from nx_27017.nx_27017 import main; main()",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--db",
+                db,
+                "--log-file",
+                str(scratch / "store.log"),
+                "--pid-file",
+                str(scratch / "store.pid"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=self._output,
+        )
         try:
             self._wait_until_ready()
         except BaseException:
@@ -90,8 +105,9 @@ class EmbeddedServer:
                 self._output.seek(0)
                 err = self._output.read().decode(errors="replace")[-2000:]
                 raise StoreError(f"the embedded store exited at start-up (code {self._process.returncode}): {err}")
-            client: MongoClient[dict[str, Any]] = MongoClient(self.url, serverSelectionTimeoutMS=300,
-                                                              connectTimeoutMS=300)
+            client: MongoClient[dict[str, Any]] = MongoClient(
+                self.url, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+            )
             try:
                 client.admin.command("ping")
                 return

@@ -58,7 +58,7 @@ class Interrupted(DispatcherError):
 
     status_code = 503
 
-    def __init__(self, message: str, partial: "SendResult", job_id: str | None = None) -> None:
+    def __init__(self, message: str, partial: SendResult, job_id: str | None = None) -> None:
         super().__init__(message)
         self.partial = partial
         self.job_id = job_id
@@ -102,8 +102,9 @@ class TransientDeliveryError(DeliveryError):
     may duplicate it: the channel's `on_ambiguous` decides.
     """
 
-    def __init__(self, reason: str, *, retry_after: float | None = None, throttled: bool = False,
-                 ambiguous: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, retry_after: float | None = None, throttled: bool = False, ambiguous: bool = False
+    ) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.throttled = throttled

@@ -38,7 +38,7 @@ _PLANS_CACHED = 32
 
 
 class SharedFanOut:
-    def __init__(self, dispatcher: "Dispatcher", ledger: Ledger, queue: PartitionQueue) -> None:
+    def __init__(self, dispatcher: Dispatcher, ledger: Ledger, queue: PartitionQueue) -> None:
         self._dispatcher = dispatcher
         self._ledger = ledger
         self.queue = queue
@@ -58,8 +58,7 @@ class SharedFanOut:
             total = await self._publish(job_id, plan)
         return await self._follow(job_id, plan, journal, result, total)
 
-    async def _follow(self, job_id: str, plan: RequestPlan, journal: Journal, result: SendResult,
-                      total: int) -> None:
+    async def _follow(self, job_id: str, plan: RequestPlan, journal: Journal, result: SendResult, total: int) -> None:
         channels = [lane.channel for lane in plan.channels]
         while True:
             try:
@@ -108,8 +107,14 @@ class SharedFanOut:
                 missing.pop(user_id, None)
             await self.queue.publish(job_id, [Partition(job_id, None, ids[-1], index, ids)])
             index += 1
-        await self._ledger.record(job_id, [Delivery(user_id, lane.channel, "failed", "user not found", user_found=False)
-                                           for user_id in missing for lane in plan.channels])
+        await self._ledger.record(
+            job_id,
+            [
+                Delivery(user_id, lane.channel, "failed", "user not found", user_found=False)
+                for user_id in missing
+                for lane in plan.channels
+            ],
+        )
         await self.queue.expect(job_id, index)
         await self._ledger.update_job(job_id, partitions=index)
         log.info("job %s: %d partitions published", job_id, index)
@@ -128,9 +133,14 @@ class SharedFanOut:
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
-        await run_pipeline(RequestPlan(request, plan.channels), dispatcher.store, dispatcher.transports,
-                           dispatcher.settings.dispatcher.queue_size, journal=journal,
-                           render_jobs=dispatcher.render_jobs)
+        await run_pipeline(
+            RequestPlan(request, plan.channels),
+            dispatcher.store,
+            dispatcher.transports,
+            dispatcher.settings.dispatcher.queue_size,
+            journal=journal,
+            render_jobs=dispatcher.render_jobs,
+        )
         if journal.fault is not None:
             raise journal.fault  # left pending: the partition is taken again after the idle time
 

@@ -44,14 +44,14 @@ class FilesClient:
                 if response.status_code >= 500 or response.status_code in (408, 429):
                     raise UpstreamError(f"Files Service answered {response.status_code} for {name!r}")
                 if response.status_code != 200:
-                    raise RequestError(f"emailAttachments: the Files Service refused {name!r} "
-                                       f"({response.status_code})")
+                    raise RequestError(f"emailAttachments: the Files Service refused {name!r} ({response.status_code})")
                 chunks, size = [], 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > budget:
-                        raise RequestError(f"emailAttachments: attachments exceed {self._max_bytes} bytes "
-                                           f"(at {name!r})")
+                        raise RequestError(
+                            f"emailAttachments: attachments exceed {self._max_bytes} bytes (at {name!r})"
+                        )
                     chunks.append(chunk)
                 content_type = response.headers.get("content-type", "application/octet-stream")
         except httpx.HTTPError as exc:

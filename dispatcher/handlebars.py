@@ -24,7 +24,8 @@ import functools
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Union
+from collections.abc import Callable
 
 from jinja2 import TemplateSyntaxError
 from jinja2.defaults import DEFAULT_NAMESPACE
@@ -68,11 +69,13 @@ def to_jinja(source: str) -> str:
 # --- Lexer: the rules of Handlebars.js' handlebars.l, in its order (first match wins) ---------
 
 # JavaScript's \s, which is not Python's.
-_WS_CHARS = "\t\n\v\f\r \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+_WS_CHARS = (
+    "\t\n\v\f\r \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
 _S = _WS_CHARS  # inside [...]: none of them is special there
 _LOOKAHEAD = "(?=[=~}" + _S + "/.)|])"
 _LITERAL_LOOKAHEAD = "(?=[~}" + _S + ")])"
-_ID = "[^" + _S + "!\"#%-,./;->@\\[-\\^`{-~]+" + _LOOKAHEAD
+_ID = "[^" + _S + '!"#%-,./;->@\\[-\\^`{-~]+' + _LOOKAHEAD
 
 # (regex, token kind or None to skip, leaves the mustache state)
 _MU_RULES: list[tuple[str, str | None, bool]] = [
@@ -239,9 +242,9 @@ class _Literal:
 
 @dataclass(eq=False, slots=True)
 class _Call:
-    name: Union[_Path, _Literal]
-    params: list["_Expr"]
-    hash: list[tuple[str, "_Expr"]]
+    name: _Path | _Literal
+    params: list[_Expr]
+    hash: list[tuple[str, _Expr]]
     pos: int
 
 
@@ -262,7 +265,7 @@ class _Mustache:
 
 @dataclass(eq=False, slots=True)
 class _Program:
-    body: list["_Node"]
+    body: list[_Node]
     block_params: list[str] = field(default_factory=list)
     chained: bool = False
 
@@ -372,8 +375,9 @@ class _Parser:
         inverse = self._inverse(depth, 0)
         ending = self._peek()
         if ending.kind in ("INVERSE", "OPEN_INVERSE_CHAIN"):
-            raise self.error(f"a second {{{{else}}}} in {{{{#{_original(call.name)}}}}} (line {self.line(opening.pos)})",
-                             ending.pos)
+            raise self.error(
+                f"a second {{{{else}}}} in {{{{#{_original(call.name)}}}}} (line {self.line(opening.pos)})", ending.pos
+            )
         if ending.kind != "OPEN_ENDBLOCK":
             raise self.error(f"unclosed {{{{#{_original(call.name)}}}}}", opening.pos)
         self._next()
@@ -385,8 +389,14 @@ class _Parser:
                 f" (line {self.line(opening.pos)})",
                 ending.pos,
             )
-        return _prepare_block(helper, call, _strip_flags(opening.text, close.text), program, inverse,
-                              _strip_flags(ending.text, end_close.text))
+        return _prepare_block(
+            helper,
+            call,
+            _strip_flags(opening.text, close.text),
+            program,
+            inverse,
+            _strip_flags(ending.text, end_close.text),
+        )
 
     def _inverse(self, depth: int, links: int) -> _InverseAndProgram | None:
         token = self._peek()
@@ -463,7 +473,7 @@ class _Parser:
         self._sexpr_depth -= 1
         return _SubExpr(call)
 
-    def _helper_name(self) -> Union[_Path, _Literal]:
+    def _helper_name(self) -> _Path | _Literal:
         token = self._next()
         if token.kind == "ID":
             return self._path(token, data=False)
@@ -511,19 +521,32 @@ def _id(token: str) -> str:
     return token
 
 
-def _original(name: Union[_Path, _Literal]) -> str:
+def _original(name: _Path | _Literal) -> str:
     return name.original if isinstance(name, _Path) else name.value
 
 
-def _prepare_block(helper: str, call: _Call, open_strip: _Strip, program: _Program,
-                   inverse: _InverseAndProgram | None, close_strip: _Strip | None) -> _Block:
+def _prepare_block(
+    helper: str,
+    call: _Call,
+    open_strip: _Strip,
+    program: _Program,
+    inverse: _InverseAndProgram | None,
+    close_strip: _Strip | None,
+) -> _Block:
     # helpers.js prepareBlock, including how it hands strip flags down an `else if` chain.
     if inverse is not None and inverse.chain:
         chained = inverse.program.body[0]
         assert isinstance(chained, _Block)
         chained.close_strip = close_strip
-    return _Block(helper, call, program, inverse.program if inverse else None, open_strip,
-                  inverse.strip if inverse else None, close_strip)
+    return _Block(
+        helper,
+        call,
+        program,
+        inverse.program if inverse else None,
+        open_strip,
+        inverse.strip if inverse else None,
+        close_strip,
+    )
 
 
 # --- Whitespace: a port of Handlebars.js' compiler/whitespace-control.js -------------------------
@@ -615,7 +638,7 @@ def _chained_block(program: _Program) -> _Block:
 
 
 def _trailing_ws(text: str) -> str:
-    return text[len(text.rstrip(_WS_CHARS)):]
+    return text[len(text.rstrip(_WS_CHARS)) :]
 
 
 def _leading_ws(text: str) -> str:
@@ -664,7 +687,7 @@ def _omit_right(body: list[_Node], i: int | None = None, multiple: bool = False)
     else:
         match = _LINE_START.match(original)
         assert match is not None
-        current.value = original[match.end():]
+        current.value = original[match.end() :]
     current.right_stripped = current.value != original
 
 
@@ -683,9 +706,21 @@ def _omit_left(body: list[_Node], i: int | None = None, multiple: bool = False) 
 # Generated names all start with `_hb`; user paths at the top level only reach names that are
 # plain identifiers and not Jinja's own (globals, keywords, `loop`...), others are undefined.
 _UNDEFINED = "_hb_u"
-_RESERVED = frozenset(DEFAULT_NAMESPACE) | frozenset(HELPERS) | {
-    "true", "false", "none", "loop", "self", "caller", "varargs", "kwargs", "super",
-}
+_RESERVED = (
+    frozenset(DEFAULT_NAMESPACE)
+    | frozenset(HELPERS)
+    | {
+        "true",
+        "false",
+        "none",
+        "loop",
+        "self",
+        "caller",
+        "varargs",
+        "kwargs",
+        "super",
+    }
+)
 _ROOT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # Jinja cannot name its whole context: `this` at the top level is rebuilt from the Renderer's
 # context keys.
@@ -791,7 +826,9 @@ class _Generator:
             this = f"_hb_w{n}"
             subject_node = block.call.params[0]
             # Handlebars adds a depth for `../` only when the context changes: not for `#with this`.
-            same = isinstance(subject_node, _Path) and not (subject_node.data or subject_node.depth or subject_node.parts)
+            same = isinstance(subject_node, _Path) and not (
+                subject_node.data or subject_node.depth or subject_node.parts
+            )
             body = self._scoped(block.program, None if same else this, dict(zip(names, [this])), None)
             out = [f"{{% set {this} = {subject} %}}{{% if {self._use('_hb_t')}({this}, true) %}}", *body]
             if block.inverse is not None:
@@ -810,8 +847,12 @@ class _Generator:
             f" if {seq} is iterable and {seq} is not string else []) %}}"
             f"{{% set {this} = {item}[1] if {is_map} else {item} %}}"
         ]
-        loop_vars = {"index": "loop.index0", "first": "loop.first", "last": "loop.last",
-                     "key": f"{item}[0] if {is_map} else loop.index0"}
+        loop_vars = {
+            "index": "loop.index0",
+            "first": "loop.first",
+            "last": "loop.last",
+            "key": f"{item}[0] if {is_map} else loop.index0",
+        }
         for name, value in loop_vars.items():
             if name in frame.used:
                 out.append(f"{{% set {frame.var(name)} = {value} %}}")
@@ -921,8 +962,10 @@ class _Generator:
         ]
         base += "".join(subscripts)
         if length:  # JavaScript's .length of arrays and strings; a key "length" of an object
-            base = (f"({base}|length if {base} is defined and {base} is not mapping"
-                    f" and {base} is sequence else {base}[\"length\"])")
+            base = (
+                f"({base}|length if {base} is defined and {base} is not mapping"
+                f' and {base} is sequence else {base}["length"])'
+            )
         return base
 
 

@@ -71,9 +71,16 @@ class Journal(Unrecorded):
         for user_id, doc in (await self._ledger.prior(self.job_id, channel, user_ids)).items():
             state = doc.get("state")
             if state in FINAL_DELIVERY_STATES:
-                settled[user_id] = Delivery(user_id, channel, state, doc.get("error"),
-                                            user_found=doc.get("user_found", True), attempts=doc.get("attempts", 0),
-                                            provider_id=doc.get("provider_id"), recorded=True)
+                settled[user_id] = Delivery(
+                    user_id,
+                    channel,
+                    state,
+                    doc.get("error"),
+                    user_found=doc.get("user_found", True),
+                    attempts=doc.get("attempts", 0),
+                    provider_id=doc.get("provider_id"),
+                    recorded=True,
+                )
             elif state == "sending" and self._on_ambiguous.get(channel, "report") == "report":
                 settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
             elif state == "sending":

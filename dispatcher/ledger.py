@@ -41,7 +41,7 @@ _DUPLICATE_KEY = 11000
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def delivery_key(job_id: str, channel: str, user_id: str) -> str:
@@ -74,7 +74,7 @@ class Ledger:
             raise StoreError(f"ledger {what} failed: {exc}") from exc
 
     def _expires_at(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc) + self._retention
+        return dt.datetime.now(dt.UTC) + self._retention
 
     async def ensure_indexes(self) -> None:
         def create() -> None:
@@ -88,15 +88,27 @@ class Ledger:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def create_job(self, job_id: str, request: dict[str, Any], owner: str, lease: float,
-                         idempotency_key: str | None) -> None:
+    async def create_job(
+        self, job_id: str, request: dict[str, Any], owner: str, lease: float, idempotency_key: str | None
+    ) -> None:
         """A job its owner starts at once: `running` from the first write (one round trip less
         per send than queued-then-running)."""
         created = now_iso()
-        doc = {"_id": job_id, "request": request, "state": "running", "created_at": created,
-               "started_at": created, "finished_at": None, "summary": None, "error": None,
-               "cancel_requested": False, "idempotency_key": idempotency_key,
-               "lease_owner": owner, "lease_expires": time.time() + lease, "expires_at": self._expires_at()}
+        doc = {
+            "_id": job_id,
+            "request": request,
+            "state": "running",
+            "created_at": created,
+            "started_at": created,
+            "finished_at": None,
+            "summary": None,
+            "error": None,
+            "cancel_requested": False,
+            "idempotency_key": idempotency_key,
+            "lease_owner": owner,
+            "lease_expires": time.time() + lease,
+            "expires_at": self._expires_at(),
+        }
         await self._writes.submit("job", ([doc], None))
 
     async def delete_job(self, job_id: str) -> None:
@@ -108,11 +120,15 @@ class Ledger:
 
     async def claim(self, job_id: str, owner: str, lease: float) -> dict[str, Any] | None:
         """Take over an active job whose lease has expired (or is already ours)."""
-        query = {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)},
-                 "$or": [{"lease_expires": {"$lt": time.time()}}, {"lease_owner": owner}]}
+        query = {
+            "_id": job_id,
+            "state": {"$in": list(ACTIVE_STATES)},
+            "$or": [{"lease_expires": {"$lt": time.time()}}, {"lease_owner": owner}],
+        }
         update = {"$set": {"lease_owner": owner, "lease_expires": time.time() + lease}}
-        return await self._run("job claim", self._jobs.find_one_and_update, query, update,
-                               return_document=ReturnDocument.AFTER)
+        return await self._run(
+            "job claim", self._jobs.find_one_and_update, query, update, return_document=ReturnDocument.AFTER
+        )
 
     async def orphaned_jobs(self, limit: int = 20) -> list[str]:
         """Active jobs nobody holds a live lease on: their owner died."""
@@ -124,16 +140,21 @@ class Ledger:
         """Extend our lease and publish progress; None when the lease is no longer ours."""
         query = {"_id": job_id, "lease_owner": owner}
         update = {"$set": {"lease_expires": time.time() + lease, "summary": summary}}
-        return await self._run("lease renewal", self._jobs.find_one_and_update, query, update,
-                               return_document=ReturnDocument.AFTER)
+        return await self._run(
+            "lease renewal", self._jobs.find_one_and_update, query, update, return_document=ReturnDocument.AFTER
+        )
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
-        return await self._run("job cancellation", self._jobs.find_one_and_update,
-                               {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
-                               {"$set": {"cancel_requested": True}}, return_document=ReturnDocument.AFTER)
+        return await self._run(
+            "job cancellation",
+            self._jobs.find_one_and_update,
+            {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
+            {"$set": {"cancel_requested": True}},
+            return_document=ReturnDocument.AFTER,
+        )
 
     # -- idempotency keys -----------------------------------------------------------------------
 
@@ -143,8 +164,13 @@ class Ledger:
 
         def claim() -> IdempotencyClaim:
             now = time.time()
-            doc = {"_id": key_id, "job_id": job_id, "body_hash": body_hash, "valid_until": now + self._key_ttl,
-                   "expires_at": dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._key_ttl)}
+            doc = {
+                "_id": key_id,
+                "job_id": job_id,
+                "body_hash": body_hash,
+                "valid_until": now + self._key_ttl,
+                "expires_at": dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._key_ttl),
+            }
             try:
                 self._keys.insert_one(doc)
                 return IdempotencyClaim(job_id, ours=True)
@@ -155,8 +181,15 @@ class Ledger:
                 # Expired but not purged yet: the key is free again (one winner if several race).
                 replaced = self._keys.find_one_and_update(
                     {"_id": key_id, "valid_until": existing["valid_until"]},
-                    {"$set": {"job_id": job_id, "body_hash": body_hash, "valid_until": doc["valid_until"],
-                              "expires_at": doc["expires_at"]}})
+                    {
+                        "$set": {
+                            "job_id": job_id,
+                            "body_hash": body_hash,
+                            "valid_until": doc["valid_until"],
+                            "expires_at": doc["expires_at"],
+                        }
+                    },
+                )
                 if replaced is not None:
                     return IdempotencyClaim(job_id, ours=True)
                 existing = self._keys.find_one({"_id": key_id})
@@ -175,8 +208,9 @@ class Ledger:
         docs = await self._run("delivery lookup", lambda: list(self._deliveries.find({"_id": {"$in": keys}})))
         return {doc["user"]: doc for doc in docs}
 
-    async def claim_sending(self, job_id: str, run_id: str,
-                            deliveries: Sequence[tuple[str, str, str | None]]) -> set[tuple[str, str]]:
+    async def claim_sending(
+        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, str | None]]
+    ) -> set[tuple[str, str]]:
         """Mark these (channel, user, previous run) deliveries `sending` for run `run_id`, before
         their provider calls, and return those that could NOT be claimed: another run holds or
         settled them. A claim is a compare-and-set, so two runs of the same partition or job never
@@ -186,14 +220,21 @@ class Ledger:
         expires = self._expires_at()
         ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
         for channel, user, previous in deliveries:
-            doc = {"job": job_id, "user": user, "channel": channel, "state": "sending", "run": run_id,
-                   "expires_at": expires}
+            doc = {
+                "job": job_id,
+                "user": user,
+                "channel": channel,
+                "state": "sending",
+                "run": run_id,
+                "expires_at": expires,
+            }
             key = delivery_key(job_id, channel, user)
             if previous is None:
                 ops.append(InsertOne({"_id": key, **doc}))
             else:
-                ops.append(UpdateOne({"_id": key, "state": "sending", "run": previous or None}, {"$set": doc},
-                                     upsert=True))
+                ops.append(
+                    UpdateOne({"_id": key, "state": "sending", "run": previous or None}, {"$set": doc}, upsert=True)
+                )
         if not ops:
             return set()
         return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries]))
@@ -216,21 +257,45 @@ class Ledger:
                     outcome["provider_id"] = d.provider_id
                 ops.append(UpdateOne(key, {"$set": outcome}))
             else:
-                ops.append(UpdateOne(key, {"$set": {"job": job_id, "user": d.user_id, "channel": d.channel,
-                                                    "state": d.status, "error": d.error, "attempts": d.attempts,
-                                                    "provider_id": d.provider_id, "user_found": d.user_found,
-                                                    "expires_at": expires}}, upsert=True))
+                ops.append(
+                    UpdateOne(
+                        key,
+                        {
+                            "$set": {
+                                "job": job_id,
+                                "user": d.user_id,
+                                "channel": d.channel,
+                                "state": d.status,
+                                "error": d.error,
+                                "attempts": d.attempts,
+                                "provider_id": d.provider_id,
+                                "user_found": d.user_found,
+                                "expires_at": expires,
+                            }
+                        },
+                        upsert=True,
+                    )
+                )
         await self._writes.submit("outcome", (ops, None))
 
     def _flush(self, batch: list[Call]) -> None:
         """One group of writes (in a worker thread): new jobs, then every delivery write in one
         unordered bulk, then job updates; a failed command fails only the writes it carried."""
-        _bulk([w for w in batch if w.kind == "job"], "job creation",
-              lambda docs: self._jobs.insert_many(docs, ordered=False))
-        _bulk([w for w in batch if w.kind in ("claim", "outcome")], "delivery write",
-              lambda ops: self._deliveries.bulk_write(ops, ordered=False))
-        _bulk([w for w in batch if w.kind == "job update"], "job update",
-              lambda ops: self._jobs.bulk_write(ops, ordered=False))
+        _bulk(
+            [w for w in batch if w.kind == "job"],
+            "job creation",
+            lambda docs: self._jobs.insert_many(docs, ordered=False),
+        )
+        _bulk(
+            [w for w in batch if w.kind in ("claim", "outcome")],
+            "delivery write",
+            lambda ops: self._deliveries.bulk_write(ops, ordered=False),
+        )
+        _bulk(
+            [w for w in batch if w.kind == "job update"],
+            "job update",
+            lambda ops: self._jobs.bulk_write(ops, ordered=False),
+        )
 
     async def summary(self, job_id: str, channels: Sequence[str]) -> dict[str, Any]:
         """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote):
@@ -238,13 +303,16 @@ class Ledger:
         three-channel job on a store that counts by scanning). Grouped on one string key: the
         embedded store cannot group on a compound key."""
         states = ("sent", "skipped", "failed", "cancelled")
-        pipeline = [{"$match": {"job": job_id}},
-                    {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
-                    {"$group": {"_id": "$key", "n": {"$sum": 1}}}]
+        pipeline = [
+            {"$match": {"job": job_id}},
+            {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
+            {"$group": {"_id": "$key", "n": {"$sum": 1}}},
+        ]
 
         def count() -> dict[str, Any]:
-            users = self._deliveries.count_documents({"job": job_id, "channel": channels[0],
-                                                      "user_found": {"$ne": False}})
+            users = self._deliveries.count_documents(
+                {"job": job_id, "channel": channels[0], "user_found": {"$ne": False}}
+            )
             return {"users": users, "groups": list(self._deliveries.aggregate(pipeline))}
 
         counted = await self._run("job summary", count)
@@ -259,12 +327,13 @@ class Ledger:
         query: dict[str, Any] = {"job": job_id, "state": "failed"}
         if after:
             query["_id"] = {"$gt": after}
-        return await self._run("failure listing",
-                               lambda: list(self._deliveries.find(query).sort("_id", 1).limit(limit)))
+        return await self._run(
+            "failure listing", lambda: list(self._deliveries.find(query).sort("_id", 1).limit(limit))
+        )
 
     async def purge_expired(self) -> None:
         """Remove what retention no longer keeps, for servers without a TTL monitor."""
-        cutoff = {"expires_at": {"$lt": dt.datetime.now(dt.timezone.utc)}}
+        cutoff = {"expires_at": {"$lt": dt.datetime.now(dt.UTC)}}
 
         def purge() -> None:
             for collection in (self._deliveries, self._jobs, self._keys):
@@ -313,5 +382,13 @@ def body_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-__all__ = ["ACTIVE_STATES", "FINAL_DELIVERY_STATES", "FINAL_STATES", "IdempotencyClaim", "Ledger", "body_hash",
-           "delivery_key", "now_iso"]
+__all__ = [
+    "ACTIVE_STATES",
+    "FINAL_DELIVERY_STATES",
+    "FINAL_STATES",
+    "IdempotencyClaim",
+    "Ledger",
+    "body_hash",
+    "delivery_key",
+    "now_iso",
+]

@@ -21,7 +21,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("dispatcher_request_id", default=None)
@@ -100,8 +100,11 @@ def _context_of(record: logging.LogRecord) -> dict[str, str]:
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
-_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime",
-                                                                                         "taskName"}
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -111,8 +114,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-                                 .replace("+00:00", "Z"),
+            "timestamp": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -168,6 +172,7 @@ def configure_logging(settings: Any, level: int | str = "INFO", stream: TextIO |
 
 # --- masking: addresses are personal data; a log line needs only enough to tell them apart.
 
+
 def mask_email(address: str) -> str:
     """`ada@example.com` -> `a***@example.com` (the domain helps diagnose delivery problems)."""
     local, at, domain = address.rpartition("@")
@@ -205,7 +210,20 @@ def mask_address(channel: str, value: str) -> str:
 
 
 __all__ = [
-    "ContextFilter", "JsonFormatter", "TextFormatter", "bind", "channel_var", "configure_logging",
-    "current_context", "job_id_var", "mask_address", "mask_email", "mask_phone", "mask_token", "new_request_id",
-    "request_id_from", "request_id_var", "valid_request_id",
+    "ContextFilter",
+    "JsonFormatter",
+    "TextFormatter",
+    "bind",
+    "channel_var",
+    "configure_logging",
+    "current_context",
+    "job_id_var",
+    "mask_address",
+    "mask_email",
+    "mask_phone",
+    "mask_token",
+    "new_request_id",
+    "request_id_from",
+    "request_id_var",
+    "valid_request_id",
 ]

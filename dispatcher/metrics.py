@@ -55,34 +55,60 @@ _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 # A synchronous POST /send answers once every delivery was attempted: minutes for a large one.
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 
-DELIVERIES = Counter("dispatcher_deliveries", "Deliveries (user, channel) finished, by outcome",
-                     ["channel", "provider", "outcome"])
-DELIVERY_FAILURES = Counter("dispatcher_delivery_failures", "Failed deliveries by kind of failure",
-                            ["channel", "provider", "kind"])
-PROVIDER_CALLS = Counter("dispatcher_provider_calls", "Provider calls (attempts) by outcome",
-                         ["channel", "provider", "outcome"])
-PROVIDER_LATENCY = Histogram("dispatcher_provider_call_seconds", "Duration of one provider call",
-                             ["channel", "provider"], buckets=_LATENCY_BUCKETS)
+DELIVERIES = Counter(
+    "dispatcher_deliveries", "Deliveries (user, channel) finished, by outcome", ["channel", "provider", "outcome"]
+)
+DELIVERY_FAILURES = Counter(
+    "dispatcher_delivery_failures", "Failed deliveries by kind of failure", ["channel", "provider", "kind"]
+)
+PROVIDER_CALLS = Counter(
+    "dispatcher_provider_calls", "Provider calls (attempts) by outcome", ["channel", "provider", "outcome"]
+)
+PROVIDER_LATENCY = Histogram(
+    "dispatcher_provider_call_seconds",
+    "Duration of one provider call",
+    ["channel", "provider"],
+    buckets=_LATENCY_BUCKETS,
+)
 RETRIES = Counter("dispatcher_retries", "Attempts repeated after a transient error", ["channel", "provider"])
-RATE_LIMIT_WAIT = Histogram("dispatcher_rate_limit_wait_seconds",
-                            "Time a delivery waited for its channel's rate limit (token bucket or Retry-After pause)",
-                            ["channel"], buckets=_WAIT_BUCKETS)
-SENDS_IN_FLIGHT = Gauge("dispatcher_sends_in_flight", "Sends (requests or jobs) accepted and not finished",
-                        multiprocess_mode="livesum")
-DELIVERIES_IN_FLIGHT = Gauge("dispatcher_deliveries_in_flight", "Deliveries being attempted (retries included)",
-                             ["channel"], multiprocess_mode="livesum")
-QUEUE_DEPTH = Gauge("dispatcher_queue_depth", "Items buffered in the channels between actors, by reading stage",
-                    ["stage"], multiprocess_mode="livesum")
+RATE_LIMIT_WAIT = Histogram(
+    "dispatcher_rate_limit_wait_seconds",
+    "Time a delivery waited for its channel's rate limit (token bucket or Retry-After pause)",
+    ["channel"],
+    buckets=_WAIT_BUCKETS,
+)
+SENDS_IN_FLIGHT = Gauge(
+    "dispatcher_sends_in_flight", "Sends (requests or jobs) accepted and not finished", multiprocess_mode="livesum"
+)
+DELIVERIES_IN_FLIGHT = Gauge(
+    "dispatcher_deliveries_in_flight",
+    "Deliveries being attempted (retries included)",
+    ["channel"],
+    multiprocess_mode="livesum",
+)
+QUEUE_DEPTH = Gauge(
+    "dispatcher_queue_depth",
+    "Items buffered in the channels between actors, by reading stage",
+    ["stage"],
+    multiprocess_mode="livesum",
+)
 JOBS = Counter("dispatcher_jobs", "Jobs that entered each state", ["state"])
 # Set at each scrape from the cluster's own count: divided by dispatcher_deliveries_total, the
 # Redis cost of the shared rate limits per delivery.
-REDIS_LIMIT_ROUND_TRIPS = Gauge("dispatcher_redis_limit_round_trips",
-                                "Redis round trips made by the cluster-wide rate limits since start",
-                                multiprocess_mode="livesum")
-HTTP_REQUESTS = Counter("dispatcher_http_requests", "HTTP requests answered, by route template and status",
-                        ["method", "route", "status"])
-HTTP_LATENCY = Histogram("dispatcher_http_request_duration_seconds", "Time to answer an HTTP request",
-                         ["method", "route"], buckets=_HTTP_BUCKETS)
+REDIS_LIMIT_ROUND_TRIPS = Gauge(
+    "dispatcher_redis_limit_round_trips",
+    "Redis round trips made by the cluster-wide rate limits since start",
+    multiprocess_mode="livesum",
+)
+HTTP_REQUESTS = Counter(
+    "dispatcher_http_requests", "HTTP requests answered, by route template and status", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "dispatcher_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["method", "route"],
+    buckets=_HTTP_BUCKETS,
+)
 
 
 def _bounded(value: str, allowed: Iterable[str]) -> str:
@@ -101,6 +127,7 @@ def _labels(channel: str, provider: str) -> tuple[str, str]:
 
 
 # --- the delivery path (called by the pipeline)
+
 
 def observe_attempt(channel: str, provider: str, seconds: float, outcome: str) -> None:
     """One provider call took `seconds` and ended with `outcome` (one of `ATTEMPT_OUTCOMES`)."""
@@ -189,6 +216,7 @@ async def sample_queues_forever(interval: float = 1.0) -> None:
 
 # --- HTTP (called by dispatcher.ops)
 
+
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:
     """`route` is a template (`/send/{id}`) or `unmatched`, never a raw path."""
     method = _bounded(method, HTTP_METHODS)
@@ -197,6 +225,7 @@ def observe_http(method: str, route: str, status: int, seconds: float) -> None:
 
 
 # --- exposition
+
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -235,8 +264,23 @@ def render(accept: str | None = None) -> tuple[bytes, str]:
 
 
 __all__ = [
-    "ATTEMPT_OUTCOMES", "DELIVERY_OUTCOMES", "FAILURE_KINDS", "JOB_STATES", "QUEUE_STAGES",
-    "clear_multiprocess_dir", "mark_process_dead", "observe_attempt", "observe_delivery", "observe_http",
-    "observe_job", "observe_rate_limit_wait", "observe_retry", "render", "sample_queues", "sample_queues_forever",
-    "track_delivery", "track_queue", "track_send",
+    "ATTEMPT_OUTCOMES",
+    "DELIVERY_OUTCOMES",
+    "FAILURE_KINDS",
+    "JOB_STATES",
+    "QUEUE_STAGES",
+    "clear_multiprocess_dir",
+    "mark_process_dead",
+    "observe_attempt",
+    "observe_delivery",
+    "observe_http",
+    "observe_job",
+    "observe_rate_limit_wait",
+    "observe_retry",
+    "render",
+    "sample_queues",
+    "sample_queues_forever",
+    "track_delivery",
+    "track_queue",
+    "track_send",
 ]

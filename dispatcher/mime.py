@@ -43,8 +43,12 @@ class _Policy(Compat32):
     """
 
     def fold_binary(self, name: str, value: Any) -> bytes:
-        if (isinstance(value, str) and value.isascii() and value.splitlines() == [value]
-                and len(name) + 2 + len(value) <= (self.max_line_length or sys.maxsize)):
+        if (
+            isinstance(value, str)
+            and value.isascii()
+            and value.splitlines() == [value]
+            and len(name) + 2 + len(value) <= (self.max_line_length or sys.maxsize)
+        ):
             return f"{name}: {value}{self.linesep}".encode("ascii")
         return super().fold_binary(name, value)
 

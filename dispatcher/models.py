@@ -128,8 +128,9 @@ class SendRequest(BaseModel):
             _check_plain_json({k: v for k, v in values.items() if k in known})
         return values
 
-    @field_validator("recipients", "clusters", "email_attachments", "email_carbon_copies",
-                     "email_blind_carbon_copies", mode="before")
+    @field_validator(
+        "recipients", "clusters", "email_attachments", "email_carbon_copies", "email_blind_carbon_copies", mode="before"
+    )
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         return () if value is None else value
@@ -176,7 +177,7 @@ class SendRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _who_and_what(self) -> "SendRequest":
+    def _who_and_what(self) -> SendRequest:
         if not self.recipients and not self.clusters:
             raise ValueError("recipients or clusters: at least one recipient or cluster is required")
         if self.template_id is None:
@@ -190,7 +191,7 @@ class SendRequest(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, payload: Any) -> "SendRequest":
+    def parse(cls, payload: Any) -> SendRequest:
         """Validate a decoded JSON body; a violation raises `RequestError` naming the field."""
         if not isinstance(payload, dict):
             raise RequestError("the body must be a JSON object")
@@ -206,8 +207,9 @@ def _check_address(address: str) -> None:
         raise ValueError(f"{shown(address)} is not a valid e-mail address")
 
 
-_STRING_ARRAYS = frozenset({"channels", "recipients", "clusters", "emailAttachments", "emailCarbonCopies",
-                            "emailBlindCarbonCopies"})
+_STRING_ARRAYS = frozenset(
+    {"channels", "recipients", "clusters", "emailAttachments", "emailCarbonCopies", "emailBlindCarbonCopies"}
+)
 # pydantic's error types in words for the client; `_FIELD_PHRASES` first.
 _FIELD_PHRASES = {
     ("channels", "missing"): "must be a non-empty array",
@@ -276,9 +278,14 @@ class Summary:
         return body
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "Summary":
-        return cls(body.get("users", 0), dict(body.get("sent", {})), dict(body.get("skipped", {})),
-                   dict(body.get("failed", {})), dict(body.get("cancelled", {})))
+    def from_json(cls, body: dict[str, Any]) -> Summary:
+        return cls(
+            body.get("users", 0),
+            dict(body.get("sent", {})),
+            dict(body.get("skipped", {})),
+            dict(body.get("failed", {})),
+            dict(body.get("cancelled", {})),
+        )
 
 
 @dataclass(slots=True)

@@ -49,8 +49,9 @@ class Summary(_Wire):
     sent: _COUNTS
     skipped: _COUNTS
     failed: _COUNTS
-    cancelled: _COUNTS = Field(default_factory=dict, description="Deliveries stopped by `DELETE /send/{id}`; "
-                                                                 "present only when there are some")
+    cancelled: _COUNTS = Field(
+        default_factory=dict, description="Deliveries stopped by `DELETE /send/{id}`; present only when there are some"
+    )
 
 
 class SendResult(_Wire):
@@ -102,10 +103,9 @@ class Health(_Wire):
 _FIELD_DOCS = {
     "channels": "Channels to deliver on, each at most once",
     "recipients": "User ids; at least one of recipients/clusters is required",
-    "clusters": "A user is selected when one of its clusters matches; at least one of recipients/clusters "
-                "is required",
+    "clusters": "A user is selected when one of its clusters matches; at least one of recipients/clusters is required",
     "templateId": "A stored template (ObjectId hex or any string id); when given, messageTitle and "
-                  "messageContent are ignored",
+    "messageContent are ignored",
     "messageTitle": "Without a template: e-mail subject and push title (required for email and push)",
     "messageContent": "Without a template: the body of every channel (required)",
     "data": "Free data available to templates as `data`",
@@ -124,8 +124,12 @@ QUICK_START_REQUEST = {
 }
 QUICK_START_RESULT = {
     "failures": [{"channel": c, "error": "user not found", "userId": "nobody"} for c in ("email", "sms", "push")],
-    "summary": {"users": 4, "sent": {"email": 3, "sms": 3, "push": 2},
-                "skipped": {"email": 1, "sms": 1, "push": 2}, "failed": {"email": 1, "sms": 1, "push": 1}},
+    "summary": {
+        "users": 4,
+        "sent": {"email": 3, "sms": 3, "push": 2},
+        "skipped": {"email": 1, "sms": 1, "push": 2},
+        "failed": {"email": 1, "sms": 1, "push": 1},
+    },
 }
 
 _RESPONSE_MODELS = (SendResult, Failure, Summary, Error, JobAccepted, JobStatus, FailuresPage, Health)
@@ -145,8 +149,7 @@ def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[st
         prop.pop("title", None)
         if name in _FIELD_DOCS:
             prop.setdefault("description", _FIELD_DOCS[name])
-    request.setdefault("description", "One message to many users over several channels. Unknown fields are "
-                                      "ignored.")
+    request.setdefault("description", "One message to many users over several channels. Unknown fields are ignored.")
     for schema in schemas.values():
         for prop in schema.get("properties", {}).values():
             prop.pop("title", None)
@@ -158,8 +161,11 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _json(name: str, description: str, **extra: Any) -> dict[str, Any]:
-    response: dict[str, Any] = {"description": description, "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
-                                "content": {"application/json": {"schema": _ref(name)}}}
+    response: dict[str, Any] = {
+        "description": description,
+        "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+        "content": {"application/json": {"schema": _ref(name)}},
+    }
     response.update(extra)
     return response
 
@@ -171,12 +177,17 @@ def _error(description: str, **headers: Any) -> dict[str, Any]:
 
 
 def _text(media_type: str, description: str) -> dict[str, Any]:
-    return {"description": description, "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
-            "content": {media_type: {"schema": {"type": "string"}}}}
+    return {
+        "description": description,
+        "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+        "content": {media_type: {"schema": {"type": "string"}}},
+    }
 
 
-_UNAUTHORIZED = _error("No valid API key (only when API keys are configured)",
-                       **{"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}})
+_UNAUTHORIZED = _error(
+    "No valid API key (only when API keys are configured)",
+    **{"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+)
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
 
 
@@ -188,25 +199,43 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "operationId": "send",
             "summary": "Deliver one message to many users over several channels",
             "description": "Synchronous by default: answers once every delivery was attempted. With "
-                           "`Prefer: respond-async` or `?async=true`, answers 202 at once with the job to poll.",
+            "`Prefer: respond-async` or `?async=true`, answers 202 at once with the job to poll.",
             "tags": ["send"],
             "parameters": [
                 request_id,
-                {"name": "async", "in": "query", "required": False, "schema": {"type": "boolean"},
-                 "description": "Answer 202 at once and run the send as a job"},
-                {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "`respond-async`: same as `?async=true`"},
-                {"name": "Idempotency-Key", "in": "header", "required": False,
-                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                 "description": "The same key and body within the idempotency window answer the first "
-                                "send's result or status; nothing is sent again. Another body: 422"},
+                {
+                    "name": "async",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "boolean"},
+                    "description": "Answer 202 at once and run the send as a job",
+                },
+                {
+                    "name": "Prefer",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "`respond-async`: same as `?async=true`",
+                },
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    "description": "The same key and body within the idempotency window answer the first "
+                    "send's result or status; nothing is sent again. Another body: 422",
+                },
             ],
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": _ref("SendRequest"), "example": QUICK_START_REQUEST}}},
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("SendRequest"), "example": QUICK_START_REQUEST}},
+            },
             "responses": {
-                "200": _json("SendResult", "Every delivery was attempted; the failures and counts",
-                             content={"application/json": {"schema": _ref("SendResult"),
-                                                           "example": QUICK_START_RESULT}}),
+                "200": _json(
+                    "SendResult",
+                    "Every delivery was attempted; the failures and counts",
+                    content={"application/json": {"schema": _ref("SendResult"), "example": QUICK_START_RESULT}},
+                ),
                 "202": _json("JobAccepted", "Accepted as a job (asynchronous mode)"),
                 "400": _error("Invalid request; nothing was sent"),
                 "401": _UNAUTHORIZED,
@@ -218,54 +247,98 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             },
         },
         ("get", "/send/{id}"): {
-            "operationId": "getJob", "summary": "A job's state, counts and times", "tags": ["send"],
+            "operationId": "getJob",
+            "summary": "A job's state, counts and times",
+            "tags": ["send"],
             "parameters": [_JOB_ID, request_id],
-            "responses": {"200": _json("JobStatus", "The job"), "401": _UNAUTHORIZED,
-                          "404": _error("No such job"), "503": _error("The store is unavailable")},
+            "responses": {
+                "200": _json("JobStatus", "The job"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No such job"),
+                "503": _error("The store is unavailable"),
+            },
         },
         ("delete", "/send/{id}"): {
-            "operationId": "cancelJob", "summary": "Cancel a job (deliveries not started are not sent)",
-            "tags": ["send"], "parameters": [_JOB_ID, request_id],
-            "responses": {"200": _json("JobStatus", "The job after cancellation"), "401": _UNAUTHORIZED,
-                          "404": _error("No such job"), "503": _error("The store is unavailable")},
+            "operationId": "cancelJob",
+            "summary": "Cancel a job (deliveries not started are not sent)",
+            "tags": ["send"],
+            "parameters": [_JOB_ID, request_id],
+            "responses": {
+                "200": _json("JobStatus", "The job after cancellation"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No such job"),
+                "503": _error("The store is unavailable"),
+            },
         },
         ("get", "/send/{id}/failures"): {
-            "operationId": "getJobFailures", "summary": "A job's failures, paged", "tags": ["send"],
+            "operationId": "getJobFailures",
+            "summary": "A job's failures, paged",
+            "tags": ["send"],
             "parameters": [
-                _JOB_ID, request_id,
-                {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
-                 "description": "The `next` of the previous page"},
-                {"name": "limit", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                _JOB_ID,
+                request_id,
+                {
+                    "name": "after",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "The `next` of the previous page",
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
             ],
-            "responses": {"200": _json("FailuresPage", "One page of failures"), "400": _error("Invalid paging"),
-                          "401": _UNAUTHORIZED, "404": _error("No such job"),
-                          "503": _error("The store is unavailable")},
+            "responses": {
+                "200": _json("FailuresPage", "One page of failures"),
+                "400": _error("Invalid paging"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No such job"),
+                "503": _error("The store is unavailable"),
+            },
         },
         ("get", "/-/healthz"): {
-            "operationId": "healthz", "summary": "200 while the process runs", "tags": ["operations"],
-            "parameters": [request_id], "responses": {"200": _json("Health", "Alive")},
+            "operationId": "healthz",
+            "summary": "200 while the process runs",
+            "tags": ["operations"],
+            "parameters": [request_id],
+            "responses": {"200": _json("Health", "Alive")},
         },
         ("get", "/-/ready"): {
-            "operationId": "ready", "summary": "200 when the store answers a ping", "tags": ["operations"],
+            "operationId": "ready",
+            "summary": "200 when the store answers a ping",
+            "tags": ["operations"],
             "parameters": [request_id],
             "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready (the store does not answer)")},
         },
         ("get", "/-/metrics"): {
-            "operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
-            "tags": ["operations"], "parameters": [request_id],
+            "operationId": "metrics",
+            "summary": "Prometheus metrics (text exposition format)",
+            "tags": ["operations"],
+            "parameters": [request_id],
             "responses": {"200": _text("text/plain", "The metrics"), "401": _UNAUTHORIZED},
         },
         ("get", "/-/openapi.json"): {
-            "operationId": "openapi", "summary": "This document", "tags": ["operations"],
+            "operationId": "openapi",
+            "summary": "This document",
+            "tags": ["operations"],
             "parameters": [request_id],
-            "responses": {"200": {"description": "OpenAPI 3.1", "headers": {
-                "X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
-                "content": {"application/json": {"schema": {"type": "object"}}}}},
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
         },
         ("get", "/-/docs"): {
-            "operationId": "docs", "summary": "This document, browsable", "tags": ["operations"],
-            "parameters": [request_id], "responses": {"200": _text("text/html", "An HTML page")},
+            "operationId": "docs",
+            "summary": "This document, browsable",
+            "tags": ["operations"],
+            "parameters": [request_id],
+            "responses": {"200": _text("text/html", "An HTML page")},
         },
     }
 
@@ -274,8 +347,14 @@ def known_operations() -> set[tuple[str, str]]:
     return set(_operations())
 
 
-def build_openapi(*, routes: set[tuple[str, str]] | None = None, active_channels: tuple[str, ...] | None = None,
-                  auth_enabled: bool = False, protect_metrics: bool = False, version: str | None = None) -> dict[str, Any]:
+def build_openapi(
+    *,
+    routes: set[tuple[str, str]] | None = None,
+    active_channels: tuple[str, ...] | None = None,
+    auth_enabled: bool = False,
+    protect_metrics: bool = False,
+    version: str | None = None,
+) -> dict[str, Any]:
     """The document, limited to `routes` ((method, path) pairs, lower-case method, `{param}`
     paths) when given."""
     paths: dict[str, dict[str, Any]] = {}
@@ -295,18 +374,28 @@ def build_openapi(*, routes: set[tuple[str, str]] | None = None, active_channels
             "title": "trio-dispatcher",
             "version": version or _version(),
             "description": "Multi-channel messaging service: one request, many users, e-mail, SMS, push and "
-                           "voice. Every error is JSON `{statusCode, error, message}`.",
+            "voice. Every error is JSON `{statusCode, error, message}`.",
         },
         "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
         "paths": paths,
         "components": {
             "schemas": component_schemas(active_channels),
-            "parameters": {"RequestId": {
-                "name": "X-Request-ID", "in": "header", "required": False,
-                "description": "Reused when 1-128 of `[A-Za-z0-9._-]`, generated otherwise; echoed in the answer",
-                "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}}},
-            "headers": {"RequestId": {"description": "The request's id, on every log line it caused",
-                                      "required": True, "schema": {"type": "string"}}},
+            "parameters": {
+                "RequestId": {
+                    "name": "X-Request-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Reused when 1-128 of `[A-Za-z0-9._-]`, generated otherwise; echoed in the answer",
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+                }
+            },
+            "headers": {
+                "RequestId": {
+                    "description": "The request's id, on every log line it caused",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -349,8 +438,12 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
 
 
 def openapi_for(app: Any, settings: Any, auth_enabled: bool) -> dict[str, Any]:
-    return build_openapi(routes=app_routes(app), active_channels=tuple(settings.channels.active),
-                         auth_enabled=auth_enabled, protect_metrics=settings.auth.protect_metrics)
+    return build_openapi(
+        routes=app_routes(app),
+        active_channels=tuple(settings.channels.active),
+        auth_enabled=auth_enabled,
+        protect_metrics=settings.auth.protect_metrics,
+    )
 
 
 DOCS_HTML = """<!DOCTYPE html>
@@ -415,5 +508,18 @@ def docs_page(spec_url: str = "/-/openapi.json", title: str = "trio-dispatcher")
     return DOCS_HTML.format(spec=html.escape(spec_url, quote=True), title=html.escape(title))
 
 
-__all__ = ["Error", "Failure", "FailuresPage", "JobAccepted", "JobStatus", "SendResult", "Summary", "app_routes",
-           "build_openapi", "docs_page", "known_operations", "openapi_for", "route_template"]
+__all__ = [
+    "Error",
+    "Failure",
+    "FailuresPage",
+    "JobAccepted",
+    "JobStatus",
+    "SendResult",
+    "Summary",
+    "app_routes",
+    "build_openapi",
+    "docs_page",
+    "known_operations",
+    "openapi_for",
+    "route_template",
+]

@@ -32,7 +32,7 @@ access_log = logging.getLogger("dispatcher.access")
 CLIENT_CLOSED = 499
 
 
-def install_ops(app: "QuartTrio", dispatcher: "Dispatcher", api_keys: ApiKeys | None = None) -> None:
+def install_ops(app: QuartTrio, dispatcher: Dispatcher, api_keys: ApiKeys | None = None) -> None:
     """Add the hooks and routes above. `api_keys` defaults to `load_api_keys(settings)`, which
     raises `ConfigError` for an unreadable `[auth].keys_file`."""
     from .app import error_response  # app.py imports this module
@@ -53,8 +53,9 @@ def install_ops(app: "QuartTrio", dispatcher: "Dispatcher", api_keys: ApiKeys | 
             g.api_key_id = keys.authenticate(presented)
             if g.api_key_id is None:
                 if presented is None:
-                    response = error_response(401, "an API key is required (Authorization: Bearer <key> "
-                                                   "or X-API-Key: <key>)")
+                    response = error_response(
+                        401, "an API key is required (Authorization: Bearer <key> or X-API-Key: <key>)"
+                    )
                     response.headers["WWW-Authenticate"] = "Bearer"
                 else:
                     response = error_response(401, "invalid API key")
@@ -105,6 +106,7 @@ def install_ops(app: "QuartTrio", dispatcher: "Dispatcher", api_keys: ApiKeys | 
         return Response(docs_page("/-/openapi.json"), status=200, content_type="text/html; charset=utf-8")
 
     if metrics.multiprocess_dir():
+
         @app.before_serving
         async def sample_queues() -> None:
             app.nursery.start_soon(metrics.sample_queues_forever)
@@ -120,9 +122,22 @@ def _account(status: int) -> None:
     level = logging.WARNING if status >= 500 and status != CLIENT_CLOSED else logging.INFO
     path = _printable(request.path)
     duration_ms = round(seconds * 1000, 1)
-    access_log.log(level, "%s %s %d %.1fms", request.method, path, status, duration_ms,
-                   extra={"method": request.method, "path": path, "route": route, "status": status,
-                          "duration_ms": duration_ms, "api_key_id": g.get("api_key_id")})
+    access_log.log(
+        level,
+        "%s %s %d %.1fms",
+        request.method,
+        path,
+        status,
+        duration_ms,
+        extra={
+            "method": request.method,
+            "path": path,
+            "route": route,
+            "status": status,
+            "duration_ms": duration_ms,
+            "api_key_id": g.get("api_key_id"),
+        },
+    )
 
 
 def _printable(path: str, limit: int = 512) -> str:

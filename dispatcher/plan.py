@@ -83,8 +83,14 @@ class RequestPlan:
     channels: tuple[ChannelPlan, ...]
 
 
-def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: Settings, renderer: Renderer,
-               email_options: EmailOptions | None, id_of: Callable[[User], str]) -> RequestPlan:
+def build_plan(
+    request: SendRequest,
+    template: dict[str, Any] | None,
+    settings: Settings,
+    renderer: Renderer,
+    email_options: EmailOptions | None,
+    id_of: Callable[[User], str],
+) -> RequestPlan:
     """Check the request against the template and the configuration, and compile every text."""
     active = settings.channels.active
     for channel in request.channels:
@@ -95,9 +101,16 @@ def build_plan(request: SendRequest, template: dict[str, Any] | None, settings: 
             _check_template(template, channel)
     texts = _TextSource(request, template, renderer, settings)
     context = BuildContext(settings, email_options)
-    plans = tuple(ChannelPlan(channel, address_field(channel, settings), CHANNELS[channel].build(texts, context), id_of,
-                              CHANNELS[channel].valid_address)
-                  for channel in request.channels)
+    plans = tuple(
+        ChannelPlan(
+            channel,
+            address_field(channel, settings),
+            CHANNELS[channel].build(texts, context),
+            id_of,
+            CHANNELS[channel].valid_address,
+        )
+        for channel in request.channels
+    )
     return RequestPlan(request, plans)
 
 
@@ -110,8 +123,9 @@ class _TextSource:
     or `[templates].request_engine` for the request's texts. Handlebars is translated into Jinja,
     so both run in the same sandbox under the same limits."""
 
-    def __init__(self, request: SendRequest, template: dict[str, Any] | None, renderer: Renderer,
-                 settings: Settings) -> None:
+    def __init__(
+        self, request: SendRequest, template: dict[str, Any] | None, renderer: Renderer, settings: Settings
+    ) -> None:
         self.request = request
         self._template = template
         self._renderer = renderer
@@ -119,8 +133,9 @@ class _TextSource:
         if template is not None:
             self._engine = template.get("engine") or settings.templates.default_engine
             if self._engine not in ENGINES:
-                raise RequestError(f"templateId: the template's engine {shown(self._engine)} is not one of "
-                                   f"{', '.join(ENGINES)}")
+                raise RequestError(
+                    f"templateId: the template's engine {shown(self._engine)} is not one of {', '.join(ENGINES)}"
+                )
 
     def get(self, template_field: str, request_value: str | None = None, *, html: bool = False) -> RenderFn | None:
         if self._template is not None:

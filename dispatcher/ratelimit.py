@@ -68,7 +68,7 @@ class ChannelGate:
     message slips past a 429's pause with a token taken before it. Use as `await gate.enter()` ... `gate.exit()` (in a finally): this
     sits on the per-message path, where an async context manager costs measurably more."""
 
-    def __init__(self, concurrency: int, rate: float, burst: int, bucket: "Bucket | None" = None) -> None:
+    def __init__(self, concurrency: int, rate: float, burst: int, bucket: Bucket | None = None) -> None:
         self.limiter = trio.CapacityLimiter(concurrency)
         # In cluster mode, a bucket shared through Redis by every process (dispatcher.cluster).
         self.bucket: Bucket = bucket if bucket is not None else TokenBucket(rate, burst)

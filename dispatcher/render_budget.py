@@ -42,10 +42,12 @@ _REFIRE_SECONDS = 0.010
 _WALL_FACTOR = 200.0
 
 _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
 # The same function with NULL clears a pending exception of that thread.
 _clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
 
 
 class RenderBudgetExceeded(RenderError):

@@ -12,11 +12,20 @@ import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .channels import CHANNELS as CHANNEL_TABLE
 from .errors import ConfigError
@@ -137,15 +146,16 @@ class ChannelsSettings(_Section):
         return value
 
     @model_validator(mode="after")
-    def _providers_fit_channels(self) -> "ChannelsSettings":
+    def _providers_fit_channels(self) -> ChannelsSettings:
         from .providers import PROVIDERS
 
         for name, channel in self.per_channel.items():
             entry = PROVIDERS.get(channel.provider)
             if entry is None or not entry.serves(name):
                 allowed = ", ".join(sorted(p for p, e in PROVIDERS.items() if e.serves(name)))
-                raise ValueError(f"channels.{name}.provider: {channel.provider!r} cannot deliver {name} "
-                                 f"(use one of {allowed})")
+                raise ValueError(
+                    f"channels.{name}.provider: {channel.provider!r} cannot deliver {name} (use one of {allowed})"
+                )
         return self
 
     @model_serializer(mode="wrap")
@@ -257,7 +267,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
 
     @model_validator(mode="after")
-    def _providers_have_what_they_need(self) -> "Settings":
+    def _providers_have_what_they_need(self) -> Settings:
         _check_provider_requirements(self)
         return self
 
@@ -278,13 +288,16 @@ _URL_SECRETS = frozenset({("store", "url"), ("cluster", "redis_url")})
 # variable that can set it (a secret's only source).
 _PROVIDER_REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "twilio": (("account_sid", "DISPATCHER__PROVIDERS__TWILIO__ACCOUNT_SID"), ("auth_token", "TWILIO_AUTH_TOKEN")),
-    "fcm": (("project_id", "DISPATCHER__PROVIDERS__FCM__PROJECT_ID"),
-            ("credentials_file", "GOOGLE_APPLICATION_CREDENTIALS")),
+    "fcm": (
+        ("project_id", "DISPATCHER__PROVIDERS__FCM__PROJECT_ID"),
+        ("credentials_file", "GOOGLE_APPLICATION_CREDENTIALS"),
+    ),
 }
 
 
-def find_config_file(path: str | os.PathLike[str] | None = None,
-                     environ: Mapping[str, str] | None = None) -> Path | None:
+def find_config_file(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
     """The file `load_settings` reads: `path`, else `$DISPATCHER_CONFIG`, else `./config.toml`.
 
     None when the default file is absent (the defaults apply); a named file that does not exist
@@ -300,8 +313,12 @@ def find_config_file(path: str | os.PathLike[str] | None = None,
     return None
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None, *,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
     """Read the TOML file, apply environment overrides and secrets, validate once.
 
     `path` defaults to `DISPATCHER_CONFIG`, then `./config.toml`; the default file may be absent
@@ -336,13 +353,13 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
 
     def origin_of(loc: tuple[str, ...]) -> str:
         # The longest key set outside the file that holds `loc` (a variable may set a whole table).
-        holders = [keys for keys in origins if loc[:len(keys)] == keys]
+        holders = [keys for keys in origins if loc[: len(keys)] == keys]
         if holders:
             return origins[max(holders, key=len)]
         # An unknown key or section only a variable introduced (DISPATCHER__SEVER__PORT).
         if _dig(from_file, loc) is None:
             for keys, var in origins.items():
-                if keys[:len(loc)] == loc:
+                if keys[: len(loc)] == loc:
                     return var
         return source
 
@@ -383,8 +400,10 @@ def _refuse_file_secrets(raw: Mapping[str, Any], source: str) -> None:
         if keys not in _URL_SECRETS:
             raise ConfigError(f"{source}: {key}: secrets are read from the environment ({var}), not from the file")
         if isinstance(value, str) and _has_credentials(value):
-            raise ConfigError(f"{source}: {key}: credentials do not belong in the file; set {var} to the whole "
-                              f"URL instead (a URL without user:password@ may stay in the file)")
+            raise ConfigError(
+                f"{source}: {key}: credentials do not belong in the file; set {var} to the whole "
+                f"URL instead (a URL without user:password@ may stay in the file)"
+            )
 
 
 def _has_credentials(url: str) -> bool:
@@ -413,8 +432,10 @@ def _check_provider_requirements(settings: Settings) -> None:
                 where = f"set it in [providers.{provider}] or {var}"
             if not value:
                 used_by = ", ".join(f"channels.{name}" for name in channels)
-                problems.append(f"providers.{provider}.{field}: required because {used_by} "
-                                f"{'uses' if len(channels) == 1 else 'use'} the {provider} provider ({where})")
+                problems.append(
+                    f"providers.{provider}.{field}: required because {used_by} "
+                    f"{'uses' if len(channels) == 1 else 'use'} the {provider} provider ({where})"
+                )
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -425,7 +446,7 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[tu
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        keys = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
         if any(not part for part in keys):
             raise ConfigError(f"{name}: malformed override (expected DISPATCHER__SECTION__KEY)")
         if keys in _SECRET_ENV:

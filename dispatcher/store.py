@@ -29,8 +29,9 @@ SHARED_LOOKUP_IDS = 16
 
 
 class Store:
-    def __init__(self, client: MongoClient[dict[str, Any]], settings: StoreSettings, fields: UserFields,
-                 batch_size: int = 500) -> None:
+    def __init__(
+        self, client: MongoClient[dict[str, Any]], settings: StoreSettings, fields: UserFields, batch_size: int = 500
+    ) -> None:
         self._client = client
         db = client[settings.database]
         self._users = db[settings.users_collection]
@@ -40,7 +41,7 @@ class Store:
         self._lookups = Batcher(self._look_up)
 
     @classmethod
-    def connect(cls, url: str, settings: StoreSettings, fields: UserFields, batch_size: int = 500) -> "Store":
+    def connect(cls, url: str, settings: StoreSettings, fields: UserFields, batch_size: int = 500) -> Store:
         return cls(MongoClient(url, tz_aware=True, **_defaults_unless_in(url)), settings, fields, batch_size)
 
     @property
@@ -77,8 +78,9 @@ class Store:
             alternatives.append({self._fields.clusters: {"$in": list(clusters)}})
         return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
 
-    async def stream_users(self, recipients: Sequence[str], clusters: Sequence[str],
-                           only_ids: bool = False) -> AsyncIterator[list[User]]:
+    async def stream_users(
+        self, recipients: Sequence[str], clusters: Sequence[str], only_ids: bool = False
+    ) -> AsyncIterator[list[User]]:
         """Yield the selected users in batches, each user once, `_id` as a string (`only_ids`:
         documents holding nothing but the id field)."""
         if not clusters and 0 < len(recipients) <= SHARED_LOOKUP_IDS and not only_ids:

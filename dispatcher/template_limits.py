@@ -22,7 +22,8 @@ import re
 import types
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from jinja2.filters import make_attrgetter, sync_do_join
 from jinja2.runtime import LoopContext, Macro, Undefined, markup_join
@@ -182,8 +183,9 @@ def _is_iterator(value: Any) -> bool:
 class SizeGuard:
     """The checks of one environment. `max_chars` is the configured `max_rendered_chars`."""
 
-    def __init__(self, max_chars: int, *, max_int_bits: int = DEFAULT_MAX_INT_BITS,
-                 max_range: int = DEFAULT_MAX_RANGE) -> None:
+    def __init__(
+        self, max_chars: int, *, max_int_bits: int = DEFAULT_MAX_INT_BITS, max_range: int = DEFAULT_MAX_RANGE
+    ) -> None:
         self.max_chars = max_chars
         self.max_int_bits = max_int_bits
         self.max_range = min(max_range, max_chars)
@@ -239,7 +241,7 @@ class SizeGuard:
             raise TemplateLimitExceeded(f"rendered text exceeds {self.max_chars} characters")
         return value
 
-    def output_buffer(self) -> "_OutputBuffer":
+    def output_buffer(self) -> _OutputBuffer:
         return _OutputBuffer(self.max_chars)
 
     def concat(self, markup: bool, parts: tuple[Any, ...]) -> str:
@@ -282,11 +284,13 @@ class SizeGuard:
                 # not the exponent.
                 if left.bit_length() * right > self.max_int_bits:
                     raise TemplateLimitExceeded(
-                        f"template error: exponent too large: the result would exceed {self.max_int_bits} bits")
+                        f"template error: exponent too large: the result would exceed {self.max_int_bits} bits"
+                    )
             return left**right
         if op == "+":
             if (isinstance(left, (str, bytes)) and isinstance(right, (str, bytes))) or (
-                    isinstance(left, (list, tuple)) and isinstance(right, (list, tuple))):
+                isinstance(left, (list, tuple)) and isinstance(right, (list, tuple))
+            ):
                 if _text_len(left, limit) + _text_len(right, limit) > limit:
                     raise _too_big("a concatenation", limit)
             return self.check_result(left + right, "a concatenation")
@@ -300,8 +304,9 @@ class SizeGuard:
 
     # -- calls ----------------------------------------------------------------------------------
 
-    def before_call(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-                    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def before_call(
+        self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Check a call made by a template; returns the arguments to call with (iterators are
         wrapped by `bounded_iter`, a joined iterable is materialized)."""
         for a in args:
@@ -339,8 +344,9 @@ class SizeGuard:
     def after_call(self, result: Any) -> Any:
         return self.check_result(result, "the result of a call")
 
-    def _check_str_method(self, s: str | bytes, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-                          ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _check_str_method(
+        self, s: str | bytes, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         limit = self.max_chars
         # Markup's methods escape their arguments first.
         factor = _ESCAPE_FACTOR if isinstance(s, Markup) else 1
@@ -480,7 +486,7 @@ class SizeGuard:
             if len(args) > skip:
                 value = args[skip]
                 if materializes and _is_iterator(value):
-                    args = (*args[:skip], self.bounded_iter(value), *args[skip + 1:])
+                    args = (*args[:skip], self.bounded_iter(value), *args[skip + 1 :])
                 elif stringifies:
                     self.check_size(value, f"the value given to {what}")
                 if pre is not None:
@@ -515,8 +521,15 @@ class SizeGuard:
         if len(text) * factor + n * (len(new_text) * factor - len(old_text)) > self.max_chars:
             raise _too_big("|replace", self.max_chars)
 
-    def _pre_wordwrap(self, environment: Any, s: Any, width: int = 79, break_long_words: bool = True,
-                      wrapstring: str | None = None, break_on_hyphens: bool = True) -> None:
+    def _pre_wordwrap(
+        self,
+        environment: Any,
+        s: Any,
+        width: int = 79,
+        break_long_words: bool = True,
+        wrapstring: str | None = None,
+        break_on_hyphens: bool = True,
+    ) -> None:
         text = self.text(s, "|wordwrap")
         joint = environment.newline_sequence if wrapstring is None else self.text(wrapstring, "|wordwrap")
         step = width if isinstance(width, int) and width > 0 else 1
@@ -524,11 +537,20 @@ class SizeGuard:
         if len(text) + lines * len(joint) > self.max_chars:
             raise _too_big("|wordwrap", self.max_chars)
 
-    def _pre_urlize(self, eval_ctx: Any, value: Any, trim_url_limit: int | None = None, nofollow: bool = False,
-                    target: str | None = None, rel: str | None = None, extra_schemes: Any = None) -> None:
+    def _pre_urlize(
+        self,
+        eval_ctx: Any,
+        value: Any,
+        trim_url_limit: int | None = None,
+        nofollow: bool = False,
+        target: str | None = None,
+        rel: str | None = None,
+        extra_schemes: Any = None,
+    ) -> None:
         policies = eval_ctx.environment.policies
-        extra = sum(len(self.text(x or "", "|urlize")) for x in (target, rel, policies["urlize.rel"],
-                                                                policies["urlize.target"]))
+        extra = sum(
+            len(self.text(x or "", "|urlize")) for x in (target, rel, policies["urlize.rel"], policies["urlize.target"])
+        )
         text = self.text(value, "|urlize")
         # Each word can become `<a href="https://WORD" rel=".." target="..">WORD</a>`, escaped.
         words = len(text.split())
@@ -597,8 +619,10 @@ class SizeGuard:
             total = size_of(start, limit)
             for item in guard.bounded_iter(iterable):
                 if not isinstance(item, list if isinstance(start, list) else tuple):
-                    raise TypeError(f'can only concatenate {type(start).__name__} '
-                                    f'(not "{type(item).__name__}") to {type(start).__name__}')
+                    raise TypeError(
+                        f"can only concatenate {type(start).__name__} "
+                        f'(not "{type(item).__name__}") to {type(start).__name__}'
+                    )
                 total += size_of(item, limit)
                 if total > limit:
                     raise _too_big("|sum", limit)
@@ -653,18 +677,54 @@ class _OutputBuffer(list):  # type: ignore[type-arg]
 
 
 # Filters that stringify their value (`str(value)` of a huge structure is one C call).
-_STRINGIFYING_FILTERS = frozenset({
-    "capitalize", "center", "e", "escape", "filesizeformat", "float", "forceescape", "format", "indent",
-    "int", "lower", "replace", "safe", "string", "striptags", "title", "trim", "truncate", "upper",
-    "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr",
-})
+_STRINGIFYING_FILTERS = frozenset(
+    {
+        "capitalize",
+        "center",
+        "e",
+        "escape",
+        "filesizeformat",
+        "float",
+        "forceescape",
+        "format",
+        "indent",
+        "int",
+        "lower",
+        "replace",
+        "safe",
+        "string",
+        "striptags",
+        "title",
+        "trim",
+        "truncate",
+        "upper",
+        "urlencode",
+        "urlize",
+        "wordcount",
+        "wordwrap",
+        "xmlattr",
+    }
+)
 # Filters that collect an iterable into memory.
-_MATERIALIZING_FILTERS = frozenset({
-    "batch", "dictsort", "groupby", "list", "max", "min", "random", "reverse", "slice", "sort", "unique",
-})
+_MATERIALIZING_FILTERS = frozenset(
+    {
+        "batch",
+        "dictsort",
+        "groupby",
+        "list",
+        "max",
+        "min",
+        "random",
+        "reverse",
+        "slice",
+        "sort",
+        "unique",
+    }
+)
 
 
 # -- printf-style formatting ---------------------------------------------------------------------
+
 
 def _star_arg(positional: tuple[Any, ...], index: int) -> int:
     value = positional[index] if index < len(positional) else 0
@@ -722,7 +782,7 @@ def percent_format_size(fmt: str | bytes, values: Any, limit: int) -> int:
             while k < n and depth:
                 depth += {"(": 1, ")": -1}.get(text[k], 0)
                 k += 1
-            key = text[start:k - 1]
+            key = text[start : k - 1]
         while k < n and text[k] in "-+ #0":
             k += 1
         if k < n and text[k] == "*":
@@ -759,5 +819,12 @@ def percent_format_size(fmt: str | bytes, values: Any, limit: int) -> int:
         i = k
 
 
-__all__ = ["SizeGuard", "TemplateLimitExceeded", "percent_format_size", "shape_of", "size_of",
-           "DEFAULT_MAX_INT_BITS", "DEFAULT_MAX_RANGE"]
+__all__ = [
+    "SizeGuard",
+    "TemplateLimitExceeded",
+    "percent_format_size",
+    "shape_of",
+    "size_of",
+    "DEFAULT_MAX_INT_BITS",
+    "DEFAULT_MAX_RANGE",
+]

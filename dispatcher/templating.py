@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import types
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import datetime, UTC
+from typing import Any
+from collections.abc import Callable
 
 from babel import UnknownLocaleError
 from babel.numbers import format_decimal
@@ -76,16 +77,16 @@ class _GuardedCodeGenerator(CodeGenerator):
         super().visit_Tuple(node, frame)
         self.write(")")
 
-    def signature(self, node: nodes.Call | nodes.Filter | nodes.Test, frame: Frame,
-                  extra_kwargs: Any = None) -> None:
+    def signature(self, node: nodes.Call | nodes.Filter | nodes.Test, frame: Frame, extra_kwargs: Any = None) -> None:
         dyn_args = node.dyn_args
         if dyn_args is None:
             super().signature(node, frame, extra_kwargs)
             return
         # Jinja forbids new node types: `*x` becomes `*environment.bounded_iter(x)`, a call the
         # sandbox makes like any other.
-        bounded = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [dyn_args], [], None, None,
-                             lineno=dyn_args.lineno)
+        bounded = nodes.Call(
+            nodes.EnvironmentAttribute("bounded_iter"), [dyn_args], [], None, None, lineno=dyn_args.lineno
+        )
         node.dyn_args = bounded
         try:
             super().signature(node, frame, extra_kwargs)
@@ -123,8 +124,7 @@ class _BoundedFormatterMixin:
         result = super().format_field(value, format_spec)  # type: ignore[misc]
         self._produced += len(result)
         if self._produced > self._guard.max_chars:
-            raise TemplateLimitExceeded(
-                f"template error: str.format() exceeds {self._guard.max_chars} characters")
+            raise TemplateLimitExceeded(f"template error: str.format() exceeds {self._guard.max_chars} characters")
         return result
 
 
@@ -169,7 +169,9 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         # The sandbox's own wrapper, with a formatter that bounds widths and output.
         if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or value.__name__ not in (
-                "format", "format_map"):
+            "format",
+            "format_map",
+        ):
             return None
         receiver = value.__self__
         if not isinstance(receiver, str):
@@ -224,8 +226,9 @@ class Renderer:
         # Compilation is the expensive part; the same template text is reused across requests.
         self._compile_cached = functools.lru_cache(maxsize=512)(self._compile_uncached)
 
-    def compile(self, source: str, *, html: bool = False, field: str = "template",
-                length_checked: bool = False) -> Callable[[dict[str, Any]], str]:
+    def compile(
+        self, source: str, *, html: bool = False, field: str = "template", length_checked: bool = False
+    ) -> Callable[[dict[str, Any]], str]:
         """Return a render function for `source`; a template that is too long or does not
         compile is a `RequestError` naming `field`. `length_checked`: the caller checked the
         length of what the author wrote (a Handlebars translation is longer than its source).
@@ -295,4 +298,4 @@ class Renderer:
 
 
 def date_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

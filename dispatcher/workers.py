@@ -47,8 +47,12 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int
     if not settings.store.url.get_secret_value():
         store = EmbeddedServer(settings.store.data_dir)
         env["MONGODB_URL"] = store.url
-    command = [sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(main())",
-               *_without_workers(argv)]
+    command = [
+        sys.executable,
+        "-c",
+        "from dispatcher.cli import main; raise SystemExit(main())",
+        *_without_workers(argv),
+    ]
     stopping = False
     children: dict[int, subprocess.Popen[bytes]] = {}
 

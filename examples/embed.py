@@ -22,19 +22,28 @@ async def main() -> None:
     settings = dispatcher.load_settings()
     async with dispatcher.open_dispatcher(settings) as d:
         try:
-            result = await d.send({
-                "channels": ["email", "sms"],
-                "clusters": ["beta"],
-                "templateId": "65a000000000000000000001",
-                "data": {"plan": "Pro", "start": "2026-12-01T09:00:00Z"},
-            })
+            result = await d.send(
+                {
+                    "channels": ["email", "sms"],
+                    "clusters": ["beta"],
+                    "templateId": "65a000000000000000000001",
+                    "data": {"plan": "Pro", "start": "2026-12-01T09:00:00Z"},
+                }
+            )
         except dispatcher.RequestError as exc:  # e.g. the store was not seeded
             raise SystemExit(f"request refused ({exc.status_code}): {exc}") from None
         print(json.dumps(result.to_json(), indent=2))
         # The same as a job: the id at once, then its status (idempotent: a second submit with
         # the same key and request names the same job and sends nothing).
-        job_id = await d.submit({"channels": ["sms"], "clusters": ["beta"], "messageTitle": "Hi",
-                                 "messageContent": "Hello {{ user.name }}"}, idempotency_key="example-1")
+        job_id = await d.submit(
+            {
+                "channels": ["sms"],
+                "clusters": ["beta"],
+                "messageTitle": "Hi",
+                "messageContent": "Hello {{ user.name }}",
+            },
+            idempotency_key="example-1",
+        )
         while (status := await d.status(job_id))["status"] in ("queued", "running"):
             await trio.sleep(0.1)
         print(json.dumps(status, indent=2))

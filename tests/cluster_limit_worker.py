@@ -35,8 +35,15 @@ async def main(url: str, namespace: str, rate: float, burst: int, tasks: int, ou
             for _ in range(tasks):
                 nursery.start_soon(take)
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"times": times, "round_trips": bucket.stats.round_trips, "tokens": bucket.stats.tokens,
-                   "lost": bucket.stats.lost}, f)
+        json.dump(
+            {
+                "times": times,
+                "round_trips": bucket.stats.round_trips,
+                "tokens": bucket.stats.tokens,
+                "lost": bucket.stats.lost,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

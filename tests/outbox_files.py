@@ -15,5 +15,7 @@ def outbox_records(outbox: Path, channel: str) -> list[dict[str, Any]]:
 
 
 def outbox_mails(outbox: Path) -> list[EmailMessage]:
-    return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
-            for p in sorted((outbox / "email").glob("*.eml"))]
+    return [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+        for p in sorted((outbox / "email").glob("*.eml"))
+    ]

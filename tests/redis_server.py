@@ -38,8 +38,11 @@ def find_redis_server() -> tuple[str | None, str]:
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"]
     for steps in ([install], [["apt-get", "update", "-qq"], install]):
         try:
-            if all(subprocess.run(step, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                  timeout=300).returncode == 0 for step in steps):
+            if all(
+                subprocess.run(step, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=300).returncode
+                == 0
+                for step in steps
+            ):
                 break
         except (OSError, subprocess.TimeoutExpired):
             break
@@ -68,9 +71,25 @@ class RedisServer:
             raise RuntimeError("already running")
         log = open(self._dir / "redis.log", "ab")
         self._process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self._dir), "--daemonize", "no"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._dir),
+                "--daemonize",
+                "no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + _START_TIMEOUT
         while not answers_ping(self.port):

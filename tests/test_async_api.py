@@ -16,8 +16,9 @@ REQUEST = {"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"}
 
 
 def seed(database: Any, count: int) -> None:
-    database.users.insert_many([{"_id": f"u{i:03d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                for i in range(count)])
+    database.users.insert_many(
+        [{"_id": f"u{i:03d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(count)]
+    )
 
 
 def sent_files(outbox: Path) -> int:
@@ -35,8 +36,9 @@ async def wait_for_state(client: Any, location: str, *states: str) -> dict[str, 
 
 async def test_prefer_respond_async_answers_202_with_a_location_to_poll(client: Any, database: Any) -> None:
     seed(database, 3)
-    response = await client.post("/send", json={**REQUEST, "recipients": ["ghost"]},
-                                 headers={"Prefer": "respond-async"})
+    response = await client.post(
+        "/send", json={**REQUEST, "recipients": ["ghost"]}, headers={"Prefer": "respond-async"}
+    )
     assert response.status_code == 202
     body = await response.get_json()
     assert set(body) == {"id", "status"} and body["status"] in ("queued", "running")
@@ -50,8 +52,10 @@ async def test_prefer_respond_async_answers_202_with_a_location_to_poll(client: 
 
 
 async def test_async_query_parameter_and_paging(client: Any, database: Any) -> None:
-    response = await client.post("/send?async=true", json={"channels": ["sms"], "messageContent": "x",
-                                                           "recipients": [f"none{i}" for i in range(5)]})
+    response = await client.post(
+        "/send?async=true",
+        json={"channels": ["sms"], "messageContent": "x", "recipients": [f"none{i}" for i in range(5)]},
+    )
     assert response.status_code == 202
     location = response.headers["Location"]
     await wait_for_state(client, location, "done")
@@ -109,12 +113,15 @@ async def test_store_killed_mid_send_answers_503_with_what_was_attempted(make_se
         import pymongo
 
         client = pymongo.MongoClient(server.url)
-        client.messaging.users.insert_many([{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                           for i in range(2000)])
+        client.messaging.users.insert_many(
+            [{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(2000)]
+        )
         client.close()
-        settings = make_settings(store={"url": f"{server.url}?serverSelectionTimeoutMS=500", "database": "messaging"},
-                                 channels={"sms": {"rate_per_second": 200, "burst": 1}},
-                                 dispatcher={"store_batch_size": 100})
+        settings = make_settings(
+            store={"url": f"{server.url}?serverSelectionTimeoutMS=500", "database": "messaging"},
+            channels={"sms": {"rate_per_second": 200, "burst": 1}},
+            dispatcher={"store_batch_size": 100},
+        )
         async with open_dispatcher(settings) as d, create_app(d).test_app() as app:
             http = app.test_client()
             async with trio.open_nursery() as nursery:

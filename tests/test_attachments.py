@@ -45,8 +45,12 @@ async def files_url(fake: FakeFilesService, nursery: trio.Nursery) -> str:
 @pytest.fixture
 def users(database: Any) -> list[str]:
     ids = [f"u{i}" for i in range(5)]
-    database.users.insert_many([{"_id": uid, "emailAddress": f"{uid}@example.com", "phoneNumber": f"+1555000000{i}",
-                                 "clusters": ["c"]} for i, uid in enumerate(ids)])
+    database.users.insert_many(
+        [
+            {"_id": uid, "emailAddress": f"{uid}@example.com", "phoneNumber": f"+1555000000{i}", "clusters": ["c"]}
+            for i, uid in enumerate(ids)
+        ]
+    )
     return ids
 
 
@@ -59,14 +63,18 @@ def closed_port() -> Iterator[int]:
 
 
 def emails(outbox: Path) -> list[EmailMessage]:
-    return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
-            for p in sorted(outbox.glob("email/*.eml"))]
+    return [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+        for p in sorted(outbox.glob("email/*.eml"))
+    ]
 
 
 def attachments(message: EmailMessage) -> dict[str, tuple[str, bytes]]:
     """filename -> (content type, exact bytes)."""
-    return {part.get_filename(): (part.get_content_type(), part.get_payload(decode=True))
-            for part in message.iter_attachments()}
+    return {
+        part.get_filename(): (part.get_content_type(), part.get_payload(decode=True))
+        for part in message.iter_attachments()
+    }
 
 
 def written(outbox: Path) -> list[Path]:
@@ -82,8 +90,8 @@ async def http_client(settings: Settings) -> AsyncIterator[Any]:
 
 
 async def test_request_attachments_reach_every_email_and_each_file_is_fetched_once(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str], outbox: Path
+) -> None:
     async with open_dispatcher(make_settings(files={"url": files_url})) as d:
         result = await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf", "notes.txt"]})
 
@@ -97,30 +105,49 @@ async def test_request_attachments_reach_every_email_and_each_file_is_fetched_on
 
 
 async def test_template_attachments_merge_with_the_request_and_duplicates_are_fetched_once(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        database: Any, outbox: Path) -> None:
-    database.message_templates.insert_one({
-        "_id": "welcome", "emailTitle": "Welcome", "emailMessage": "Hi {{user._id}}",
-        "emailAttachments": ["report.pdf", {"file": "notes.txt", "description": "extra keys are ignored"}],
-    })
+    make_settings: Callable[..., Settings],
+    files_url: str,
+    fake: FakeFilesService,
+    users: list[str],
+    database: Any,
+    outbox: Path,
+) -> None:
+    database.message_templates.insert_one(
+        {
+            "_id": "welcome",
+            "emailTitle": "Welcome",
+            "emailMessage": "Hi {{user._id}}",
+            "emailAttachments": ["report.pdf", {"file": "notes.txt", "description": "extra keys are ignored"}],
+        }
+    )
     async with open_dispatcher(make_settings(files={"url": files_url})) as d:
-        result = await d.send({"channels": ["email"], "clusters": ["c"], "templateId": "welcome",
-                               "emailAttachments": ["notes.txt", "data.csv", "report.pdf"]})
+        result = await d.send(
+            {
+                "channels": ["email"],
+                "clusters": ["c"],
+                "templateId": "welcome",
+                "emailAttachments": ["notes.txt", "data.csv", "report.pdf"],
+            }
+        )
 
     assert result.summary.sent == {"email": 5}
     assert sorted(fake.received) == ["data.csv", "notes.txt", "report.pdf"]
     for mail in emails(outbox):
-        assert attachments(mail) == {"report.pdf": ("application/pdf", PDF), "notes.txt": ("text/plain", NOTES),
-                                     "data.csv": ("text/csv", CSV)}
+        assert attachments(mail) == {
+            "report.pdf": ("application/pdf", PDF),
+            "notes.txt": ("text/plain", NOTES),
+            "data.csv": ("text/csv", CSV),
+        }
 
 
 async def test_missing_file_is_a_400_naming_it_and_nothing_is_sent_on_any_channel(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str], outbox: Path
+) -> None:
     async with open_dispatcher(make_settings(files={"url": files_url})) as d:
         with pytest.raises(RequestError) as caught:
-            await d.send({**EMAIL_REQUEST, "channels": ["email", "sms"],
-                          "emailAttachments": ["report.pdf", "ghost.pdf"]})
+            await d.send(
+                {**EMAIL_REQUEST, "channels": ["email", "sms"], "emailAttachments": ["report.pdf", "ghost.pdf"]}
+            )
 
     assert caught.value.status_code == 400 and "ghost.pdf" in str(caught.value)
     assert fake.received == ["report.pdf", "ghost.pdf"]
@@ -128,7 +155,8 @@ async def test_missing_file_is_a_400_naming_it_and_nothing_is_sent_on_any_channe
 
 
 async def test_missing_file_over_http_is_a_400_json_error(
-        make_settings: Callable[..., Settings], files_url: str, users: list[str], outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, users: list[str], outbox: Path
+) -> None:
     async with http_client(make_settings(files={"url": files_url})) as client:
         response = await client.post("/send", json={**EMAIL_REQUEST, "emailAttachments": ["ghost.pdf"]})
         body = await response.get_json()
@@ -139,8 +167,8 @@ async def test_missing_file_over_http_is_a_400_json_error(
 
 
 async def test_attachments_over_the_total_cap_are_a_400_and_nothing_is_sent(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str], outbox: Path
+) -> None:
     # Each file fits under the cap alone; together they do not (one e-mail carries them all).
     cap = len(PDF) + len(NOTES) - 1
     async with open_dispatcher(make_settings(files={"url": files_url, "max_attachment_bytes": cap})) as d:
@@ -152,7 +180,8 @@ async def test_attachments_over_the_total_cap_are_a_400_and_nothing_is_sent(
 
 
 async def test_attachments_exactly_at_the_cap_are_sent(
-        make_settings: Callable[..., Settings], files_url: str, users: list[str], outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, users: list[str], outbox: Path
+) -> None:
     cap = len(PDF) + len(NOTES)
     async with open_dispatcher(make_settings(files={"url": files_url, "max_attachment_bytes": cap})) as d:
         result = await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf", "notes.txt"]})
@@ -162,8 +191,8 @@ async def test_attachments_exactly_at_the_cap_are_sent(
 
 
 async def test_files_service_answering_503_is_a_502_in_the_error_shape(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str], outbox: Path
+) -> None:
     fake.faults.script.append("transient")
     async with http_client(make_settings(files={"url": files_url})) as client:
         response = await client.post("/send", json={**EMAIL_REQUEST, "emailAttachments": ["report.pdf"]})
@@ -176,7 +205,8 @@ async def test_files_service_answering_503_is_a_502_in_the_error_shape(
 
 
 async def test_files_service_down_is_a_502_and_nothing_is_sent(
-        make_settings: Callable[..., Settings], closed_port: int, users: list[str], outbox: Path) -> None:
+    make_settings: Callable[..., Settings], closed_port: int, users: list[str], outbox: Path
+) -> None:
     async with open_dispatcher(make_settings(files={"url": f"http://127.0.0.1:{closed_port}"})) as d:
         with pytest.raises(UpstreamError) as caught:
             await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf"]})
@@ -186,8 +216,8 @@ async def test_files_service_down_is_a_502_and_nothing_is_sent(
 
 
 async def test_stalled_files_service_times_out_as_a_502(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str], outbox: Path
+) -> None:
     fake.faults.script.append("stall")
     settings = make_settings(files={"url": files_url, "timeout_seconds": 0.3})
     async with open_dispatcher(settings) as d:
@@ -199,7 +229,8 @@ async def test_stalled_files_service_times_out_as_a_502(
 
 
 async def test_attachments_without_a_files_service_are_a_400(
-        make_settings: Callable[..., Settings], users: list[str], outbox: Path) -> None:
+    make_settings: Callable[..., Settings], users: list[str], outbox: Path
+) -> None:
     async with open_dispatcher(make_settings()) as d:
         with pytest.raises(RequestError) as caught:
             await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf"]})
@@ -209,8 +240,8 @@ async def test_attachments_without_a_files_service_are_a_400(
 
 
 async def test_hostile_names_travel_as_one_segment_and_nothing_is_read_locally(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        outbox: Path) -> None:
+    make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str], outbox: Path
+) -> None:
     hostile = ["../../etc/passwd", "a/b.txt", "%2e%2e"]
     fake.files.update({name: (f"served by the fake as {name}".encode(), "text/plain") for name in hostile})
     async with open_dispatcher(make_settings(files={"url": files_url})) as d:
@@ -232,11 +263,18 @@ async def test_hostile_names_travel_as_one_segment_and_nothing_is_read_locally(
 
 @pytest.mark.parametrize("name", [".", ".."])
 async def test_template_dot_segment_names_never_leave_the_download_route(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        database: Any, outbox: Path, name: str) -> None:
+    make_settings: Callable[..., Settings],
+    files_url: str,
+    fake: FakeFilesService,
+    users: list[str],
+    database: Any,
+    outbox: Path,
+    name: str,
+) -> None:
     # Request names "." and ".." are refused by SendRequest; template names are not validated there.
-    database.message_templates.insert_one({"_id": "dots", "emailTitle": "T", "emailMessage": "M",
-                                           "emailAttachments": [name]})
+    database.message_templates.insert_one(
+        {"_id": "dots", "emailTitle": "T", "emailMessage": "M", "emailAttachments": [name]}
+    )
     async with open_dispatcher(make_settings(files={"url": files_url})) as d:
         with pytest.raises(RequestError) as caught:
             await d.send({"channels": ["email"], "clusters": ["c"], "templateId": "dots"})
@@ -248,16 +286,29 @@ async def test_template_dot_segment_names_never_leave_the_download_route(
 
 @pytest.mark.parametrize("files_configured", [True, False])
 async def test_email_attachments_are_ignored_when_email_is_not_requested(
-        make_settings: Callable[..., Settings], files_url: str, fake: FakeFilesService, users: list[str],
-        database: Any, outbox: Path, files_configured: bool) -> None:
+    make_settings: Callable[..., Settings],
+    files_url: str,
+    fake: FakeFilesService,
+    users: list[str],
+    database: Any,
+    outbox: Path,
+    files_configured: bool,
+) -> None:
     # Like emailCarbonCopies, emailAttachments only shape e-mails: an sms-only send fetches nothing,
     # so neither a missing file nor a missing Files Service can refuse it.
-    database.message_templates.insert_one({"_id": "sms", "smsMessage": "Hi {{user._id}}",
-                                           "emailAttachments": ["report.pdf"]})
+    database.message_templates.insert_one(
+        {"_id": "sms", "smsMessage": "Hi {{user._id}}", "emailAttachments": ["report.pdf"]}
+    )
     settings = make_settings(files={"url": files_url}) if files_configured else make_settings()
     async with open_dispatcher(settings) as d:
-        result = await d.send({"channels": ["sms"], "clusters": ["c"], "templateId": "sms",
-                               "emailAttachments": ["ghost.pdf", "report.pdf"]})
+        result = await d.send(
+            {
+                "channels": ["sms"],
+                "clusters": ["c"],
+                "templateId": "sms",
+                "emailAttachments": ["ghost.pdf", "report.pdf"],
+            }
+        )
 
     assert result.summary.sent == {"sms": 5} and result.failures == []
     assert fake.received == [] and fake.stray == []

@@ -125,16 +125,26 @@ async def test_ledger_claims_and_outcomes_of_several_jobs_in_one_group(database:
     assert taken == {"job-a": {("sms", "u1")}, "job-b": set()}
     deliveries = database[StoreSettings().deliveries_collection]
     states = {doc["_id"]: doc["state"] for doc in deliveries.find()}
-    assert states == {delivery_key("job-a", "sms", "u1"): "skipped", delivery_key("job-a", "sms", "u2"): "sending",
-                      delivery_key("job-b", "sms", "u1"): "sending", delivery_key("job-c", "email", "u9"): "skipped"}
+    assert states == {
+        delivery_key("job-a", "sms", "u1"): "skipped",
+        delivery_key("job-a", "sms", "u2"): "sending",
+        delivery_key("job-b", "sms", "u1"): "sending",
+        delivery_key("job-c", "email", "u9"): "skipped",
+    }
 
     # The outcome of an attempt updates its claim: only what the attempt changed is written.
     await ledger.record("job-b", [Delivery("u1", "sms", "sent", attempts=2, provider_id="SM1")])
     doc = deliveries.find_one({"_id": delivery_key("job-b", "sms", "u1")})
     assert doc is not None
     assert {k: doc.get(k) for k in ("job", "user", "channel", "state", "attempts", "provider_id", "run")} == {
-        "job": "job-b", "user": "u1", "channel": "sms", "state": "sent", "attempts": 2, "provider_id": "SM1",
-        "run": "run-1"}
+        "job": "job-b",
+        "user": "u1",
+        "channel": "sms",
+        "state": "sent",
+        "attempts": 2,
+        "provider_id": "SM1",
+        "run": "run-1",
+    }
 
 
 class FindCounter(pymongo.monitoring.CommandListener):
@@ -151,16 +161,27 @@ class FindCounter(pymongo.monitoring.CommandListener):
         pass
 
 
-async def test_small_selections_of_concurrent_sends_share_one_lookup(mongo_url: str,
-                                                                      database: pymongo.database.Database) -> None:
+async def test_small_selections_of_concurrent_sends_share_one_lookup(
+    mongo_url: str, database: pymongo.database.Database
+) -> None:
     oid = ObjectId()
-    database.users.insert_many([{"_id": "u1", "email": "a@example.com"}, {"_id": "u2", "email": "b@example.com"},
-                                {"_id": oid, "email": "c@example.com"}])
+    database.users.insert_many(
+        [
+            {"_id": "u1", "email": "a@example.com"},
+            {"_id": "u2", "email": "b@example.com"},
+            {"_id": oid, "email": "c@example.com"},
+        ]
+    )
     counter = FindCounter()
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_url, event_listeners=[counter])
     store = Store(client, StoreSettings(database=database.name), UserFields())
-    selections = {"one": ["u1"], "two and a miss": ["u2", "u1", "nobody"], "by object id": [str(oid)],
-                  "twice the same": ["u2", "u2"], **{f"more {i}": ["u1"] for i in range(6)}}
+    selections = {
+        "one": ["u1"],
+        "two and a miss": ["u2", "u1", "nobody"],
+        "by object id": [str(oid)],
+        "twice the same": ["u2", "u2"],
+        **{f"more {i}": ["u1"] for i in range(6)},
+    }
     found: dict[str, list[dict[str, Any]]] = {}
 
     async def read(name: str, ids: list[str]) -> None:

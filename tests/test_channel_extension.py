@@ -29,9 +29,16 @@ def _build_webhook(texts: TextSource, ctx: BuildContext) -> BuildFn:
 
 @pytest.fixture
 def webhook() -> Iterator[ChannelSpec]:
-    spec = register(ChannelSpec(
-        "webhook", lambda settings: "webhookUrl", (("webhookMessage",),), needs_title=False,
-        build=_build_webhook, valid_address=lambda value: value.startswith("https://")))
+    spec = register(
+        ChannelSpec(
+            "webhook",
+            lambda settings: "webhookUrl",
+            (("webhookMessage",),),
+            needs_title=False,
+            build=_build_webhook,
+            valid_address=lambda value: value.startswith("https://"),
+        )
+    )
     try:
         yield spec
     finally:
@@ -43,13 +50,15 @@ def hook_request(**extra: Any) -> dict[str, Any]:
 
 
 async def test_registered_channel_delivers_through_the_outbox(
-        webhook: ChannelSpec, make_settings: Callable[..., Settings], database: pymongo.database.Database,
-        outbox: Path) -> None:
-    database.users.insert_many([
-        {"_id": "h1", "name": "Ada", "clusters": ["hooks"], "webhookUrl": "https://example.com/ada"},
-        {"_id": "h2", "name": "Bob", "clusters": ["hooks"], "webhookUrl": "https://example.com/bob"},
-        {"_id": "h3", "name": "Cy", "clusters": ["hooks"]},  # no address: skipped
-    ])
+    webhook: ChannelSpec, make_settings: Callable[..., Settings], database: pymongo.database.Database, outbox: Path
+) -> None:
+    database.users.insert_many(
+        [
+            {"_id": "h1", "name": "Ada", "clusters": ["hooks"], "webhookUrl": "https://example.com/ada"},
+            {"_id": "h2", "name": "Bob", "clusters": ["hooks"], "webhookUrl": "https://example.com/bob"},
+            {"_id": "h3", "name": "Cy", "clusters": ["hooks"]},  # no address: skipped
+        ]
+    )
     settings = make_settings(channels={"active": ["email", "webhook"], "webhook": {"provider": "outbox"}})
     assert settings.channels["webhook"].provider == "outbox"
 
@@ -60,15 +69,21 @@ async def test_registered_channel_delivers_through_the_outbox(
     assert result.summary.to_json() == {"users": 3, "sent": {"webhook": 2}, "skipped": {"webhook": 1}, "failed": {}}
     records = [json.loads(p.read_text()) for p in sorted((outbox / "webhook").glob("*.json"))]
     assert sorted((r["userId"], r["to"], r["body"]) for r in records) == [
-        ("h1", "https://example.com/ada", "Hello Ada"), ("h2", "https://example.com/bob", "Hello Bob")]
+        ("h1", "https://example.com/ada", "Hello Ada"),
+        ("h2", "https://example.com/bob", "Hello Bob"),
+    ]
 
 
 async def test_registered_channel_takes_its_text_from_a_template(
-        webhook: ChannelSpec, make_settings: Callable[..., Settings], database: pymongo.database.Database,
-        outbox: Path) -> None:
+    webhook: ChannelSpec, make_settings: Callable[..., Settings], database: pymongo.database.Database, outbox: Path
+) -> None:
     database.users.insert_one({"_id": "h1", "name": "Ada", "clusters": ["hooks"], "webhookUrl": "https://e.com/a"})
-    database.message_templates.insert_many([{"_id": "hook", "webhookMessage": "Hook for {{ user.name }}"},
-                                            {"_id": "no-hook", "smsMessage": "not for hooks"}])
+    database.message_templates.insert_many(
+        [
+            {"_id": "hook", "webhookMessage": "Hook for {{ user.name }}"},
+            {"_id": "no-hook", "smsMessage": "not for hooks"},
+        ]
+    )
     settings = make_settings(channels={"active": ["webhook"]})
     async with open_dispatcher(settings) as d:
         with pytest.raises(RequestError, match="no webhook text .needs webhookMessage"):
@@ -96,7 +111,9 @@ def test_channel_unknown_once_unregistered() -> None:
 
 
 def test_provider_that_cannot_serve_the_channel_is_refused_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"channels\.sms\.provider: 'fcm' cannot deliver sms \(use one of outbox, twilio\)"):
+    with pytest.raises(
+        ConfigError, match=r"channels\.sms\.provider: 'fcm' cannot deliver sms \(use one of outbox, twilio\)"
+    ):
         settings_from_dict({"channels": {"sms": {"provider": "fcm"}}})
 
 

@@ -33,14 +33,25 @@ TOKEN = "tok-cli"
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without the service's own variables, plus `extra`."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith("DISPATCHER") and name not in ("MONGODB_URL", "REDIS_URL")}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("DISPATCHER") and name not in ("MONGODB_URL", "REDIS_URL")
+    }
     return {**env, **extra}
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dispatcher", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env if env is not None else clean_env(), timeout=timeout)
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        timeout=timeout,
+    )
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -60,11 +71,15 @@ def processes_mentioning(text: str) -> list[str]:
 
 # --- options --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "--config", "a.toml", "--log-level", "debug"],
-    ["--config", "a.toml", "--log-level", "debug", "serve"],
-    ["--config", "b.toml", "--log-level", "error", "serve", "--config", "a.toml", "--log-level", "debug"],
-])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--config", "a.toml", "--log-level", "debug"],
+        ["--config", "a.toml", "--log-level", "debug", "serve"],
+        ["--config", "b.toml", "--log-level", "error", "serve", "--config", "a.toml", "--log-level", "debug"],
+    ],
+)
 def test_config_and_log_level_go_before_or_after_the_subcommand(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     assert (args.command, args.config, args.log_level) == ("serve", "a.toml", "DEBUG")
@@ -118,6 +133,7 @@ def test_bad_log_level_is_one_line_saying_what_to_use(tmp_path: Path, argv: list
 
 # --- start-up -------------------------------------------------------------------------------------
 
+
 def test_busy_port_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -137,15 +153,17 @@ def test_failure_after_the_store_started_is_one_line_and_stops_it(tmp_path: Path
     # The key file is checked when the provider is created, after the embedded store started.
     (tmp_path / "key.json").write_text("not a key")
     config = tmp_path / "config.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [server]
         port = {free_port()}
         [channels.push]
         provider = "fcm"
         [providers.fcm]
         project_id = "demo"
-        credentials_file = "{tmp_path / 'key.json'}"
-    """))
+        credentials_file = "{tmp_path / "key.json"}"
+    """)
+    )
     result = run_cli("serve", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if not line[:4].isdigit()]  # not a log line
@@ -158,7 +176,8 @@ def test_start_up_says_what_it_uses_in_one_line_each(mongo_url: str, database: A
     port = free_port()
     config = tmp_path / "service.toml"
     # The file's port and the environment's lose to --port.
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [server]
         port = 1
         [store]
@@ -168,13 +187,19 @@ def test_start_up_says_what_it_uses_in_one_line_each(mongo_url: str, database: A
         [providers.twilio]
         account_sid = "{SID}"
         [providers.outbox]
-        dir = "{tmp_path / 'outbox'}"
-    """))
+        dir = "{tmp_path / "outbox"}"
+    """)
+    )
     env = clean_env(MONGODB_URL=mongo_url, TWILIO_AUTH_TOKEN=TOKEN, DISPATCHER__SERVER__PORT="2")
     log_path = tmp_path / "service.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--config", str(config),
-                                    "--port", str(port)], stdout=log, stderr=log, cwd=tmp_path, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "serve", "--config", str(config), "--port", str(port)],
+            stdout=log,
+            stderr=log,
+            cwd=tmp_path,
+            env=env,
+        )
     try:
         wait_ready(process, f"http://127.0.0.1:{port}", log_path)
     finally:
@@ -200,8 +225,9 @@ def test_without_a_file_start_up_says_defaults_apply(tmp_path: Path) -> None:
 
 def test_store_is_described_without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MONGODB_URL", raising=False)
-    settings = settings_from_dict({"store": {"url": "mongodb://admin:s3cr3t@db1.internal:27017,db2.internal/"
-                                                    "?replicaSet=rs0&authSource=admin"}})
+    settings = settings_from_dict(
+        {"store": {"url": "mongodb://admin:s3cr3t@db1.internal:27017,db2.internal/?replicaSet=rs0&authSource=admin"}}
+    )
     text = describe_store(settings)
     assert text.startswith("mongodb://db1.internal:27017,db2.internal (from [store].url)")
     assert "s3cr3t" not in text and "admin" not in text
@@ -227,15 +253,18 @@ def wait_ready(process: subprocess.Popen[bytes], base: str, log_path: Path) -> N
 
 
 async def test_sigterm_mid_send_answers_the_client_within_one_drain_window(
-        mongo_url: str, database: Any, tmp_path: Path, nursery: trio.Nursery) -> None:
+    mongo_url: str, database: Any, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     # 20 SMS at 0.5 s each, one at a time: ~10 s of work, far longer than the 2 s window.
-    database.users.insert_many([{"_id": f"u{i:02d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                for i in range(20)])
+    database.users.insert_many(
+        [{"_id": f"u{i:02d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(20)]
+    )
     fake = FakeTwilio(SID, TOKEN, faults=Faults(latency=0.5))
     twilio_url = await nursery.start(serve_asgi, fake)
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [server]
         port = {port}
         [store]
@@ -254,20 +283,30 @@ async def test_sigterm_mid_send_answers_the_client_within_one_drain_window(
         [providers.twilio]
         account_sid = "{SID}"
         api_base_url = "{twilio_url}"
-    """))
+    """)
+    )
     log_path = tmp_path / "service.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--config", str(config)],
-                                   stdout=log, stderr=log, cwd=tmp_path,
-                                   env=clean_env(MONGODB_URL=mongo_url, TWILIO_AUTH_TOKEN=TOKEN))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=log,
+            cwd=tmp_path,
+            env=clean_env(MONGODB_URL=mongo_url, TWILIO_AUTH_TOKEN=TOKEN),
+        )
     base = f"http://127.0.0.1:{port}"
     responses: list[httpx.Response] = []
     try:
         await trio.to_thread.run_sync(wait_ready, process, base, log_path)
         async with httpx.AsyncClient(timeout=30) as http:
+
             async def post() -> None:
-                responses.append(await http.post(f"{base}/send", json={
-                    "channels": ["sms"], "clusters": ["all"], "messageContent": "hi {{ user._id }}"}))
+                responses.append(
+                    await http.post(
+                        f"{base}/send",
+                        json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi {{ user._id }}"},
+                    )
+                )
 
             async with trio.open_nursery() as client:
                 client.start_soon(post)
@@ -294,13 +333,16 @@ async def test_sigterm_mid_send_answers_the_client_within_one_drain_window(
 
 
 async def test_service_exits_once_the_last_answer_is_sent_not_at_the_end_of_the_window(
-        mongo_url: str, database: Any, tmp_path: Path) -> None:
+    mongo_url: str, database: Any, tmp_path: Path
+) -> None:
     # 12 SMS at 10/s into the outbox: ~1.2 s of work, well inside a 20 s window.
-    database.users.insert_many([{"_id": f"u{i:02d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                for i in range(12)])
+    database.users.insert_many(
+        [{"_id": f"u{i:02d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(12)]
+    )
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [server]
         port = {port}
         [store]
@@ -310,12 +352,18 @@ async def test_service_exits_once_the_last_answer_is_sent_not_at_the_end_of_the_
         [channels.sms]
         rate_per_second = 10
         [providers.outbox]
-        dir = "{tmp_path / 'outbox'}"
-    """))
+        dir = "{tmp_path / "outbox"}"
+    """)
+    )
     log_path = tmp_path / "service.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--config", str(config)],
-                                   stdout=log, stderr=log, cwd=tmp_path, env=clean_env(MONGODB_URL=mongo_url))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=log,
+            cwd=tmp_path,
+            env=clean_env(MONGODB_URL=mongo_url),
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         await trio.to_thread.run_sync(wait_ready, process, base, log_path)
@@ -324,8 +372,11 @@ async def test_service_exits_once_the_last_answer_is_sent_not_at_the_end_of_the_
             responses: list[httpx.Response] = []
 
             async def post() -> None:
-                responses.append(await http.post(f"{base}/send", json={
-                    "channels": ["sms"], "clusters": ["all"], "messageContent": "hi"}))
+                responses.append(
+                    await http.post(
+                        f"{base}/send", json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"}
+                    )
+                )
 
             client.start_soon(post)
             with trio.fail_after(10):
@@ -350,8 +401,9 @@ async def test_service_exits_once_the_last_answer_is_sent_not_at_the_end_of_the_
 HARNESS_ONLY = {"rich", "matplotlib", "numpy", "psutil", "apprise", "tomli_w"}
 
 
-def test_loadtest_without_its_extra_says_which_to_install(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_loadtest_without_its_extra_says_which_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an uninstalled module looks like
     assert main(["loadtest", "--users", "1"]) == 2
     [line] = capsys.readouterr().err.splitlines()
@@ -362,8 +414,10 @@ def test_harness_dependencies_are_an_extra() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
     def names(requirements: list[str]) -> set[str]:
-        return {r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].strip().lower().replace("-", "_")
-                for r in requirements}
+        return {
+            r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].strip().lower().replace("-", "_")
+            for r in requirements
+        }
 
     extras = project["optional-dependencies"]
     assert names(project["dependencies"]) & HARNESS_ONLY == set()
@@ -391,7 +445,18 @@ def test_only_the_harness_imports_its_extra() -> None:
 def test_unreadable_api_keys_file_stops_check_config_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[auth]\nkeys_file = "{tmp_path / "missing-keys"}"\n')
-    result = subprocess.run([sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(main())",
-                             "check-config", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dispatcher.cli import main; raise SystemExit(main())",
+            "check-config",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "auth.keys_file" in result.stderr

@@ -38,6 +38,7 @@ def max_in_closed_window(times: list[float], window: float = 1.0) -> int:
 
 # -- the hand-out logic, in virtual time -------------------------------------------------------
 
+
 class ScriptInPython:
     """The Lua script's arithmetic on trio's clock, answering after `there` + `back` seconds
     (Redis reads its clock in between), so the buckets' clock mapping is exercised too."""
@@ -48,8 +49,9 @@ class ScriptInPython:
         self.paused: dict[str, int] = {}
         self.calls = 0
 
-    async def reserve(self, keys: tuple[str, str], interval_us: int, tolerance_us: int, count: int, *,
-                      patient: bool = True) -> Reservation:
+    async def reserve(
+        self, keys: tuple[str, str], interval_us: int, tolerance_us: int, count: int, *, patient: bool = True
+    ) -> Reservation:
         await trio.sleep(self.there)
         self.calls += 1
         now = math.floor(trio.current_time() * 1e6)  # Redis's TIME truncates to the microsecond
@@ -73,7 +75,8 @@ async def take(bucket: ClusterBucket, times: list[float], until: float) -> None:
 
 
 async def test_processes_sharing_the_script_never_exceed_rate_plus_burst(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     script = ScriptInPython(there=0.0001, back=0.0003)
     buckets = [ClusterBucket(script, KEYS, rate=1000, burst=5) for _ in range(3)]
     times: list[float] = []
@@ -107,7 +110,8 @@ async def test_a_stalled_loop_loses_tokens_instead_of_bursting(autojump_clock: t
 
 
 async def test_a_round_trip_longer_than_the_interval_costs_rate_not_the_limit(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     script = ScriptInPython(there=0.003, back=0.005)  # 8 ms round trip: more than the timing allowance
     buckets = [ClusterBucket(script, KEYS, rate=1000, burst=1) for _ in range(2)]
     times: list[float] = []
@@ -146,7 +150,8 @@ async def test_an_unlimited_channel_honours_a_cluster_pause(autojump_clock: trio
 
 
 async def test_the_clock_mapping_narrows_with_round_trips_and_survives_a_step(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     clock = RedisClock()
     redis_minus_local = 1_700_000_000.0
     # Redis reads its clock 0.2 ms after we send, then 0.8 ms after; answers take 1 ms each time.
@@ -177,9 +182,15 @@ def test_three_processes_share_one_limit(redis_url: str, tmp_path: Path) -> None
     rate, burst, processes = 100, 5, 3
     settings = settings_for(redis_url)
     outputs = [tmp_path / f"worker{i}.json" for i in range(processes)]
-    workers = [subprocess.Popen([sys.executable, str(WORKER), redis_url, settings.namespace, str(rate), str(burst),
-                                 "4", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for out in outputs]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), redis_url, settings.namespace, str(rate), str(burst), "4", str(out)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for out in outputs
+    ]
 
     async def warm_up() -> float:
         # While the workers start: past the restart guard of a fresh namespace. The bucket then
@@ -206,9 +217,11 @@ def test_three_processes_share_one_limit(redis_url: str, tmp_path: Path) -> None
     results = [json.loads(out.read_text()) for out in outputs]
     times = sorted([warm, *(t for result in results for t in result["times"])])
     steady = [t for t in times if start_at + 1.0 <= t <= stop_at - 0.2]
-    print(f"{processes} processes at {rate}/s burst {burst}: most in 1 s {max_in_closed_window(times)}, "
-          f"steady rate {mean_rate(steady):.2f}/s, round trips per token "
-          f"{sum(r['round_trips'] for r in results) / sum(r['tokens'] for r in results):.3f}")
+    print(
+        f"{processes} processes at {rate}/s burst {burst}: most in 1 s {max_in_closed_window(times)}, "
+        f"steady rate {mean_rate(steady):.2f}/s, round trips per token "
+        f"{sum(r['round_trips'] for r in results) / sum(r['tokens'] for r in results):.3f}"
+    )
     assert max_in_closed_window(times) <= rate + burst
     assert mean_rate(steady) == pytest.approx(rate, rel=0.02)
     for result in results:  # each process had its share: one limit, really shared
@@ -225,8 +238,10 @@ async def test_a_busy_channel_makes_few_round_trips(redis_url: str) -> None:
             for _ in range(16):
                 nursery.start_soon(take, bucket, times, trio.current_time() + 1.5)
         round_trips = cluster.round_trips - before
-        print(f"1 process at 1000/s: {len(times)} tokens in 1.5 s, {round_trips / len(times):.4f} round trips "
-              f"per token, most in 1 s {max_in_closed_window(times)}, lost {bucket.stats.lost}")
+        print(
+            f"1 process at 1000/s: {len(times)} tokens in 1.5 s, {round_trips / len(times):.4f} round trips "
+            f"per token, most in 1 s {max_in_closed_window(times)}, lost {bucket.stats.lost}"
+        )
         assert len(times) > 1000
         assert round_trips / len(times) <= 0.05
         assert max_in_closed_window(times) <= 1000 + 1
@@ -234,8 +249,11 @@ async def test_a_busy_channel_makes_few_round_trips(redis_url: str) -> None:
 
 async def test_a_pause_set_by_one_client_delays_the_others(redis_url: str) -> None:
     settings = settings_for(redis_url)
-    async with open_cluster(settings) as one, open_cluster(settings) as other, \
-            coredis.Redis.from_url(redis_url) as redis:
+    async with (
+        open_cluster(settings) as one,
+        open_cluster(settings) as other,
+        coredis.Redis.from_url(redis_url) as redis,
+    ):
         pausing, waiting = one.bucket("sms", rate=20), other.bucket("sms", rate=20)
         await pausing.acquire()
         await waiting.acquire()
@@ -250,8 +268,9 @@ async def test_a_pause_set_by_one_client_delays_the_others(redis_url: str) -> No
 
 async def test_redis_down_fails_closed_then_recovers(own_redis: RedisServer) -> None:
     bound = 0.5
-    async with open_cluster(settings_for(own_redis.url), unavailable_after=bound, timeout=0.2,
-                            restart_guard=1.0) as cluster:
+    async with open_cluster(
+        settings_for(own_redis.url), unavailable_after=bound, timeout=0.2, restart_guard=1.0
+    ) as cluster:
         bucket = cluster.bucket("sms", rate=20, burst=1)
         await bucket.acquire()
         assert await cluster.ping() and cluster.available

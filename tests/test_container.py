@@ -121,8 +121,12 @@ def test_container_command_serves_and_its_health_check_tells(tmp_path: Path, mon
 
     config, env = container_like(tmp_path)
     port = free_port()
-    env.update(DISPATCHER__SERVER__PORT=str(port), DISPATCHER__SERVER__HOST="127.0.0.1",
-               MONGODB_URL=mongo_url, DISPATCHER__STORE__DATABASE=database.name)
+    env.update(
+        DISPATCHER__SERVER__PORT=str(port),
+        DISPATCHER__SERVER__HOST="127.0.0.1",
+        MONGODB_URL=mongo_url,
+        DISPATCHER__STORE__DATABASE=database.name,
+    )
     [health] = instruction("HEALTHCHECK")
     probe = exec_form(health.partition("CMD")[2].strip())
     probe[0] = sys.executable
@@ -167,8 +171,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 def build_context(tmp_path: Path) -> Path:
     """What the Dockerfile's COPY instructions put in /src, minus what .dockerignore drops."""
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     src = tmp_path / "src"
     src.mkdir()
     for args in instruction("COPY"):
@@ -196,8 +203,9 @@ def _module_imports(path: Path) -> set[str]:
     for node in tree.body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             continue
-        for child in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                             ast.ClassDef)) else ():
+        for child in (
+            ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else ()
+        ):
             if isinstance(child, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in child.names)
             elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
@@ -223,8 +231,10 @@ def test_build_context_installs_every_package_and_dependency(tmp_path: Path) -> 
         package = ".".join(init.parent.relative_to(src).parts)
         assert package in packages, f"package {package} is missing from [tool.setuptools].packages"
     # Every library the service imports is a (non-optional) requirement: the image has nothing else.
-    required = {re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-                for requirement in project["project"].get("dependencies", [])}
+    required = {
+        re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        for requirement in project["project"].get("dependencies", [])
+    }
     distributions = packages_distributions()
     missing: dict[str, list[str]] = {}
     for module in [*src.glob("dispatcher/**/*.py"), *src.glob("actors/**/*.py")]:

@@ -48,8 +48,13 @@ lease_seconds = 1.5
 class Service:
     def __init__(self, config: Path, mongo_url: str, database: str, log: Path) -> None:
         self.port = free_port()
-        self.env = {**os.environ, "MONGODB_URL": mongo_url, "TWILIO_AUTH_TOKEN": "secret",
-                    "DISPATCHER__STORE__DATABASE": database, "DISPATCHER__SERVER__PORT": str(self.port)}
+        self.env = {
+            **os.environ,
+            "MONGODB_URL": mongo_url,
+            "TWILIO_AUTH_TOKEN": "secret",
+            "DISPATCHER__STORE__DATABASE": database,
+            "DISPATCHER__SERVER__PORT": str(self.port),
+        }
         self.config = config
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
@@ -57,8 +62,18 @@ class Service:
     async def start(self) -> None:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(main())",
-                 "--config", str(self.config), "serve"], env=self.env, stdout=out, stderr=out)
+                [
+                    sys.executable,
+                    "-c",
+                    "from dispatcher.cli import main; raise SystemExit(main())",
+                    "--config",
+                    str(self.config),
+                    "serve",
+                ],
+                env=self.env,
+                stdout=out,
+                stderr=out,
+            )
         async with httpx.AsyncClient() as client:
             with trio.fail_after(30):
                 while True:
@@ -87,14 +102,17 @@ class Service:
 
 @pytest.mark.parametrize("kill_at", [0.0, 0.5, 0.95])
 async def test_sigkill_mid_fanout_then_restart_finishes_the_job_without_duplicates(
-        kill_at: float, mongo_url: str, database: Any, tmp_path: Path) -> None:
-    database.users.insert_many([{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                for i in range(USERS)])
+    kill_at: float, mongo_url: str, database: Any, tmp_path: Path
+) -> None:
+    database.users.insert_many(
+        [{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(USERS)]
+    )
     fake = FakeTwilio("AC123", "secret", Faults(latency=LATENCY))
     async with trio.open_nursery() as nursery:
         twilio_url = await nursery.start(serve_asgi, fake)
-        service = Service(_config(tmp_path / "config.toml", twilio_url), mongo_url, database.name,
-                          tmp_path / "service.log")
+        service = Service(
+            _config(tmp_path / "config.toml", twilio_url), mongo_url, database.name, tmp_path / "service.log"
+        )
         try:
             await service.start()
 
@@ -102,8 +120,10 @@ async def test_sigkill_mid_fanout_then_restart_finishes_the_job_without_duplicat
                 # The answer never comes: the process is killed under it.
                 async with httpx.AsyncClient(timeout=60) as client:
                     try:
-                        await client.post(f"http://127.0.0.1:{service.port}/send",
-                                          json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"})
+                        await client.post(
+                            f"http://127.0.0.1:{service.port}/send",
+                            json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"},
+                        )
                     except httpx.TransportError:
                         pass
 

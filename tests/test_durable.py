@@ -16,13 +16,27 @@ from dispatcher.errors import Conflict, NotFound
 from dispatcher.journal import STOPPED_DURING_ATTEMPT
 from dispatcher.ledger import delivery_key
 
-REQUEST = {"channels": ["sms", "push"], "clusters": ["all"], "messageContent": "hi {{ user.name }}",
-           "messageTitle": "T"}
+REQUEST = {
+    "channels": ["sms", "push"],
+    "clusters": ["all"],
+    "messageContent": "hi {{ user.name }}",
+    "messageTitle": "T",
+}
 
 
 def seed(database: Any, count: int = 6) -> None:
-    database.users.insert_many([{"_id": f"u{i}", "name": f"N{i}", "phoneNumber": f"+1555000{i:04d}",
-                                 "deviceToken": f"tok-{i}", "clusters": ["all"]} for i in range(count)])
+    database.users.insert_many(
+        [
+            {
+                "_id": f"u{i}",
+                "name": f"N{i}",
+                "phoneNumber": f"+1555000{i:04d}",
+                "deviceToken": f"tok-{i}",
+                "clusters": ["all"],
+            }
+            for i in range(count)
+        ]
+    )
 
 
 def outbox_messages(outbox: Path, channel: str) -> list[dict[str, Any]]:
@@ -31,7 +45,8 @@ def outbox_messages(outbox: Path, channel: str) -> list[dict[str, Any]]:
 
 
 async def test_a_send_is_recorded_as_a_job_with_one_delivery_per_user_and_channel(
-        make_settings: Any, database: Any) -> None:
+    make_settings: Any, database: Any
+) -> None:
     seed(database, 3)
     database.users.insert_one({"_id": "mute", "clusters": ["all"]})  # no address: skipped
     async with open_dispatcher(make_settings()) as d:
@@ -49,7 +64,8 @@ async def test_a_send_is_recorded_as_a_job_with_one_delivery_per_user_and_channe
 
 
 async def test_same_idempotency_key_and_body_returns_the_first_result_without_sending(
-        make_settings: Any, database: Any, outbox: Path) -> None:
+    make_settings: Any, database: Any, outbox: Path
+) -> None:
     seed(database, 3)
     async with open_dispatcher(make_settings()) as d:
         first = await d.send(REQUEST, idempotency_key="k-1")
@@ -77,11 +93,13 @@ async def test_keys_are_scoped(make_settings: Any, database: Any, outbox: Path) 
     assert len(outbox_messages(outbox, "sms")) == 2
 
 
-async def test_concurrent_identical_requests_with_one_key_deliver_once(make_settings: Any, database: Any,
-                                                                       outbox: Path) -> None:
+async def test_concurrent_identical_requests_with_one_key_deliver_once(
+    make_settings: Any, database: Any, outbox: Path
+) -> None:
     seed(database, 4)
     results = []
     async with open_dispatcher(make_settings(channels={"sms": {"rate_per_second": 20}})) as d:
+
         async def send() -> None:
             results.append(await d.send(REQUEST, idempotency_key="same"))
 
@@ -89,7 +107,9 @@ async def test_concurrent_identical_requests_with_one_key_deliver_once(make_sett
             for _ in range(3):
                 nursery.start_soon(send)
     assert len(outbox_messages(outbox, "sms")) == 4
-    assert {json.dumps(r.to_json(), sort_keys=True) for r in results} == {json.dumps(results[0].to_json(), sort_keys=True)}
+    assert {json.dumps(r.to_json(), sort_keys=True) for r in results} == {
+        json.dumps(results[0].to_json(), sort_keys=True)
+    }
 
 
 async def test_submit_then_status_and_paged_failures(make_settings: Any, database: Any) -> None:
@@ -138,22 +158,55 @@ async def test_cancel_stops_what_has_not_started(make_settings: Any, database: A
 
 def _abandoned_job(database: Any, job_id: str, request: dict[str, Any], deliveries: dict[tuple[str, str], str]) -> None:
     """What a process killed mid-send leaves behind: a running job with an expired lease."""
-    database.dispatch_jobs.insert_one({
-        "_id": job_id, "request": request, "state": "running", "created_at": "2026-12-01T00:00:00.000Z",
-        "started_at": "2026-12-01T00:00:01.000Z", "finished_at": None, "summary": None, "error": None,
-        "cancel_requested": False, "lease_owner": "dead-host:1", "lease_expires": time.time() - 1})
+    database.dispatch_jobs.insert_one(
+        {
+            "_id": job_id,
+            "request": request,
+            "state": "running",
+            "created_at": "2026-12-01T00:00:00.000Z",
+            "started_at": "2026-12-01T00:00:01.000Z",
+            "finished_at": None,
+            "summary": None,
+            "error": None,
+            "cancel_requested": False,
+            "lease_owner": "dead-host:1",
+            "lease_expires": time.time() - 1,
+        }
+    )
     if deliveries:
-        database.dispatch_deliveries.insert_many([
-            {"_id": delivery_key(job_id, channel, user), "job": job_id, "user": user, "channel": channel, "state": state,
-             "error": None, "attempts": 1, "user_found": True} for (user, channel), state in deliveries.items()])
+        database.dispatch_deliveries.insert_many(
+            [
+                {
+                    "_id": delivery_key(job_id, channel, user),
+                    "job": job_id,
+                    "user": user,
+                    "channel": channel,
+                    "state": state,
+                    "error": None,
+                    "attempts": 1,
+                    "user_found": True,
+                }
+                for (user, channel), state in deliveries.items()
+            ]
+        )
 
 
 async def test_an_abandoned_job_is_resumed_without_repeating_settled_deliveries(
-        make_settings: Any, database: Any, outbox: Path) -> None:
+    make_settings: Any, database: Any, outbox: Path
+) -> None:
     seed(database, 6)
-    _abandoned_job(database, "job-1", {**REQUEST}, {
-        ("u0", "sms"): "sent", ("u1", "sms"): "failed", ("u2", "sms"): "sending",
-        ("u0", "push"): "sent", ("u2", "push"): "sending"})
+    _abandoned_job(
+        database,
+        "job-1",
+        {**REQUEST},
+        {
+            ("u0", "sms"): "sent",
+            ("u1", "sms"): "failed",
+            ("u2", "sms"): "sending",
+            ("u0", "push"): "sent",
+            ("u2", "push"): "sending",
+        },
+    )
     async with open_dispatcher(make_settings()) as d:
         with trio.fail_after(15):
             while (status := await d.status("job-1"))["status"] != "done":

@@ -24,18 +24,24 @@ _namespaces = itertools.count()
 
 
 def seed(database: Any, count: int) -> None:
-    database.users.insert_many([{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                for i in range(count)])
+    database.users.insert_many(
+        [{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(count)]
+    )
 
 
 async def test_two_dispatchers_share_one_job_and_send_each_message_once(
-        make_settings: Any, database: Any, redis_url: str, outbox: Path) -> None:
+    make_settings: Any, database: Any, redis_url: str, outbox: Path
+) -> None:
     seed(database, 600)
-    settings = make_settings(cluster={"redis_url": redis_url, "namespace": f"fan{next(_namespaces)}-{time.time_ns()}"},
-                             dispatcher={"store_batch_size": 50}, store={"lease_seconds": 2})
+    settings = make_settings(
+        cluster={"redis_url": redis_url, "namespace": f"fan{next(_namespaces)}-{time.time_ns()}"},
+        dispatcher={"store_batch_size": 50},
+        store={"lease_seconds": 2},
+    )
     async with open_dispatcher(settings) as first, open_dispatcher(settings) as second:
-        result = await first.send({"channels": ["sms"], "clusters": ["all"], "recipients": ["ghost"],
-                                   "messageContent": "hi"})
+        result = await first.send(
+            {"channels": ["sms"], "clusters": ["all"], "recipients": ["ghost"], "messageContent": "hi"}
+        )
         handled = (first.fanout.queue.stats.handled, second.fanout.queue.stats.handled)  # type: ignore[union-attr]
     received = Counter(json.loads(p.read_text())["userId"] for p in (outbox / "sms").glob("*.json"))
     assert len(received) == 600 and set(received.values()) == {1}
@@ -45,7 +51,8 @@ async def test_two_dispatchers_share_one_job_and_send_each_message_once(
 
 
 async def test_a_worker_killed_mid_partition_is_taken_over_without_duplicates(
-        mongo_url: str, redis_url: str, database: Any, tmp_path: Path) -> None:
+    mongo_url: str, redis_url: str, database: Any, tmp_path: Path
+) -> None:
     users = 600
     seed(database, users)
     fake = FakeTwilio("AC123", "secret", Faults(latency=0.03))
@@ -77,8 +84,10 @@ namespace = "kill{time.time_ns()}"
             for service in services:
                 await service.start()
             async with httpx.AsyncClient(timeout=30) as client:
-                response = await client.post(f"http://127.0.0.1:{services[0].port}/send?async=true",
-                                             json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"})
+                response = await client.post(
+                    f"http://127.0.0.1:{services[0].port}/send?async=true",
+                    json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"},
+                )
                 assert response.status_code == 202
                 location = f"http://127.0.0.1:{services[0].port}{response.headers['Location']}"
                 with trio.fail_after(30):
@@ -105,15 +114,19 @@ namespace = "kill{time.time_ns()}"
 
 
 async def test_redis_restarted_during_a_shared_send_the_job_still_finishes_once_each(
-        make_settings: Any, database: Any, outbox: Path) -> None:
+    make_settings: Any, database: Any, outbox: Path
+) -> None:
     from redis_server import start_redis_server
 
     seed(database, 600)
     redis = await trio.to_thread.run_sync(start_redis_server)
     try:
-        settings = make_settings(cluster={"redis_url": redis.url, "namespace": f"restart{time.time_ns()}"},
-                                 dispatcher={"store_batch_size": 25}, store={"lease_seconds": 1},
-                                 channels={"sms": {"concurrency": 2}})
+        settings = make_settings(
+            cluster={"redis_url": redis.url, "namespace": f"restart{time.time_ns()}"},
+            dispatcher={"store_batch_size": 25},
+            store={"lease_seconds": 1},
+            channels={"sms": {"concurrency": 2}},
+        )
         async with open_dispatcher(settings) as first, open_dispatcher(settings):  # a second process's workers
             results = []
 
@@ -138,17 +151,21 @@ async def test_redis_restarted_during_a_shared_send_the_job_still_finishes_once_
     assert all(f.error.startswith("outcome unknown") for f in result.failures)
 
 
-async def test_metrics_report_the_redis_cost_of_the_shared_limits(make_settings: Any, database: Any,
-                                                                 redis_url: str) -> None:
+async def test_metrics_report_the_redis_cost_of_the_shared_limits(
+    make_settings: Any, database: Any, redis_url: str
+) -> None:
     from dispatcher.app import create_app
 
     seed(database, 40)
-    settings = make_settings(cluster={"redis_url": redis_url, "namespace": f"m{time.time_ns()}"},
-                             channels={"sms": {"rate_per_second": 1000, "burst": 10}})
+    settings = make_settings(
+        cluster={"redis_url": redis_url, "namespace": f"m{time.time_ns()}"},
+        channels={"sms": {"rate_per_second": 1000, "burst": 10}},
+    )
     async with open_dispatcher(settings) as d, create_app(d).test_app() as app:
         client = app.test_client()
-        response = await client.post("/send", json={"channels": ["sms"], "recipients": [f"u{i:04d}" for i in range(40)],
-                                                    "messageContent": "hi"})
+        response = await client.post(
+            "/send", json={"channels": ["sms"], "recipients": [f"u{i:04d}" for i in range(40)], "messageContent": "hi"}
+        )
         assert response.status_code == 200
         text = (await (await client.get("/-/metrics")).get_data()).decode()
     [line] = [l for l in text.splitlines() if l.startswith("dispatcher_redis_limit_round_trips ")]

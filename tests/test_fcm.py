@@ -43,28 +43,44 @@ def fcm_settings(make_settings: Callable[..., Settings], world: FcmWorld) -> Cal
     def make(push: dict[str, Any] | None = None, **fcm: Any) -> Settings:
         return make_settings(
             channels={"push": {"provider": "fcm", "backoff_initial_seconds": 0.01, **(push or {})}},
-            providers={"fcm": {"project_id": "demo", "credentials_file": str(world.key_path),
-                               "api_base_url": world.url, "android_intent_action": "OPEN_APP", **fcm}})
+            providers={
+                "fcm": {
+                    "project_id": "demo",
+                    "credentials_file": str(world.key_path),
+                    "api_base_url": world.url,
+                    "android_intent_action": "OPEN_APP",
+                    **fcm,
+                }
+            },
+        )
+
     return make
 
 
 async def test_push_carries_bearer_token_texts_click_action_and_apns_subtitle(fcm_settings, world, database) -> None:
     database.users.insert_one({"_id": "u1", "name": "Ada", "deviceToken": "device-token-ada-0001"})
-    database.message_templates.insert_one({
-        "_id": "order-shipped",
-        "pushTitle": "Hi {{user.name}}",
-        "pushSubtitle": "Order {{data.order}}",
-        "pushMessage": "Your order {{data.order}} has shipped",
-        "pushData": json.dumps({
-            "orderId": "{{data.order}}",
-            "android": {"priority": "high", "notification": {"color": "#ff0000"}},
-            "apns": {"headers": {"apns-priority": "10"},
-                     "payload": {"aps": {"sound": "default", "alert": {"launch-image": "ship.png"}}}},
-        }),
-    })
+    database.message_templates.insert_one(
+        {
+            "_id": "order-shipped",
+            "pushTitle": "Hi {{user.name}}",
+            "pushSubtitle": "Order {{data.order}}",
+            "pushMessage": "Your order {{data.order}} has shipped",
+            "pushData": json.dumps(
+                {
+                    "orderId": "{{data.order}}",
+                    "android": {"priority": "high", "notification": {"color": "#ff0000"}},
+                    "apns": {
+                        "headers": {"apns-priority": "10"},
+                        "payload": {"aps": {"sound": "default", "alert": {"launch-image": "ship.png"}}},
+                    },
+                }
+            ),
+        }
+    )
     async with open_dispatcher(fcm_settings()) as d:
-        result = await d.send({"channels": ["push"], "recipients": ["u1"], "templateId": "order-shipped",
-                               "data": {"order": "A-17"}})
+        result = await d.send(
+            {"channels": ["push"], "recipients": ["u1"], "templateId": "order-shipped", "data": {"order": "A-17"}}
+        )
 
     assert result.failures == [] and result.summary.sent == {"push": 1}
     [request] = world.fcm.received
@@ -76,32 +92,47 @@ async def test_push_carries_bearer_token_texts_click_action_and_apns_subtitle(fc
         "notification": {"title": "Hi Ada", "body": "Your order A-17 has shipped"},
         "data": {"orderId": "A-17"},
         "android": {"priority": "high", "notification": {"color": "#ff0000", "click_action": "OPEN_APP"}},
-        "apns": {"headers": {"apns-priority": "10"},
-                 "payload": {"aps": {"sound": "default",
-                                     "alert": {"subtitle": "Order A-17", "launch-image": "ship.png"}}}},
+        "apns": {
+            "headers": {"apns-priority": "10"},
+            "payload": {"aps": {"sound": "default", "alert": {"subtitle": "Order A-17", "launch-image": "ship.png"}}},
+        },
     }
 
 
 async def test_apns_override_wins_over_generated_subtitle(fcm_settings, world, database) -> None:
     database.users.insert_one({"_id": "u1", "deviceToken": "device-token-0001"})
-    database.message_templates.insert_one({
-        "_id": "t", "pushTitle": "T", "pushSubtitle": "generated",
-        "pushData": json.dumps({"apns": {"payload": {"aps": {"alert": {"subtitle": "override"}}}}}),
-    })
+    database.message_templates.insert_one(
+        {
+            "_id": "t",
+            "pushTitle": "T",
+            "pushSubtitle": "generated",
+            "pushData": json.dumps({"apns": {"payload": {"aps": {"alert": {"subtitle": "override"}}}}}),
+        }
+    )
     async with open_dispatcher(fcm_settings(android_intent_action="")) as d:
         await d.send({"channels": ["push"], "recipients": ["u1"], "templateId": "t"})
 
     [request] = world.fcm.received
-    assert request.message == {"token": "device-token-0001", "notification": {"title": "T"},
-                               "apns": {"payload": {"aps": {"alert": {"subtitle": "override"}}}}}
+    assert request.message == {
+        "token": "device-token-0001",
+        "notification": {"title": "T"},
+        "apns": {"payload": {"aps": {"alert": {"subtitle": "override"}}}},
+    }
 
 
 async def test_plain_request_interpolates_title_body_and_omits_empty_parts(fcm_settings, world, database) -> None:
     database.users.insert_one({"_id": "u1", "name": "Bo", "deviceToken": "device-token-0001"})
     database.message_templates.insert_one({"_id": "silent", "pushData": '{"sync": "{{data.what}}"}'})
     async with open_dispatcher(fcm_settings(android_intent_action="")) as d:
-        await d.send({"channels": ["push"], "recipients": ["u1"], "messageTitle": "Hello {{user.name}}",
-                      "messageContent": "You have {{data.n}} messages", "data": {"n": 3}})
+        await d.send(
+            {
+                "channels": ["push"],
+                "recipients": ["u1"],
+                "messageTitle": "Hello {{user.name}}",
+                "messageContent": "You have {{data.n}} messages",
+                "data": {"n": 3},
+            }
+        )
         await d.send({"channels": ["push"], "recipients": ["u1"], "templateId": "silent", "data": {"what": "inbox"}})
 
     assert [r.message for r in world.fcm.received] == [
@@ -115,8 +146,7 @@ async def test_gone_token_fails_the_user_while_the_other_device_receives(fcm_set
     good, gone = "device-token-good-000001", "gone-device-token-000002"
     database.users.insert_one({"_id": "u1", "deviceToken": [good, gone]})
     async with open_dispatcher(fcm_settings()) as d:
-        result = await d.send({"channels": ["push"], "recipients": ["u1"], "messageTitle": "T",
-                               "messageContent": "B"})
+        result = await d.send({"channels": ["push"], "recipients": ["u1"], "messageTitle": "T", "messageContent": "B"})
 
     assert result.summary.failed == {"push": 1} and result.summary.sent == {}
     [failure] = result.failures
@@ -163,8 +193,9 @@ async def test_quota_exceeded_waits_for_retry_after(fcm_settings, world, databas
 
 
 async def test_one_token_request_serves_many_concurrent_sends(fcm_settings, world, database) -> None:
-    database.users.insert_many([{"_id": f"u{i}", "clusters": ["all"], "deviceToken": f"device-token-{i:04}"}
-                                for i in range(20)])
+    database.users.insert_many(
+        [{"_id": f"u{i}", "clusters": ["all"], "deviceToken": f"device-token-{i:04}"} for i in range(20)]
+    )
     async with open_dispatcher(fcm_settings()) as d:
         result = await d.send({"channels": ["push"], "clusters": ["all"], "messageTitle": "T", "messageContent": "B"})
 
@@ -238,17 +269,21 @@ async def test_unusable_credentials_stop_the_dispatcher_naming_the_key(make_sett
     if problem == "not_json":
         path.write_text("this is not JSON")
     elif problem == "no_private_key":
-        path.write_text(json.dumps({"type": "service_account", "client_email": "a@b.c",
-                                    "token_uri": "http://127.0.0.1:1/token"}))
+        path.write_text(
+            json.dumps({"type": "service_account", "client_email": "a@b.c", "token_uri": "http://127.0.0.1:1/token"})
+        )
     with pytest.raises(ConfigError, match=r"^providers\.fcm\.credentials_file: "):
         # A missing key file is refused by the settings, an unusable one when the dispatcher opens.
-        settings = make_settings(channels={"push": {"provider": "fcm"}},
-                                 providers={"fcm": {"project_id": "demo",
-                                                    "credentials_file": "" if problem == "unset" else str(path)}})
+        settings = make_settings(
+            channels={"push": {"provider": "fcm"}},
+            providers={"fcm": {"project_id": "demo", "credentials_file": "" if problem == "unset" else str(path)}},
+        )
         async with open_dispatcher(settings):
             pass
 
 
 async def test_missing_project_id_stops_the_dispatcher(make_settings, world) -> None:
     with pytest.raises(ConfigError, match=r"^providers\.fcm\.project_id: "):
-        make_settings(channels={"push": {"provider": "fcm"}}, providers={"fcm": {"credentials_file": str(world.key_path)}})
+        make_settings(
+            channels={"push": {"provider": "fcm"}}, providers={"fcm": {"credentials_file": str(world.key_path)}}
+        )

@@ -23,22 +23,44 @@ from dispatcher import Settings, open_dispatcher
 from dispatcher.app import create_app
 from dispatcher.channels import CHANNELS
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Any Unicode, lone surrogates included (Hypothesis leaves category Cs out unless asked).
 ANY_CHAR = st.characters(codec=None, categories=None)
 WEIRD_TEXT = st.text(ANY_CHAR, max_size=40) | st.sampled_from(
-    ["", " ", "\ud800", "a\udfffb", "\r\n", "x\x00y", "\u2028", "\u202e", "{{ user.name }}", "{{", "{% if %}",
-     "{{ user.__class__ }}", "{{ 'a' * 100000000 }}", "u1", "beta", "email", "a@example.com",
-     "65a000000000000000000001"])
+    [
+        "",
+        " ",
+        "\ud800",
+        "a\udfffb",
+        "\r\n",
+        "x\x00y",
+        "\u2028",
+        "\u202e",
+        "{{ user.name }}",
+        "{{",
+        "{% if %}",
+        "{{ user.__class__ }}",
+        "{{ 'a' * 100000000 }}",
+        "u1",
+        "beta",
+        "email",
+        "a@example.com",
+        "65a000000000000000000001",
+    ]
+)
 HUGE_TEXT = st.builds(lambda n, c: c * n, st.integers(1, 700_000), st.sampled_from(["x", "é", "\n", "{", "\ud800"]))
 TEXT = WEIRD_TEXT | HUGE_TEXT
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | WEIRD_TEXT
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(WEIRD_TEXT, inner, max_size=4),
-                    max_leaves=20)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(WEIRD_TEXT, inner, max_size=4), max_leaves=20
+)
 
 
 def _nest(depth: int, kind: str) -> Any:
@@ -58,9 +80,17 @@ DEEP = st.builds(_nest, st.integers(1, 400), KINDS)
 # Whole bodies, written as text: nesting no recursive parser survives.
 DEEP_BODIES = st.builds(
     lambda depth, kind, where: (where % _deep_text(depth, kind)).encode(),
-    st.integers(1, 50_000), KINDS,
-    st.sampled_from(["%s", '{"channels": ["sms"], "recipients": ["u1"], "messageContent": "x", "data": {"k": %s}}',
-                     '{"channels": %s}', '{"recipients": ["u1", %s]}']))
+    st.integers(1, 50_000),
+    KINDS,
+    st.sampled_from(
+        [
+            "%s",
+            '{"channels": ["sms"], "recipients": ["u1"], "messageContent": "x", "data": {"k": %s}}',
+            '{"channels": %s}',
+            '{"recipients": ["u1", %s]}',
+        ]
+    ),
+)
 
 
 def _strings(element: st.SearchStrategy[Any] = TEXT) -> st.SearchStrategy[Any]:
@@ -107,21 +137,38 @@ BODIES = (
     | JSON.map(_encode)
     | st.binary(max_size=2_000)
     | DEEP_BODIES
-    | st.builds(lambda n: b'{"channels": ["sms"], "recipients": ["u1"], "messageContent": "' + b"x" * n + b'"}',
-                st.integers(0, 1_040_000))
+    | st.builds(
+        lambda n: b'{"channels": ["sms"], "recipients": ["u1"], "messageContent": "' + b"x" * n + b'"}',
+        st.integers(0, 1_040_000),
+    )
 )
 
 
 @pytest.fixture
 def seeded(database: Any) -> None:
-    database.users.insert_many([
-        {"_id": "u1", "name": "Ada", "emailAddress": "u1@example.com", "phoneNumber": "+15550000001",
-         "deviceToken": "tok-1", "clusters": ["beta"]},
-        {"_id": "u2", "emailAddress": "u2@example.com", "clusters": ["beta"]},
-    ])
-    database.message_templates.insert_one({"_id": "65a000000000000000000001", "emailTitle": "T {{ data.x }}",
-                                           "emailMessage": "M", "smsMessage": "S", "pushTitle": "P",
-                                           "voiceMessage": "V"})
+    database.users.insert_many(
+        [
+            {
+                "_id": "u1",
+                "name": "Ada",
+                "emailAddress": "u1@example.com",
+                "phoneNumber": "+15550000001",
+                "deviceToken": "tok-1",
+                "clusters": ["beta"],
+            },
+            {"_id": "u2", "emailAddress": "u2@example.com", "clusters": ["beta"]},
+        ]
+    )
+    database.message_templates.insert_one(
+        {
+            "_id": "65a000000000000000000001",
+            "emailTitle": "T {{ data.x }}",
+            "emailMessage": "M",
+            "smsMessage": "S",
+            "pushTitle": "P",
+            "voiceMessage": "V",
+        }
+    )
 
 
 def _sent(outbox: Path) -> int:
@@ -163,6 +210,7 @@ def test_any_body_is_answered_in_the_documented_shape(settings_for_fuzz: Setting
 
 @FUZZ
 @given(body=valid_ish_bodies())
-def test_valid_ish_bodies_are_answered_in_the_documented_shape(settings_for_fuzz: Settings, outbox: Path,
-                                                               body: bytes) -> None:
+def test_valid_ish_bodies_are_answered_in_the_documented_shape(
+    settings_for_fuzz: Settings, outbox: Path, body: bytes
+) -> None:
     trio.run(_check, settings_for_fuzz, outbox, body)

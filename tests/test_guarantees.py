@@ -40,6 +40,7 @@ async def render_inline(jobs: Any) -> list[Any]:
     """Renders on the event loop: the render thread would let real time into virtual-time tests."""
     return [job() for job in jobs]
 
+
 # How one attempt ends: None (accepted after `latency`), an exception to raise after `latency`,
 # or an awaitable factory (the attempt waits for it, then is accepted).
 Behaviour = Callable[[Message, str, int], Any]
@@ -50,8 +51,12 @@ class RecordingProvider:
 
     name = "recording"
 
-    def __init__(self, behaviour: Behaviour | None = None, latency: float | Callable[[Message, str, int], float] = 0.0,
-                 on_call: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        behaviour: Behaviour | None = None,
+        latency: float | Callable[[Message, str, int], float] = 0.0,
+        on_call: Callable[[], None] | None = None,
+    ) -> None:
         self.behaviour = behaviour
         self.latency = latency
         self.on_call = on_call
@@ -142,12 +147,14 @@ def throttle_first_attempt_of(user: str, retry_after: float) -> Behaviour:
 
 @pytest.mark.parametrize("rate", [0.0, 100.0], ids=["unlimited", "paced"])
 async def test_429_pauses_every_message_of_the_channel_and_of_other_sends(
-        autojump_clock: trio.testing.MockClock, rate: float) -> None:
+    autojump_clock: trio.testing.MockClock, rate: float
+) -> None:
     t0 = trio.current_time()
     # u0 is answered 429 after 0.1 s; everything else takes 1 s, so at the moment of the 429 three
     # slots are busy and one is free: without a channel-wide pause the next message takes it at once.
-    provider = RecordingProvider(throttle_first_attempt_of("u0", 10.0),
-                                 latency=lambda m, a, n: 0.1 if (m.user_id, n) == ("u0", 1) else 1.0)
+    provider = RecordingProvider(
+        throttle_first_attempt_of("u0", 10.0), latency=lambda m, a, n: 0.1 if (m.user_id, n) == ("u0", 1) else 1.0
+    )
     transport = Transport(provider, ChannelGate(concurrency=4, rate=rate, burst=4), policy())
     first = [sms(f"u{i}") for i in range(12)]
     second = [sms(f"v{i}") for i in range(6)]  # another request on the same channel, 2 s later
@@ -206,12 +213,17 @@ async def test_429_holds_back_a_message_already_waiting_for_a_slot(autojump_cloc
 
 
 def insert_users(database: pymongo.database.Database, count: int, cluster: str = "all") -> None:
-    database.users.insert_many([{"_id": f"u{i:04d}", "name": f"User {i}", "clusters": [cluster],
-                                 "phoneNumber": f"+1555{i:07d}"} for i in range(count)])
+    database.users.insert_many(
+        [
+            {"_id": f"u{i:04d}", "name": f"User {i}", "clusters": [cluster], "phoneNumber": f"+1555{i:07d}"}
+            for i in range(count)
+        ]
+    )
 
 
 async def test_store_streams_users_in_batches_of_store_batch_size(
-        mongo_url: str, database: pymongo.database.Database) -> None:
+    mongo_url: str, database: pymongo.database.Database
+) -> None:
     insert_users(database, 47)
     store = Store.connect(mongo_url, StoreSettings(database=database.name), UserFields(), batch_size=5)
     try:
@@ -251,14 +263,16 @@ def held_bound(batch: int, queue: int, concurrency: int) -> int:
 
 
 async def test_a_send_to_many_users_reads_the_store_only_as_far_as_deliveries_go(
-        make_settings: Callable[..., Settings], database: pymongo.database.Database,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    make_settings: Callable[..., Settings], database: pymongo.database.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     users, batch, queue, concurrency = 400, 10, 4, 2
     insert_users(database, users)
     provider = GatedProvider()
     monkeypatch.setitem(PROVIDERS, "gated", ProviderEntry("gated", None, lambda settings: provider))
-    settings = make_settings(dispatcher={"store_batch_size": batch, "queue_size": queue},
-                             channels={"active": ["sms"], "sms": {"provider": "gated", "concurrency": concurrency}})
+    settings = make_settings(
+        dispatcher={"store_batch_size": batch, "queue_size": queue},
+        channels={"active": ["sms"], "sms": {"provider": "gated", "concurrency": concurrency}},
+    )
     batches: list[int] = []
     async with open_dispatcher(settings) as d:
         original = d.store.stream_users
@@ -292,7 +306,9 @@ async def test_a_send_to_many_users_reads_the_store_only_as_far_as_deliveries_go
 
     assert result is not None and result.summary.sent == {"sms": users}
     bound = held_bound(batch, queue, concurrency)
-    assert read_while_stuck <= bound + concurrency, f"{read_while_stuck} of {users} users read while nothing was delivered"
+    assert read_while_stuck <= bound + concurrency, (
+        f"{read_while_stuck} of {users} users read while nothing was delivered"
+    )
     assert max(batches) <= batch
     assert max(provider.held_at_call) <= bound
 
@@ -312,7 +328,7 @@ class MemoryStore:
         selected = [u for u in self.users if u["_id"] in recipients or set(u["clusters"]) & set(clusters)]
         for i in range(0, len(selected), self.batch_size):
             await trio.sleep(0)  # a round trip: the other actors get to run
-            batch = [dict(u) for u in selected[i:i + self.batch_size]]
+            batch = [dict(u) for u in selected[i : i + self.batch_size]]
             self.read += len(batch)
             yield batch
 
@@ -321,19 +337,25 @@ class MemoryStore:
 
 
 def memory_users(count: int) -> list[User]:
-    return [{"_id": f"u{i:04d}", "clusters": ["all"], "emailAddress": f"u{i}@example.com",
-             "phoneNumber": f"+1555{i:07d}"} for i in range(count)]
+    return [
+        {"_id": f"u{i:04d}", "clusters": ["all"], "emailAddress": f"u{i}@example.com", "phoneNumber": f"+1555{i:07d}"}
+        for i in range(count)
+    ]
 
 
 def lane(channel: str, address_field: str) -> ChannelPlan:
-    return ChannelPlan(channel=channel, address_field=address_field,
-                       build=lambda context: TextContent(f"hi {context['user']['_id']}", "sender"),
-                       id_of=lambda user: str(user["_id"]))
+    return ChannelPlan(
+        channel=channel,
+        address_field=address_field,
+        build=lambda context: TextContent(f"hi {context['user']['_id']}", "sender"),
+        id_of=lambda user: str(user["_id"]),
+    )
 
 
 def plan_for(*lanes: ChannelPlan) -> RequestPlan:
-    request = SendRequest.parse({"channels": [p.channel for p in lanes], "clusters": ["all"],
-                                 "messageTitle": "t", "messageContent": "c"})
+    request = SendRequest.parse(
+        {"channels": [p.channel for p in lanes], "clusters": ["all"], "messageTitle": "t", "messageContent": "c"}
+    )
     return RequestPlan(request, tuple(lanes))
 
 
@@ -345,8 +367,9 @@ async def test_a_slow_channel_keeps_the_resolver_from_running_ahead(autojump_clo
     provider.on_call = lambda: held.append(store.read - len(provider.calls))
     transport = Transport(provider, ChannelGate(concurrency=concurrency, rate=0, burst=1), policy())
 
-    result = await run_pipeline(plan_for(lane("sms", "phoneNumber")), store, {"sms": transport}, queue,
-                                render_jobs=render_inline)
+    result = await run_pipeline(
+        plan_for(lane("sms", "phoneNumber")), store, {"sms": transport}, queue, render_jobs=render_inline
+    )
 
     assert result.summary.sent == {"sms": users} and result.summary.users == users
     assert len(provider.calls) == users
@@ -369,7 +392,8 @@ class StalledJournal(Unrecorded):
 
 
 async def test_a_stalled_collector_stops_deliveries_after_a_bounded_number(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The results channel is bounded too: when the collector cannot keep up (its ledger write
     # hangs), the senders stop instead of delivering everything into an ever-growing buffer.
     users, queue, concurrency = 300, 4, 2
@@ -380,8 +404,14 @@ async def test_a_stalled_collector_stops_deliveries_after_a_bounded_number(
 
     async def run() -> None:
         nonlocal result
-        result = await run_pipeline(plan_for(lane("sms", "phoneNumber")), MemoryStore(memory_users(users), 10),
-                                    {"sms": transport}, queue, journal=journal, render_jobs=render_inline)
+        result = await run_pipeline(
+            plan_for(lane("sms", "phoneNumber")),
+            MemoryStore(memory_users(users), 10),
+            {"sms": transport},
+            queue,
+            journal=journal,
+            render_jobs=render_inline,
+        )
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
@@ -404,7 +434,7 @@ async def test_retry_after_http_date_delays_the_retry(autojump_clock: trio.testi
             return None
         # The provider's own answer, classified by the provider's own code: a date 30 s after now
         # on the wall clock (what a server sends), whatever the virtual clock says.
-        date = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30), usegmt=True)
+        date = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30), usegmt=True)
         return classify_error(httpx.Response(status, headers={"Retry-After": date}))
 
     provider = RecordingProvider(behaviour)

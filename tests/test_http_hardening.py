@@ -42,18 +42,28 @@ async def _error(response: Any, status: int = 400) -> str:
 
 @pytest.fixture
 def user(database: Any) -> None:
-    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com", "phoneNumber": "+15550000001",
-                               "deviceToken": "tok-1", "clusters": ["beta"]})
+    database.users.insert_one(
+        {
+            "_id": "u1",
+            "emailAddress": "u1@example.com",
+            "phoneNumber": "+15550000001",
+            "deviceToken": "tok-1",
+            "clusters": ["beta"],
+        }
+    )
 
 
 # --- 1. input that used to be a 500, or accepted and then failed every delivery ---------------
 
 
-@pytest.mark.parametrize("raw", [
-    '{"channels": ' + "[" * 10_000 + "]" * 10_000 + "}",
-    '{"data": ' + '{"a": ' * 10_000 + "1" + "}" * 10_000 + "}",
-    "[" * 100_000,
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"channels": ' + "[" * 10_000 + "]" * 10_000 + "}",
+        '{"data": ' + '{"a": ' * 10_000 + "1" + "}" * 10_000 + "}",
+        "[" * 100_000,
+    ],
+)
 async def test_json_nested_ten_thousand_levels_is_400(client: Any, outbox: Path, raw: str) -> None:
     assert "nested too deeply" in await _error(await _post_raw(client, raw))
     assert not outbox.exists()
@@ -67,27 +77,35 @@ async def test_data_nested_past_the_limit_is_400_naming_the_field(client: Any, u
     message = await _error(await client.post("/send", json=_valid(data={"a": deep})))
     assert message == f"data: nested deeper than {MAX_DEPTH} levels"
     # Deep enough to trouble a recursive parser or encoder, shallow enough for json.loads.
-    message = await _error(await _post_raw(client, '{"channels": ["sms"], "recipients": ["u1"], "messageContent":'
-                                                   ' "x", "data": ' + "[" * 900 + "]" * 900 + "}"))
+    message = await _error(
+        await _post_raw(
+            client,
+            '{"channels": ["sms"], "recipients": ["u1"], "messageContent": "x", "data": ' + "[" * 900 + "]" * 900 + "}",
+        )
+    )
     assert message == f"data: nested deeper than {MAX_DEPTH} levels"
     assert len(list((outbox / "email").iterdir())) == 1  # only the valid request sent anything
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"recipients": ["u1", "\ud800"]}, "recipients[1]"),
-    ({"recipients": None, "clusters": ["\udfff"]}, "clusters[0]"),
-    ({"messageTitle": "Hi \ud800"}, "messageTitle"),
-    ({"messageContent": "\udc00 {{ user.name }}"}, "messageContent"),
-    ({"data": {"plan": {"name": "Pro\ud83d"}}}, "data.plan.name"),
-    ({"data": {"items": [1, "\ud800"]}}, "data.items[1]"),
-    ({"data": {"\ud800": 1}}, "data: key"),
-    ({"templateId": "\ud800"}, "templateId"),
-    ({"emailSender": "a\ud800@example.com"}, "emailSender"),
-    ({"emailCarbonCopies": ["\ud800@example.com"]}, "emailCarbonCopies[0]"),
-    ({"emailAttachments": ["\ud800.pdf"]}, "emailAttachments[0]"),
-])
-async def test_lone_surrogate_anywhere_is_400_naming_the_field(client: Any, user: None, outbox: Path,
-                                                               overrides: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"recipients": ["u1", "\ud800"]}, "recipients[1]"),
+        ({"recipients": None, "clusters": ["\udfff"]}, "clusters[0]"),
+        ({"messageTitle": "Hi \ud800"}, "messageTitle"),
+        ({"messageContent": "\udc00 {{ user.name }}"}, "messageContent"),
+        ({"data": {"plan": {"name": "Pro\ud83d"}}}, "data.plan.name"),
+        ({"data": {"items": [1, "\ud800"]}}, "data.items[1]"),
+        ({"data": {"\ud800": 1}}, "data: key"),
+        ({"templateId": "\ud800"}, "templateId"),
+        ({"emailSender": "a\ud800@example.com"}, "emailSender"),
+        ({"emailCarbonCopies": ["\ud800@example.com"]}, "emailCarbonCopies[0]"),
+        ({"emailAttachments": ["\ud800.pdf"]}, "emailAttachments[0]"),
+    ],
+)
+async def test_lone_surrogate_anywhere_is_400_naming_the_field(
+    client: Any, user: None, outbox: Path, overrides: dict[str, Any], field: str
+) -> None:
     raw = json.dumps(_valid(**overrides))  # ensure_ascii: the surrogate travels as "\ud800"
     assert "\\u" in raw
     message = await _error(await _post_raw(client, raw))
@@ -102,8 +120,17 @@ async def test_lone_surrogate_in_an_unknown_field_is_ignored(client: Any, user: 
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("name", ["report\r\nContent-Type: text/html.pdf", "a\nb.pdf", "a\x00.pdf", "a\tb.pdf",
-                                  "invoice\u202efdp.exe", "a\u2028b.pdf"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "report\r\nContent-Type: text/html.pdf",
+        "a\nb.pdf",
+        "a\x00.pdf",
+        "a\tb.pdf",
+        "invoice\u202efdp.exe",
+        "a\u2028b.pdf",
+    ],
+)
 async def test_control_character_in_attachment_name_is_400(client: Any, outbox: Path, name: str) -> None:
     message = await _error(await client.post("/send", json=_valid(emailAttachments=["ok.pdf", name])))
     assert message.startswith("emailAttachments: ")
@@ -112,14 +139,17 @@ async def test_control_character_in_attachment_name_is_400(client: Any, outbox: 
     assert not outbox.exists()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("emailSender", "from@example.com\r\nBcc: victim@example.com"),
-    ("emailSender", "from@example.com\n"),
-    ("emailSender", "from@example.com\u2028"),
-    ("emailCarbonCopies", ["cc@example.com\r\nBcc: victim@example.com"]),
-    ("emailBlindCarbonCopies", ["bcc@example.com\r"]),
-    ("emailBlindCarbonCopies", ["bcc@exam\u2029ple.com"]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("emailSender", "from@example.com\r\nBcc: victim@example.com"),
+        ("emailSender", "from@example.com\n"),
+        ("emailSender", "from@example.com\u2028"),
+        ("emailCarbonCopies", ["cc@example.com\r\nBcc: victim@example.com"]),
+        ("emailBlindCarbonCopies", ["bcc@example.com\r"]),
+        ("emailBlindCarbonCopies", ["bcc@exam\u2029ple.com"]),
+    ],
+)
 async def test_line_breaks_in_addresses_are_400(client: Any, outbox: Path, field: str, value: Any) -> None:
     message = await _error(await client.post("/send", json=_valid(**{field: value})))
     assert message.startswith(f"{field}: ")
@@ -127,14 +157,18 @@ async def test_line_breaks_in_addresses_are_400(client: Any, outbox: Path, field
     assert not outbox.exists()
 
 
-@pytest.mark.parametrize("data, message", [
-    ('{"n": 100000000000000000000}', "data.n: integer out of range (64 bits at most)"),
-    ('{"n": [1, -9223372036854775809]}', "data.n[1]: integer out of range (64 bits at most)"),
-    ('{"n": 1e999}', "data.n: number out of range"),
-    ('{"a\\u0000b": 1}', "data: key 'a\\x00b' contains a NUL character"),
-])
-async def test_data_the_store_cannot_hold_is_400(client: Any, user: None, outbox: Path, data: str,
-                                                 message: str) -> None:
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ('{"n": 100000000000000000000}', "data.n: integer out of range (64 bits at most)"),
+        ('{"n": [1, -9223372036854775809]}', "data.n[1]: integer out of range (64 bits at most)"),
+        ('{"n": 1e999}', "data.n: number out of range"),
+        ('{"a\\u0000b": 1}', "data: key 'a\\x00b' contains a NUL character"),
+    ],
+)
+async def test_data_the_store_cannot_hold_is_400(
+    client: Any, user: None, outbox: Path, data: str, message: str
+) -> None:
     # The accepted request is recorded in MongoDB: BSON has 64-bit integers and NUL-free keys.
     raw = '{"channels": ["sms"], "recipients": ["u1"], "messageContent": "x", "data": ' + data + "}"
     assert await _error(await _post_raw(client, raw)) == message
@@ -176,13 +210,16 @@ def test_shown_survives_deep_values() -> None:
     assert len(shown(deep)) < 120
 
 
-@pytest.mark.parametrize("overrides", [
-    {"channels": ["x" * 500_000]},
-    {"emailSender": "x" * 500_000},
-    {"emailCarbonCopies": ["x" * 500_000]},
-    {"emailAttachments": ["x\n" * 250_000]},
-    {"data": {"k" * 500_000: "\ud800"}},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"channels": ["x" * 500_000]},
+        {"emailSender": "x" * 500_000},
+        {"emailCarbonCopies": ["x" * 500_000]},
+        {"emailAttachments": ["x\n" * 250_000]},
+        {"data": {"k" * 500_000: "\ud800"}},
+    ],
+)
 async def test_error_messages_do_not_echo_huge_values(client: Any, overrides: dict[str, Any]) -> None:
     message = await _error(await _post_raw(client, json.dumps(_valid(**overrides))))
     assert len(message) < 300
@@ -198,28 +235,32 @@ async def test_unknown_huge_template_id_is_not_echoed(client: Any) -> None:
 # --- 4. messages written for the client -----------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"channels": None}, "channels: must be a non-empty array"),
-    ({"channels": []}, "channels: must be a non-empty array"),
-    ({"channels": "email"}, "channels: must be a non-empty array"),
-    ({"channels": {"email": True}}, "channels: must be a non-empty array"),
-    ({"channels": ["email", 1]}, "channels: must be an array of strings"),
-    ({"recipients": "u1"}, "recipients: must be an array of strings"),
-    ({"recipients": [["u1"]]}, "recipients: must be an array of strings"),
-    ({"clusters": "beta"}, "clusters: must be an array of strings"),
-    ({"clusters": [1]}, "clusters: must be an array of strings"),
-    ({"emailAttachments": "a.pdf"}, "emailAttachments: must be an array of strings"),
-    ({"emailCarbonCopies": [None]}, "emailCarbonCopies: must be an array of strings"),
-    ({"emailBlindCarbonCopies": True}, "emailBlindCarbonCopies: must be an array of strings"),
-    ({"data": [1, 2]}, "data: must be an object"),
-    ({"data": "plan=Pro"}, "data: must be an object"),
-    ({"messageTitle": 1}, "messageTitle: must be a string"),
-    ({"messageContent": ["C"]}, "messageContent: must be a string"),
-    ({"templateId": 5}, "templateId: must be a string"),
-    ({"emailSender": ["a@example.com"]}, "emailSender: must be a string"),
-])
-async def test_validation_messages_are_plain_words(client: Any, outbox: Path, overrides: dict[str, Any],
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"channels": None}, "channels: must be a non-empty array"),
+        ({"channels": []}, "channels: must be a non-empty array"),
+        ({"channels": "email"}, "channels: must be a non-empty array"),
+        ({"channels": {"email": True}}, "channels: must be a non-empty array"),
+        ({"channels": ["email", 1]}, "channels: must be an array of strings"),
+        ({"recipients": "u1"}, "recipients: must be an array of strings"),
+        ({"recipients": [["u1"]]}, "recipients: must be an array of strings"),
+        ({"clusters": "beta"}, "clusters: must be an array of strings"),
+        ({"clusters": [1]}, "clusters: must be an array of strings"),
+        ({"emailAttachments": "a.pdf"}, "emailAttachments: must be an array of strings"),
+        ({"emailCarbonCopies": [None]}, "emailCarbonCopies: must be an array of strings"),
+        ({"emailBlindCarbonCopies": True}, "emailBlindCarbonCopies: must be an array of strings"),
+        ({"data": [1, 2]}, "data: must be an object"),
+        ({"data": "plan=Pro"}, "data: must be an object"),
+        ({"messageTitle": 1}, "messageTitle: must be a string"),
+        ({"messageContent": ["C"]}, "messageContent: must be a string"),
+        ({"templateId": 5}, "templateId: must be a string"),
+        ({"emailSender": ["a@example.com"]}, "emailSender: must be a string"),
+    ],
+)
+async def test_validation_messages_are_plain_words(
+    client: Any, outbox: Path, overrides: dict[str, Any], message: str
+) -> None:
     assert await _error(await client.post("/send", json=_valid(**overrides))) == message
     assert not outbox.exists()
 
@@ -236,8 +277,7 @@ async def test_empty_message_content_is_400(client: Any, user: None, outbox: Pat
 
 async def test_empty_message_content_is_ignored_with_a_template(client: Any, user: None, database: Any) -> None:
     template_id = database.message_templates.insert_one({"smsMessage": "Hi"}).inserted_id
-    response = await client.post("/send", json=_valid(channels=["sms"], messageContent="",
-                                                      templateId=str(template_id)))
+    response = await client.post("/send", json=_valid(channels=["sms"], messageContent="", templateId=str(template_id)))
     assert response.status_code == 200
     assert (await response.get_json())["summary"]["sent"] == {"sms": 1}
 
@@ -267,21 +307,26 @@ async def _chunks(size: int, count: int) -> AsyncIterator[bytes]:
         yield b"x" * size
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param(lambda: b"x" * 5_000_000, id="content-length"),
-    pytest.param(lambda: _chunks(65_536, 80), id="chunked"),
-    # 6.5 GB: only closing the connection, not reading the rest, answers this in time.
-    pytest.param(lambda: _chunks(65_536, 100_000), id="endless"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(lambda: b"x" * 5_000_000, id="content-length"),
+        pytest.param(lambda: _chunks(65_536, 80), id="chunked"),
+        # 6.5 GB: only closing the connection, not reading the rest, answers this in time.
+        pytest.param(lambda: _chunks(65_536, 100_000), id="endless"),
+    ],
+)
 async def test_413_leaves_the_connection_usable(server_url: str, body: Any) -> None:
     # One client, one pooled connection, a timeout short enough to fail fast on a wedged one.
-    async with httpx.AsyncClient(base_url=server_url, timeout=3,
-                                 limits=httpx.Limits(max_connections=1)) as http:
+    async with httpx.AsyncClient(base_url=server_url, timeout=3, limits=httpx.Limits(max_connections=1)) as http:
         with trio.fail_after(10):
             response = await http.post("/send", content=body(), headers={"content-type": "application/json"})
         assert response.status_code == 413
-        assert response.json() == {"statusCode": 413, "error": "Request Entity Too Large",
-                                   "message": "body larger than 1000 bytes"}
+        assert response.json() == {
+            "statusCode": 413,
+            "error": "Request Entity Too Large",
+            "message": "body larger than 1000 bytes",
+        }
         assert response.headers["connection"] == "close"
         for _ in range(3):
             response = await http.get("/-/healthz")
@@ -293,8 +338,7 @@ async def test_413_leaves_the_connection_usable(server_url: str, body: Any) -> N
 
 
 async def test_early_404_to_a_large_post_leaves_the_connection_usable(server_url: str) -> None:
-    async with httpx.AsyncClient(base_url=server_url, timeout=3,
-                                 limits=httpx.Limits(max_connections=1)) as http:
+    async with httpx.AsyncClient(base_url=server_url, timeout=3, limits=httpx.Limits(max_connections=1)) as http:
         with trio.fail_after(10):
             response = await http.post("/nowhere", content=_chunks(65_536, 100_000))
         assert response.status_code == 404

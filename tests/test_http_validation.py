@@ -23,37 +23,49 @@ async def _assert_error(response: Any, status: int, *fragments: str) -> None:
     body = await response.get_json()
     assert body["statusCode"] == status
     assert isinstance(body["statusCode"], int)
-    assert body["error"] == {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                             413: "Request Entity Too Large", 502: "Bad Gateway"}[status]
+    assert (
+        body["error"]
+        == {
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            413: "Request Entity Too Large",
+            502: "Bad Gateway",
+        }[status]
+    )
     for fragment in fragments:
         assert fragment in body["message"]
 
 
-@pytest.mark.parametrize("body, fragments", [
-    (_valid(channels=["fax"]), ["channels", "'fax' is not a supported channel"]),
-    (_valid(channels=[]), ["channels"]),
-    (_valid(channels=None), ["channels"]),
-    (_valid(channels="email"), ["channels"]),
-    (_valid(channels=["email", "email"]), ["channels", "more than once"]),
-    (_valid(recipients=None), ["recipients or clusters"]),
-    (_valid(recipients=[], clusters=[]), ["recipients or clusters"]),
-    (_valid(recipients=[1, 2]), ["recipients"]),
-    (_valid(messageContent=None), ["messageContent"]),
-    (_valid(messageTitle=None), ["messageTitle"]),
-    (_valid(channels=["push"], messageTitle=None), ["messageTitle"]),
-    (_valid(emailCarbonCopies=["not-an-address"]), ["emailCarbonCopies", "not-an-address"]),
-    (_valid(emailBlindCarbonCopies=["a@b.c", "x@"]), ["emailBlindCarbonCopies", "'x@'"]),
-    (_valid(emailSender="nobody"), ["emailSender", "nobody"]),
-    (_valid(data=[1, 2]), ["data"]),
-    (_valid(messageContent="{{ user.name "), ["messageContent", "does not compile"]),
-    (_valid(messageTitle="{% if %}"), ["messageTitle", "does not compile"]),
-    (_valid(messageContent="{{#if user.name}}hi{{/if}}"), ["messageContent", "does not compile"]),
-    (_valid(templateId="65a000000000000000000099"), ["templateId", "no template"]),
-    (_valid(emailAttachments=["a.pdf"]), ["emailAttachments", "no Files Service"]),
-    ([1, 2, 3], ["JSON object"]),
-])
-async def test_invalid_request_is_400_naming_the_problem(client: Any, outbox: Path, body: Any,
-                                                          fragments: list[str]) -> None:
+@pytest.mark.parametrize(
+    "body, fragments",
+    [
+        (_valid(channels=["fax"]), ["channels", "'fax' is not a supported channel"]),
+        (_valid(channels=[]), ["channels"]),
+        (_valid(channels=None), ["channels"]),
+        (_valid(channels="email"), ["channels"]),
+        (_valid(channels=["email", "email"]), ["channels", "more than once"]),
+        (_valid(recipients=None), ["recipients or clusters"]),
+        (_valid(recipients=[], clusters=[]), ["recipients or clusters"]),
+        (_valid(recipients=[1, 2]), ["recipients"]),
+        (_valid(messageContent=None), ["messageContent"]),
+        (_valid(messageTitle=None), ["messageTitle"]),
+        (_valid(channels=["push"], messageTitle=None), ["messageTitle"]),
+        (_valid(emailCarbonCopies=["not-an-address"]), ["emailCarbonCopies", "not-an-address"]),
+        (_valid(emailBlindCarbonCopies=["a@b.c", "x@"]), ["emailBlindCarbonCopies", "'x@'"]),
+        (_valid(emailSender="nobody"), ["emailSender", "nobody"]),
+        (_valid(data=[1, 2]), ["data"]),
+        (_valid(messageContent="{{ user.name "), ["messageContent", "does not compile"]),
+        (_valid(messageTitle="{% if %}"), ["messageTitle", "does not compile"]),
+        (_valid(messageContent="{{#if user.name}}hi{{/if}}"), ["messageContent", "does not compile"]),
+        (_valid(templateId="65a000000000000000000099"), ["templateId", "no template"]),
+        (_valid(emailAttachments=["a.pdf"]), ["emailAttachments", "no Files Service"]),
+        ([1, 2, 3], ["JSON object"]),
+    ],
+)
+async def test_invalid_request_is_400_naming_the_problem(
+    client: Any, outbox: Path, body: Any, fragments: list[str]
+) -> None:
     response = await client.post("/send", json=body)
     await _assert_error(response, 400, *fragments)
     assert not outbox.exists()
@@ -92,19 +104,22 @@ async def test_inactive_channel_is_400(make_settings: Any) -> None:
 
 
 async def test_template_missing_channel_text_is_400(client: Any, database: Any, outbox: Path) -> None:
-    template_id = database.message_templates.insert_one({"name": "mail only", "emailTitle": "T",
-                                                          "emailMessage": "M"}).inserted_id
+    template_id = database.message_templates.insert_one(
+        {"name": "mail only", "emailTitle": "T", "emailMessage": "M"}
+    ).inserted_id
     database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com", "phoneNumber": "+15550000001"})
-    response = await client.post("/send", json={"channels": ["email", "sms"], "recipients": ["u1"],
-                                                "templateId": str(template_id)})
+    response = await client.post(
+        "/send", json={"channels": ["email", "sms"], "recipients": ["u1"], "templateId": str(template_id)}
+    )
     await _assert_error(response, 400, "templateId", "sms", "smsMessage")
     assert not outbox.exists()
 
 
 async def test_template_that_does_not_compile_is_400(client: Any, database: Any) -> None:
     template_id = database.message_templates.insert_one({"smsMessage": "Hi {{ user.name"}).inserted_id
-    response = await client.post("/send", json={"channels": ["sms"], "recipients": ["u1"],
-                                                "templateId": str(template_id)})
+    response = await client.post(
+        "/send", json={"channels": ["sms"], "recipients": ["u1"], "templateId": str(template_id)}
+    )
     await _assert_error(response, 400, "smsMessage", "does not compile")
 
 
@@ -115,9 +130,15 @@ async def test_template_over_size_limit_is_400(make_settings: Any) -> None:
             await _assert_error(response, 400, "messageContent", "longer than 10")
 
 
-@pytest.mark.parametrize("method, path, status", [
-    ("GET", "/nowhere", 404), ("GET", "/send", 405), ("DELETE", "/send", 405), ("POST", "/-/healthz", 405),
-])
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/nowhere", 404),
+        ("GET", "/send", 405),
+        ("DELETE", "/send", 405),
+        ("POST", "/-/healthz", 405),
+    ],
+)
 async def test_unknown_route_or_method_is_json(client: Any, method: str, path: str, status: int) -> None:
     response = await client.open(path, method=method)
     await _assert_error(response, status)
@@ -150,8 +171,9 @@ async def test_store_down_is_503_not_500(make_settings: Any) -> None:
             assert (await client.get("/-/ready")).status_code == 503
 
 
-async def test_bug_in_an_actor_is_a_logged_500(client: Any, database: Any, monkeypatch: pytest.MonkeyPatch,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_bug_in_an_actor_is_a_logged_500(
+    client: Any, database: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from dispatcher.plan import ChannelPlan
 
     def broken(self: ChannelPlan, user: Any, data: Any) -> None:
@@ -162,8 +184,11 @@ async def test_bug_in_an_actor_is_a_logged_500(client: Any, database: Any, monke
     response = await client.post("/send", json=_valid())
     assert response.status_code == 500
     body = await response.get_json()
-    assert body == {"statusCode": 500, "error": "Internal Server Error",
-                    "message": "internal error; see the service log"}
+    assert body == {
+        "statusCode": 500,
+        "error": "Internal Server Error",
+        "message": "internal error; see the service log",
+    }
     assert "ZeroDivisionError: simulated bug" in caplog.text
     # The service keeps working after the bug.
     monkeypatch.undo()

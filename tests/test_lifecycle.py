@@ -25,8 +25,9 @@ REQUEST = {"channels": ["sms"], "clusters": ["all"], "messageContent": "hi {{ us
 
 
 def seed_users(database: Any, count: int = 12) -> None:
-    database.users.insert_many([{"_id": f"u{i:02d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]}
-                                for i in range(count)])
+    database.users.insert_many(
+        [{"_id": f"u{i:02d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(count)]
+    )
 
 
 def delivered(outbox: Path) -> int:
@@ -56,14 +57,15 @@ async def test_client_disconnect_does_not_cancel_deliveries(make_settings: Any, 
     assert delivered(outbox) == 12
 
 
-async def test_leaving_the_dispatcher_drains_sends_in_flight(make_settings: Any, database: Any,
-                                                             outbox: Path) -> None:
+async def test_leaving_the_dispatcher_drains_sends_in_flight(make_settings: Any, database: Any, outbox: Path) -> None:
     seed_users(database)
     results = []
     async with trio.open_nursery() as nursery:
         async with open_dispatcher(make_settings(channels=SLOW_SMS)) as d:
+
             async def send() -> None:
                 results.append(await d.send(REQUEST))
+
             nursery.start_soon(send)
             await wait_for_first_delivery(outbox)
         # The block exited only after the send finished.
@@ -77,6 +79,7 @@ async def test_drain_timeout_cancels_what_is_left(make_settings: Any, database: 
     settings = make_settings(channels=SLOW_SMS, dispatcher={"drain_timeout_seconds": 0.1})
     async with trio.open_nursery() as nursery:
         async with open_dispatcher(settings) as d:
+
             async def send() -> None:
                 with pytest.raises(Interrupted, match="shut down before") as interrupted:
                     await d.send(REQUEST)
@@ -106,20 +109,22 @@ async def test_new_sends_are_refused_while_draining(make_settings: Any, database
 
 def _write_config(tmp_path: Path, mongo_url: str, database: str, port: int) -> Path:
     config = tmp_path / "config.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [server]
         port = {port}
         [store]
         url = "{mongo_url}"
         database = "{database}"
         [providers.outbox]
-        dir = "{tmp_path / 'outbox'}"
+        dir = "{tmp_path / "outbox"}"
         [channels.sms]
         rate_per_second = 20
         concurrency = 2
         [dispatcher]
         drain_timeout_seconds = 20
-    """))
+    """)
+    )
     return config
 
 
@@ -129,8 +134,9 @@ def _start_service(config: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes
     port = free_port()
     config.write_text(config.read_text().replace("port = 0", f"port = {port}"))
     log = open(tmp_path / "service.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "dispatcher", "--config", str(config), "serve"],
-                               stdout=log, stderr=log, cwd=tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "--config", str(config), "serve"], stdout=log, stderr=log, cwd=tmp_path
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -145,8 +151,9 @@ def _start_service(config: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes
     raise AssertionError("service did not start")
 
 
-async def test_sigterm_waits_for_deliveries_and_answers_the_client(mongo_url: str, database: Any,
-                                                                   tmp_path: Path) -> None:
+async def test_sigterm_waits_for_deliveries_and_answers_the_client(
+    mongo_url: str, database: Any, tmp_path: Path
+) -> None:
     seed_users(database)
     config = _write_config(tmp_path, mongo_url, database.name, 0)
     process, base = await trio.to_thread.run_sync(_start_service, config, tmp_path)

@@ -51,8 +51,15 @@ def _assert_files_written(results: dict[str, Any]) -> None:
 async def test_embedded_fanout_with_injected_errors_accounts_for_every_user(tmp_path: Path) -> None:
     errors = ErrorMix(permanent=0.08, transient=0.08, throttle=0.03)
     results, printed = await _run(
-        mode="embedded", users=50, errors={c: errors for c in ("email", "sms", "push")}, retry_after=0.05,
-        backoff=0.01, max_attempts=2, output=tmp_path, seed=3)
+        mode="embedded",
+        users=50,
+        errors={c: errors for c in ("email", "sms", "push")},
+        retry_after=0.05,
+        backoff=0.01,
+        max_attempts=2,
+        output=tmp_path,
+        seed=3,
+    )
 
     _assert_every_user_accounted_for(results, 50)
     channels = results["channels"]
@@ -70,8 +77,9 @@ async def test_embedded_fanout_with_injected_errors_accounts_for_every_user(tmp_
 
 
 async def test_process_mode_stream_accounts_for_every_request(tmp_path: Path) -> None:
-    results, _ = await _run(scenario="stream", users=200, rps=40, duration=1.0, clients=8,
-                            latency=(0.001, 0.005), output=tmp_path)
+    results, _ = await _run(
+        scenario="stream", users=200, rps=40, duration=1.0, clients=8, latency=(0.001, 0.005), output=tmp_path
+    )
 
     requests = results["requests"]
     assert requests["count"] == 40 and requests["errors"] == 0
@@ -89,8 +97,9 @@ async def test_process_mode_stream_accounts_for_every_request(tmp_path: Path) ->
 
 
 async def test_rate_limit_is_checked_at_the_fake(tmp_path: Path) -> None:
-    results, _ = await _run(mode="embedded", users=40, channels=("sms",), rate={"sms": 50.0}, burst={"sms": 2},
-                            output=tmp_path)
+    results, _ = await _run(
+        mode="embedded", users=40, channels=("sms",), rate={"sms": 50.0}, burst={"sms": 2}, output=tmp_path
+    )
 
     sms = results["channels"]["sms"]
     limit = sms["rate_limit"]
@@ -104,8 +113,9 @@ async def test_rate_limit_is_checked_at_the_fake(tmp_path: Path) -> None:
 
 
 async def test_compare_measures_every_baseline(tmp_path: Path) -> None:
-    results, printed = await _run(mode="embedded", users=30, compare=True, naive_sample=10, apprise_sample=10,
-                                  output=tmp_path)
+    results, printed = await _run(
+        mode="embedded", users=30, compare=True, naive_sample=10, apprise_sample=10, output=tmp_path
+    )
 
     _assert_every_user_accounted_for(results, 30)
     runs = results["compare"]["runs"]
@@ -115,10 +125,12 @@ async def test_compare_measures_every_baseline(tmp_path: Path) -> None:
         assert run["received"] == run["sent"] > 0, kind
     population = Population(30)
     # The ceiling sends to every address of every user; the naive loop to the first 10 users.
-    assert runs["ceiling"]["received"] == sum(len(population.addresses(i, c)) for i in range(30)
-                                              for c in ("email", "sms", "push"))
-    assert runs["naive"]["received"] == sum(len(population.addresses(i, c)) for i in range(10)
-                                            for c in ("email", "sms", "push"))
+    assert runs["ceiling"]["received"] == sum(
+        len(population.addresses(i, c)) for i in range(30) for c in ("email", "sms", "push")
+    )
+    assert runs["naive"]["received"] == sum(
+        len(population.addresses(i, c)) for i in range(10) for c in ("email", "sms", "push")
+    )
     assert runs["apprise"]["received"] == 10 and runs["apprise"]["sampled"]
     assert all(ratio["value"] > 0 for ratio in results["compare"]["ratios"].values())
     assert "transport ceiling" in printed
@@ -139,8 +151,14 @@ def test_option_parsing() -> None:
     with pytest.raises(OptionError):
         LoadTestOptions(scenario="stream", compare=True)
     # A kill needs a service process of its own, one fan-out, and the ledger to resume from.
-    for bad in ({"mode": "embedded"}, {"scenario": "stream"}, {"ledger": False}, {"replicas": 2}, {"repeat": 2},
-                {"kill_at": 1.0}):
+    for bad in (
+        {"mode": "embedded"},
+        {"scenario": "stream"},
+        {"ledger": False},
+        {"replicas": 2},
+        {"repeat": 2},
+        {"kill_at": 1.0},
+    ):
         with pytest.raises(OptionError):
             LoadTestOptions(**{"kill_at": 0.5, **bad})
     assert LoadTestOptions(replicas=2).cluster and LoadTestOptions(redis=True).cluster
@@ -171,8 +189,9 @@ def test_exactly_once_check_catches_missing_duplicated_and_stray_receipts() -> N
 
 async def test_sigkill_mid_fanout_then_restart_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
     users = 300
-    results, printed = await _run(users=users, latency=0.03, concurrency={"email": 4, "sms": 4, "push": 4},
-                                  kill_at=0.5, output=tmp_path)
+    results, printed = await _run(
+        users=users, latency=0.03, concurrency={"email": 4, "sms": 4, "push": 4}, kill_at=0.5, output=tmp_path
+    )
 
     durability = results["durability"]
     timeline = durability["timeline"]
@@ -198,17 +217,26 @@ def test_durability_check_tells_duplicates_losses_and_unknown_outcomes_apart() -
     population = Population(4)  # user 0: one e-mail; user 3: one e-mail
     email = {i: population.addresses(i, "email")[0] for i in range(4)}
     received = {"email": Counter({email[0]: 2, email[1]: 1, email[2]: 1})}
-    failures = [{"userId": population.user_id(2), "channel": "email",
-                 "error": "outcome unknown: the service stopped during the attempt"}]
+    failures = [
+        {
+            "userId": population.user_id(2),
+            "channel": "email",
+            "error": "outcome unknown: the service stopped during the attempt",
+        }
+    ]
     report = check_durability(population, ("email",), received, failures, {"email": "report"})
     email_report = report["channels"]["email"]
     assert (email_report["duplicates"], email_report["lost"]) == (1, 1)  # user 0 twice, user 3 never
     assert (email_report["outcome_unknown"], email_report["outcome_unknown_received"]) == (1, 1)
     assert not report["ok"]
     # On a channel that resends ambiguous attempts, a duplicate is the policy, not a failure.
-    resend = check_durability(population, ("email",), {"email": Counter({email[0]: 2, email[1]: 1, email[2]: 1,
-                                                                        email[3]: 1})},
-                              [], {"email": "resend"})
+    resend = check_durability(
+        population,
+        ("email",),
+        {"email": Counter({email[0]: 2, email[1]: 1, email[2]: 1, email[3]: 1})},
+        [],
+        {"email": "resend"},
+    )
     assert resend["ok"] and resend["channels"]["email"]["duplicates"] == 1
 
 
@@ -223,8 +251,15 @@ def test_busy_rate_counts_only_while_every_lane_delivers() -> None:
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 async def test_replicas_share_one_rate_limit(tmp_path: Path) -> None:
     users = 300
-    results, printed = await _run(users=users, channels=("sms",), rate={"sms": 100.0}, burst={"sms": 2},
-                                  replicas=2, store_batch_size=50, output=tmp_path)
+    results, printed = await _run(
+        users=users,
+        channels=("sms",),
+        rate={"sms": 100.0},
+        burst={"sms": 2},
+        replicas=2,
+        store_batch_size=50,
+        output=tmp_path,
+    )
 
     replicas = results["replicas"]
     assert [r["replica"] for r in replicas] == [1, 2]

@@ -25,8 +25,9 @@ TO = "ann@example.com"
 SENDER = "Shop <shop@example.com>"
 
 
-def content(subject: str = "Hello", text: str | None = "Hi there\n", html: str | None = None,
-            **options: object) -> EmailContent:
+def content(
+    subject: str = "Hello", text: str | None = "Hi there\n", html: str | None = None, **options: object
+) -> EmailContent:
     return EmailContent(subject, text, html, EmailOptions(**{"sender": SENDER, **options}))  # type: ignore[arg-type]
 
 
@@ -70,11 +71,21 @@ def test_headers_of_a_plain_message() -> None:
         assert message["MIME-Version"] == "1.0"
         assert "bcc" not in header_names(message) and b"hidden@example.com" not in data
         assert sorted(header_names(message)) == sorted(
-            ["subject", "from", "to", "cc", "date", "message-id", "mime-version", "content-type",
-             "content-transfer-encoding"])
+            [
+                "subject",
+                "from",
+                "to",
+                "cc",
+                "date",
+                "message-id",
+                "mime-version",
+                "content-type",
+                "content-transfer-encoding",
+            ]
+        )
         date = message["Date"].datetime
         assert date.tzinfo is not None
-        assert abs(date - datetime.datetime.now(datetime.timezone.utc)) < datetime.timedelta(minutes=1)
+        assert abs(date - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(minutes=1)
         assert message["Message-ID"].startswith("<") and message["Message-ID"].endswith("@example.com>")
     assert envelope_recipients(c, TO) == [TO, "cc@example.com", "hidden@example.com"]
 
@@ -84,14 +95,17 @@ def test_message_id_is_unique_and_from_the_bare_senders_domain() -> None:
     assert len(ids) == 50 and all(i.endswith("@mail.example.org>") for i in ids)
 
 
-@pytest.mark.parametrize("subject", [
-    "Grüße aus Köln",
-    "你好，世界 — 注文番号 12345 の発送のお知らせ",
-    "Your order has shipped 🎉📦",
-    "Ünïcödé " * 20 + "🎉 end",  # several encoded-words over several lines
-    "A plain ASCII subject that is long enough that it has to be folded onto a second line or two",
-    "spaced  out, trailing  ",
-])
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Grüße aus Köln",
+        "你好，世界 — 注文番号 12345 の発送のお知らせ",
+        "Your order has shipped 🎉📦",
+        "Ünïcödé " * 20 + "🎉 end",  # several encoded-words over several lines
+        "A plain ASCII subject that is long enough that it has to be folded onto a second line or two",
+        "spaced  out, trailing  ",
+    ],
+)
 def test_subject_round_trips(subject: str) -> None:
     for data, message in both(content(subject)):
         assert message["Subject"] == subject
@@ -99,12 +113,15 @@ def test_subject_round_trips(subject: str) -> None:
             assert b"=?utf-8?" in data
 
 
-@pytest.mark.parametrize(("sender", "name", "address"), [
-    ('"Läden Ü" <shop@example.com>', "Läden Ü", "shop@example.com"),
-    ("Zoë Ångström <zoe@example.com>", "Zoë Ångström", "zoe@example.com"),
-    ('"Shop, Inc." <shop@example.com>', "Shop, Inc.", "shop@example.com"),
-    ("shop@example.com", "", "shop@example.com"),
-])
+@pytest.mark.parametrize(
+    ("sender", "name", "address"),
+    [
+        ('"Läden Ü" <shop@example.com>', "Läden Ü", "shop@example.com"),
+        ("Zoë Ångström <zoe@example.com>", "Zoë Ångström", "zoe@example.com"),
+        ('"Shop, Inc." <shop@example.com>', "Shop, Inc.", "shop@example.com"),
+        ("shop@example.com", "", "shop@example.com"),
+    ],
+)
 def test_from_display_name_is_encoded_and_the_address_is_not(sender: str, name: str, address: str) -> None:
     for data, message in both(content(sender=sender)):
         [mailbox] = message["From"].addresses
@@ -116,12 +133,20 @@ def test_from_display_name_is_encoded_and_the_address_is_not(sender: str, name: 
 
 
 def test_cc_display_names_and_many_addresses() -> None:
-    cc = ("Zoë <zoe@example.com>", "plain@example.com", '"Doe, John" <john@example.com>',
-          *(f"user{i}@example.com" for i in range(8)))
+    cc = (
+        "Zoë <zoe@example.com>",
+        "plain@example.com",
+        '"Doe, John" <john@example.com>',
+        *(f"user{i}@example.com" for i in range(8)),
+    )
     for _, message in both(content(cc=cc)):
         got = [(a.display_name, a.addr_spec) for a in message["Cc"].addresses]
-        assert got == [("Zoë", "zoe@example.com"), ("", "plain@example.com"), ("Doe, John", "john@example.com"),
-                       *(("", f"user{i}@example.com") for i in range(8))]
+        assert got == [
+            ("Zoë", "zoe@example.com"),
+            ("", "plain@example.com"),
+            ("Doe, John", "john@example.com"),
+            *(("", f"user{i}@example.com") for i in range(8)),
+        ]
 
 
 # -- bodies -------------------------------------------------------------------------------------
@@ -161,8 +186,10 @@ def test_alternative_has_plain_then_html() -> None:
 
 def test_ascii_alternative_stays_7bit() -> None:
     for _, message in both(content(text="Hi Ada", html="<p>Hi Ada</p>")):
-        assert [(p.get_content_charset(), p["Content-Transfer-Encoding"]) for p in message.iter_parts()] == \
-            [("us-ascii", "7bit"), ("us-ascii", "7bit")]
+        assert [(p.get_content_charset(), p["Content-Transfer-Encoding"]) for p in message.iter_parts()] == [
+            ("us-ascii", "7bit"),
+            ("us-ascii", "7bit"),
+        ]
         assert [p.get_content() for p in message.iter_parts()] == ["Hi Ada", "<p>Hi Ada</p>"]
 
 
@@ -183,25 +210,38 @@ def test_ascii_text_with_a_nul_is_not_7bit() -> None:
 
 def test_attachments() -> None:
     pdf = bytes(range(256)) * 8
-    attachments = (Attachment("report.pdf", "application/pdf", pdf),
-                   Attachment("Grüße 你好.txt", "text/plain", "Grüße\r\n".encode()),
-                   Attachment("data", "not a type", b"\x00\x01"),
-                   Attachment("mail.eml", "message/rfc822", b"Subject: x\r\n\r\nbody\r\n"))
-    for data, message in both(content(text="See attached — Grüße", html="<p>See attached</p>",
-                                      attachments=attachments)):
+    attachments = (
+        Attachment("report.pdf", "application/pdf", pdf),
+        Attachment("Grüße 你好.txt", "text/plain", "Grüße\r\n".encode()),
+        Attachment("data", "not a type", b"\x00\x01"),
+        Attachment("mail.eml", "message/rfc822", b"Subject: x\r\n\r\nbody\r\n"),
+    )
+    for data, message in both(
+        content(text="See attached — Grüße", html="<p>See attached</p>", attachments=attachments)
+    ):
         assert message.get_content_type() == "multipart/mixed"
         body, *files = message.iter_parts()
         assert body.get_content_type() == "multipart/alternative"
         assert message.get_body(("plain",)).get_content() == "See attached — Grüße"
-        got = [(p.get_filename(), p.get_content_type(), p.get_content_disposition(), p["Content-Transfer-Encoding"],
-                p.get_payload(decode=True)) for p in files]
+        got = [
+            (
+                p.get_filename(),
+                p.get_content_type(),
+                p.get_content_disposition(),
+                p["Content-Transfer-Encoding"],
+                p.get_payload(decode=True),
+            )
+            for p in files
+        ]
         assert got == [
             ("report.pdf", "application/pdf", "attachment", "base64", pdf),
             ("Grüße 你好.txt", "text/plain", "attachment", "base64", "Grüße\r\n".encode()),
             ("data", "application/octet-stream", "attachment", "base64", b"\x00\x01"),
             ("mail.eml", "application/octet-stream", "attachment", "base64", b"Subject: x\r\n\r\nbody\r\n"),
         ]
-        assert b"filename*=utf-8''Gr%C3%BC%C3%9Fe%20%E4%BD%A0%E5%A5%BD.txt" in data.replace(b"\r\n ", b"").replace(b"\n ", b"")
+        assert b"filename*=utf-8''Gr%C3%BC%C3%9Fe%20%E4%BD%A0%E5%A5%BD.txt" in data.replace(b"\r\n ", b"").replace(
+            b"\n ", b""
+        )
 
 
 @pytest.mark.parametrize("name", ["a" * 300 + ".pdf", "Grüße 你好 " * 40 + ".pdf"])
@@ -220,17 +260,20 @@ def test_attachments_with_a_single_body() -> None:
 # -- header injection ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("subject", [
-    "Hi\r\nBcc: evil@x",
-    "Hi\nBcc: evil@x",
-    "Hi\rBcc: evil@x",
-    "Hi\x1cBcc: evil@x",      # str.splitlines() breaks here, and EmailPolicy folds with it
-    "Hi\u2028Bcc: evil@x",
-    "Grüße\r\nBcc: evil@x",
-    "Hi\r\n\r\nBody from the subject",
-])
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Hi\r\nBcc: evil@x",
+        "Hi\nBcc: evil@x",
+        "Hi\rBcc: evil@x",
+        "Hi\x1cBcc: evil@x",  # str.splitlines() breaks here, and EmailPolicy folds with it
+        "Hi\u2028Bcc: evil@x",
+        "Grüße\r\nBcc: evil@x",
+        "Hi\r\n\r\nBody from the subject",
+    ],
+)
 def test_a_line_break_in_the_subject_never_makes_a_header(subject: str) -> None:
-    for data, message in both(content(subject)):
+    for _data, message in both(content(subject)):
         assert header_names(message).count("subject") == 1
         assert "bcc" not in header_names(message)
         assert "\n" not in message["Subject"] and "\r" not in message["Subject"]
@@ -239,8 +282,11 @@ def test_a_line_break_in_the_subject_never_makes_a_header(subject: str) -> None:
 
 
 def test_a_line_break_in_other_headers_never_makes_a_header() -> None:
-    c = content(sender="Shop\r\nBcc: evil@x <shop@example.com>", cc=("Zoë\nBcc: evil@x <z@example.com>",),
-                attachments=(Attachment("a\r\nBcc: evil@x.txt", "text/plain", b"x"),))
+    c = content(
+        sender="Shop\r\nBcc: evil@x <shop@example.com>",
+        cc=("Zoë\nBcc: evil@x <z@example.com>",),
+        attachments=(Attachment("a\r\nBcc: evil@x.txt", "text/plain", b"x"),),
+    )
     for _, message in both(c, to="ann@example.com\r\nBcc: evil@x", strict=False):
         for part in message.walk():
             assert "bcc" not in header_names(part)
@@ -250,13 +296,26 @@ def test_a_line_break_in_other_headers_never_makes_a_header() -> None:
 # -- the two serializations ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("c", [
-    content(),
-    content("Grüße 🎉", text="ü" * 3000, html="<p>Grüße</p>", sender='"Läden Ü" <shop@example.com>',
-            cc=("Zoë <z@example.com>", *(f"u{i}@example.com" for i in range(9)))),
-    content(("A long subject " * 8).strip(), text=None, html="<p>x</p>",
-            attachments=(Attachment("Grüße " * 12 + ".pdf", "application/pdf", bytes(3000)),)),
-], ids=["plain", "non-ascii", "attachment"])
+@pytest.mark.parametrize(
+    "c",
+    [
+        content(),
+        content(
+            "Grüße 🎉",
+            text="ü" * 3000,
+            html="<p>Grüße</p>",
+            sender='"Läden Ü" <shop@example.com>',
+            cc=("Zoë <z@example.com>", *(f"u{i}@example.com" for i in range(9))),
+        ),
+        content(
+            ("A long subject " * 8).strip(),
+            text=None,
+            html="<p>x</p>",
+            attachments=(Attachment("Grüße " * 12 + ".pdf", "application/pdf", bytes(3000)),),
+        ),
+    ],
+    ids=["plain", "non-ascii", "attachment"],
+)
 def test_wire_form_is_what_policy_smtp_would_write(c: EmailContent) -> None:
     mail = build_email(c, TO)
     wire = _Wire(mail).as_bytes(policy=email.policy.SMTP)
@@ -287,8 +346,10 @@ def test_smtputf8_address_is_written_as_utf8() -> None:
     assert "üser@exämple.com".encode() in wire
 
 
-@given(st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=100),
-       st.sampled_from(["Subject", "From", "Content-Type", "X-Envelope-Bcc"]))
+@given(
+    st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=100),
+    st.sampled_from(["Subject", "From", "Content-Type", "X-Envelope-Bcc"]),
+)
 def test_policy_writes_what_compat32_writes(value: str, name: str) -> None:
     # Its shortcut must not change a byte: compat32 is the reference.
     def fold(policy: Policy) -> bytes | type[Exception]:

@@ -52,6 +52,7 @@ def _sent(outbox: Path) -> int:
 
 # --- loading
 
+
 def test_keys_file_and_environment_keys_are_loaded_as_hashes(keys_file: Path) -> None:
     keys = auth.load_api_keys(AuthSettings(keys_file=str(keys_file), keys=f" {ENV_KEY} ,, other "))
     assert keys.enabled and len(keys) == 4
@@ -82,11 +83,14 @@ def test_every_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch)
     assert len(compared) == 3 and all(a == bytes.fromhex(sha("first")) for a, _ in compared)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("not-a-hash\n", "line 1"),
-    (f"ok:{sha('a')}\nbad name:{sha('b')}\n", "line 2"),
-    (f"{sha('a')[:63]}\n", "line 1"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("not-a-hash\n", "line 1"),
+        (f"ok:{sha('a')}\nbad name:{sha('b')}\n", "line 2"),
+        (f"{sha('a')[:63]}\n", "line 1"),
+    ],
+)
 def test_malformed_keys_file_is_a_configuration_error(tmp_path: Path, content: str, fragment: str) -> None:
     path = tmp_path / "keys"
     path.write_text(content)
@@ -95,8 +99,9 @@ def test_malformed_keys_file_is_a_configuration_error(tmp_path: Path, content: s
     assert fragment in str(error.value)
 
 
-async def test_missing_keys_file_stops_start_up_naming_the_key(make_settings: Callable[..., Any],
-                                                               tmp_path: Path) -> None:
+async def test_missing_keys_file_stops_start_up_naming_the_key(
+    make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
     async with open_dispatcher(make_settings(auth={"keys_file": str(tmp_path / "absent")})) as d:
         with pytest.raises(ConfigError, match=r"auth\.keys_file: cannot read .*absent"):
             create_app(d)
@@ -104,12 +109,19 @@ async def test_missing_keys_file_stops_start_up_naming_the_key(make_settings: Ca
 
 # --- over HTTP
 
+
 async def test_send_without_a_key_is_401_in_the_error_shape_and_sends_nothing(
-        make_settings: Callable[..., Any], database: Any, outbox: Path, keys_file: Path) -> None:
+    make_settings: Callable[..., Any], database: Any, outbox: Path, keys_file: Path
+) -> None:
     database.users.insert_one({"_id": "u1", "emailAddress": "ada@example.com"})
     async with serving(make_settings, keys_file=str(keys_file)) as client:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"},
-                        {"Authorization": f"Basic {FILE_KEY}"}, {"Authorization": "Bearer "}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"X-API-Key": "wrong"},
+            {"Authorization": f"Basic {FILE_KEY}"},
+            {"Authorization": "Bearer "},
+        ):
             response = await client.post("/send", json=SEND, headers=headers)
             assert response.status_code == 401, headers
             body = await response.get_json()
@@ -120,10 +132,13 @@ async def test_send_without_a_key_is_401_in_the_error_shape_and_sends_nothing(
 
 
 async def test_a_valid_key_in_either_header_is_accepted_and_its_id_exposed(
-        make_settings: Callable[..., Any], database: Any, outbox: Path, keys_file: Path) -> None:
+    make_settings: Callable[..., Any], database: Any, outbox: Path, keys_file: Path
+) -> None:
     database.users.insert_one({"_id": "u1", "emailAddress": "ada@example.com"})
     async with serving(make_settings, keys_file=str(keys_file), keys=ENV_KEY) as client:
-        assert (await client.post("/send", json=SEND, headers={"Authorization": f"Bearer {FILE_KEY}"})).status_code == 200
+        assert (
+            await client.post("/send", json=SEND, headers={"Authorization": f"Bearer {FILE_KEY}"})
+        ).status_code == 200
         assert (await client.post("/send", json=SEND, headers={"X-API-Key": ENV_KEY})).status_code == 200
         assert _sent(outbox) == 2
         whoami = await client.get("/send/whoami", headers={"authorization": f"bearer {FILE_KEY}"})

@@ -17,8 +17,18 @@ import trio
 
 from dispatcher import open_dispatcher
 from dispatcher.app import create_app
-from dispatcher.logs import (ContextFilter, JsonFormatter, TextFormatter, bind, configure_logging, current_context,
-                             mask_address, mask_email, mask_phone, request_id_var)
+from dispatcher.logs import (
+    ContextFilter,
+    JsonFormatter,
+    TextFormatter,
+    bind,
+    configure_logging,
+    current_context,
+    mask_address,
+    mask_email,
+    mask_phone,
+    request_id_var,
+)
 from dispatcher.settings import LoggingSettings, settings_from_dict
 
 SEND = {"channels": ["email", "sms"], "recipients": ["u1", "ghost"], "messageTitle": "Hi", "messageContent": "Hello"}
@@ -53,20 +63,25 @@ def json_log() -> Iterator[Lines]:
 
 
 def _record(message: str = "hello %s", *args: Any, **extra: Any) -> logging.LogRecord:
-    record = logging.getLogger("dispatcher.test").makeRecord("dispatcher.test", logging.INFO, __file__, 1, message,
-                                                             args or ("world",), None, extra=extra or None)
+    record = logging.getLogger("dispatcher.test").makeRecord(
+        "dispatcher.test", logging.INFO, __file__, 1, message, args or ("world",), None, extra=extra or None
+    )
     ContextFilter().filter(record)
     return record
 
 
 # --- masking
 
-@pytest.mark.parametrize("value, masked", [
-    ("ada@example.com", "a***@example.com"),
-    ("x@y.org", "x***@y.org"),
-    ("not-an-address", "***"),
-    ("@example.com", "***"),
-])
+
+@pytest.mark.parametrize(
+    "value, masked",
+    [
+        ("ada@example.com", "a***@example.com"),
+        ("x@y.org", "x***@y.org"),
+        ("not-an-address", "***"),
+        ("@example.com", "***"),
+    ],
+)
 def test_mask_email_keeps_first_letter_and_domain(value: str, masked: str) -> None:
     assert mask_email(value) == masked
 
@@ -89,6 +104,7 @@ def test_mask_address_by_channel() -> None:
 
 # --- formatters
 
+
 def test_json_line_has_timestamp_level_logger_message_and_bound_context() -> None:
     with bind(request_id="req-1", job_id="job-9", channel="sms"):
         record = _record(method="POST", status=200)
@@ -105,7 +121,9 @@ def test_json_line_omits_unset_context_and_carries_the_traceback() -> None:
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        record = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "failed", (), __import__("sys").exc_info())
+        record = logging.getLogger("x").makeRecord(
+            "x", logging.ERROR, __file__, 1, "failed", (), __import__("sys").exc_info()
+        )
     ContextFilter().filter(record)
     line = json.loads(JsonFormatter().format(record))
     assert "request_id" not in line and "job_id" not in line and "channel" not in line
@@ -179,8 +197,10 @@ async def test_tasks_started_inside_bind_inherit_the_request_id(json_log: Lines)
 
 # --- the HTTP layer
 
-async def test_request_id_is_generated_echoed_and_never_leaks_into_the_next_request(client: Any,
-                                                                                     json_log: Lines) -> None:
+
+async def test_request_id_is_generated_echoed_and_never_leaks_into_the_next_request(
+    client: Any, json_log: Lines
+) -> None:
     first = await client.get("/-/healthz")
     second = await client.get("/-/healthz")
     ids = [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
@@ -189,16 +209,20 @@ async def test_request_id_is_generated_echoed_and_never_leaks_into_the_next_requ
     assert request_id_var.get() is None
 
 
-@pytest.mark.parametrize("sent, reused", [
-    ("abc-DEF_1.2", True),
-    ("x" * 128, True),
-    ("x" * 129, False),
-    ("has space", False),
-    ("semi;colon", False),
-    ("", False),
-])
-async def test_client_request_id_reused_only_when_well_formed(client: Any, json_log: Lines, sent: str,
-                                                               reused: bool) -> None:
+@pytest.mark.parametrize(
+    "sent, reused",
+    [
+        ("abc-DEF_1.2", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("has space", False),
+        ("semi;colon", False),
+        ("", False),
+    ],
+)
+async def test_client_request_id_reused_only_when_well_formed(
+    client: Any, json_log: Lines, sent: str, reused: bool
+) -> None:
     response = await client.get("/-/healthz", headers={"X-Request-ID": sent})
     echoed = response.headers["X-Request-ID"]
     assert (echoed == sent) is reused
@@ -207,8 +231,9 @@ async def test_client_request_id_reused_only_when_well_formed(client: Any, json_
     assert line["request_id"] == echoed
 
 
-async def test_send_logs_carry_the_request_id_of_the_request_that_started_them(client: Any, database: Any,
-                                                                               json_log: Lines) -> None:
+async def test_send_logs_carry_the_request_id_of_the_request_that_started_them(
+    client: Any, database: Any, json_log: Lines
+) -> None:
     database.users.insert_one({"_id": "u1", "emailAddress": "ada@example.com", "phoneNumber": "+391234567123"})
     response = await client.post("/send", json=SEND, headers={"X-Request-ID": "campaign-42"})
     assert response.status_code == 200
@@ -230,7 +255,10 @@ async def test_one_access_line_per_request_rejected_ones_included(client: Any, j
     await client.get("/-/ready")
     access = json_log.access()
     assert [(a["method"], a["path"], a["status"], a["level"]) for a in access] == [
-        ("POST", "/send", 400, "INFO"), ("GET", "/nowhere/u42", 404, "INFO"), ("GET", "/-/ready", 200, "INFO")]
+        ("POST", "/send", 400, "INFO"),
+        ("GET", "/nowhere/u42", 404, "INFO"),
+        ("GET", "/-/ready", 200, "INFO"),
+    ]
     assert [a["route"] for a in access] == ["/send", "unmatched", "/-/ready"]
     for line in access:
         assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
@@ -243,17 +271,25 @@ async def test_a_path_cannot_forge_a_log_line(client: Any, json_log: Lines) -> N
     assert "\n" not in line["path"] and "\\n" in line["path"]
 
 
-async def test_client_that_goes_away_is_logged_as_499(make_settings: Callable[..., Any], database: Any,
-                                                      outbox: Path, json_log: Lines) -> None:
-    database.users.insert_many([{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}", "clusters": ["all"]}
-                                for i in range(12)])
+async def test_client_that_goes_away_is_logged_as_499(
+    make_settings: Callable[..., Any], database: Any, outbox: Path, json_log: Lines
+) -> None:
+    database.users.insert_many(
+        [{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}", "clusters": ["all"]} for i in range(12)]
+    )
     settings = make_settings(channels={"sms": {"rate_per_second": 20, "burst": 1, "concurrency": 2}})
     async with open_dispatcher(settings) as d:
         async with create_app(d).test_app() as app:
             client = app.test_client()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(client.post, "/send", headers={"X-Request-ID": "gone-1"},
-                                           json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"}))
+                nursery.start_soon(
+                    partial(
+                        client.post,
+                        "/send",
+                        headers={"X-Request-ID": "gone-1"},
+                        json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"},
+                    )
+                )
                 with trio.fail_after(10):
                     while not (outbox / "sms").exists() or not any((outbox / "sms").iterdir()):
                         await trio.sleep(0.01)

@@ -18,8 +18,11 @@ from dispatcher import metrics
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -143,8 +146,12 @@ def test_several_processes_aggregate_through_the_multiprocess_dir(tmp_path: Path
     directory = tmp_path / "prom"
     directory.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(n)], env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True) for n in (2, 3)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(n)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for n in (2, 3)
+    ]
     try:
         for worker in workers:
             assert worker.stdout.readline() == "in flight\n"
@@ -158,11 +165,19 @@ def test_several_processes_aggregate_through_the_multiprocess_dir(tmp_path: Path
             worker.communicate("\n", timeout=30)
     # The workers are gone: their counts stay, their live gauges are dropped.
     for worker in workers:
-        subprocess.run([sys.executable, "-c", f"from dispatcher import metrics; metrics.mark_process_dead({worker.pid})"],
-                       env=env, check=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-c", f"from dispatcher import metrics; metrics.mark_process_dead({worker.pid})"],
+            env=env,
+            check=True,
+            timeout=60,
+        )
     done = subprocess.run([sys.executable, "-c", SCRAPE], env=env, capture_output=True, text=True, timeout=60)
     assert value(done.stdout, "dispatcher_deliveries_total", channel="email", provider="smtp", outcome="sent") == 5
     assert value(done.stdout, "dispatcher_sends_in_flight") == 0
-    subprocess.run([sys.executable, "-c", "from dispatcher import metrics; metrics.clear_multiprocess_dir()"],
-                   env=env, check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", "from dispatcher import metrics; metrics.clear_multiprocess_dir()"],
+        env=env,
+        check=True,
+        timeout=60,
+    )
     assert not list(directory.glob("*.db"))

@@ -22,8 +22,13 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from openapi_spec_validator import validate
-from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
-                                 response_schema_conformance, status_code_conformance)
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from dispatcher import models
 from dispatcher.openapi import app_routes, build_openapi, known_operations
@@ -47,7 +52,7 @@ def readme_quick_start() -> tuple[dict[str, Any], dict[str, Any]]:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     curl = re.search(r"curl -s localhost:\d+/send .*?-d '(?P<body>\{.*?\})'\n```", readme, re.S)
     assert curl, "the README's quick start has no curl -d body"
-    answer = re.match(r"\s*```json\n(?P<json>.*?)\n```", readme[curl.end():], re.S)
+    answer = re.match(r"\s*```json\n(?P<json>.*?)\n```", readme[curl.end() :], re.S)
     assert answer, "no ```json block right after the quick start's curl"
     return json.loads(curl["body"]), json.loads(answer["json"])
 
@@ -76,14 +81,22 @@ async def test_every_route_of_the_app_is_documented_and_nothing_else(client: Any
     served = app_routes(client.app)
     assert served <= known_operations(), f"undocumented routes: {sorted(served - known_operations())}"
     assert documented == served
-    assert {("post", "/send"), ("get", "/-/healthz"), ("get", "/-/ready"), ("get", "/-/metrics"),
-            ("get", "/-/openapi.json"), ("get", "/-/docs")} <= documented
+    assert {
+        ("post", "/send"),
+        ("get", "/-/healthz"),
+        ("get", "/-/ready"),
+        ("get", "/-/metrics"),
+        ("get", "/-/openapi.json"),
+        ("get", "/-/docs"),
+    } <= documented
 
 
 def test_document_follows_the_deployment() -> None:
     open_doc = build_openapi(active_channels=("email", "sms"))
-    assert open_doc["components"]["schemas"]["SendRequest"]["properties"]["channels"]["items"]["enum"] == ["email",
-                                                                                                           "sms"]
+    assert open_doc["components"]["schemas"]["SendRequest"]["properties"]["channels"]["items"]["enum"] == [
+        "email",
+        "sms",
+    ]
     assert "401" not in open_doc["paths"]["/send"]["post"]["responses"]
     assert "security" not in open_doc["paths"]["/send"]["post"]
     locked = build_openapi(auth_enabled=True)
@@ -91,7 +104,10 @@ def test_document_follows_the_deployment() -> None:
     send = locked["paths"]["/send"]["post"]
     assert send["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
     assert send["responses"]["401"]["headers"]["WWW-Authenticate"]["required"] is True
-    assert "security" not in locked["paths"]["/-/healthz"]["get"] and "security" not in locked["paths"]["/-/metrics"]["get"]
+    assert (
+        "security" not in locked["paths"]["/-/healthz"]["get"]
+        and "security" not in locked["paths"]["/-/metrics"]["get"]
+    )
     assert "security" in build_openapi(auth_enabled=True, protect_metrics=True)["paths"]["/-/metrics"]["get"]
     job = locked["paths"]["/send/{id}/failures"]["get"]
     assert {p["name"] for p in job["parameters"] if "name" in p} == {"id", "after", "limit"}
@@ -115,9 +131,10 @@ async def test_readme_quick_start_validates_against_the_document(client: Any) ->
 async def test_response_models_mirror_the_result_dataclasses(client: Any) -> None:
     document = await fetch_document(client)
     schemas = document["components"]["schemas"]
-    result = models.SendResult(failures=[models.Failure("u1", "sms", "Twilio 21211: invalid 'To' phone number")],
-                               summary=models.Summary(users=2, sent={"email": 2}, skipped={"sms": 1},
-                                                      failed={"sms": 1}))
+    result = models.SendResult(
+        failures=[models.Failure("u1", "sms", "Twilio 21211: invalid 'To' phone number")],
+        summary=models.Summary(users=2, sent={"email": 2}, skipped={"sms": 1}, failed={"sms": 1}),
+    )
     validator(document, "SendResult").validate(result.to_json())
     assert set(result.to_json()) == set(schemas["SendResult"]["properties"])
     assert set(result.failures[0].to_json()) == set(schemas["Failure"]["properties"])
@@ -170,6 +187,7 @@ async def test_docs_page_is_html_that_points_at_the_document(client: Any) -> Non
 
 # --- the running service against its own document
 
+
 @pytest.fixture(scope="module")
 def live_service(mongo_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real service (hypercorn, its own process) on a free port, with a few users."""
@@ -186,21 +204,24 @@ def live_service(mongo_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         mongo[database].message_templates.insert_many(seed["templates"])
     port = free_port()
     config = tmp / "config.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [server]
         port = {port}
         [store]
         url = "{mongo_url}"
         database = "{database}"
         [providers.outbox]
-        dir = "{tmp / 'outbox'}"
+        dir = "{tmp / "outbox"}"
         [sender]
         sms = "+15550009999"
         voice = "+15550009998"
-    """))
+    """)
+    )
     log = open(tmp / "service.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "dispatcher", "serve", "--config", str(config)],
-                               stdout=log, stderr=log, cwd=tmp)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "serve", "--config", str(config)], stdout=log, stderr=log, cwd=tmp
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -242,11 +263,25 @@ def test_service_answers_as_its_document_says(live_schema: Any, live_service: st
     operation = live_schema[path][method.upper()]
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=50, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @settings(
+        max_examples=50,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
     def check(case: Any) -> None:
-        case.call_and_validate(base_url=live_service, timeout=30, checks=[
-            not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-            response_schema_conformance])
+        case.call_and_validate(
+            base_url=live_service,
+            timeout=30,
+            checks=[
+                not_a_server_error,
+                status_code_conformance,
+                content_type_conformance,
+                response_headers_conformance,
+                response_schema_conformance,
+            ],
+        )
 
     check()

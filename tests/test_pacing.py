@@ -57,9 +57,16 @@ def message(i: int, addresses: tuple[str, ...] | None = None) -> Message:
     return Message("sms", f"u{i}", addresses or (f"+1555{i:07d}",), TextContent("hi", "+15550000000"))
 
 
-async def run_sender(provider: ScriptedProvider, messages: list[Message], *, concurrency: int = 4,
-                     rate: float = 0.0, burst: int = 1, policy: RetryPolicy | None = None,
-                     gate: ChannelGate | None = None) -> list[Delivery]:
+async def run_sender(
+    provider: ScriptedProvider,
+    messages: list[Message],
+    *,
+    concurrency: int = 4,
+    rate: float = 0.0,
+    burst: int = 1,
+    policy: RetryPolicy | None = None,
+    gate: ChannelGate | None = None,
+) -> list[Delivery]:
     transport = Transport(provider, gate or ChannelGate(concurrency, rate, burst), policy or RetryPolicy())
     inbox_send, inbox_recv = trio.open_memory_channel[Message](2)
     results_send, results_recv = trio.open_memory_channel[Delivery](2)
@@ -142,8 +149,11 @@ async def test_limits_are_shared_by_concurrent_sends(autojump_clock: trio.testin
     gate = ChannelGate(concurrency=4, rate=10, burst=1)
     async with trio.open_nursery() as nursery:
         for batch in range(3):
-            nursery.start_soon(lambda b=batch: run_sender(provider, [message(b * 100 + i) for i in range(20)],
-                                                          concurrency=4, gate=gate))
+            nursery.start_soon(
+                lambda b=batch: run_sender(
+                    provider, [message(b * 100 + i) for i in range(20)], concurrency=4, gate=gate
+                )
+            )
     times = [t for t, _ in provider.starts]
     assert len(times) == 60
     assert max_in_any_window(times) <= 10 + 1
@@ -188,8 +198,9 @@ async def test_throttling_slows_the_whole_channel(autojump_clock: trio.testing.M
         return None
 
     provider = ScriptedProvider(behaviour, latency=0.5)
-    deliveries = await run_sender(provider, [message(i) for i in range(6)], concurrency=1,
-                                  policy=RetryPolicy(initial=0.1))
+    deliveries = await run_sender(
+        provider, [message(i) for i in range(6)], concurrency=1, policy=RetryPolicy(initial=0.1)
+    )
     assert all(d.status == "sent" for d in deliveries)
     throttled_at = provider.starts[0][0] + 0.5
     assert all(t >= throttled_at + 10.0 for t, _ in provider.starts[1:])
@@ -230,7 +241,8 @@ async def test_attempt_timeout_is_reported_not_repeated_by_default(autojump_cloc
 
 
 async def test_unambiguous_transient_errors_are_still_retried_by_default(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = ScriptedProvider(lambda m, a, n: TransientDeliveryError("refused") if n == 1 else None)
     [delivery] = await run_sender(provider, [message(1)], policy=RetryPolicy(max_attempts=3, initial=0.1))
     assert delivery.status == "sent" and delivery.attempts == 2
@@ -240,8 +252,9 @@ async def test_retry_after_beyond_the_cap_fails_now_as_throttled(autojump_clock:
     provider = ScriptedProvider(lambda m, a, n: TransientDeliveryError("Fake 429", retry_after=100000, throttled=True))
     gate = ChannelGate(4, 0, 1)
     start = trio.current_time()
-    [delivery] = await run_sender(provider, [message(1)], gate=gate,
-                                  policy=RetryPolicy(max_attempts=5, max_retry_after=300))
+    [delivery] = await run_sender(
+        provider, [message(1)], gate=gate, policy=RetryPolicy(max_attempts=5, max_retry_after=300)
+    )
     assert delivery.status == "failed" and len(provider.starts) == 1
     assert "asked to wait 100000s" in (delivery.error or "") and "throttled" in (delivery.error or "")
     assert trio.current_time() - start < 1
@@ -275,8 +288,9 @@ async def test_provider_crash_fails_one_delivery_only(autojump_clock: trio.testi
 
 async def test_push_to_several_tokens_fails_as_one_naming_the_tokens(autojump_clock: trio.testing.MockClock) -> None:
     tokens = ("good-token", "dead-token-abcdefghijklmnop", "other-good")
-    provider = ScriptedProvider(lambda m, a, n: PermanentDeliveryError("FCM UNREGISTERED") if a.startswith("dead")
-                                else None)
+    provider = ScriptedProvider(
+        lambda m, a, n: PermanentDeliveryError("FCM UNREGISTERED") if a.startswith("dead") else None
+    )
     [delivery] = await run_sender(provider, [message(1, tokens)])
     assert delivery.status == "failed"
     assert delivery.error == "1 of 3 devices failed: dead-t…mnop: FCM UNREGISTERED"
@@ -315,9 +329,10 @@ async def test_retry_after_date_beyond_the_cap_fails_now(autojump_clock: trio.te
 
     from dispatcher.providers.retry_after import parse_retry_after
 
-    tomorrow = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1), usegmt=True)
-    provider = ScriptedProvider(lambda m, a, n: TransientDeliveryError(
-        "Fake 429", retry_after=parse_retry_after(tomorrow), throttled=True))
+    tomorrow = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=1), usegmt=True)
+    provider = ScriptedProvider(
+        lambda m, a, n: TransientDeliveryError("Fake 429", retry_after=parse_retry_after(tomorrow), throttled=True)
+    )
     start = trio.current_time()
     [delivery] = await run_sender(provider, [message(1)], policy=RetryPolicy(max_attempts=5, max_retry_after=300))
     assert delivery.status == "failed" and "throttled, the provider asked to wait 86" in (delivery.error or "")

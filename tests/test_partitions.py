@@ -42,8 +42,9 @@ def partitions_of(job_id: str, n: int) -> list[Partition]:
 @asynccontextmanager
 async def open_queue(url: str, ns: str, timeout: float = 0.5) -> AsyncIterator[PartitionQueue]:
     """A queue on a client of its own (as a process of the cluster would have)."""
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, connect_timeout=timeout, stream_timeout=timeout,
-                                                          retry_policy=NoRetryPolicy())
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        url, connect_timeout=timeout, stream_timeout=timeout, retry_policy=NoRetryPolicy()
+    )
     async with client:
         yield PartitionQueue(client, ns, timeout=timeout)
 
@@ -80,8 +81,16 @@ async def test_two_queues_consume_every_partition_once(redis_url: str) -> None:
         await one.publish("job1", partitions_of("job1", n))  # before anyone consumes: kept
         async with trio.open_nursery() as nursery:
             for name, queue in (("one", one), ("other", other)):
-                await nursery.start(partial(queue.serve, partial(record, name), workers=2, claim_idle_seconds=IDLE,
-                                            block_ms=200, on_job_complete=complete))
+                await nursery.start(
+                    partial(
+                        queue.serve,
+                        partial(record, name),
+                        workers=2,
+                        claim_idle_seconds=IDLE,
+                        block_ms=200,
+                        on_job_complete=complete,
+                    )
+                )
             await wait_for_progress(one, "job1", n, within=5)
             await trio.sleep(0.3)  # nothing more arrives
             nursery.cancel_scope.cancel()
@@ -125,8 +134,9 @@ async def test_a_killed_process_partition_is_reclaimed(redis_url: str) -> None:
     ns = namespace()
     async with open_queue(redis_url, ns) as queue:
         await queue.expect("job3", 1)
-        worker = subprocess.Popen([sys.executable, __file__, redis_url, ns, str(IDLE)],
-                                  stdout=subprocess.PIPE, text=True)
+        worker = subprocess.Popen(
+            [sys.executable, __file__, redis_url, ns, str(IDLE)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert worker.stdout is not None
             assert await trio.to_thread.run_sync(worker.stdout.readline) == "ready\n"
@@ -256,8 +266,9 @@ async def test_a_draining_process_finishes_its_partition_and_takes_no_other(redi
     async with open_queue(redis_url, ns) as draining, open_queue(redis_url, ns) as staying:
         await draining.expect("job8", 3)
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(draining.serve, partial(slow, "draining"), workers=2, claim_idle_seconds=10,
-                                        block_ms=100))
+            await nursery.start(
+                partial(draining.serve, partial(slow, "draining"), workers=2, claim_idle_seconds=10, block_ms=100)
+            )
             await draining.publish("job8", partitions_of("job8", 1))
             with trio.fail_after(2):
                 await started.wait()
@@ -269,8 +280,9 @@ async def test_a_draining_process_finishes_its_partition_and_takes_no_other(redi
                 await draining.stopped.wait()  # serve returned: the held partition was finished first
         assert delivered["draining"] == [0] and await draining.progress("job8") == (1, 3)
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(staying.serve, partial(record, "staying"), workers=1, claim_idle_seconds=10,
-                                        block_ms=100))
+            await nursery.start(
+                partial(staying.serve, partial(record, "staying"), workers=1, claim_idle_seconds=10, block_ms=100)
+            )
             await wait_for_progress(staying, "job8", 3, within=3)
             nursery.cancel_scope.cancel()
         # A worker whose read returned after the drain began handed its entry over (reclaimed).
@@ -329,6 +341,7 @@ async def test_consumption_resumes_after_a_redis_restart(own_redis: RedisServer)
 
 
 # -- the consumer process of the SIGKILL test --------------------------------------------------
+
 
 async def _consumer_process(url: str, ns: str, claim_idle: float) -> None:
     async def hang(partition: Partition) -> None:

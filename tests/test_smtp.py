@@ -32,17 +32,26 @@ def sink() -> Iterator[SmtpSink]:
         yield server
 
 
-def _smtp_settings(make_settings: Callable[..., Settings], sink: SmtpSink, concurrency: int = 16,
-                   **smtp: Any) -> Settings:
+def _smtp_settings(
+    make_settings: Callable[..., Settings], sink: SmtpSink, concurrency: int = 16, **smtp: Any
+) -> Settings:
     return make_settings(
-        channels={"email": {"provider": "smtp", "max_attempts": 3, "backoff_initial_seconds": 0.01,
-                            "concurrency": concurrency}},
-        providers={"smtp": {"host": sink.host, "port": sink.port, "security": "none", **smtp}})
+        channels={
+            "email": {
+                "provider": "smtp",
+                "max_attempts": 3,
+                "backoff_initial_seconds": 0.01,
+                "concurrency": concurrency,
+            }
+        },
+        providers={"smtp": {"host": sink.host, "port": sink.port, "security": "none", **smtp}},
+    )
 
 
 def _message(to: str = "ann@example.com", **options: Any) -> Message:
-    content = EmailContent(subject="Hello", text="Hi there", html=None,
-                           options=EmailOptions(sender="noreply@example.com", **options))
+    content = EmailContent(
+        subject="Hello", text="Hi there", html=None, options=EmailOptions(sender="noreply@example.com", **options)
+    )
     return Message("email", "u1", (to,), content)
 
 
@@ -66,36 +75,59 @@ class Pki:
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256()))
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256()))
+        .sign(ca_key, hashes.SHA256())
+    )
     folder = tmp_path_factory.mktemp("pki")
     cert_file, key_file = folder / "server.pem", folder / "server.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return Pki(ca_cert.public_bytes(serialization.Encoding.PEM).decode(), str(cert_file), str(key_file))
 
 
@@ -104,14 +136,27 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 async def test_email_headers_envelope_and_escaping(make_settings, database, sink: SmtpSink) -> None:
     database.users.insert_one({"_id": "u1", "name": "<script>", "emailAddress": "ann@example.com"})
-    database.message_templates.insert_one({
-        "_id": "welcome", "name": "welcome", "emailTitle": "Welcome {{user.name}}",
-        "emailMessage": "Hi {{user.name}}, code {{data.code}}", "emailHtmlMessage": "<p>Hi {{user.name}}</p>"})
+    database.message_templates.insert_one(
+        {
+            "_id": "welcome",
+            "name": "welcome",
+            "emailTitle": "Welcome {{user.name}}",
+            "emailMessage": "Hi {{user.name}}, code {{data.code}}",
+            "emailHtmlMessage": "<p>Hi {{user.name}}</p>",
+        }
+    )
     async with open_dispatcher(_smtp_settings(make_settings, sink)) as d:
-        result = await d.send({"channels": ["email"], "recipients": ["u1"], "templateId": "welcome",
-                               "data": {"code": "42"}, "emailSender": "campaigns@example.org",
-                               "emailCarbonCopies": ["cc@example.com"],
-                               "emailBlindCarbonCopies": ["hidden@example.com"]})
+        result = await d.send(
+            {
+                "channels": ["email"],
+                "recipients": ["u1"],
+                "templateId": "welcome",
+                "data": {"code": "42"},
+                "emailSender": "campaigns@example.org",
+                "emailCarbonCopies": ["cc@example.com"],
+                "emailBlindCarbonCopies": ["hidden@example.com"],
+            }
+        )
     assert result.failures == [] and result.summary.sent == {"email": 1}
 
     [mail] = sink.messages()
@@ -136,8 +181,9 @@ async def test_refused_recipient_fails_alone(make_settings, database, sink: Smtp
     database.users.insert_many([{"_id": f"u{i}", "emailAddress": f"user{i}@example.com"} for i in range(3)])
     sink.reject("user1@example.com")
     async with open_dispatcher(_smtp_settings(make_settings, sink)) as d:
-        result = await d.send({"channels": ["email"], "recipients": ["u0", "u1", "u2"],
-                               "messageTitle": "T", "messageContent": "Hello"})
+        result = await d.send(
+            {"channels": ["email"], "recipients": ["u0", "u1", "u2"], "messageTitle": "T", "messageContent": "Hello"}
+        )
     [failure] = result.failures
     assert failure.user_id == "u1" and failure.channel == "email"
     assert "SMTP 550" in failure.error and "(after" not in failure.error  # permanent: not retried
@@ -152,8 +198,14 @@ async def test_connection_dropped_mid_batch_delivers_each_once(make_settings, da
     database.users.insert_many([{"_id": f"u{i}", "emailAddress": a} for i, a in enumerate(addresses)])
     sink.drop_after(3)
     async with open_dispatcher(_smtp_settings(make_settings, sink, concurrency=1)) as d:
-        result = await d.send({"channels": ["email"], "recipients": [f"u{i}" for i in range(10)],
-                               "messageTitle": "T", "messageContent": "Hello"})
+        result = await d.send(
+            {
+                "channels": ["email"],
+                "recipients": [f"u{i}" for i in range(10)],
+                "messageTitle": "T",
+                "messageContent": "Hello",
+            }
+        )
     assert result.failures == [] and result.summary.sent == {"email": 10}
     assert Counter(m.message()["To"] for m in sink.messages()) == Counter(addresses)
     assert sink.connections == 2  # one connection, dropped by the server, then one fresh one
@@ -163,8 +215,9 @@ async def test_deferred_message_is_retried_once_accepted(make_settings, database
     database.users.insert_one({"_id": "u1", "emailAddress": "ann@example.com"})
     sink.defer_next(2)
     async with open_dispatcher(_smtp_settings(make_settings, sink)) as d:
-        result = await d.send({"channels": ["email"], "recipients": ["u1"], "messageTitle": "T",
-                               "messageContent": "Hello"})
+        result = await d.send(
+            {"channels": ["email"], "recipients": ["u1"], "messageTitle": "T", "messageContent": "Hello"}
+        )
     assert result.failures == [] and result.summary.sent == {"email": 1}
     assert [m.rcpt_tos for m in sink.messages()] == [("ann@example.com",)]
 
@@ -172,8 +225,14 @@ async def test_deferred_message_is_retried_once_accepted(make_settings, database
 async def test_connections_are_bounded_by_the_channel_concurrency(make_settings, database, sink: SmtpSink) -> None:
     database.users.insert_many([{"_id": f"u{i}", "emailAddress": f"user{i}@example.com"} for i in range(12)])
     async with open_dispatcher(_smtp_settings(make_settings, sink, concurrency=2, pool_size=2)) as d:
-        result = await d.send({"channels": ["email"], "recipients": [f"u{i}" for i in range(12)],
-                               "messageTitle": "T", "messageContent": "Hello"})
+        result = await d.send(
+            {
+                "channels": ["email"],
+                "recipients": [f"u{i}" for i in range(12)],
+                "messageTitle": "T",
+                "messageContent": "Hello",
+            }
+        )
     assert result.summary.sent == {"email": 12}
     assert len(sink.messages()) == 12
     assert 1 <= sink.connections <= 2
@@ -193,8 +252,9 @@ async def test_connections_are_reused(sink: SmtpSink) -> None:
 
 async def test_starttls_and_auth(pki: Pki) -> None:
     with SmtpSink(starttls_context=pki.server_context(), credentials=("u", "p")) as sink:
-        settings = SmtpSettings.model_validate({"host": sink.host, "port": sink.port, "security": "starttls",
-                                                "username": "u", "password": "p"})
+        settings = SmtpSettings.model_validate(
+            {"host": sink.host, "port": sink.port, "security": "starttls", "username": "u", "password": "p"}
+        )
         provider = SmtpProvider(settings, ssl_context=pki.client_context())
         await provider.send(_message(), "ann@example.com")
         await provider.aclose()
@@ -205,8 +265,9 @@ async def test_starttls_and_auth(pki: Pki) -> None:
 
 async def test_wrong_password_is_permanent(pki: Pki) -> None:
     with SmtpSink(starttls_context=pki.server_context(), credentials=("u", "p")) as sink:
-        settings = SmtpSettings.model_validate({"host": sink.host, "port": sink.port, "security": "starttls",
-                                                "username": "u", "password": "wrong"})
+        settings = SmtpSettings.model_validate(
+            {"host": sink.host, "port": sink.port, "security": "starttls", "username": "u", "password": "wrong"}
+        )
         provider = SmtpProvider(settings, ssl_context=pki.client_context())
         with pytest.raises(PermanentDeliveryError, match="SMTP 535"):
             await provider.send(_message(), "ann@example.com")
@@ -221,8 +282,9 @@ async def test_settings_password_reaches_the_server(make_settings, database) -> 
         database.users.insert_one({"_id": "u1", "emailAddress": "ann@example.com"})
         settings = _smtp_settings(make_settings, sink, username="u", password="p")
         async with open_dispatcher(settings) as d:
-            result = await d.send({"channels": ["email"], "recipients": ["u1"], "messageTitle": "T",
-                                   "messageContent": "Hello"})
+            result = await d.send(
+                {"channels": ["email"], "recipients": ["u1"], "messageTitle": "T", "messageContent": "Hello"}
+            )
         assert result.failures == []
         assert [m.login for m in sink.messages()] == ["u"]
 
@@ -246,8 +308,9 @@ async def test_starttls_required_when_configured(sink: SmtpSink) -> None:
 
 async def test_implicit_tls(pki: Pki) -> None:
     with SmtpSink(tls_context=pki.server_context()) as sink:
-        provider = SmtpProvider(SmtpSettings(host=sink.host, port=sink.port, security="tls"),
-                                ssl_context=pki.client_context())
+        provider = SmtpProvider(
+            SmtpSettings(host=sink.host, port=sink.port, security="tls"), ssl_context=pki.client_context()
+        )
         await provider.send(_message(), "ann@example.com")
         await provider.aclose()
         [mail] = sink.messages()
@@ -344,8 +407,7 @@ async def test_unreachable_server_is_transient() -> None:
 async def test_attachment_arrives_with_name_and_type(sink: SmtpSink) -> None:
     pdf = b"%PDF-1.4 fake\x00\xff"
     provider = SmtpProvider(SmtpSettings(host=sink.host, port=sink.port, security="none"))
-    await provider.send(_message(attachments=(Attachment("report.pdf", "application/pdf", pdf),)),
-                        "ann@example.com")
+    await provider.send(_message(attachments=(Attachment("report.pdf", "application/pdf", pdf),)), "ann@example.com")
     await provider.aclose()
     [mail] = sink.messages()
     [part] = list(mail.message().iter_attachments())

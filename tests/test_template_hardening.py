@@ -6,7 +6,8 @@ import logging
 import threading
 import time
 import tracemalloc
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -45,15 +46,23 @@ HOSTILE = {
     "str.format width": "{{ '{:>500000000}'.format('x') }}",
     "lipsum": "{{ lipsum(10**5) }}",
     "power chain": "{{ (10**64**64**64**64)|string|length }}",
-    "macro doubling with ~": ("{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}"
-                              "{% endif %}{% endmacro %}{{ d('x', 40) }}"),
+    "macro doubling with ~": (
+        "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}"
+        "{% endif %}{% endmacro %}{{ d('x', 40) }}"
+    ),
     # Same families, other doors.
-    "loop doubling with ~": ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
-                             "{% endfor %}{{ ns.s|length }}"),
-    "loop doubling with +": ("{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
-                             "{% endfor %}{{ ns.s|length }}"),
-    "integer squaring": ("{% set ns = namespace(x=10**100) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
-                         "{% endfor %}{{ ns.x > 0 }}"),
+    "loop doubling with ~": (
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s|length }}"
+    ),
+    "loop doubling with +": (
+        "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+        "{% endfor %}{{ ns.s|length }}"
+    ),
+    "integer squaring": (
+        "{% set ns = namespace(x=10**100) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+        "{% endfor %}{{ ns.x > 0 }}"
+    ),
     "str.format nested width": "{{ '{:>{}}'.format('x', 500000000) }}",
     "str.format_map": "{{ '{x:>999999999}'.format_map({'x': 1}) }}",
     "str.format many fields": "{% set s = 'x' * 200000 %}{{ ('{0}' * 10000).format(s) }}",
@@ -81,21 +90,25 @@ HOSTILE = {
     "odd test": "{{ '%999999999s' is odd }}",
     "range": "{{ range(10**9)|length }}",
     "list of a generator": "{{ range(100000)|map('center', 200000)|list|length }}",
-    "loop.length of a generator": ("{% for x in range(100000)|map('center', 200000) %}{% if loop.first %}"
-                                   "{{ loop.length }}{% endif %}{% endfor %}"),
+    "loop.length of a generator": (
+        "{% for x in range(100000)|map('center', 200000) %}{% if loop.first %}{{ loop.length }}{% endif %}{% endfor %}"
+    ),
     "*args from a generator": "{{ lipsum(*(range(100000)|map('center', 200000))) }}",
     "list repetition": "{% set s = 'x' * 200000 %}{{ [s] * 1000 }}",
     "shared list literal": "{% set s = 'x' * 200000 %}{{ [s, s, s, s, s, s] }}",
     # Two lists of 2**100 leaves in 100 nodes each: comparing them is a single C call.
-    "exponential sharing": ("{% set ns = namespace(a=[1], b=[1]) %}{% for i in range(100) %}"
-                            "{% set ns.a = [ns.a, ns.a] %}{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}"),
-    "macro varargs": ("{% macro m() %}{{ varargs|length }}{% endmacro %}{% set s = 'x' * 200000 %}"
-                      "{{ m(s, s, s) }}"),
+    "exponential sharing": (
+        "{% set ns = namespace(a=[1], b=[1]) %}{% for i in range(100) %}"
+        "{% set ns.a = [ns.a, ns.a] %}{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}"
+    ),
+    "macro varargs": ("{% macro m() %}{{ varargs|length }}{% endmacro %}{% set s = 'x' * 200000 %}{{ m(s, s, s) }}"),
     "set block": "{% set x %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endset %}{{ x|length }}",
-    "macro output": ("{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}"
-                     "{{ m()|length }}"),
-    "namespace as a string": ("{% set s = 'x' * 200000 %}{% set ns = namespace() %}{% set ns.a = s %}"
-                              "{% set ns.b = s %}{{ ns|string|length }}"),
+    "macro output": (
+        "{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ m()|length }}"
+    ),
+    "namespace as a string": (
+        "{% set s = 'x' * 200000 %}{% set ns = namespace() %}{% set ns.a = s %}{% set ns.b = s %}{{ ns|string|length }}"
+    ),
 }
 
 
@@ -160,15 +173,18 @@ def test_ordinary_templates_render_as_with_stock_jinja(renderer: Renderer, html:
     assert renderer.compile(FEATURES, html=html)(ctx) == stock.render(ctx)
 
 
-@pytest.mark.parametrize("source", [
-    "{{ data.update({'k': 'x'}) }}",
-    "{{ data.setdefault('k', 'x') }}",
-    "{{ user.pop('name') }}",
-    "{{ user.clear() }}",
-    "{{ data['items'].append(3) }}",
-    "{{ data['items'].sort(reverse=true) }}",
-    "{% set l = data['items'] %}{{ l.extend([3]) }}",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ data.update({'k': 'x'}) }}",
+        "{{ data.setdefault('k', 'x') }}",
+        "{{ user.pop('name') }}",
+        "{{ user.clear() }}",
+        "{{ data['items'].append(3) }}",
+        "{{ data['items'].sort(reverse=true) }}",
+        "{% set l = data['items'] %}{{ l.extend([3]) }}",
+    ],
+)
 def test_templates_cannot_modify_the_context(renderer: Renderer, source: str) -> None:
     ctx = context()
     with pytest.raises(RenderError, match="unsafe"):
@@ -176,8 +192,9 @@ def test_templates_cannot_modify_the_context(renderer: Renderer, source: str) ->
     assert ctx == context()
 
 
-def test_unexpected_errors_in_helpers_are_logged(renderer: Renderer, monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_unexpected_errors_in_helpers_are_logged(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.ERROR, logger="dispatcher.templating"):
         with pytest.raises(RenderError, match="^template error: "):
             render(renderer, "{{ dateFormat('not a date') }}")  # the template's value: not logged
@@ -235,8 +252,13 @@ async def test_batch_returns_results_in_order(renderer: Renderer) -> None:
         raise RenderError("pushData must be a JSON object")
 
     jobs: list[Callable[[], object]] = [
-        lambda: greet({"user": {"name": "A"}}), spinning_job(renderer), lambda: too_big({}),
-        lambda: greet({"user": {"name": "B"}}), fails, lambda: None, lambda: greet({"user": {"name": "C"}}),
+        lambda: greet({"user": {"name": "A"}}),
+        spinning_job(renderer),
+        lambda: too_big({}),
+        lambda: greet({"user": {"name": "B"}}),
+        fails,
+        lambda: None,
+        lambda: greet({"user": {"name": "C"}}),
     ]
     results = await render_batch(jobs, BUDGET)
     assert results[0] == "Hi A" and results[3] == "Hi B" and results[5] is None and results[6] == "Hi C"
@@ -361,7 +383,9 @@ async def test_cancelling_the_caller_stops_the_batch_promptly(renderer: Renderer
 
 
 async def test_batches_render_over_a_thousand_per_second(renderer: Renderer) -> None:
-    greet = renderer.compile("Hello {{ user.name }}, your plan {{ data.plan }} starts {{ dateFormat(data.start, 'DD/MM') }}")
+    greet = renderer.compile(
+        "Hello {{ user.name }}, your plan {{ data.plan }} starts {{ dateFormat(data.start, 'DD/MM') }}"
+    )
     ctx = {"user": {"name": "Ada"}, "data": {"plan": "Pro", "start": "2026-12-01T09:00:00Z"}}
     started = time.perf_counter()
     for _ in range(100):
@@ -381,15 +405,17 @@ async def test_batch_arguments() -> None:
 
 
 async def test_hostile_template_fails_fast_for_every_user_while_health_answers(client: Any, database: Any) -> None:
-    database.users.insert_many([{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}", "clusters": ["all"]}
-                                for i in range(200)])
+    database.users.insert_many(
+        [{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}", "clusters": ["all"]} for i in range(200)]
+    )
     hostile = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     latencies: list[float] = []
     answers = []
 
     async def send() -> None:
-        answers.append(await client.post("/send", json={"channels": ["sms"], "clusters": ["all"],
-                                                        "messageContent": hostile}))
+        answers.append(
+            await client.post("/send", json={"channels": ["sms"], "clusters": ["all"], "messageContent": hostile})
+        )
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send)
@@ -413,8 +439,9 @@ async def test_hostile_template_fails_fast_for_every_user_while_health_answers(c
 async def test_an_overrun_counts_only_when_a_second_attempt_overruns_too(dispatcher: Any, database: Any) -> None:
     """A benign template charged for a CPU hiccup (a busy machine) renders on its second attempt;
     only overruns that repeat count towards failing the channel's other users."""
-    database.users.insert_many([{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}", "clusters": ["all"]}
-                                for i in range(20)])
+    database.users.insert_many(
+        [{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}", "clusters": ["all"]} for i in range(20)]
+    )
     real, attempts = dispatcher.render_jobs, []
 
     async def hiccups(jobs: Any) -> list[Any]:

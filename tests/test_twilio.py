@@ -38,10 +38,18 @@ def twilio_settings(make_settings: Callable[..., Settings], twilio_url: str) -> 
 
     def make(sms: dict[str, Any] | None = None, token: str = TOKEN) -> Settings:
         return make_settings(
-            channels={"sms": {"provider": "twilio", "backoff_initial_seconds": 0.01, "max_attempts": 3,
-                              "timeout_seconds": 5, **(sms or {})},
-                      "voice": {"provider": "twilio"}},
-            providers={"twilio": {"account_sid": SID, "auth_token": token, "api_base_url": twilio_url}})
+            channels={
+                "sms": {
+                    "provider": "twilio",
+                    "backoff_initial_seconds": 0.01,
+                    "max_attempts": 3,
+                    "timeout_seconds": 5,
+                    **(sms or {}),
+                },
+                "voice": {"provider": "twilio"},
+            },
+            providers={"twilio": {"account_sid": SID, "auth_token": token, "api_base_url": twilio_url}},
+        )
 
     return make
 
@@ -53,8 +61,14 @@ def script(fake: FakeTwilio, *outcomes: str) -> None:
 async def test_sms_reaches_twilio_with_interpolated_body(fake: FakeTwilio, twilio_settings, database) -> None:
     database.users.insert_one({"_id": "u1", "name": "Ada", "phoneNumber": "+15551230001"})
     async with open_dispatcher(twilio_settings()) as d:
-        result = await d.send({"channels": ["sms"], "recipients": ["u1"],
-                               "messageContent": "Hi {{user.name}}, code {{data.code}}", "data": {"code": 42}})
+        result = await d.send(
+            {
+                "channels": ["sms"],
+                "recipients": ["u1"],
+                "messageContent": "Hi {{user.name}}, code {{data.code}}",
+                "data": {"code": 42},
+            }
+        )
     assert result.failures == [] and result.summary.sent == {"sms": 1}
     [request] = fake.received
     assert request.path == f"/2010-04-01/Accounts/{SID}/Messages.json"
@@ -73,8 +87,9 @@ async def test_wrong_token_is_refused_and_reported(fake: FakeTwilio, twilio_sett
 async def test_voice_says_the_xml_escaped_text(fake: FakeTwilio, twilio_settings, database) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15551230001"})
     async with open_dispatcher(twilio_settings()) as d:
-        result = await d.send({"channels": ["voice"], "recipients": ["u1"],
-                               "messageContent": "Fish & chips < 5 pounds"})
+        result = await d.send(
+            {"channels": ["voice"], "recipients": ["u1"], "messageContent": "Fish & chips < 5 pounds"}
+        )
     assert result.failures == [] and result.summary.sent == {"voice": 1}
     [request] = fake.received
     assert request.path == f"/2010-04-01/Accounts/{SID}/Calls.json"
@@ -82,10 +97,12 @@ async def test_voice_says_the_xml_escaped_text(fake: FakeTwilio, twilio_settings
     assert request.form["Twiml"] == "<Response><Say>Fish &amp; chips &lt; 5 pounds</Say></Response>"
 
 
-async def test_number_that_is_not_e164_fails_before_reaching_twilio(fake: FakeTwilio, twilio_settings,
-                                                                     database) -> None:
-    database.users.insert_many([{"_id": "bad", "phoneNumber": "555-1234"},
-                                {"_id": "good", "phoneNumber": "+15551230002"}])
+async def test_number_that_is_not_e164_fails_before_reaching_twilio(
+    fake: FakeTwilio, twilio_settings, database
+) -> None:
+    database.users.insert_many(
+        [{"_id": "bad", "phoneNumber": "555-1234"}, {"_id": "good", "phoneNumber": "+15551230002"}]
+    )
     async with open_dispatcher(twilio_settings()) as d:
         result = await d.send({"channels": ["sms"], "recipients": ["bad", "good"], "messageContent": "x"})
     [failure] = result.failures
@@ -99,8 +116,9 @@ async def test_twilio_21211_is_a_permanent_error_naming_the_code(fake: FakeTwili
     from dispatcher.errors import PermanentDeliveryError
     from dispatcher.messages import Message, TextContent
 
-    provider = TwilioProvider(TwilioSettings(account_sid=fake.account_sid, auth_token=fake.auth_token,
-                                             api_base_url=twilio_url))
+    provider = TwilioProvider(
+        TwilioSettings(account_sid=fake.account_sid, auth_token=fake.auth_token, api_base_url=twilio_url)
+    )
     try:
         with pytest.raises(PermanentDeliveryError) as error:
             await provider.send(Message("sms", "u1", ("555-1234",), TextContent("x", "+15550009999")), "555-1234")
@@ -166,8 +184,9 @@ async def test_stalled_api_is_reported_as_unknown_not_resent(fake: FakeTwilio, t
 async def test_stalled_api_times_out_per_attempt_when_resending(fake: FakeTwilio, twilio_settings, database) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15551230001"})
     script(fake, "stall", "stall")
-    async with open_dispatcher(twilio_settings({"timeout_seconds": 0.5, "max_attempts": 2,
-                                                "on_ambiguous": "resend"})) as d:
+    async with open_dispatcher(
+        twilio_settings({"timeout_seconds": 0.5, "max_attempts": 2, "on_ambiguous": "resend"})
+    ) as d:
         result = await d.send({"channels": ["sms"], "recipients": ["u1"], "messageContent": "x"})
     [failure] = result.failures
     assert "no answer within 0.5s" in failure.error and "after 2 attempts" in failure.error
@@ -182,7 +201,8 @@ async def test_unreachable_api_is_a_connection_error(make_settings, database) ->
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15551230001"})
     settings = make_settings(
         channels={"sms": {"provider": "twilio", "backoff_initial_seconds": 0.01, "max_attempts": 2}},
-        providers={"twilio": {"account_sid": SID, "auth_token": TOKEN, "api_base_url": f"http://127.0.0.1:{port}"}})
+        providers={"twilio": {"account_sid": SID, "auth_token": TOKEN, "api_base_url": f"http://127.0.0.1:{port}"}},
+    )
     async with open_dispatcher(settings) as d:
         result = await d.send({"channels": ["sms"], "recipients": ["u1"], "messageContent": "x"})
     [failure] = result.failures

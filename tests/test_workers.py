@@ -21,8 +21,14 @@ CLI = [sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(
 
 def test_more_than_one_worker_without_redis_is_refused_saying_why(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DISPATCHER_CONFIG")}
-    result = subprocess.run([*CLI, "serve", "--workers", "2", "--port", str(free_port())],
-                            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [*CLI, "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "--workers 2: needs [cluster].redis_url" in result.stderr
     assert "2 times the allowed rate" in result.stderr
@@ -41,14 +47,25 @@ def _wait(condition: Any, timeout: float = 30) -> None:
 
 
 def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
-        tmp_path: Path, mongo_url: str, redis_url: str, database: Any) -> None:
+    tmp_path: Path, mongo_url: str, redis_url: str, database: Any
+) -> None:
     port = free_port()
-    env = {**os.environ, "MONGODB_URL": mongo_url, "REDIS_URL": redis_url,
-           "DISPATCHER__STORE__DATABASE": database.name,
-           "DISPATCHER__PROVIDERS__OUTBOX__DIR": str(tmp_path / "outbox")}
-    supervisor = subprocess.Popen([*CLI, "serve", "--workers", "2", "--port", str(port)], env=env, cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "MONGODB_URL": mongo_url,
+        "REDIS_URL": redis_url,
+        "DISPATCHER__STORE__DATABASE": database.name,
+        "DISPATCHER__PROVIDERS__OUTBOX__DIR": str(tmp_path / "outbox"),
+    }
+    supervisor = subprocess.Popen(
+        [*CLI, "serve", "--workers", "2", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def answers() -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200
@@ -57,14 +74,18 @@ def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
 
         _wait(lambda: len(_children(supervisor.pid)) == 2 and answers())
         database.users.insert_one({"_id": "u1", "phoneNumber": "+15550001111"})
-        response = httpx.post(f"http://127.0.0.1:{port}/send", timeout=30,
-                              json={"channels": ["sms"], "recipients": ["u1"], "messageContent": "hi"})
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/send",
+            timeout=30,
+            json={"channels": ["sms"], "recipients": ["u1"], "messageContent": "hi"},
+        )
         assert response.status_code == 200 and response.json()["summary"]["sent"] == {"sms": 1}
 
         first = _children(supervisor.pid)[0]
         first.kill()
-        _wait(lambda: len(_children(supervisor.pid)) == 2 and first.pid not in
-              {c.pid for c in _children(supervisor.pid)})
+        _wait(
+            lambda: len(_children(supervisor.pid)) == 2 and first.pid not in {c.pid for c in _children(supervisor.pid)}
+        )
         _wait(answers)
 
         workers = _children(supervisor.pid)

@@ -77,8 +77,9 @@ class Reservation:
 class Reserver(Protocol):
     """What a `ClusterBucket` needs from the cluster (`dispatcher.cluster.redis.Cluster`)."""
 
-    async def reserve(self, keys: tuple[str, str], interval_us: int, tolerance_us: int, count: int, *,
-                      patient: bool = True) -> Reservation:
+    async def reserve(
+        self, keys: tuple[str, str], interval_us: int, tolerance_us: int, count: int, *, patient: bool = True
+    ) -> Reservation:
         """Reserve `count` tokens (0: only read the pause). Raises `RateLimitUnavailable`; with
         `patient`, only after retrying for the cluster's bound."""
         ...
@@ -137,8 +138,9 @@ class ClusterBucket:
     reservation (within one batch: `batch_seconds` of sending at most).
     """
 
-    def __init__(self, reserver: Reserver, keys: tuple[str, str], rate: float, burst: int = 1, *,
-                 batch_seconds: float = 0.05) -> None:
+    def __init__(
+        self, reserver: Reserver, keys: tuple[str, str], rate: float, burst: int = 1, *, batch_seconds: float = 0.05
+    ) -> None:
         self.rate = rate
         self.burst = max(1, burst)
         self.stats = BucketStats()
@@ -149,8 +151,9 @@ class ClusterBucket:
         self._interval = self._interval_us / 1e6
         self._tolerance_us = (self.burst - 1) * self._interval_us
         self._tolerance = self._tolerance_us / 1e6
-        self._allowance = ((math.floor(rate) + 1) * self._interval - 1.0
-                           - (_MARGIN_S + _MARGIN_FRACTION * self._interval))
+        self._allowance = (
+            (math.floor(rate) + 1) * self._interval - 1.0 - (_MARGIN_S + _MARGIN_FRACTION * self._interval)
+        )
         self._max_batch = max(1, int(rate * batch_seconds))
         self._clock = RedisClock()
         self._tokens: deque[tuple[float, float]] = deque()  # (ripe, expiry) in trio time, in order

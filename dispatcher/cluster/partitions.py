@@ -136,8 +136,13 @@ class Partition:
     users: tuple[str, ...] = ()
 
     def to_fields(self) -> dict[str, str]:
-        return {"job": self.job_id, "after": self.after or "", "upto": self.upto, "index": str(self.index),
-                "users": json.dumps(self.users)}
+        return {
+            "job": self.job_id,
+            "after": self.after or "",
+            "upto": self.upto,
+            "index": str(self.index),
+            "users": json.dumps(self.users),
+        }
 
     @classmethod
     def from_fields(cls, fields: Mapping[Any, Any]) -> Partition:
@@ -146,8 +151,13 @@ class Partition:
         users = json.loads(decoded.get("users") or "[]")
         if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
             raise ValueError("users must be a list of strings")
-        return cls(job_id=decoded["job"], after=decoded["after"] or None, upto=decoded["upto"],
-                   index=int(decoded["index"]), users=tuple(users))
+        return cls(
+            job_id=decoded["job"],
+            after=decoded["after"] or None,
+            upto=decoded["upto"],
+            index=int(decoded["index"]),
+            users=tuple(users),
+        )
 
 
 @dataclass(slots=True)
@@ -169,8 +179,15 @@ class PartitionQueue:
     `consumer` (default: host, pid and a random suffix) names this process's consumers, one per
     worker (`{consumer}-{i}`). `timeout` bounds each Redis call (pool wait included)."""
 
-    def __init__(self, client: coredis.Redis[Any], namespace: str, *, consumer: str | None = None,
-                 timeout: float = 0.5, counter_ttl_seconds: int = COUNTER_TTL_SECONDS) -> None:
+    def __init__(
+        self,
+        client: coredis.Redis[Any],
+        namespace: str,
+        *,
+        consumer: str | None = None,
+        timeout: float = 0.5,
+        counter_ttl_seconds: int = COUNTER_TTL_SECONDS,
+    ) -> None:
         self.stream = f"{namespace}:partitions"
         self.group = GROUP
         self.namespace = namespace
@@ -248,7 +265,7 @@ class PartitionQueue:
             for start in range(0, len(partitions), PUBLISH_BATCH):
                 with trio.fail_after(2 * self._timeout + 0.001 * PUBLISH_BATCH):
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for partition in partitions[start:start + PUBLISH_BATCH]:
+                        for partition in partitions[start : start + PUBLISH_BATCH]:
                             pipe.xadd(self.stream, partition.to_fields())
         except _FAILURES as exc:
             raise PartitionQueueUnavailable(f"publishing job {job_id}'s partitions: redis {exc}") from exc
@@ -282,14 +299,22 @@ class PartitionQueue:
         with trio.fail_after(2 * self._timeout):
             new, count, total = await self._finish_script(
                 keys=[self.finished_key(partition.job_id), self.expected_key(partition.job_id)],
-                args=[str(partition.index), self._ttl])
+                args=[str(partition.index), self._ttl],
+            )
         return bool(new), int(count), int(total) if int(total) >= 0 else None
 
     # -- consumer side ------------------------------------------------------------------------
 
-    async def serve(self, handler: Handler, *, workers: int = 2, claim_idle_seconds: float = 30.0,
-                    block_ms: int = 1000, on_job_complete: JobCompleteHandler | None = None,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        handler: Handler,
+        *,
+        workers: int = 2,
+        claim_idle_seconds: float = 30.0,
+        block_ms: int = 1000,
+        on_job_complete: JobCompleteHandler | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Run `workers` consumers until cancelled or `stop_taking`. `handler(partition)` delivers one partition;
         `on_job_complete(job_id)` (optional) runs when a finished partition brings the job's
         count to its expected total: at least once per job (again if that partition is
@@ -305,13 +330,20 @@ class PartitionQueue:
             self._redis_failed(exc)
         async with trio.open_nursery() as nursery:
             for index in range(workers):
-                nursery.start_soon(self._worker, f"{self.consumer}-{index}", handler, on_job_complete,
-                                   claim_idle_seconds, block_ms)
+                nursery.start_soon(
+                    self._worker, f"{self.consumer}-{index}", handler, on_job_complete, claim_idle_seconds, block_ms
+                )
             task_status.started()
         self.stopped.set()
 
-    async def _worker(self, consumer: str, handler: Handler, on_job_complete: JobCompleteHandler | None,
-                      claim_idle: float, block_ms: int) -> None:
+    async def _worker(
+        self,
+        consumer: str,
+        handler: Handler,
+        on_job_complete: JobCompleteHandler | None,
+        claim_idle: float,
+        block_ms: int,
+    ) -> None:
         redis_backoff = _BACKOFF_INITIAL
         handler_failures = 0
         while self._taking:
@@ -334,19 +366,22 @@ class PartitionQueue:
                 handler_failures = 0
             else:
                 handler_failures += 1  # do not spin on a failing handler
-                await trio.sleep(min(_HANDLER_BACKOFF_MAX, _BACKOFF_INITIAL * 2 ** handler_failures)
-                                 * random.uniform(0.5, 1.0))
+                await trio.sleep(
+                    min(_HANDLER_BACKOFF_MAX, _BACKOFF_INITIAL * 2**handler_failures) * random.uniform(0.5, 1.0)
+                )
 
-    async def _next_entry(self, consumer: str, claim_idle: float,
-                          block_ms: int) -> tuple[str, Mapping[Any, Any]] | None:
+    async def _next_entry(
+        self, consumer: str, claim_idle: float, block_ms: int
+    ) -> tuple[str, Mapping[Any, Any]] | None:
         """An entry idle for `claim_idle` (scanned every half of it), else a new one, else None."""
         try:
             if not self._group_ready:
                 await self.ensure_group()
             if trio.current_time() >= self._next_scan:
                 with trio.fail_after(2 * self._timeout):
-                    reply = await self._client.xautoclaim(self.stream, self.group, consumer,
-                                                          int(claim_idle * 1000), self._scan_cursor, count=1)
+                    reply = await self._client.xautoclaim(
+                        self.stream, self.group, consumer, int(claim_idle * 1000), self._scan_cursor, count=1
+                    )
                 cursor, entries = _text(reply[0]), reply[1]
                 self._scan_cursor = cursor
                 if cursor == "0-0":  # a full pass over the pending entries: next one in a while
@@ -359,11 +394,11 @@ class PartitionQueue:
                         log.info("partition entry %s reclaimed by %s", _text(entry.identifier), consumer)
                         return _text(entry.identifier), entry.field_values
             with trio.fail_after(block_ms / 1000 + 2 * self._timeout):
-                read = await self._client.xreadgroup(self.group, consumer, {self.stream: ">"}, count=1,
-                                                     block=block_ms)
+                read = await self._client.xreadgroup(self.group, consumer, {self.stream: ">"}, count=1, block=block_ms)
         except StreamConsumerGroupError:  # NOGROUP: Redis lost the stream (restart, flush)
-            log.warning("partition stream %s has no group %s (redis lost its data?): creating it",
-                        self.stream, self.group)
+            log.warning(
+                "partition stream %s has no group %s (redis lost its data?): creating it", self.stream, self.group
+            )
             self._group_ready = False
             await self.ensure_group()
             return None
@@ -374,8 +409,15 @@ class PartitionQueue:
                 return _text(entry.identifier), entry.field_values
         return None
 
-    async def _process(self, consumer: str, entry_id: str, fields: Mapping[Any, Any], handler: Handler,
-                       on_job_complete: JobCompleteHandler | None, claim_idle: float) -> bool:
+    async def _process(
+        self,
+        consumer: str,
+        entry_id: str,
+        fields: Mapping[Any, Any],
+        handler: Handler,
+        on_job_complete: JobCompleteHandler | None,
+        claim_idle: float,
+    ) -> bool:
         """Deliver one entry; True unless the handler raised (then it is left pending)."""
         try:
             partition = Partition.from_fields(fields)
@@ -392,8 +434,13 @@ class PartitionQueue:
                     await handler(partition)
                 except Exception:
                     failed = True
-                    log.exception("partition %d of job %s (entry %s) failed; left pending, retried after "
-                                  "%gs", partition.index, partition.job_id, entry_id, claim_idle)
+                    log.exception(
+                        "partition %d of job %s (entry %s) failed; left pending, retried after %gs",
+                        partition.index,
+                        partition.job_id,
+                        entry_id,
+                        claim_idle,
+                    )
                 finally:
                     nursery.cancel_scope.cancel()
             if failed:
@@ -428,13 +475,17 @@ class PartitionQueue:
             self._redis_answered()
             if not touched:
                 self.stats.lost += 1
-                log.warning("partition %d of job %s (entry %s) is no longer %s's (reclaimed, or redis "
-                            "lost it) while it is being delivered: it may be delivered twice",
-                            partition.index, partition.job_id, entry_id, consumer)
+                log.warning(
+                    "partition %d of job %s (entry %s) is no longer %s's (reclaimed, or redis "
+                    "lost it) while it is being delivered: it may be delivered twice",
+                    partition.index,
+                    partition.job_id,
+                    entry_id,
+                    consumer,
+                )
                 return
 
-    async def _finish(self, partition: Partition, entry_id: str,
-                      on_job_complete: JobCompleteHandler | None) -> None:
+    async def _finish(self, partition: Partition, entry_id: str, on_job_complete: JobCompleteHandler | None) -> None:
         """Count the partition, tell about a complete job, then XACK + XDEL; Redis failures are
         retried until it answers (a cancelled worker leaves the entry to be redelivered)."""
         backoff = _BACKOFF_INITIAL
@@ -475,11 +526,15 @@ class PartitionQueue:
     def _redis_failed(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = trio.current_time()
-            log.warning("partition queue %s: redis failed (%s: %s); workers retry", self.stream,
-                        type(exc).__name__, exc)
+            log.warning(
+                "partition queue %s: redis failed (%s: %s); workers retry", self.stream, type(exc).__name__, exc
+            )
 
     def _redis_answered(self) -> None:
         if self._down_since is not None:
-            log.warning("partition queue %s: redis answers again after %.1fs", self.stream,
-                        trio.current_time() - self._down_since)
+            log.warning(
+                "partition queue %s: redis answers again after %.1fs",
+                self.stream,
+                trio.current_time() - self._down_since,
+            )
             self._down_since = None

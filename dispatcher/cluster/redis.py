@@ -67,8 +67,15 @@ return {now, paused, first, count}
 """
 
 # What a lost, refused, hung or failing Redis raises (coredis runs on anyio's streams).
-_FAILURES = (RedisError, OSError, TimeoutError, trio.TooSlowError, anyio.BrokenResourceError,
-             anyio.ClosedResourceError, anyio.EndOfStream)
+_FAILURES = (
+    RedisError,
+    OSError,
+    TimeoutError,
+    trio.TooSlowError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
 _BACKOFF_INITIAL = 0.05
 _BACKOFF_MAX = 0.5
 _PAUSE_RETRY_SECONDS = 0.1
@@ -79,8 +86,16 @@ class Cluster:
     and `available` are for `/-/ready`; `round_trips` counts the limiter's answered script calls
     (`failed_round_trips` the others) for the load-test harness."""
 
-    def __init__(self, client: coredis.Redis[bytes], namespace: str, *, unavailable_after: float,
-                 timeout: float, batch_seconds: float, restart_guard: float) -> None:
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        namespace: str,
+        *,
+        unavailable_after: float,
+        timeout: float,
+        batch_seconds: float,
+        restart_guard: float,
+    ) -> None:
         self.namespace = namespace
         self.round_trips = 0
         self.failed_round_trips = 0
@@ -133,8 +148,9 @@ class Cluster:
         except _FAILURES as exc:
             self._mark_down(exc)
 
-    async def reserve(self, keys: tuple[str, str], interval_us: int, tolerance_us: int, count: int, *,
-                      patient: bool = True) -> Reservation:
+    async def reserve(
+        self, keys: tuple[str, str], interval_us: int, tolerance_us: int, count: int, *, patient: bool = True
+    ) -> Reservation:
         """Run the script for `count` tokens (see `Reserver.reserve`)."""
         guard_us = self._guard_us + interval_us + tolerance_us
         reply = await self._call(keys, [interval_us, tolerance_us, count, 0, guard_us], patient=patient)
@@ -196,15 +212,19 @@ class Cluster:
 
     def _mark_up(self) -> None:
         if self._down_since is not None:
-            log.warning("cluster rate limiter: redis answers again after %.1fs",
-                        trio.current_time() - self._down_since)
+            log.warning("cluster rate limiter: redis answers again after %.1fs", trio.current_time() - self._down_since)
             self._down_since = None
 
 
 @asynccontextmanager
-async def open_cluster(settings: Settings | ClusterSettings, *, unavailable_after: float = 2.0,
-                       timeout: float = 0.5, batch_seconds: float = 0.05,
-                       restart_guard: float = 1.0) -> AsyncIterator[Cluster]:
+async def open_cluster(
+    settings: Settings | ClusterSettings,
+    *,
+    unavailable_after: float = 2.0,
+    timeout: float = 0.5,
+    batch_seconds: float = 0.05,
+    restart_guard: float = 1.0,
+) -> AsyncIterator[Cluster]:
     """Connect to `[cluster].redis_url`, load the script, and run the task that writes pauses
     until the block exits. A Redis that is down at start-up is no error here: `ping()` answers
     False and rate-limited `acquire`s fail closed until it answers.
@@ -219,11 +239,18 @@ async def open_cluster(settings: Settings | ClusterSettings, *, unavailable_afte
     if not url:
         raise ConfigError("cluster.redis_url is empty: cluster mode needs Redis (REDIS_URL)")
     # No client-side retries: `Cluster._call` owns them, so the fail-closed bound is its own.
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, connect_timeout=timeout, stream_timeout=timeout,
-                                                          retry_policy=NoRetryPolicy())
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        url, connect_timeout=timeout, stream_timeout=timeout, retry_policy=NoRetryPolicy()
+    )
     async with client, trio.open_nursery() as nursery:
-        cluster = Cluster(client, cluster_settings.namespace, unavailable_after=unavailable_after,
-                          timeout=timeout, batch_seconds=batch_seconds, restart_guard=restart_guard)
+        cluster = Cluster(
+            client,
+            cluster_settings.namespace,
+            unavailable_after=unavailable_after,
+            timeout=timeout,
+            batch_seconds=batch_seconds,
+            restart_guard=restart_guard,
+        )
         nursery.start_soon(cluster._publish_pauses)
         await cluster._warm_up()
         try:

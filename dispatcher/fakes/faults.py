@@ -32,8 +32,11 @@ class Faults:
         if self.script:
             return self.script.popleft()
         draw = self._random.random()
-        for outcome, rate in (("permanent", self.permanent_rate), ("transient", self.transient_rate),
-                              ("throttle", self.throttle_rate)):
+        for outcome, rate in (
+            ("permanent", self.permanent_rate),
+            ("transient", self.transient_rate),
+            ("throttle", self.throttle_rate),
+        ):
             if draw < rate:
                 return outcome  # type: ignore[return-value]
             draw -= rate

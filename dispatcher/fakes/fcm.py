@@ -41,8 +41,21 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
-_MESSAGE_FIELDS = frozenset({"name", "token", "topic", "condition", "data", "notification", "android",
-                             "apns", "webpush", "fcm_options", "fcmOptions"})
+_MESSAGE_FIELDS = frozenset(
+    {
+        "name",
+        "token",
+        "topic",
+        "condition",
+        "data",
+        "notification",
+        "android",
+        "apns",
+        "webpush",
+        "fcm_options",
+        "fcmOptions",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +76,21 @@ def write_service_account_key(path: str | Path, token_uri: str, project_id: str)
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()).decode()
-    public_pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    key = ServiceAccountKey(Path(path), project_id, f"firebase-adminsdk-fake@{project_id}.iam.gserviceaccount.com",
-                            secrets.token_hex(20), public_pem)
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public_pem = (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    key = ServiceAccountKey(
+        Path(path),
+        project_id,
+        f"firebase-adminsdk-fake@{project_id}.iam.gserviceaccount.com",
+        secrets.token_hex(20),
+        public_pem,
+    )
     document = {
         "type": "service_account",
         "project_id": project_id,
@@ -132,15 +154,23 @@ class FakeOAuthToken:
         elif outcome == "transient":
             await _oauth_error(send, 503, "internal_failure", "Backend Error")
         elif outcome == "throttle":
-            await _oauth_error(send, 429, "rate_limit_exceeded", "Rate Limit Exceeded",
-                               [(b"retry-after", f"{self.faults.retry_after:g}".encode())])
+            await _oauth_error(
+                send,
+                429,
+                "rate_limit_exceeded",
+                "Rate Limit Exceeded",
+                [(b"retry-after", f"{self.faults.retry_after:g}".encode())],
+            )
         else:
             token = f"fake-token-{next(self._counter)}"
             self.received.append(claims)
             self.issued.append(token)
             self._valid.add(token)
-            await respond(send, 200, json.dumps({"access_token": token, "expires_in": self.expires_in,
-                                                 "token_type": "Bearer"}).encode())
+            await respond(
+                send,
+                200,
+                json.dumps({"access_token": token, "expires_in": self.expires_in, "token_type": "Bearer"}).encode(),
+            )
 
     def _verify(self, assertion: str) -> tuple[dict[str, Any] | None, str]:
         try:
@@ -148,8 +178,12 @@ class FakeOAuthToken:
             key = self._trusted.get(str(header.get("kid")))
             if key is None:
                 return None, "Invalid grant: account not found"
-            claims = jwt.decode(assertion, certs={key.private_key_id: key.public_key_pem},
-                                audience=GOOGLE_TOKEN_AUDIENCE, clock_skew_in_seconds=10)
+            claims = jwt.decode(
+                assertion,
+                certs={key.private_key_id: key.public_key_pem},
+                audience=GOOGLE_TOKEN_AUDIENCE,
+                clock_skew_in_seconds=10,
+            )
         except (ValueError, auth_exceptions.GoogleAuthError) as exc:
             return None, f"Invalid JWT: {exc}"
         if claims.get("iss") != key.client_email:
@@ -220,8 +254,12 @@ class FakeFcm:
         if path != f"/v1/projects/{self.project_id}/messages:send":
             record("not_found")
             status = 403 if path.endswith("/messages:send") else 404
-            await _fcm_error(send, status, "PERMISSION_DENIED" if status == 403 else "NOT_FOUND",
-                             f"Permission denied or unknown resource {path}")
+            await _fcm_error(
+                send,
+                status,
+                "PERMISSION_DENIED" if status == 403 else "NOT_FOUND",
+                f"Permission denied or unknown resource {path}",
+            )
             return
         if scope["method"] != "POST":
             record("not_found")
@@ -229,8 +267,13 @@ class FakeFcm:
             return
         if not self._authenticated(authorization):
             record("unauthenticated")
-            await _fcm_error(send, 401, "UNAUTHENTICATED", "Request had invalid authentication credentials. "
-                             "Expected OAuth 2 access token, login cookie or other valid authentication credential.")
+            await _fcm_error(
+                send,
+                401,
+                "UNAUTHENTICATED",
+                "Request had invalid authentication credentials. "
+                "Expected OAuth 2 access token, login cookie or other valid authentication credential.",
+            )
             return
         problem = _validate(payload)
         if problem is not None:
@@ -248,14 +291,24 @@ class FakeFcm:
         request = record(outcome, name)
         await self.faults.wait(outcome)  # a stall never returns from here
         if outcome == "permanent":
-            await _fcm_error(send, 400, "INVALID_ARGUMENT",
-                             "The registration token is not a valid FCM registration token", fcm_code="INVALID_ARGUMENT")
+            await _fcm_error(
+                send,
+                400,
+                "INVALID_ARGUMENT",
+                "The registration token is not a valid FCM registration token",
+                fcm_code="INVALID_ARGUMENT",
+            )
         elif outcome == "transient":
             await _fcm_error(send, 503, "UNAVAILABLE", "The service is currently unavailable.", fcm_code="UNAVAILABLE")
         elif outcome == "throttle":
-            await _fcm_error(send, 429, "RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Send requests'.",
-                             fcm_code="QUOTA_EXCEEDED",
-                             headers=[(b"retry-after", f"{self.faults.retry_after:g}".encode())])
+            await _fcm_error(
+                send,
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Quota exceeded for quota metric 'Send requests'.",
+                fcm_code="QUOTA_EXCEEDED",
+                headers=[(b"retry-after", f"{self.faults.retry_after:g}".encode())],
+            )
         else:
             self.received.append(request)
             await respond(send, 200, json.dumps({"name": name}).encode())
@@ -284,7 +337,8 @@ def _validate(payload: Any) -> str | None:
         return "Invalid value at 'message.data': data values must be strings."
     notification = message.get("notification", {})
     if not isinstance(notification, dict) or not all(
-            isinstance(notification.get(key, ""), str) for key in ("title", "body", "image")):
+        isinstance(notification.get(key, ""), str) for key in ("title", "body", "image")
+    ):
         return "Invalid value at 'message.notification'."
     for part in ("android", "apns", "webpush"):
         if not isinstance(message.get(part, {}), dict):
@@ -292,18 +346,25 @@ def _validate(payload: Any) -> str | None:
     return None
 
 
-async def _fcm_error(send: Send, status: int, google_status: str, message: str, *, fcm_code: str | None = None,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _fcm_error(
+    send: Send,
+    status: int,
+    google_status: str,
+    message: str,
+    *,
+    fcm_code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     error: dict[str, Any] = {"code": status, "message": message, "status": google_status}
     if fcm_code is not None:
         error["details"] = [{"@type": FCM_ERROR_TYPE, "errorCode": fcm_code}]
     await respond(send, status, json.dumps({"error": error}).encode(), headers)
 
 
-async def _oauth_error(send: Send, status: int, error: str, description: str,
-                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _oauth_error(
+    send: Send, status: int, error: str, description: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await respond(send, status, json.dumps({"error": error, "error_description": description}).encode(), headers)
-
 
 
 __all__ = ["FakeFcm", "FakeOAuthToken", "FcmRequest", "ServiceAccountKey", "write_service_account_key"]

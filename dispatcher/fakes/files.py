@@ -65,8 +65,7 @@ class FakeFilesService:
         if outcome == "transient":
             await _error(send, 503, "service unavailable")
         elif outcome == "throttle":
-            await _error(send, 429, "too many requests",
-                         [(b"retry-after", str(self.faults.retry_after).encode())])
+            await _error(send, 429, "too many requests", [(b"retry-after", str(self.faults.retry_after).encode())])
         elif outcome == "permanent":
             await _error(send, 500, "internal error")
         elif name not in self.files:
@@ -77,17 +76,23 @@ class FakeFilesService:
 
 
 async def _send_file(send: Send, content: bytes, content_type: str) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", content_type.encode("latin-1")),
-                            (b"content-length", str(len(content)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"content-length", str(len(content)).encode()),
+            ],
+        }
+    )
     for start in range(0, len(content), _CHUNK):
-        await send({"type": "http.response.body", "body": content[start:start + _CHUNK], "more_body": True})
+        await send({"type": "http.response.body", "body": content[start : start + _CHUNK], "more_body": True})
     await send({"type": "http.response.body", "body": b""})
 
 
 async def _error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     await respond(send, status, json.dumps({"statusCode": status, "message": message}).encode(), headers)
-
 
 
 __all__ = ["FakeFilesService"]

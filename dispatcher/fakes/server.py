@@ -15,13 +15,16 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-async def serve_asgi(app: ASGIApp, *, port: int = 0, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_asgi(
+    app: ASGIApp, *, port: int = 0, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve `app` until cancelled; `await nursery.start(serve_asgi, app)` returns its base URL."""
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0
+
     async def with_lifespan(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         # The fakes have nothing to start or stop: answer the lifespan protocol for them.
         if scope["type"] == "lifespan":
@@ -33,8 +36,9 @@ async def serve_asgi(app: ASGIApp, *, port: int = 0, task_status: trio.TaskStatu
 
     async with trio.open_nursery() as nursery:
         # sleep_forever as the trigger: no signal handlers, the fake stops when cancelled.
-        urls = await nursery.start(partial(serve, with_lifespan, config, shutdown_trigger=trio.sleep_forever,
-                                           mode="asgi"))
+        urls = await nursery.start(
+            partial(serve, with_lifespan, config, shutdown_trigger=trio.sleep_forever, mode="asgi")
+        )
         task_status.started(urls[0])
 
 
@@ -47,9 +51,18 @@ async def read_body(receive: Receive) -> bytes:
             return body
 
 
-async def respond(send: Send, status: int, body: bytes,
-                  headers: list[tuple[bytes, bytes]] | None = None,
-                  content_type: bytes = b"application/json") -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), *(headers or [])]})
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), *(headers or [])],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -69,9 +69,15 @@ class SmtpSink:
 
     host = "127.0.0.1"
 
-    def __init__(self, *, faults: Faults | None = None, starttls_context: ssl.SSLContext | None = None,
-                 tls_context: ssl.SSLContext | None = None, credentials: tuple[str, str] | None = None,
-                 record_data: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        faults: Faults | None = None,
+        starttls_context: ssl.SSLContext | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        credentials: tuple[str, str] | None = None,
+        record_data: bool = True,
+    ) -> None:
         self.faults = faults if faults is not None else Faults()
         self.received: list[ReceivedMail] = []
         self.connections = 0
@@ -133,8 +139,12 @@ class SmtpSink:
         with socket.socket() as probe:
             probe.bind((self.host, 0))
             self.port = probe.getsockname()[1]
-        kwargs: dict[str, Any] = {"hostname": self.host, "port": self.port, "server_hostname": "sink.invalid",
-                                  "ssl_context": self._tls_context}
+        kwargs: dict[str, Any] = {
+            "hostname": self.host,
+            "port": self.port,
+            "server_hostname": "sink.invalid",
+            "ssl_context": self._tls_context,
+        }
         if self._starttls_context is not None:
             kwargs.update(tls_context=self._starttls_context, require_starttls=True)
         if self._credentials is not None:
@@ -152,12 +162,13 @@ class SmtpSink:
             self._controller.stop()
             self._controller = None
 
-    def __enter__(self) -> "SmtpSink":
+    def __enter__(self) -> SmtpSink:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # -- called from the server thread --------------------------------------------------------
@@ -171,8 +182,9 @@ class SmtpSink:
             self.closed += 1
             self._closed_changed.notify_all()
 
-    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
-                      auth_data: Any) -> AuthResult:
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         if isinstance(auth_data, LoginPassword) and self._credentials is not None:
             given = (auth_data.login.decode(errors="replace"), auth_data.password.decode(errors="replace"))
             if given == self._credentials:
@@ -209,9 +221,15 @@ class SmtpSink:
             auth = session.auth_data
             login = auth.login.decode(errors="replace") if isinstance(auth, LoginPassword) else None
             data = (envelope.original_content or b"") if self._record_data else b""
-            self.received.append(ReceivedMail(
-                mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos), data=bytes(data),
-                tls=session.ssl is not None or self._tls_context is not None, login=login))
+            self.received.append(
+                ReceivedMail(
+                    mail_from=envelope.mail_from or "",
+                    rcpt_tos=tuple(envelope.rcpt_tos),
+                    data=bytes(data),
+                    tls=session.ssl is not None or self._tls_context is not None,
+                    login=login,
+                )
+            )
             drop = False
             if self._drop_countdown is not None:
                 self._drop_countdown -= 1
@@ -226,16 +244,18 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
         if self._sink._credentials is not None and not session.authenticated:
             return "530 5.7.0 Authentication required"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if self._sink._is_rejected(address):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)

@@ -61,8 +61,12 @@ class FakeTwilio:
         """Every request addressed to `number`."""
         return [request for request in self.attempts if request.form.get("To") == number]
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
         path = scope["path"]
         body = await read_body(receive)
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
@@ -104,8 +108,9 @@ class FakeTwilio:
         elif outcome == "transient":
             await _error(send, 503, 20503, "Service Unavailable")
         elif outcome == "throttle":
-            await _error(send, 429, 20429, "Too Many Requests",
-                         [(b"retry-after", f"{self.faults.retry_after:g}".encode())])
+            await _error(
+                send, 429, 20429, "Too Many Requests", [(b"retry-after", f"{self.faults.retry_after:g}".encode())]
+            )
         else:
             assert request.sid is not None
             self.received.append(request)
@@ -142,21 +147,44 @@ def _validate(resource: str, form: dict[str, str]) -> tuple[int, str] | None:
 
 def _resource(resource: str, account_sid: str, sid: str, form: dict[str, str]) -> dict[str, Any]:
     now = formatdate(usegmt=True)
-    common = {"sid": sid, "account_sid": account_sid, "to": form["To"], "from": form["From"],
-              "status": "queued", "date_created": now, "date_updated": now, "api_version": "2010-04-01",
-              "uri": f"/2010-04-01/Accounts/{account_sid}/{resource}/{sid}.json"}
+    common = {
+        "sid": sid,
+        "account_sid": account_sid,
+        "to": form["To"],
+        "from": form["From"],
+        "status": "queued",
+        "date_created": now,
+        "date_updated": now,
+        "api_version": "2010-04-01",
+        "uri": f"/2010-04-01/Accounts/{account_sid}/{resource}/{sid}.json",
+    }
     if resource == "Messages":
-        return {**common, "body": form["Body"], "direction": "outbound-api", "num_segments": "1",
-                "price": None, "error_code": None, "error_message": None}
+        return {
+            **common,
+            "body": form["Body"],
+            "direction": "outbound-api",
+            "num_segments": "1",
+            "price": None,
+            "error_code": None,
+            "error_message": None,
+        }
     return {**common, "direction": "outbound-api", "price": None}
 
 
-async def _error(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, code: int, message: str,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}",
-            "status": status}
+async def _error(
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+    status: int,
+    code: int,
+    message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
     await respond(send, status, json.dumps(body).encode(), headers)
-
 
 
 __all__ = ["FakeTwilio", "TwilioRequest"]

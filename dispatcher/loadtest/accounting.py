@@ -54,18 +54,26 @@ def failure_samples(failures: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     return samples
 
 
-def check_accounting(summary: Mapping[str, Any], channel: str, selected: int,
-                     expected_skipped: int | None) -> dict[str, Any]:
+def check_accounting(
+    summary: Mapping[str, Any], channel: str, selected: int, expected_skipped: int | None
+) -> dict[str, Any]:
     sent = int(summary.get("sent", {}).get(channel, 0))
     skipped = int(summary.get("skipped", {}).get(channel, 0))
     failed = int(summary.get("failed", {}).get(channel, 0))
     ok = sent + skipped + failed == selected and (expected_skipped is None or skipped == expected_skipped)
-    return {"selected": selected, "sent": sent, "skipped": skipped, "failed": failed,
-            "expected_skipped": expected_skipped, "ok": ok}
+    return {
+        "selected": selected,
+        "sent": sent,
+        "skipped": skipped,
+        "failed": failed,
+        "expected_skipped": expected_skipped,
+        "ok": ok,
+    }
 
 
-def check_exactly_once(expected: Counter[str], received: Counter[str], sent: int,
-                       failed_addresses: set[str], *, resend: bool = False) -> dict[str, Any]:
+def check_exactly_once(
+    expected: Counter[str], received: Counter[str], sent: int, failed_addresses: set[str], *, resend: bool = False
+) -> dict[str, Any]:
     """`expected` counts, per address, the deliveries reported sent; `received` what the fake got;
     `resend`: the channel sends ambiguous attempts again (at least once, by policy)."""
     missing = {a: n - received.get(a, 0) for a, n in expected.items() if received.get(a, 0) < n}
@@ -85,8 +93,11 @@ def check_exactly_once(expected: Counter[str], received: Counter[str], sent: int
         "duplicated": sum(duplicated.values()),
         "received_for_failed_deliveries": sum(delivered_but_failed.values()),
         "received_for_unknown_addresses": sum(strays.values()),
-        "examples": {"missing": sorted(missing)[:5], "duplicated": sorted(duplicated)[:5],
-                     "unknown": sorted(strays)[:5]},
+        "examples": {
+            "missing": sorted(missing)[:5],
+            "duplicated": sorted(duplicated)[:5],
+            "unknown": sorted(strays)[:5],
+        },
     }
 
 
@@ -98,7 +109,9 @@ def expected_for_fanout(population: Population, channel: str, failed_users: set[
     return expected
 
 
-def expected_for_stream(population: Population, channel: str, exchanges: Iterable[Exchange]) -> tuple[Counter[str], int]:
+def expected_for_stream(
+    population: Population, channel: str, exchanges: Iterable[Exchange]
+) -> tuple[Counter[str], int]:
     """Addresses of the stream requests on `channel` the service reported sent, and their number."""
     expected: Counter[str] = Counter()
     sent = 0

@@ -13,8 +13,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .accounting import (check_accounting, check_exactly_once, expected_for_fanout, expected_for_stream,
-                         failure_samples, failures_by_kind)
+from .accounting import (
+    check_accounting,
+    check_exactly_once,
+    expected_for_fanout,
+    expected_for_stream,
+    failure_samples,
+    failures_by_kind,
+)
 from .config import embedded_settings
 from .drivers import Exchange, Phase
 from .environment import Environment
@@ -48,10 +54,13 @@ def _channel_figures(env: Environment, phase: Phase, channel: str, config: dict[
         achieved = figures["mean_rate"]
         deviation = None if achieved is None else (achieved - limit) / limit * 100
         figures["rate_limit"] = {
-            "rate": limit, "burst": burst, "achieved": achieved,
+            "rate": limit,
+            "burst": burst,
+            "achieved": achieved,
             "deviation_pct": None if deviation is None else round(deviation, 3),
             "within_2pct": deviation is not None and abs(deviation) <= 2.0,
-            "max_in_1s": figures["max_in_1s"], "max_allowed_in_1s": limit + burst,
+            "max_in_1s": figures["max_in_1s"],
+            "max_allowed_in_1s": limit + burst,
             "window_ok": figures["max_in_1s"] <= limit + burst,
             # Arrivals are stamped by the harness's event loop: gaps far below 1/rate mean
             # arrivals bunched up on the way (scheduling jitter), which can tip a window over.
@@ -70,15 +79,17 @@ def _gaps(sorted_times: Sequence[float]) -> dict[str, float | None]:
     return {"min": ms(0), "p1": ms(1), "p50": ms(50), "max": ms(100)}
 
 
-def _channel_accounting(scenario: str, population: Population, channel: str, ok: list[Exchange],
-                        failed_users: set[int]) -> tuple[dict[str, Any], Counter[str], int]:
+def _channel_accounting(
+    scenario: str, population: Population, channel: str, ok: list[Exchange], failed_users: set[int]
+) -> tuple[dict[str, Any], Counter[str], int]:
     """(accounting check, receipts expected per address, deliveries reported sent) for `channel`."""
     if scenario == "fanout":
         if not ok:
             return check_accounting({}, channel, 0, 0), Counter(), 0
         summary = merged_summary(ok)
-        accounting = check_accounting(summary, channel, population.size,
-                                      population.size - population.with_address(channel))
+        accounting = check_accounting(
+            summary, channel, population.size, population.size - population.with_address(channel)
+        )
         return accounting, expected_for_fanout(population, channel, failed_users), accounting["sent"]
     # stream: each request selects one user who has an address on its channel.
     on_channel = [e for e in ok if e.channel == channel]
@@ -107,9 +118,12 @@ def _per_replica(options: LoadTestOptions, exchanges: list[Exchange], replicas: 
     rows = []
     for replica in range(replicas):
         mine = [e for e in exchanges if e.replica == replica]
-        row: dict[str, Any] = {"replica": replica + 1, "requests": len(mine),
-                               "errors": sum(1 for e in mine if not e.ok),
-                               "latency": latency_summary([e.latency for e in mine])}
+        row: dict[str, Any] = {
+            "replica": replica + 1,
+            "requests": len(mine),
+            "errors": sum(1 for e in mine if not e.ok),
+            "latency": latency_summary([e.latency for e in mine]),
+        }
         rows.append(row)
     return rows
 
@@ -117,7 +131,9 @@ def _per_replica(options: LoadTestOptions, exchanges: list[Exchange], replicas: 
 def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: float) -> dict[str, Any]:
     errors = [e for e in exchanges if not e.ok]
     requests: dict[str, Any] = {
-        "count": len(exchanges), "ok": len(exchanges) - len(errors), "errors": len(errors),
+        "count": len(exchanges),
+        "ok": len(exchanges) - len(errors),
+        "errors": len(errors),
         "error_samples": sorted({f"{e.reply.status}: {e.reply.error}" for e in errors})[:5],
         # From the time each request was due (stream: open-loop schedule) to its answer.
         "latency": latency_summary([e.latency for e in exchanges]),
@@ -127,8 +143,7 @@ def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: flo
         requests["offered_rps"] = options.rps
         requests["achieved_rps"] = round(len(exchanges) / duration, 2) if duration > 0 else None
         requests["service_time"] = latency_summary([e.finished - e.started for e in exchanges])
-        requests["users_per_request_ok"] = all(
-            e.reply.body.get("summary", {}).get("users") == 1 for e in ok)  # type: ignore[union-attr]
+        requests["users_per_request_ok"] = all(e.reply.body.get("summary", {}).get("users") == 1 for e in ok)  # type: ignore[union-attr]
     elif ok:
         requests["users_selected"] = merged_summary(ok)["users"]
     return requests
@@ -144,8 +159,11 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
     settings = embedded_settings(service.config, env)
     for channel in options.channels:
         resend = settings.channels.on_ambiguous(channel) == "resend"
-        failed_users = {i for f in failures if f.get("channel") == channel
-                        and (i := population.index_of(str(f.get("userId")))) is not None}
+        failed_users = {
+            i
+            for f in failures
+            if f.get("channel") == channel and (i := population.index_of(str(f.get("userId")))) is not None
+        }
         accounting, expected, sent = _channel_accounting(options.scenario, population, channel, ok, failed_users)
         receipts = env.tap.since(phase.mark, channel)
         failed_addresses = {a for i in failed_users for a in population.addresses(i, channel)}
@@ -172,32 +190,44 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
     if options.mode == "embedded":
         notes.append("embedded mode: peak RSS is the harness process, which also runs the fakes")
     if options.processes > 1:
-        shared = (", and the fan-out (sent to replica 1) is shared by every process" if options.scenario == "fanout"
-                  else "")
-        notes.append(f"{options.replicas} replica(s) x {options.workers or 1} worker(s) share one Redis: rate limits "
-                     f"are cluster-wide, concurrency is per process{shared}")
+        shared = (
+            ", and the fan-out (sent to replica 1) is shared by every process" if options.scenario == "fanout" else ""
+        )
+        notes.append(
+            f"{options.replicas} replica(s) x {options.workers or 1} worker(s) share one Redis: rate limits "
+            f"are cluster-wide, concurrency is per process{shared}"
+        )
     return {
         "scenario": options.scenario,
         "options": jsonable(dataclasses.asdict(options)),
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
         "service": {"mode": service.mode, "config": service.config},
-        "population": {"users": population.size,
-                       "with_address": {c: population.with_address(c) for c in options.channels}},
+        "population": {
+            "users": population.size,
+            "with_address": {c: population.with_address(c) for c in options.channels},
+        },
         "duration_s": round(duration, 3),
         "requests": requests,
         "channels": channels,
-        "total": {"sent": sum(c["sent"] for c in channels.values()),
-                  "failed": sum(c["failed"] for c in channels.values()),
-                  "received": total_received,
-                  # Until the last channel finished: diluted by the slowest lane's tail.
-                  "deliveries_per_s": round(total_received / duration, 2) if duration > 0 else 0.0,
-                  # While every channel was delivering: what the pipeline sustains.
-                  "busy_deliveries_per_s": busy["deliveries_per_s"], "busy_window_s": busy["window_s"]},
+        "total": {
+            "sent": sum(c["sent"] for c in channels.values()),
+            "failed": sum(c["failed"] for c in channels.values()),
+            "received": total_received,
+            # Until the last channel finished: diluted by the slowest lane's tail.
+            "deliveries_per_s": round(total_received / duration, 2) if duration > 0 else 0.0,
+            # While every channel was delivering: what the pipeline sustains.
+            "busy_deliveries_per_s": busy["deliveries_per_s"],
+            "busy_window_s": busy["window_s"],
+        },
         "replicas": _per_replica(options, phase.exchanges, service.replicas),
         "failures_by_kind": failures_by_kind(failures),
         "failure_samples": failure_samples(failures),
-        "checks": {"accounting": accounting_ok, "exactly_once": exactly_once_ok, "rate_limit": rate_limit_ok,
-                   "ok": accounting_ok and exactly_once_ok and rate_limit_ok},
+        "checks": {
+            "accounting": accounting_ok,
+            "exactly_once": exactly_once_ok,
+            "rate_limit": rate_limit_ok,
+            "ok": accounting_ok and exactly_once_ok and rate_limit_ok,
+        },
         "series": {"start": "scenario start", "bin_seconds": 1, "per_second": series},
         "notes": notes,
     }

@@ -125,12 +125,22 @@ async def transport_ceiling(settings: Settings, population: Population, channels
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     gc.unfreeze()
     attempted = counts["attempted"]
-    return BaselineRun("ceiling", elapsed, population.size, attempted, counts["sent"], attempted - counts["sent"], False,
-                       cpu, max(settings.channels[c].concurrency for c in channels))
+    return BaselineRun(
+        "ceiling",
+        elapsed,
+        population.size,
+        attempted,
+        counts["sent"],
+        attempted - counts["sent"],
+        False,
+        cpu,
+        max(settings.channels[c].concurrency for c in channels),
+    )
 
 
-async def _ceiling_worker(provider: Provider, queue: Any, bucket: TokenBucket | None, timeout: float,
-                          counts: dict[str, int]) -> None:
+async def _ceiling_worker(
+    provider: Provider, queue: Any, bucket: TokenBucket | None, timeout: float, counts: dict[str, int]
+) -> None:
     for message, address in queue:
         if bucket is not None:
             await bucket.acquire()
@@ -169,19 +179,20 @@ async def naive_loop(settings: Settings, population: Population, channels: Seque
                     message = Message(channel, user["_id"], addresses, texts.content_for(channel, user))
                     for address in addresses:
                         attempted += 1
-                        sent += await _send_once(providers[channel], message, address,
-                                                 settings.channels[channel].timeout_seconds)
+                        sent += await _send_once(
+                            providers[channel], message, address, settings.channels[channel].timeout_seconds
+                        )
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
             client.close()
-    return BaselineRun("naive", elapsed, len(users), attempted, sent, attempted - sent, len(users) < population.size,
-                       cpu)
+    return BaselineRun(
+        "naive", elapsed, len(users), attempted, sent, attempted - sent, len(users) < population.size, cpu
+    )
 
 
 def apprise_url(settings: Settings, address: str) -> str:
     smtp = settings.providers.smtp
-    return (f"mailto://{smtp.host}:{smtp.port}?mode=insecure&from={settings.sender.email}"
-            f"&to={address}&format=text")
+    return f"mailto://{smtp.host}:{smtp.port}?mode=insecure&from={settings.sender.email}&to={address}&format=text"
 
 
 def apprise_concurrency(settings: Settings) -> int:
@@ -221,8 +232,9 @@ def apprise_emails(settings: Settings, population: Population, sample: int) -> B
     return BaselineRun("apprise", elapsed, len(users), len(users), sent, len(users) - sent, sampled, cpu, threads)
 
 
-async def run_baseline(kind: str, settings: Settings, population: Population, channels: Sequence[str],
-                       sample: int) -> BaselineRun:
+async def run_baseline(
+    kind: str, settings: Settings, population: Population, channels: Sequence[str], sample: int
+) -> BaselineRun:
     if kind == "ceiling":
         return await transport_ceiling(settings, population, channels)
     if kind == "naive":
@@ -243,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings(args.config)
-    run = trio.run(run_baseline, args.kind, settings, Population(args.users), tuple(args.channels.split(",")),
-                   args.sample)
+    run = trio.run(
+        run_baseline, args.kind, settings, Population(args.users), tuple(args.channels.split(",")), args.sample
+    )
     json.dump(asdict(run), sys.stdout)
     return 0
 

@@ -36,8 +36,11 @@ def _base_sections(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"--base-config {path}: {exc}") from None
     kept: dict[str, Any] = {key: raw[key] for key in ("dispatcher", "templates") if isinstance(raw.get(key), dict)}
     channels = raw.get("channels") if isinstance(raw.get("channels"), dict) else {}
-    kept["channels"] = {name: {k: v for k, v in section.items() if k != "provider"}
-                        for name, section in channels.items() if isinstance(section, dict)}
+    kept["channels"] = {
+        name: {k: v for k, v in section.items() if k != "provider"}
+        for name, section in channels.items()
+        if isinstance(section, dict)
+    }
     pool_size = raw.get("providers", {}).get("smtp", {}).get("pool_size")
     if pool_size is not None:
         kept["smtp_pool_size"] = pool_size
@@ -57,12 +60,18 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
     for channel in options.channels:
         section = dict(base["channels"].get(channel, {})) if "channels" in base else {}
         section["provider"] = _PROVIDER_OF[channel]
-        for key, mapping in (("concurrency", options.concurrency), ("rate_per_second", options.rate),
-                             ("burst", options.burst)):
+        for key, mapping in (
+            ("concurrency", options.concurrency),
+            ("rate_per_second", options.rate),
+            ("burst", options.burst),
+        ):
             if channel in mapping:
                 section[key] = mapping[channel]
-        for key, value in (("timeout_seconds", options.timeout), ("max_attempts", options.max_attempts),
-                           ("backoff_initial_seconds", options.backoff)):
+        for key, value in (
+            ("timeout_seconds", options.timeout),
+            ("max_attempts", options.max_attempts),
+            ("backoff_initial_seconds", options.backoff),
+        ):
             if value is not None:
                 section[key] = value
         channels[channel] = section
@@ -124,10 +133,13 @@ def embedded_settings(config: Mapping[str, Any], env: Environment) -> Settings:
 def child_environment(env: Environment) -> dict[str, str]:
     """The environment of a child process: ours minus the service's own variables (the generated
     file must be the whole configuration), plus the secrets, and the package importable."""
-    child = {name: value for name, value in os.environ.items()
-             if not name.startswith("DISPATCHER_") and name not in
-             ("MONGODB_URL", "REDIS_URL", "SMTP_PASSWORD", "TWILIO_AUTH_TOKEN",
-                              "GOOGLE_APPLICATION_CREDENTIALS")}
+    child = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("DISPATCHER_")
+        and name
+        not in ("MONGODB_URL", "REDIS_URL", "SMTP_PASSWORD", "TWILIO_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
+    }
     child.update(secret_environment(env))
     root = str(Path(dispatcher.__file__).resolve().parent.parent)
     child["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))

@@ -28,13 +28,23 @@ DATA = {"code": "LT-2026"}
 
 
 def fanout_payload(channels: tuple[str, ...]) -> dict[str, Any]:
-    return {"channels": list(channels), "clusters": [CLUSTER], "messageTitle": TITLE,
-            "messageContent": CONTENT, "data": DATA}
+    return {
+        "channels": list(channels),
+        "clusters": [CLUSTER],
+        "messageTitle": TITLE,
+        "messageContent": CONTENT,
+        "data": DATA,
+    }
 
 
 def single_payload(channel: str, user_id: str) -> dict[str, Any]:
-    return {"channels": [channel], "recipients": [user_id], "messageTitle": TITLE,
-            "messageContent": CONTENT, "data": DATA}
+    return {
+        "channels": [channel],
+        "recipients": [user_id],
+        "messageTitle": TITLE,
+        "messageContent": CONTENT,
+        "data": DATA,
+    }
 
 
 @dataclass
@@ -107,8 +117,7 @@ def stream_targets(population: Population, channels: tuple[str, ...]) -> Iterato
                     break
 
 
-async def run_stream(service: RunningService, env: Environment, options: LoadTestOptions,
-                     status: PhaseStatus) -> Phase:
+async def run_stream(service: RunningService, env: Environment, options: LoadTestOptions, status: PhaseStatus) -> Phase:
     total = max(1, round(options.rps * options.duration))
     status.requests_total = total
     clients = trio.CapacityLimiter(options.clients)

@@ -53,8 +53,9 @@ def _received(env: Environment, mark: Mapping[str, int], channels: Sequence[str]
     return sum(env.tap.count(c) - mark.get(c, 0) for c in channels)
 
 
-async def run_fanout_killed(service: ProcessService, env: Environment, options: LoadTestOptions,
-                            status: PhaseStatus) -> tuple[Phase, dict[str, Any]]:
+async def run_fanout_killed(
+    service: ProcessService, env: Environment, options: LoadTestOptions, status: PhaseStatus
+) -> tuple[Phase, dict[str, Any]]:
     """Submit the fan-out, kill the service at the fraction, restart it, wait for the job's end.
     Returns the phase (one exchange whose body is the job's final summary and every failure)
     and the timeline."""
@@ -79,8 +80,10 @@ async def run_fanout_killed(service: ProcessService, env: Environment, options: 
             checked = trio.current_time()
             job = await _status(service, job_id)
             if job["status"] in FINAL_STATES and _received(env, phase.mark, channels) < target:
-                raise KillError(f"the job ended ({job['status']}) before {options.kill_at:.0%} of the deliveries "
-                                f"reached the fakes: lower --kill-at, or slow the fakes down (--latency)")
+                raise KillError(
+                    f"the job ended ({job['status']}) before {options.kill_at:.0%} of the deliveries "
+                    f"reached the fakes: lower --kill-at, or slow the fakes down (--latency)"
+                )
         await trio.sleep(0.002)
     killed_at = trio.current_time()
     killed_pid = service.pid
@@ -94,8 +97,9 @@ async def run_fanout_killed(service: ProcessService, env: Environment, options: 
         while (job := await _status(service, job_id))["status"] not in FINAL_STATES:
             await trio.sleep(_POLL_SECONDS)
     if waiting.cancelled_caught:
-        raise KillError(f"the resumed job {job_id} did not finish within {options.request_timeout:g}s "
-                        f"(see service.log)")
+        raise KillError(
+            f"the resumed job {job_id} did not finish within {options.request_timeout:g}s (see service.log)"
+        )
     failures = await _failures(service, job_id)
     phase.end = trio.current_time()
     body = {"summary": job["summary"], "failures": failures}
@@ -104,9 +108,14 @@ async def run_fanout_killed(service: ProcessService, env: Environment, options: 
 
     first_after = [t for c in channels for t in env.tap.since(phase.mark, c).times if t >= restarted_at]
     timeline = {
-        "job": job_id, "status": job["status"], "kill_at_fraction": options.kill_at, "kill_target_receipts": target,
-        "killed_pid": killed_pid, "restarted_pid": service.pid,
-        "killed_after_s": round(killed_at - phase.start, 3), "received_at_kill": received_at_kill,
+        "job": job_id,
+        "status": job["status"],
+        "kill_at_fraction": options.kill_at,
+        "kill_target_receipts": target,
+        "killed_pid": killed_pid,
+        "restarted_pid": service.pid,
+        "killed_after_s": round(killed_at - phase.start, 3),
+        "received_at_kill": received_at_kill,
         "restart_s": round(restarted_at - killed_at, 3),
         # From the restart until the resumed job's first delivery: the dead owner's lease expiring.
         "resumed_after_s": round(min(first_after) - restarted_at, 3) if first_after else None,
@@ -142,14 +151,22 @@ async def _failures(service: ProcessService, job_id: str) -> list[dict[str, Any]
             return failures
 
 
-def check_durability(population: Population, channels: Sequence[str], received: Mapping[str, Counter[str]],
-                     failures: Sequence[Mapping[str, Any]], policies: Mapping[str, str]) -> dict[str, Any]:
+def check_durability(
+    population: Population,
+    channels: Sequence[str],
+    received: Mapping[str, Counter[str]],
+    failures: Sequence[Mapping[str, Any]],
+    policies: Mapping[str, str],
+) -> dict[str, Any]:
     """Duplicates, losses and outcome-unknown deliveries per channel (see the module docstring);
     `received` counts the fakes' receipts per address, `policies` is each channel's on_ambiguous."""
     report: dict[str, Any] = {}
     for channel in channels:
-        errors = {population.index_of(str(f.get("userId"))): str(f.get("error", ""))
-                  for f in failures if f.get("channel") == channel}
+        errors = {
+            population.index_of(str(f.get("userId"))): str(f.get("error", ""))
+            for f in failures
+            if f.get("channel") == channel
+        }
         counts = received.get(channel, Counter())
         duplicates: list[str] = []
         lost: list[str] = []
@@ -170,12 +187,18 @@ def check_durability(population: Population, channels: Sequence[str], received: 
         policy = policies.get(channel, "report")
         failing_duplicates = 0 if policy == "resend" else len(duplicates)
         report[channel] = {
-            "on_ambiguous": policy, "duplicates": len(duplicates), "lost": len(lost),
-            "outcome_unknown": unknown, "outcome_unknown_received": unknown_received,
-            "failed": len(errors), "ok": failing_duplicates == 0 and not lost,
+            "on_ambiguous": policy,
+            "duplicates": len(duplicates),
+            "lost": len(lost),
+            "outcome_unknown": unknown,
+            "outcome_unknown_received": unknown_received,
+            "failed": len(errors),
+            "ok": failing_duplicates == 0 and not lost,
             "examples": {"duplicates": duplicates[:5], "lost": lost[:5]},
         }
-    totals = {key: sum(c[key] for c in report.values())
-              for key in ("duplicates", "lost", "outcome_unknown", "outcome_unknown_received")}
+    totals = {
+        key: sum(c[key] for c in report.values())
+        for key in ("duplicates", "lost", "outcome_unknown", "outcome_unknown_received")
+    }
     totals["duplicates_failing"] = sum(c["duplicates"] for c in report.values() if c["on_ambiguous"] != "resend")
     return {"ok": all(c["ok"] for c in report.values()), "channels": report, "total": totals}

@@ -77,8 +77,7 @@ class Environment:
         client: MongoClient[dict[str, Any]] = MongoClient(self.store_url, serverSelectionTimeoutMS=10_000)
         try:
             db = client[DATABASE]
-            for name in (settings.jobs_collection, settings.deliveries_collection,
-                         f"{settings.jobs_collection}_keys"):
+            for name in (settings.jobs_collection, settings.deliveries_collection, f"{settings.jobs_collection}_keys"):
                 db[name].delete_many({})
         finally:
             client.close()
@@ -87,8 +86,14 @@ class Environment:
 def _faults(options: LoadTestOptions, channel: str, offset: int) -> Faults:
     mix = options.errors_for(channel)
     # A seed per fake so that runs repeat while the fakes do not draw the same sequence.
-    return Faults(latency=options.latency, permanent_rate=mix.permanent, transient_rate=mix.transient,
-                  throttle_rate=mix.throttle, retry_after=options.retry_after, seed=options.seed * 10 + offset)
+    return Faults(
+        latency=options.latency,
+        permanent_rate=mix.permanent,
+        transient_rate=mix.transient,
+        throttle_rate=mix.throttle,
+        retry_after=options.retry_after,
+        seed=options.seed * 10 + offset,
+    )
 
 
 @asynccontextmanager
@@ -107,8 +112,11 @@ async def open_fakes(options: LoadTestOptions, scratch: Path) -> AsyncIterator[F
                 # One account serves both channels; its error mix is SMS's (voice's without SMS).
                 fakes.twilio_sid = "AC" + secrets.token_hex(16)
                 fakes.twilio_token = secrets.token_hex(16)
-                fakes.twilio = FakeTwilio(fakes.twilio_sid, fakes.twilio_token,
-                                          faults=_faults(options, "sms" if "sms" in channels else "voice", 2))
+                fakes.twilio = FakeTwilio(
+                    fakes.twilio_sid,
+                    fakes.twilio_token,
+                    faults=_faults(options, "sms" if "sms" in channels else "voice", 2),
+                )
                 fakes.twilio_url = await nursery.start(serve_asgi, fakes.twilio)
             if "push" in channels:
                 fakes.oauth = FakeOAuthToken()
@@ -134,8 +142,9 @@ async def open_environment(options: LoadTestOptions, scratch: Path) -> AsyncIter
         redis = await stack.enter_async_context(open_redis(scratch)) if options.cluster else None
         log.info("seeding %d users", population.size)
         # Abandoned on Ctrl-C: the store it writes to is about to stop anyway.
-        await trio.to_thread.run_sync(seed_users, store_url, DATABASE, USERS_COLLECTION, population,
-                                      abandon_on_cancel=True)
+        await trio.to_thread.run_sync(
+            seed_users, store_url, DATABASE, USERS_COLLECTION, population, abandon_on_cancel=True
+        )
         tap = ReceiptTap(fakes.sink, fakes.twilio, fakes.fcm)
         yield Environment(options, population, store_url, fakes, tap, scratch, redis, _store_pid(store_url))
 
@@ -148,6 +157,6 @@ def _store_pid(url: str) -> int | None:
             command = child.cmdline()
         except psutil.Error:
             continue
-        if "--port" in command and command[command.index("--port") + 1:][:1] == [port]:
+        if "--port" in command and command[command.index("--port") + 1 :][:1] == [port]:
             return child.pid
     return None

@@ -29,9 +29,14 @@ def latency_summary(latencies: Sequence[float]) -> dict[str, float | int | None]
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 2)
 
-    return {"count": len(values), "mean_ms": ms(sum(values) / len(values)) if values else None,
-            "p50_ms": ms(percentile(values, 50)), "p95_ms": ms(percentile(values, 95)),
-            "p99_ms": ms(percentile(values, 99)), "max_ms": ms(values[-1]) if values else None}
+    return {
+        "count": len(values),
+        "mean_ms": ms(sum(values) / len(values)) if values else None,
+        "p50_ms": ms(percentile(values, 50)),
+        "p95_ms": ms(percentile(values, 95)),
+        "p99_ms": ms(percentile(values, 99)),
+        "max_ms": ms(values[-1]) if values else None,
+    }
 
 
 def per_second(times: Sequence[float], start: float, end: float) -> list[int]:
@@ -85,8 +90,11 @@ def busy_rate(lanes: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
     start, end = window
     count = sum(bisect.bisect_right(t, end) - bisect.bisect_left(t, start) for t in lanes.values() if t)
     first = min(t[0] for t in lanes.values() if t)
-    return {"deliveries_per_s": round(count / (end - start), 2), "window_s": round(end - start, 3),
-            "from_s": round(start - first, 3)}
+    return {
+        "deliveries_per_s": round(count / (end - start), 2),
+        "window_s": round(end - start, 3),
+        "from_s": round(start - first, 3),
+    }
 
 
 def median(values: Sequence[float | None]) -> float | None:
@@ -175,8 +183,7 @@ class ProcessSampler:
         """CPU-seconds used since `snapshot` by every tracked process (or one root's tree); a
         process started since counts from its start."""
         self.sample()
-        return sum(t.cpu - snapshot.get(pid, 0.0) for pid, t in self._tracked.items()
-                   if root is None or t.root == root)
+        return sum(t.cpu - snapshot.get(pid, 0.0) for pid, t in self._tracked.items() if root is None or t.root == root)
 
     def system_snapshot(self) -> dict[int, float]:
         return {pid: t.system for pid, t in self._tracked.items()}
@@ -191,8 +198,10 @@ class ProcessSampler:
         return tracked.peak_rss if tracked is not None else 0
 
     def processes(self) -> list[dict[str, int | bool]]:
-        return [{"pid": pid, "root": t.root, "peak_rss_bytes": t.peak_rss, "alive": t.alive}
-                for pid, t in self._tracked.items()]
+        return [
+            {"pid": pid, "root": t.root, "peak_rss_bytes": t.peak_rss, "alive": t.alive}
+            for pid, t in self._tracked.items()
+        ]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._started = trio.current_time()

@@ -98,8 +98,12 @@ class LoadTestOptions:
                 raise OptionError(f"--channels: {channel!r} is not one of {', '.join(CHANNELS)}")
         if len(set(self.channels)) != len(self.channels):
             raise OptionError("--channels: a channel is listed twice")
-        for name, mapping in (("--concurrency", self.concurrency), ("--rate", self.rate),
-                              ("--burst", self.burst), ("--errors", self.errors)):
+        for name, mapping in (
+            ("--concurrency", self.concurrency),
+            ("--rate", self.rate),
+            ("--burst", self.burst),
+            ("--errors", self.errors),
+        ):
             for channel in mapping:
                 if channel not in CHANNELS:
                     raise OptionError(f"{name}: {channel!r} is not a channel")
@@ -169,8 +173,11 @@ def parse_latency(text: str) -> Latency:
     return (low, high)
 
 
-def parse_channel_values(text: str, convert: type[int] | type[float], channels: tuple[str, ...] = CHANNELS,
-                         ) -> dict[str, int | float]:
+def parse_channel_values(
+    text: str,
+    convert: type[int] | type[float],
+    channels: tuple[str, ...] = CHANNELS,
+) -> dict[str, int | float]:
     """'sms=100,email=20' or a bare value for every channel."""
     values: dict[str, int | float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -207,6 +214,6 @@ def parse_errors(text: str, channels: tuple[str, ...] = CHANNELS) -> dict[str, E
             raise OptionError(f"--errors: {value!r} is not a rate") from None
         if not 0 <= rate <= 1:
             raise OptionError(f"--errors: {part!r} must be between 0 and 1")
-        for target in ([channel] if dot else list(channels)):
+        for target in [channel] if dot else list(channels):
             rates.setdefault(target, {})[kind] = rate
     return {channel: ErrorMix(**kinds) for channel, kinds in rates.items()}

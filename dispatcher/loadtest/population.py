@@ -51,8 +51,10 @@ class Population:
             return ()
         count = 3 if index % 20 == 0 else 2 if index % 5 == 0 else 1
         # Roughly the length of a real FCM registration token.
-        return tuple(f"{index:07d}-{k}:APA91b" + hashlib.blake2b(f"{index}/{k}".encode(), digest_size=48).hexdigest()
-                     for k in range(count))
+        return tuple(
+            f"{index:07d}-{k}:APA91b" + hashlib.blake2b(f"{index}/{k}".encode(), digest_size=48).hexdigest()
+            for k in range(count)
+        )
 
     def addresses(self, index: int, channel: str) -> tuple[str, ...]:
         """What the service will deliver to on `channel`: one address, every device token, or none."""
@@ -65,8 +67,11 @@ class Population:
         return () if address is None else (address,)
 
     def document(self, index: int) -> dict[str, Any]:
-        doc: dict[str, Any] = {"_id": self.user_id(index), "name": f"User {index}",
-                               "clusters": [CLUSTER, f"shard-{index % 10}"]}
+        doc: dict[str, Any] = {
+            "_id": self.user_id(index),
+            "name": f"User {index}",
+            "clusters": [CLUSTER, f"shard-{index % 10}"],
+        }
         if (email := self.email(index)) is not None:
             doc["emailAddress"] = email
         if (phone := self.phone(index)) is not None:

@@ -22,8 +22,15 @@ class ProgressDisplay:
     """Shows `status` (the running phase) and the tap's counts; `enabled=False` only polls the tap
     (so its per-channel columns keep up with the fakes)."""
 
-    def __init__(self, console: Console, tap: ReceiptTap, channels: tuple[str, ...], rss: ProcessSampler | None,
-                 *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        console: Console,
+        tap: ReceiptTap,
+        channels: tuple[str, ...],
+        rss: ProcessSampler | None,
+        *,
+        enabled: bool = True,
+    ) -> None:
         self.console = console
         self.tap = tap
         self.channels = channels
@@ -48,8 +55,14 @@ class ProgressDisplay:
         elapsed = now - status.started if status.started else 0.0
         header = Text.assemble(("phase ", "dim"), (status.name, "bold"), ("  elapsed ", "dim"), f"{elapsed:6.1f}s")
         if status.requests_total > 1:
-            header.append_text(Text.assemble(("  requests ", "dim"), f"{status.requests_done}/{status.requests_total}",
-                                             ("  errors ", "dim"), str(status.request_errors)))
+            header.append_text(
+                Text.assemble(
+                    ("  requests ", "dim"),
+                    f"{status.requests_done}/{status.requests_total}",
+                    ("  errors ", "dim"),
+                    str(status.request_errors),
+                )
+            )
         if self.rss is not None and self.rss.peak:
             header.append_text(Text.assemble(("  peak RSS ", "dim"), f"{self.rss.peak / 2**20:.0f} MB"))
         table = Table(box=None, pad_edge=False)

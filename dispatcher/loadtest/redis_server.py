@@ -55,21 +55,40 @@ async def open_redis(scratch: Path) -> AsyncIterator[RedisServer]:
     """Start `redis-server --port P --save "" --appendonly no` on a free port; stop it on exit."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RedisNotAvailable("--replicas, --workers and --redis start a Redis for the cluster-wide limits: "
-                                "redis-server is not on PATH (Debian/Ubuntu: apt-get install redis-server)")
+        raise RedisNotAvailable(
+            "--replicas, --workers and --redis start a Redis for the cluster-wide limits: "
+            "redis-server is not on PATH (Debian/Ubuntu: apt-get install redis-server)"
+        )
     port = free_port()
     log_path = scratch / "redis.log"
     with open(log_path, "wb") as log_file:
         process = await trio.lowlevel.open_process(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(scratch)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(scratch),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
     try:
         ready = False
         with trio.move_on_after(START_TIMEOUT_SECONDS):
             while not await trio.to_thread.run_sync(answers_ping, port):
                 if process.poll() is not None:
-                    raise RedisNotAvailable(f"redis-server exited at start-up (code {process.returncode}): "
-                                            f"{log_path.read_text(errors='replace')[-1000:]}")
+                    raise RedisNotAvailable(
+                        f"redis-server exited at start-up (code {process.returncode}): "
+                        f"{log_path.read_text(errors='replace')[-1000:]}"
+                    )
                 await trio.sleep(0.05)
             ready = True
         if not ready:

@@ -29,32 +29,65 @@ def _mb(value: int | None) -> str:
 
 def print_report(results: dict[str, Any], console: Console) -> None:
     scenario = results["scenario"]
-    deliveries = Table(title=f"{scenario}: deliveries ({results['service']['mode']} mode, "
-                             f"{results['population']['users']:,} users, {results['duration_s']:.1f} s)")
-    for column in ("channel", "sent", "skipped", "failed", "received", "deliveries/s", "max in 1 s",
-                   "rate limit", "exactly once"):
+    deliveries = Table(
+        title=f"{scenario}: deliveries ({results['service']['mode']} mode, "
+        f"{results['population']['users']:,} users, {results['duration_s']:.1f} s)"
+    )
+    for column in (
+        "channel",
+        "sent",
+        "skipped",
+        "failed",
+        "received",
+        "deliveries/s",
+        "max in 1 s",
+        "rate limit",
+        "exactly once",
+    ):
         deliveries.add_column(column, justify="left" if column in ("channel", "rate limit") else "right")
     for channel, c in results["channels"].items():
         limit = c.get("rate_limit")
         if limit:
-            limit_text = (f"{limit['rate']:g}/s+{limit['burst']}: achieved {_fmt(limit['achieved'], 2)}/s "
-                          f"({_fmt(limit['deviation_pct'], 2)}%), max 1 s {limit['max_in_1s']}, "
-                          f"min gap {_fmt(limit['gap_ms']['min'], 1)} ms "
-                          f"[{'ok' if limit['within_2pct'] and limit['window_ok'] else 'OFF'}]")
+            limit_text = (
+                f"{limit['rate']:g}/s+{limit['burst']}: achieved {_fmt(limit['achieved'], 2)}/s "
+                f"({_fmt(limit['deviation_pct'], 2)}%), max 1 s {limit['max_in_1s']}, "
+                f"min gap {_fmt(limit['gap_ms']['min'], 1)} ms "
+                f"[{'ok' if limit['within_2pct'] and limit['window_ok'] else 'OFF'}]"
+            )
         else:
             limit_text = "-"
         once = c["exactly_once"]
         if once["ok"]:
             once_text = f"yes ({once['duplicated']} resent)" if once["duplicated"] else "yes"
         else:
-            once_text = (f"NO: {once['missing']} missing, {once['duplicated']} twice, "
-                         f"{once['received_for_unknown_addresses']} unknown")
-        deliveries.add_row(channel, _fmt(c["sent"]), _fmt(c["skipped"]), _fmt(c["failed"]), _fmt(c["received"]),
-                           _fmt(c["deliveries_per_s"]), _fmt(c["max_in_1s"]), limit_text, once_text)
+            once_text = (
+                f"NO: {once['missing']} missing, {once['duplicated']} twice, "
+                f"{once['received_for_unknown_addresses']} unknown"
+            )
+        deliveries.add_row(
+            channel,
+            _fmt(c["sent"]),
+            _fmt(c["skipped"]),
+            _fmt(c["failed"]),
+            _fmt(c["received"]),
+            _fmt(c["deliveries_per_s"]),
+            _fmt(c["max_in_1s"]),
+            limit_text,
+            once_text,
+        )
     total = results["total"]
-    deliveries.add_row("total", _fmt(total["sent"]), "", _fmt(total["failed"]), _fmt(total["received"]),
-                       _fmt(total["deliveries_per_s"]), "", "", _fmt(results["checks"]["exactly_once"]),
-                       style="bold")
+    deliveries.add_row(
+        "total",
+        _fmt(total["sent"]),
+        "",
+        _fmt(total["failed"]),
+        _fmt(total["received"]),
+        _fmt(total["deliveries_per_s"]),
+        "",
+        "",
+        _fmt(results["checks"]["exactly_once"]),
+        style="bold",
+    )
     console.print(deliveries)
 
     requests = results["requests"]
@@ -64,23 +97,36 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     summary.add_column(justify="right")
     summary.add_row("requests (errors)", f"{requests['count']:,} ({requests['errors']:,})")
     if scenario == "stream":
-        summary.add_row("offered / achieved rate", f"{requests['offered_rps']:g} / {_fmt(requests['achieved_rps'])} req/s")
-    summary.add_row("latency p50 / p95 / p99 / max",
-                    " / ".join(f"{_fmt(latency[k], 1)}" for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms")
+        summary.add_row(
+            "offered / achieved rate", f"{requests['offered_rps']:g} / {_fmt(requests['achieved_rps'])} req/s"
+        )
+    summary.add_row(
+        "latency p50 / p95 / p99 / max",
+        " / ".join(f"{_fmt(latency[k], 1)}" for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms",
+    )
     memory = results["memory"]
     summary.add_row(f"peak RSS ({memory['measured']})", _mb(memory["peak_rss_bytes"]))
     cpu = results.get("cpu")
     if cpu:
-        summary.add_row("CPU per delivery: service / store / harness",
-                        " / ".join(f"{_fmt(cpu[k], 3)}" for k in ("service_ms_per_delivery", "store_ms_per_delivery",
-                                                                   "harness_ms_per_delivery")) + " ms")
-    summary.add_row("deliveries/s while every channel is busy",
-                    f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)")
+        summary.add_row(
+            "CPU per delivery: service / store / harness",
+            " / ".join(
+                f"{_fmt(cpu[k], 3)}"
+                for k in ("service_ms_per_delivery", "store_ms_per_delivery", "harness_ms_per_delivery")
+            )
+            + " ms",
+        )
+    summary.add_row(
+        "deliveries/s while every channel is busy",
+        f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)",
+    )
     cluster = results.get("cluster")
     if cluster:
-        summary.add_row("Redis per delivery: limiter round trips (services' count) / script calls (Redis's)",
-                        f"{_fmt(cluster.get('limiter_round_trips_per_delivery'), 3)} / "
-                        f"{_fmt(cluster['script_calls_per_delivery'], 3)}")
+        summary.add_row(
+            "Redis per delivery: limiter round trips (services' count) / script calls (Redis's)",
+            f"{_fmt(cluster.get('limiter_round_trips_per_delivery'), 3)} / "
+            f"{_fmt(cluster['script_calls_per_delivery'], 3)}",
+        )
     summary.add_row("accounting (sent+skipped+failed = selected)", _fmt(results["checks"]["accounting"]))
     for sample in requests.get("error_samples", []):
         summary.add_row("error", sample)
@@ -91,24 +137,41 @@ def print_report(results: dict[str, Any], console: Console) -> None:
         for column in ("replica", "pid", "requests", "errors", "p99", "CPU", "peak RSS", "Redis round trips"):
             table.add_column(column, justify="right")
         for row in results["replicas"]:
-            table.add_row(str(row["replica"]), str(row.get("pid", "-")), _fmt(row["requests"]), _fmt(row["errors"]),
-                          f"{_fmt(row['latency']['p99_ms'])} ms", f"{_fmt(row.get('cpu_s'), 2)} s",
-                          f"{_fmt(row.get('peak_rss_mb'))} MB", _fmt(row.get("redis_round_trips")))
+            table.add_row(
+                str(row["replica"]),
+                str(row.get("pid", "-")),
+                _fmt(row["requests"]),
+                _fmt(row["errors"]),
+                f"{_fmt(row['latency']['p99_ms'])} ms",
+                f"{_fmt(row.get('cpu_s'), 2)} s",
+                f"{_fmt(row.get('peak_rss_mb'))} MB",
+                _fmt(row.get("redis_round_trips")),
+            )
         console.print(table)
 
     durability = results.get("durability")
     if durability:
         timeline = durability["timeline"]
-        table = Table(title=f"durability: SIGKILL after {timeline['received_at_kill']:,} receipts "
-                            f"({timeline['killed_after_s']:.1f} s), restarted in {timeline['restart_s']:.1f} s, "
-                            f"resumed {_fmt(timeline['resumed_after_s'])} s later, job {timeline['status']}")
+        table = Table(
+            title=f"durability: SIGKILL after {timeline['received_at_kill']:,} receipts "
+            f"({timeline['killed_after_s']:.1f} s), restarted in {timeline['restart_s']:.1f} s, "
+            f"resumed {_fmt(timeline['resumed_after_s'])} s later, job {timeline['status']}"
+        )
         for column in ("channel", "on_ambiguous", "duplicates", "lost", "outcome unknown", "of which received", "ok"):
             table.add_column(column, justify="left" if column in ("channel", "on_ambiguous") else "right")
         for channel, c in durability["channels"].items():
-            dup = _fmt(c["duplicates"]) + (" (resent by policy)" if c["duplicates"] and c["on_ambiguous"] == "resend"
-                                           else "")
-            table.add_row(channel, c["on_ambiguous"], dup, _fmt(c["lost"]), _fmt(c["outcome_unknown"]),
-                          _fmt(c["outcome_unknown_received"]), _fmt(c["ok"]))
+            dup = _fmt(c["duplicates"]) + (
+                " (resent by policy)" if c["duplicates"] and c["on_ambiguous"] == "resend" else ""
+            )
+            table.add_row(
+                channel,
+                c["on_ambiguous"],
+                dup,
+                _fmt(c["lost"]),
+                _fmt(c["outcome_unknown"]),
+                _fmt(c["outcome_unknown_received"]),
+                _fmt(c["ok"]),
+            )
         console.print(table)
 
     if results["failures_by_kind"]:
@@ -124,19 +187,37 @@ def print_report(results: dict[str, Any], console: Console) -> None:
         table = Table(title="baselines (same fakes, same concurrency)")
         for column in ("measurement", "users", "received", "time", "deliveries/s", "note"):
             table.add_column(column, justify="left" if column in ("measurement", "note") else "right")
-        table.add_row("pipeline (all channels)", _fmt(results["population"]["users"]), _fmt(total["received"]),
-                      f"{results['duration_s']:.2f} s", _fmt(total["deliveries_per_s"]), "")
+        table.add_row(
+            "pipeline (all channels)",
+            _fmt(results["population"]["users"]),
+            _fmt(total["received"]),
+            f"{results['duration_s']:.2f} s",
+            _fmt(total["deliveries_per_s"]),
+            "",
+        )
         if "email" in results["channels"]:
-            table.add_row("pipeline (e-mail)", "", _fmt(results["channels"]["email"]["received"]), "",
-                          _fmt(results["channels"]["email"]["deliveries_per_s"]), "")
+            table.add_row(
+                "pipeline (e-mail)",
+                "",
+                _fmt(results["channels"]["email"]["received"]),
+                "",
+                _fmt(results["channels"]["email"]["deliveries_per_s"]),
+                "",
+            )
         for kind, run in compare["runs"].items():
-            table.add_row(run["label"], _fmt(run["users"]), _fmt(run["received"]), f"{run['elapsed_s']:.2f} s",
-                          _fmt(run["deliveries_per_s"]), run["note"])
+            table.add_row(
+                run["label"],
+                _fmt(run["users"]),
+                _fmt(run["received"]),
+                f"{run['elapsed_s']:.2f} s",
+                _fmt(run["deliveries_per_s"]),
+                run["note"],
+            )
         console.print(table)
         ratios = Table(title="ratios (benchmarks, not pass/fail)")
         for column in ("ratio", "median", "rounds", "target"):
             ratios.add_column(column, justify="left" if column == "ratio" else "right")
-        for name, ratio in compare["ratios"].items():
+        for _name, ratio in compare["ratios"].items():
             value = "-" if ratio["value"] is None else f"{ratio['value']:.2f}"
             rounds = " ".join("-" if v is None else f"{v:.2f}" for v in ratio["rounds"])
             ratios.add_row(ratio["label"], value, rounds, ratio["target"])
@@ -147,11 +228,21 @@ def print_report(results: dict[str, Any], console: Console) -> None:
         for column in ("measurement", "deliveries/s", "busy deliveries/s", "CPU ms/delivery", "store CPU ms/delivery"):
             table.add_column(column, justify="left" if column == "measurement" else "right")
         m = medians["pipeline"]
-        table.add_row("pipeline (service)", _fmt(m["deliveries_per_s"]), _fmt(m["busy_deliveries_per_s"]),
-                      _fmt(m["cpu_ms_per_delivery"], 3), _fmt(m["store_cpu_ms_per_delivery"], 3))
+        table.add_row(
+            "pipeline (service)",
+            _fmt(m["deliveries_per_s"]),
+            _fmt(m["busy_deliveries_per_s"]),
+            _fmt(m["cpu_ms_per_delivery"], 3),
+            _fmt(m["store_cpu_ms_per_delivery"], 3),
+        )
         for kind, b in medians["baselines"].items():
-            table.add_row(kind, _fmt(b["deliveries_per_s"]), _fmt(b["busy_deliveries_per_s"]),
-                          _fmt(b["cpu_ms_per_delivery"], 3), _fmt(b["store_cpu_ms_per_delivery"], 3))
+            table.add_row(
+                kind,
+                _fmt(b["deliveries_per_s"]),
+                _fmt(b["busy_deliveries_per_s"]),
+                _fmt(b["cpu_ms_per_delivery"], 3),
+                _fmt(b["store_cpu_ms_per_delivery"], 3),
+            )
         console.print(table)
     for note in results.get("notes", []):
         console.print(f"[dim]note:[/dim] {note}")
@@ -171,8 +262,13 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
 
-    panels = [(f"{results['scenario']} ({results['service']['mode']} mode)", results["series"]["per_second"],
-               results["duration_s"])]
+    panels = [
+        (
+            f"{results['scenario']} ({results['service']['mode']} mode)",
+            results["series"]["per_second"],
+            results["duration_s"],
+        )
+    ]
     for run in (results.get("compare") or {}).get("runs", {}).values():
         if run.get("series"):
             panels.append((run["label"], run["series"], run["elapsed_s"]))
@@ -181,13 +277,16 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         longest = max((len(v) for v in series.values()), default=0)
         rates = {channel: _rates(values, duration) for channel, values in series.items()}
         if len(series) > 1:
-            rates["total"] = _rates([sum(v[i] if i < len(v) else 0 for v in series.values()) for i in range(longest)],
-                                    duration)
+            rates["total"] = _rates(
+                [sum(v[i] if i < len(v) else 0 for v in series.values()) for i in range(longest)], duration
+            )
         for channel, values in rates.items():
             edges = [float(i) for i in range(len(values) + 1)]
             if values and 0.05 < duration - (len(values) - 1) < 1.0:
                 edges[-1] = duration  # a partial last bin, drawn as wide as it was
-            ax.stairs(values, edges, label=channel, **({"color": "black", "linewidth": 1} if channel == "total" else {}))
+            ax.stairs(
+                values, edges, label=channel, **({"color": "black", "linewidth": 1} if channel == "total" else {})
+            )
         ax.set_title(title)
         ax.set_xlabel("seconds since start")
         ax.set_ylabel("deliveries / s")

@@ -35,9 +35,11 @@ from .config import child_environment, embedded_settings
 from .redis_server import script_calls, work_commands
 from .service import ProcessService, RunningService, open_service
 
-_BASELINE_LABELS = {"ceiling": "transport ceiling (bare provider loop)",
-                    "naive": "naive loop (query, render, send one at a time)",
-                    "apprise": "Apprise (e-mail, one notify per user, same concurrency)"}
+_BASELINE_LABELS = {
+    "ceiling": "transport ceiling (bare provider loop)",
+    "naive": "naive loop (query, render, send one at a time)",
+    "apprise": "Apprise (e-mail, one notify per user, same concurrency)",
+}
 
 
 class LoadTestError(DispatcherError):
@@ -47,7 +49,7 @@ class LoadTestError(DispatcherError):
 async def run_loadtest(options: LoadTestOptions, *, console: Console | None = None) -> dict[str, Any]:
     """Run the scenario (and the baselines), print the report, write the files; return the results."""
     console = console if console is not None else Console()
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     output = options.output / f"{options.scenario}-{started_at:%Y%m%d-%H%M%S}"
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dispatcher-loadtest-") as scratch:
@@ -70,8 +72,9 @@ async def run_loadtest(options: LoadTestOptions, *, console: Console | None = No
     return results
 
 
-async def _measure(options: LoadTestOptions, env: Environment, service: RunningService, console: Console,
-                   output: Path) -> dict[str, Any]:
+async def _measure(
+    options: LoadTestOptions, env: Environment, service: RunningService, console: Console, output: Path
+) -> dict[str, Any]:
     sampler = ProcessSampler(service.roots)
     display = ProgressDisplay(console, env.tap, options.channels, sampler, enabled=options.progress)
     async with trio.open_nursery() as nursery:
@@ -86,8 +89,14 @@ async def _measure(options: LoadTestOptions, env: Environment, service: RunningS
     return results
 
 
-async def _rounds(options: LoadTestOptions, env: Environment, service: RunningService, display: ProgressDisplay,
-                  sampler: ProcessSampler, output: Path) -> dict[str, Any]:
+async def _rounds(
+    options: LoadTestOptions,
+    env: Environment,
+    service: RunningService,
+    display: ProgressDisplay,
+    sampler: ProcessSampler,
+    output: Path,
+) -> dict[str, Any]:
     """`repeat` rounds of the scenario (and, with `compare`, the baselines after it), interleaved:
     pipeline, baselines, pipeline, baselines... The detailed figures are the first round's; the
     rounds and their medians come with them."""
@@ -121,8 +130,14 @@ async def _rounds(options: LoadTestOptions, env: Environment, service: RunningSe
     return first
 
 
-async def _pipeline_phase(options: LoadTestOptions, env: Environment, service: RunningService,
-                          display: ProgressDisplay, sampler: ProcessSampler, label: str) -> dict[str, Any]:
+async def _pipeline_phase(
+    options: LoadTestOptions,
+    env: Environment,
+    service: RunningService,
+    display: ProgressDisplay,
+    sampler: ProcessSampler,
+    label: str,
+) -> dict[str, Any]:
     status = PhaseStatus(label)
     display.set_phase(status)
     meter = await _Meter.start(env, sampler, service)
@@ -136,8 +151,13 @@ async def _pipeline_phase(options: LoadTestOptions, env: Environment, service: R
     return results
 
 
-async def _killed_fanout(options: LoadTestOptions, env: Environment, service: ProcessService,
-                         display: ProgressDisplay, sampler: ProcessSampler) -> dict[str, Any]:
+async def _killed_fanout(
+    options: LoadTestOptions,
+    env: Environment,
+    service: ProcessService,
+    display: ProgressDisplay,
+    sampler: ProcessSampler,
+) -> dict[str, Any]:
     status = PhaseStatus(f"fanout, SIGKILL at {options.kill_at:.0%}")
     display.set_phase(status)
     meter = await _Meter.start(env, sampler, service)
@@ -156,8 +176,10 @@ async def _killed_fanout(options: LoadTestOptions, env: Environment, service: Pr
     results["durability"] = {**durability, "timeline": timeline}
     resent = [c for c, d in durability["channels"].items() if d["duplicates"] and d["on_ambiguous"] == "resend"]
     if resent:
-        results["notes"].append(f"{', '.join(resent)}: on_ambiguous = resend, so what was in flight at the kill was "
-                                f"sent again (at least once, by design): exactly once does not apply there")
+        results["notes"].append(
+            f"{', '.join(resent)}: on_ambiguous = resend, so what was in flight at the kill was "
+            f"sent again (at least once, by design): exactly once does not apply there"
+        )
     checks = results["checks"]
     checks["durability"] = durability["ok"]
     # Resent by policy (push) is not exactly once, by design: durability judges duplicates.
@@ -219,13 +241,18 @@ class _Meter:
             return round(seconds / received * 1000, 4) if seconds is not None and received else None
 
         results["cpu"] = {
-            "service_s": round(self.service_s, 3), "service_ms_per_delivery": per_delivery_ms(self.service_s),
+            "service_s": round(self.service_s, 3),
+            "service_ms_per_delivery": per_delivery_ms(self.service_s),
             "service_system_s": round(self.system_s, 3),
             "store_s": None if self.store is None else round(self.store, 3),
             "store_ms_per_delivery": per_delivery_ms(self.store),
-            "harness_s": round(self.harness, 3), "harness_ms_per_delivery": per_delivery_ms(self.harness),
-            "measured": ("the service's processes (user + system, psutil)" if service.mode == "process"
-                         else "embedded mode: the harness process, which also runs the fakes"),
+            "harness_s": round(self.harness, 3),
+            "harness_ms_per_delivery": per_delivery_ms(self.harness),
+            "measured": (
+                "the service's processes (user + system, psutil)"
+                if service.mode == "process"
+                else "embedded mode: the harness process, which also runs the fakes"
+            ),
         }
         for row, root, cpu in zip(results["replicas"], service.roots(), self.per_root):
             row["pid"] = root
@@ -238,13 +265,16 @@ class _Meter:
             def per(n: int) -> float | None:
                 return round(n / received, 4) if received else None
 
-            results["cluster"] = {"redis": self.env.redis.url, "processes": len(results["processes"]),
-                                  # Script runs: the limiter's reservations, and the shared fan-outs'.
-                                  "script_calls": calls, "script_calls_per_delivery": per(calls),
-                                  # Redis counts the commands a script runs too (GET, SET, TIME...):
-                                  # a breakdown, not a count of round trips.
-                                  "commands_incl_script_internals": dict(sorted(work.items(),
-                                                                                key=lambda kv: -kv[1]))}
+            results["cluster"] = {
+                "redis": self.env.redis.url,
+                "processes": len(results["processes"]),
+                # Script runs: the limiter's reservations, and the shared fan-outs'.
+                "script_calls": calls,
+                "script_calls_per_delivery": per(calls),
+                # Redis counts the commands a script runs too (GET, SET, TIME...):
+                # a breakdown, not a count of round trips.
+                "commands_incl_script_internals": dict(sorted(work.items(), key=lambda kv: -kv[1])),
+            }
             for row, count in zip(results["replicas"], self.reported):
                 row["redis_round_trips"] = None if count is None else round(count)
             if self.reported and all(n is not None for n in self.reported):
@@ -252,9 +282,13 @@ class _Meter:
                 total = round(sum(self.reported))  # type: ignore[arg-type]
                 results["cluster"]["limiter_round_trips"] = total
                 results["cluster"]["limiter_round_trips_per_delivery"] = per(total)
-        results["memory"] = {"peak_rss_bytes": sampler.peak, "peak_rss_mb": round(sampler.peak / 2**20, 1),
-                             "measured": service.memory_note, "pid": service.pid,
-                             "samples_mb": thin([(t, round(b / 2**20, 1)) for t, b in sampler.samples], 600)}
+        results["memory"] = {
+            "peak_rss_bytes": sampler.peak,
+            "peak_rss_mb": round(sampler.peak / 2**20, 1),
+            "measured": service.memory_note,
+            "pid": service.pid,
+            "samples_mb": thin([(t, round(b / 2**20, 1)) for t, b in sampler.samples], 600),
+        }
 
 
 async def _reported_round_trips(service: RunningService) -> list[float | None]:
@@ -276,11 +310,16 @@ def _cpu_of(pid: int | None) -> float | None:
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The figures of one phase that rounds are compared on."""
     total, cpu = results["total"], results.get("cpu", {})
-    figures = {"received": total["received"], "elapsed_s": results["duration_s"],
-               "deliveries_per_s": total["deliveries_per_s"], "busy_deliveries_per_s": total["busy_deliveries_per_s"],
-               "cpu_s": cpu.get("service_s"), "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
-               "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
-               "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery")}
+    figures = {
+        "received": total["received"],
+        "elapsed_s": results["duration_s"],
+        "deliveries_per_s": total["deliveries_per_s"],
+        "busy_deliveries_per_s": total["busy_deliveries_per_s"],
+        "cpu_s": cpu.get("service_s"),
+        "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
+        "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
+        "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
+    }
     if "email" in results["channels"]:
         figures["email_deliveries_per_s"] = results["channels"]["email"]["deliveries_per_s"]
     if results["scenario"] == "stream":
@@ -292,12 +331,20 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-async def _baselines(options: LoadTestOptions, env: Environment, service: RunningService, display: ProgressDisplay,
-                     output: Path, number: int) -> dict[str, Any]:
+async def _baselines(
+    options: LoadTestOptions,
+    env: Environment,
+    service: RunningService,
+    display: ProgressDisplay,
+    output: Path,
+    number: int,
+) -> dict[str, Any]:
     kinds = ["ceiling", "naive"] + (["apprise"] if "email" in options.channels else [])
     runs: dict[str, Any] = {}
     for kind in kinds:
-        status = PhaseStatus(f"baseline: {kind}" + (f" (round {number}/{options.repeat})" if options.repeat > 1 else ""))
+        status = PhaseStatus(
+            f"baseline: {kind}" + (f" (round {number}/{options.repeat})" if options.repeat > 1 else "")
+        )
         status.started = trio.current_time()
         display.set_phase(status)
         channels = ("email",) if kind == "apprise" else options.channels
@@ -315,21 +362,30 @@ async def _baselines(options: LoadTestOptions, env: Environment, service: Runnin
         count = sum(len(r.times) for r in received.values())
         note = ""
         if run["sampled"]:
-            note = (f"sample of {run['users']:,} e-mails" if kind == "apprise"
-                    else f"sample of the first {run['users']:,} users")
+            note = (
+                f"sample of {run['users']:,} e-mails"
+                if kind == "apprise"
+                else f"sample of the first {run['users']:,} users"
+            )
         if kind == "apprise":
             note = ", ".join(filter(None, [note, f"{run['concurrency']} threads"]))
         busy = busy_rate({c: sorted(r.times) for c, r in received.items()})
-        runs[kind] = {**run, "label": _BASELINE_LABELS[kind], "received": count,
-                      "deliveries_per_s": round(count / run["elapsed_s"], 2) if run["elapsed_s"] > 0 else None,
-                      "busy_deliveries_per_s": busy["deliveries_per_s"],
-                      "cpu_ms_per_delivery": round(run["cpu_s"] / count * 1000, 4) if count else None,
-                      "store_cpu_ms_per_delivery": (round((store_end - store_cpu) / count * 1000, 4)
-                                                    if count and store_cpu is not None and store_end is not None
-                                                    else None),
-                      "note": note,
-                      # From when the baseline's own clock started (a child process starts up first).
-                      "series": {c: per_second(r.times, end - run["elapsed_s"], end) for c, r in received.items()}}
+        runs[kind] = {
+            **run,
+            "label": _BASELINE_LABELS[kind],
+            "received": count,
+            "deliveries_per_s": round(count / run["elapsed_s"], 2) if run["elapsed_s"] > 0 else None,
+            "busy_deliveries_per_s": busy["deliveries_per_s"],
+            "cpu_ms_per_delivery": round(run["cpu_s"] / count * 1000, 4) if count else None,
+            "store_cpu_ms_per_delivery": (
+                round((store_end - store_cpu) / count * 1000, 4)
+                if count and store_cpu is not None and store_end is not None
+                else None
+            ),
+            "note": note,
+            # From when the baseline's own clock started (a child process starts up first).
+            "series": {c: per_second(r.times, end - run["elapsed_s"], end) for c, r in received.items()},
+        }
     return runs
 
 
@@ -341,15 +397,17 @@ def _ratios(pipeline: dict[str, Any], runs: dict[str, Any]) -> dict[str, float |
     """One round's ratios, pipeline against the baselines measured right after it."""
     ceiling, naive = runs["ceiling"], runs["naive"]
     ratios = {
-        "cpu_per_delivery_vs_ceiling": _ratio(pipeline["cpu"]["service_ms_per_delivery"],
-                                              ceiling["cpu_ms_per_delivery"]),
+        "cpu_per_delivery_vs_ceiling": _ratio(
+            pipeline["cpu"]["service_ms_per_delivery"], ceiling["cpu_ms_per_delivery"]
+        ),
         "busy_rate_vs_ceiling": _ratio(pipeline["total"]["busy_deliveries_per_s"], ceiling["busy_deliveries_per_s"]),
         "rate_vs_ceiling": _ratio(pipeline["total"]["deliveries_per_s"], ceiling["deliveries_per_s"]),
         "rate_vs_naive": _ratio(pipeline["total"]["deliveries_per_s"], naive["deliveries_per_s"]),
     }
     if "apprise" in runs:
-        ratios["email_vs_apprise"] = _ratio(pipeline["channels"]["email"]["deliveries_per_s"],
-                                            runs["apprise"]["deliveries_per_s"])
+        ratios["email_vs_apprise"] = _ratio(
+            pipeline["channels"]["email"]["deliveries_per_s"], runs["apprise"]["deliveries_per_s"]
+        )
     return ratios
 
 
@@ -362,21 +420,26 @@ _RATIO_LABELS = {
 }
 
 
-def _compare_section(options: LoadTestOptions, rounds: list[dict[str, Any]], pipeline: dict[str, Any]) -> dict[str, Any]:
+def _compare_section(
+    options: LoadTestOptions, rounds: list[dict[str, Any]], pipeline: dict[str, Any]
+) -> dict[str, Any]:
     measured = [entry for entry in rounds if "ratios" in entry]
     ratios = {}
     for name, (label, target) in _RATIO_LABELS.items():
         values = [entry["ratios"].get(name) for entry in measured]
         if all(v is None for v in values):
             continue
-        ratios[name] = {"label": label, "target": target, "value": median(values),
-                        "rounds": values}
+        ratios[name] = {"label": label, "target": target, "value": median(values), "rounds": values}
     if len(measured) > 1:
-        pipeline["notes"].append(f"ratios: median of {len(measured)} interleaved rounds (pipeline, then each "
-                                 f"baseline); the tables show round 1")
+        pipeline["notes"].append(
+            f"ratios: median of {len(measured)} interleaved rounds (pipeline, then each "
+            f"baseline); the tables show round 1"
+        )
     if any(options.errors_for(c).total > 0 for c in options.channels):
-        pipeline["notes"].append("errors were injected: the baselines neither retry nor pause on 429 as the "
-                                 "pipeline does, so the ratios compare unlike work")
+        pipeline["notes"].append(
+            "errors were injected: the baselines neither retry nor pause on 429 as the "
+            "pipeline does, so the ratios compare unlike work"
+        )
     for kind, run in measured[0]["baselines"].items():
         if run["note"] and run["sampled"]:
             pipeline["notes"].append(f"{_BASELINE_LABELS[kind]}: measured on a {run['note']}")
@@ -391,20 +454,42 @@ def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         medians["pipeline"][key] = median([entry["pipeline"].get(key) for entry in rounds])
     for kind in rounds[0].get("baselines", {}):
         runs = [entry["baselines"][kind] for entry in rounds if kind in entry.get("baselines", {})]
-        medians["baselines"][kind] = {key: median([run.get(key) for run in runs])
-                                      for key in ("deliveries_per_s", "busy_deliveries_per_s", "cpu_ms_per_delivery",
-                                                  "store_cpu_ms_per_delivery", "received", "elapsed_s")}
+        medians["baselines"][kind] = {
+            key: median([run.get(key) for run in runs])
+            for key in (
+                "deliveries_per_s",
+                "busy_deliveries_per_s",
+                "cpu_ms_per_delivery",
+                "store_cpu_ms_per_delivery",
+                "received",
+                "elapsed_s",
+            )
+        }
     return medians
 
 
-async def _baseline_in_child(kind: str, options: LoadTestOptions, env: Environment, output: Path,
-                             sample: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "dispatcher.loadtest.baselines", kind,
-               "--config", str(output / "service-config.toml"), "--users", str(options.users),
-               "--channels", ",".join(options.channels), "--sample", str(sample)]
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
-                                    env=child_environment(env))
+async def _baseline_in_child(
+    kind: str, options: LoadTestOptions, env: Environment, output: Path, sample: int
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "dispatcher.loadtest.baselines",
+        kind,
+        "--config",
+        str(output / "service-config.toml"),
+        "--users",
+        str(options.users),
+        "--channels",
+        ",".join(options.channels),
+        "--sample",
+        str(sample),
+    ]
+    result = await trio.run_process(
+        command, capture_stdout=True, capture_stderr=True, check=False, env=child_environment(env)
+    )
     if result.returncode != 0:
-        raise LoadTestError(f"baseline {kind} failed (exit {result.returncode}):\n"
-                            f"{result.stderr.decode(errors='replace')[-3000:]}")
+        raise LoadTestError(
+            f"baseline {kind} failed (exit {result.returncode}):\n{result.stderr.decode(errors='replace')[-3000:]}"
+        )
     return json.loads(result.stdout)

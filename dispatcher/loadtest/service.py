@@ -83,7 +83,8 @@ class ServiceProcess:
     async def start(self, http: httpx.AsyncClient) -> None:
         with open(self.log_path, "ab") as log_file:
             self.process = await trio.lowlevel.open_process(
-                self.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=self.env)
+                self.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=self.env
+            )
         self.starts += 1
         await _wait_ready(self.process, http, self.log_path)
 
@@ -106,13 +107,21 @@ class ProcessService:
 
     mode = "process"
 
-    def __init__(self, processes: list[ServiceProcess], clients: list[list[httpx.AsyncClient]],
-                 config: dict[str, Any], workers: int | None = None) -> None:
+    def __init__(
+        self,
+        processes: list[ServiceProcess],
+        clients: list[list[httpx.AsyncClient]],
+        config: dict[str, Any],
+        workers: int | None = None,
+    ) -> None:
         self.processes = processes
         self.config = config
         self.replicas = len(processes)
-        self.memory_note = ("service process" if self.replicas == 1 and workers is None
-                            else "service processes, summed (supervisors and workers)")
+        self.memory_note = (
+            "service process"
+            if self.replicas == 1 and workers is None
+            else "service processes, summed (supervisors and workers)"
+        )
         self._idle = []
         for pool in clients:
             idle_in, idle_out = trio.open_memory_channel[httpx.AsyncClient](len(pool))
@@ -127,8 +136,7 @@ class ProcessService:
     def roots(self) -> list[int]:
         return [p.pid for p in self.processes if p.process is not None]
 
-    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None,
-                      replica: int = 0) -> Reply:
+    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None, replica: int = 0) -> Reply:
         """One HTTP exchange; a 2xx answer with a JSON body is a success."""
         idle_in, idle_out = self._idle[replica]
         client = await idle_out.receive()
@@ -162,8 +170,11 @@ class ProcessService:
             idle_in.send_nowait(client)
         if response.status_code != 200:
             return None
-        values = [float(line.rsplit(" ", 1)[1]) for line in response.text.splitlines()
-                  if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in response.text.splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+        ]
         return sum(values) if values else None
 
     async def restart(self, replica: int = 0) -> None:
@@ -215,21 +226,35 @@ async def open_service(options: LoadTestOptions, env: Environment, output: Path)
     extra: list[str] = []
     if options.workers is not None:
         if not await serve_has_workers(env):
-            raise ServiceError("--workers: this version of `dispatcher serve` has no --workers option; "
-                               "run without it (or use --replicas)")
+            raise ServiceError(
+                "--workers: this version of `dispatcher serve` has no --workers option; "
+                "run without it (or use --replicas)"
+            )
         extra = ["--workers", str(options.workers)]
-    processes = [ServiceProcess(service_command(config_path, options.service_log_level, port, extra),
-                                child_environment(env), _log_path(output, i, options.replicas), port)
-                 for i, port in enumerate(ports)]
+    processes = [
+        ServiceProcess(
+            service_command(config_path, options.service_log_level, port, extra),
+            child_environment(env),
+            _log_path(output, i, options.replicas),
+            port,
+        )
+        for i, port in enumerate(ports)
+    ]
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_stop_all, processes)
         timeout = httpx.Timeout(options.request_timeout, connect=10.0)
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         tls = ssl.create_default_context()  # unused (plain HTTP); shared, since each one costs ~40 ms
         per_replica = options.clients if options.scenario == "stream" else 2
-        clients = [[await stack.enter_async_context(httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits, verify=tls))
-            for _ in range(per_replica)] for port in ports]
+        clients = [
+            [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits, verify=tls)
+                )
+                for _ in range(per_replica)
+            ]
+            for port in ports
+        ]
         if len(processes) == 1:
             await processes[0].start(clients[0][0])
         else:
@@ -250,8 +275,9 @@ async def _stop_all(processes: list[ServiceProcess]) -> None:
                 nursery.start_soon(process.stop)
 
 
-def service_command(config_path: Path, log_level: str, port: int | None = None,
-                    extra: list[str] | None = None) -> list[str]:
+def service_command(
+    config_path: Path, log_level: str, port: int | None = None, extra: list[str] | None = None
+) -> list[str]:
     command = [sys.executable, "-m", "dispatcher", "--config", str(config_path), "--log-level", log_level, "serve"]
     if port is not None:
         command += ["--port", str(port)]
@@ -265,9 +291,13 @@ async def serve_has_workers(env: Environment) -> bool:
     """Whether `dispatcher serve` takes `--workers` (the option is new; older versions lack it)."""
     global _WORKERS_SUPPORTED
     if _WORKERS_SUPPORTED is None:
-        result = await trio.run_process([sys.executable, "-m", "dispatcher", "serve", "--help"],
-                                        capture_stdout=True, capture_stderr=True, check=False,
-                                        env=child_environment(env))
+        result = await trio.run_process(
+            [sys.executable, "-m", "dispatcher", "serve", "--help"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=child_environment(env),
+        )
         _WORKERS_SUPPORTED = b"--workers" in result.stdout
     return _WORKERS_SUPPORTED
 
@@ -289,8 +319,7 @@ async def _wait_ready(process: trio.Process, http: httpx.AsyncClient, log_path: 
     with trio.move_on_after(READY_TIMEOUT_SECONDS):
         while True:
             if process.poll() is not None:
-                raise ServiceError(f"the service exited at start-up (code {process.returncode}):\n"
-                                   f"{_tail(log_path)}")
+                raise ServiceError(f"the service exited at start-up (code {process.returncode}):\n{_tail(log_path)}")
             try:
                 response = await http.get("/-/ready", timeout=2.0)
                 if response.status_code == 200:

@@ -23,46 +23,49 @@ class ProviderEntry:
     name: str
     # None: any channel (the outbox writes whatever it is given).
     channels: frozenset[str] | None
-    create: Callable[["Settings"], Provider]
+    create: Callable[[Settings], Provider]
 
     def serves(self, channel: str) -> bool:
         return self.channels is None or channel in self.channels
 
 
-def _outbox(settings: "Settings") -> Provider:
+def _outbox(settings: Settings) -> Provider:
     from .outbox import OutboxProvider
 
     return OutboxProvider(settings.providers.outbox.dir)
 
 
-def _smtp(settings: "Settings") -> Provider:
+def _smtp(settings: Settings) -> Provider:
     from .smtp import SmtpProvider
 
     return SmtpProvider(settings.providers.smtp)
 
 
-def _twilio(settings: "Settings") -> Provider:
+def _twilio(settings: Settings) -> Provider:
     from .twilio import TwilioProvider
 
     return TwilioProvider(settings.providers.twilio)
 
 
-def _fcm(settings: "Settings") -> Provider:
+def _fcm(settings: Settings) -> Provider:
     from .fcm import FcmProvider
 
     return FcmProvider(settings.providers.fcm)
 
 
-PROVIDERS: dict[str, ProviderEntry] = {entry.name: entry for entry in (
-    ProviderEntry("outbox", None, _outbox),
-    ProviderEntry("smtp", frozenset({"email"}), _smtp),
-    ProviderEntry("twilio", frozenset({"sms", "voice"}), _twilio),
-    ProviderEntry("fcm", frozenset({"push"}), _fcm),
-)}
+PROVIDERS: dict[str, ProviderEntry] = {
+    entry.name: entry
+    for entry in (
+        ProviderEntry("outbox", None, _outbox),
+        ProviderEntry("smtp", frozenset({"email"}), _smtp),
+        ProviderEntry("twilio", frozenset({"sms", "voice"}), _twilio),
+        ProviderEntry("fcm", frozenset({"push"}), _fcm),
+    )
+}
 
 
 @asynccontextmanager
-async def open_providers(settings: "Settings") -> AsyncIterator[dict[str, Provider]]:
+async def open_providers(settings: Settings) -> AsyncIterator[dict[str, Provider]]:
     """One provider per active channel; a provider used by several channels is created once
     (Twilio serves SMS and voice with one client) and closed on exit."""
     by_name: dict[str, Provider] = {}

@@ -34,8 +34,16 @@ TOKEN_REQUEST_TIMEOUT_SECONDS = 30.0
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 # Error codes that no retry can fix: the token is gone or malformed, the message is invalid, the
 # token belongs to another sender, or APNs/web push credentials of the project are wrong.
-_PERMANENT_CODES = frozenset({"UNREGISTERED", "INVALID_ARGUMENT", "SENDER_ID_MISMATCH",
-                              "THIRD_PARTY_AUTH_ERROR", "PERMISSION_DENIED", "NOT_FOUND"})
+_PERMANENT_CODES = frozenset(
+    {
+        "UNREGISTERED",
+        "INVALID_ARGUMENT",
+        "SENDER_ID_MISMATCH",
+        "THIRD_PARTY_AUTH_ERROR",
+        "PERMISSION_DENIED",
+        "NOT_FOUND",
+    }
+)
 _THROTTLE_CODES = frozenset({"QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"})
 
 
@@ -62,15 +70,18 @@ class FcmProvider:
         if not settings.project_id:
             raise ConfigError("providers.fcm.project_id: required by the fcm provider")
         if not settings.credentials_file:
-            raise ConfigError("providers.fcm.credentials_file: required by the fcm provider "
-                              "(or set GOOGLE_APPLICATION_CREDENTIALS)")
+            raise ConfigError(
+                "providers.fcm.credentials_file: required by the fcm provider (or set GOOGLE_APPLICATION_CREDENTIALS)"
+            )
         try:
             self._credentials = service_account.Credentials.from_service_account_file(
-                settings.credentials_file, scopes=SCOPES)
+                settings.credentials_file, scopes=SCOPES
+            )
         except (OSError, ValueError, KeyError) as exc:
             # ValueError covers malformed JSON, missing fields and an unparsable private key.
-            raise ConfigError(f"providers.fcm.credentials_file: cannot load service-account key "
-                              f"{settings.credentials_file!r}: {exc}") from None
+            raise ConfigError(
+                f"providers.fcm.credentials_file: cannot load service-account key {settings.credentials_file!r}: {exc}"
+            ) from None
         self._url = f"{settings.api_base_url.rstrip('/')}/v1/projects/{settings.project_id}/messages:send"
         self._auth_request = google.auth.transport.requests.Request()
         self._token: _AccessToken | None = None
@@ -95,11 +106,14 @@ class FcmProvider:
         token = await self._access_token()
         try:
             response = await self._client.post(
-                self._url, json={"message": build_message(message.content, address)},
-                headers={"Authorization": f"Bearer {token.value}"})
+                self._url,
+                json={"message": build_message(message.content, address)},
+                headers={"Authorization": f"Bearer {token.value}"},
+            )
         except httpx.TransportError as exc:
-            raise TransientDeliveryError(f"FCM connection error: {type(exc).__name__}",
-                                         ambiguous=may_have_arrived(exc)) from None
+            raise TransientDeliveryError(
+                f"FCM connection error: {type(exc).__name__}", ambiguous=may_have_arrived(exc)
+            ) from None
         if response.is_success:
             token.after_rejection = False
             try:
@@ -146,6 +160,7 @@ class FcmProvider:
 
     def _refresh(self) -> tuple[str, float]:
         """Runs in a worker thread: fetch a token from the key's `token_uri` (blocking)."""
+
         def request(*args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", TOKEN_REQUEST_TIMEOUT_SECONDS)
             return self._auth_request(*args, **kwargs)
@@ -154,7 +169,7 @@ class FcmProvider:
         expiry = self._credentials.expiry  # naive UTC, as google-auth keeps it
         lifetime = 3600.0
         if expiry is not None:
-            now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+            now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
             lifetime = max(0.0, (expiry - now).total_seconds())
         return str(self._credentials.token), lifetime
 
@@ -193,8 +208,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def classify_error(response: httpx.Response, *,
-                   token_rejected_twice: bool = False) -> PermanentDeliveryError | TransientDeliveryError:
+def classify_error(
+    response: httpx.Response, *, token_rejected_twice: bool = False
+) -> PermanentDeliveryError | TransientDeliveryError:
     """Turn an FCM error answer into a delivery error whose reason names FCM's error code.
 
     A 401 is transient once: the caller dropped the token and the retry uses a fresh one. When a

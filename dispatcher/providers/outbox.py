@@ -34,8 +34,12 @@ class OutboxProvider:
                 mail["X-Envelope-Bcc"] = ", ".join(message.content.options.bcc)
             path, payload = folder / f"{stem}.eml", bytes(mail)
         else:
-            record = {"channel": message.channel, "userId": message.user_id, "to": address,
-                      **dataclasses.asdict(message.content)}
+            record = {
+                "channel": message.channel,
+                "userId": message.user_id,
+                "to": address,
+                **dataclasses.asdict(message.content),
+            }
             path, payload = folder / f"{stem}.json", json.dumps(record, ensure_ascii=False, indent=2).encode()
         await trio.to_thread.run_sync(_write, path, payload)
         return path.name

@@ -228,8 +228,9 @@ class SmtpProvider:
             for session in idle:
                 nursery.start_soon(session.quit)
 
-    async def _transact(self, session: _Session, mail: MimeMessage, sender: str, recipients: list[str],
-                        user_id: str) -> None:
+    async def _transact(
+        self, session: _Session, mail: MimeMessage, sender: str, recipients: list[str], user_id: str
+    ) -> None:
         protocol = session.protocol
         primary = recipients[0]
         smtputf8 = not all(part.isascii() for part in (sender, *recipients))
@@ -251,8 +252,9 @@ class SmtpProvider:
             await session.command(protocol.data, _Wire(mail))
         except (_ConnectionLost, *_IO_ERRORS) as exc:
             # The server may have queued the message before the connection went.
-            raise TransientDeliveryError(f"SMTP connection lost after the message was sent: {_describe(exc)}",
-                                         ambiguous=True) from exc
+            raise TransientDeliveryError(
+                f"SMTP connection lost after the message was sent: {_describe(exc)}", ambiguous=True
+            ) from exc
 
     async def _checkout(self) -> _Session:
         now = trio.current_time()

@@ -68,8 +68,15 @@ class TrioHttpClient(AsyncHttpClient):
     ) -> Response:
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         response = await self.http.request(
-            method.upper(), url, params=params, data=data, headers=headers, auth=auth,  # type: ignore[arg-type]
-            follow_redirects=allow_redirects, **extra)
+            method.upper(),
+            url,
+            params=params,
+            data=data,
+            headers=headers,
+            auth=auth,  # type: ignore[arg-type]
+            follow_redirects=allow_redirects,
+            **extra,
+        )
         exchange = _exchange.get()
         if exchange is not None:
             exchange.retry_after = response.headers.get("retry-after")
@@ -90,15 +97,21 @@ class TwilioProvider:
         if not settings.account_sid:
             raise ConfigError("providers.twilio.account_sid: required when a channel uses the twilio provider")
         if not token:
-            raise ConfigError("providers.twilio.auth_token: required when a channel uses the twilio provider "
-                              "(set TWILIO_AUTH_TOKEN)")
+            raise ConfigError(
+                "providers.twilio.auth_token: required when a channel uses the twilio provider (set TWILIO_AUTH_TOKEN)"
+            )
         # No pool cap: the channel's `concurrency` is the limit, a second one here would hide it.
-        self._http = TrioHttpClient(httpx.AsyncClient(
-            timeout=None, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)))
+        self._http = TrioHttpClient(
+            httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        )
         # A non-empty `environment` keeps the SDK from reading TWILIO_EDGE/TWILIO_REGION from
         # os.environ: they would rewrite the host, and the configuration alone decides it.
-        self._client = Client(settings.account_sid, token, http_client=self._http,
-                              environment={"TWILIO_ACCOUNT_SID": settings.account_sid})
+        self._client = Client(
+            settings.account_sid,
+            token,
+            http_client=self._http,
+            environment={"TWILIO_ACCOUNT_SID": settings.account_sid},
+        )
         self._client.api.base_url = settings.api_base_url.rstrip("/")
 
     async def send(self, message: Message, address: str) -> str | None:
@@ -117,8 +130,9 @@ class TwilioProvider:
         except TwilioException as exc:
             raise _classify(exc, exchange.retry_after) from exc
         except httpx.TransportError as exc:
-            raise TransientDeliveryError(f"Twilio connection error: {type(exc).__name__}",
-                                         ambiguous=may_have_arrived(exc)) from exc
+            raise TransientDeliveryError(
+                f"Twilio connection error: {type(exc).__name__}", ambiguous=may_have_arrived(exc)
+            ) from exc
         finally:
             _exchange.reset(token)
         return getattr(record, "sid", None)
