@@ -11,31 +11,25 @@ burning the budget.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
 from trio import MemoryReceiveChannel, MemorySendChannel
 
-from dispatcher.errors import RenderError, StoreError
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import Delivery, Message, User
-from dispatcher.plan import ChannelPlan
-from dispatcher.render_budget import RenderBudgetExceeded
-
+from .journal import Unrecorded
+from .messages import Delivery, Message, User
+from .ports import Lane, RenderFault, RenderJobs, RenderOverrun, StoreFault
 from .resolver import UnknownRecipient
 
 CHUNK = 32
 POISONED_AFTER = 3
-
-RenderJobs = Callable[[Sequence[Callable[[], Any]]], Awaitable[list[Any]]]
 
 
 async def render(
     users: MemoryReceiveChannel[list[User | UnknownRecipient]],
     out: MemorySendChannel[Message],
     results: MemorySendChannel[Delivery],
-    plan: ChannelPlan,
+    plan: Lane,
     data: dict[str, Any],
     journal: Unrecorded,
     render_jobs: RenderJobs,
@@ -50,7 +44,7 @@ async def render(
             ids = [_id_of(user, plan) for user in batch]
             try:
                 settled = await journal.settled(plan.channel, ids)
-            except StoreError as exc:
+            except StoreFault as exc:
                 journal.stop(exc)
                 continue
             pending = [user for user, user_id in zip(batch, ids) if user_id not in settled]
@@ -64,13 +58,13 @@ async def render(
                     outcomes: list[Any] = [_poisoned(user, plan, overruns[0]) for user in chunk]
                 else:
                     outcomes = await render_jobs([partial(_render_one, user, plan, data) for user in chunk])
-                    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderBudgetExceeded)]
+                    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderOverrun)]
                     if again:
                         retried = await render_jobs([partial(_render_one, chunk[i], plan, data) for i in again])
                         for i, outcome in zip(again, retried):
                             outcomes[i] = outcome
                 for user, outcome in zip(chunk, outcomes):
-                    if isinstance(outcome, RenderBudgetExceeded):
+                    if isinstance(outcome, RenderOverrun):
                         overruns.append(str(outcome))
                         outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome), kind="render")
                     if isinstance(outcome, Message):
@@ -79,11 +73,11 @@ async def render(
                         await results.send(outcome)
 
 
-def _id_of(user: User | UnknownRecipient, plan: ChannelPlan) -> str:
+def _id_of(user: User | UnknownRecipient, plan: Lane) -> str:
     return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 
-def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> Delivery:
+def _poisoned(user: User | UnknownRecipient, plan: Lane, reason: str) -> Delivery:
     if isinstance(user, UnknownRecipient):
         return _render_one(user, plan, {})  # type: ignore[return-value]
     return Delivery(
@@ -95,12 +89,12 @@ def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> 
     )
 
 
-def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:
+def _render_one(user: User | UnknownRecipient, plan: Lane, data: dict[str, Any]) -> Message | Delivery:
     """Runs in the render thread."""
     if isinstance(user, UnknownRecipient):
         return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False, kind="not_found")
     try:
         message = plan.message_for(user, data)
-    except RenderError as exc:
+    except RenderFault as exc:
         return Delivery(plan.id_of(user), plan.channel, "failed", str(exc), kind="render")
     return message if message is not None else Delivery(plan.id_of(user), plan.channel, "skipped")

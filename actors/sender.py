@@ -5,10 +5,9 @@ from __future__ import annotations
 import trio
 from trio import MemoryReceiveChannel, MemorySendChannel
 
-from dispatcher.delivery import Transport, deliver
-from dispatcher.errors import StoreError
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import Delivery, Message
+from .journal import Unrecorded
+from .messages import Delivery, Message
+from .ports import StoreFault, Transport
 
 
 async def send(
@@ -18,11 +17,11 @@ async def send(
     journal: Unrecorded | None = None,
 ) -> None:
     """With a recording journal, each message is marked `sending` in the ledger just before its
-    provider call (the ledger writes the marks of every concurrent task in one round trip)."""
+    provider call (`dispatcher.ledger` writes the marks of every concurrent task in one round trip)."""
     # One task per message, started only when a slot is free: a one-recipient send costs one task,
     # not a pool of idle workers. The channel's limiter inside `deliver` is process-wide, so
     # concurrent sends share the provider's allowance.
-    slots = trio.Semaphore(int(transport.gate.limiter.total_tokens))
+    slots = trio.Semaphore(transport.concurrency)
     journal = journal or Unrecorded()
 
     async def deliver_one(message: Message) -> None:
@@ -30,7 +29,7 @@ async def send(
             # Not claimed: the store is down (not marked, so not attempted: a resumed run sends
             # it), or another run of this job holds the delivery (that run reports it).
             if await _claimed(message, journal):
-                await results.send(await deliver(message, transport))
+                await results.send(await transport.deliver(message))
         finally:
             slots.release()
 
@@ -50,7 +49,7 @@ async def _claimed(message: Message, journal: Unrecorded) -> bool:
         return False
     try:
         taken = await journal.sending([(message.channel, message.user_id)])
-    except StoreError as exc:
+    except StoreFault as exc:
         journal.stop(exc)  # every sender of the run sees the fault and stops calling providers
         return False
     return journal.fault is None and not taken

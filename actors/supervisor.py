@@ -8,48 +8,41 @@ bounded, so a slow sender pushes back on its renderer and resolver instead of fi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import trio
 
-from dispatcher import metrics
-from dispatcher.delivery import Transport
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import Delivery, Message, User
-from dispatcher.models import SendResult
-from dispatcher.plan import RequestPlan
-from dispatcher.render_budget import render_batch
-from dispatcher.settings import TemplateSettings
-from dispatcher.store import Store
-
 from .collector import collect
-from .renderer import RenderJobs, render
+from .journal import Unrecorded
+from .messages import Delivery, Message, SendResult, User
+from .ports import Metrics, Plan, RenderJobs, Transport, Unobserved, UserSource, render_inline
+from .renderer import render
 from .resolver import UnknownRecipient, resolve
 from .sender import send
 
 
 async def run_pipeline(
-    plan: RequestPlan,
-    store: Store,
+    plan: Plan,
+    store: UserSource,
     transports: Mapping[str, Transport],
     queue_size: int,
     result: SendResult | None = None,
     journal: Unrecorded | None = None,
-    render_jobs: RenderJobs | None = None,
+    render_jobs: RenderJobs = render_inline,
+    metrics: Metrics | None = None,
 ) -> SendResult:
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
     `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders off
-    the event loop under a budget (default: `[templates].max_render_ms`'s default, in a worker
-    thread)."""
+    the event loop under a budget (the dispatcher passes `render_budget.render_batch`; the
+    default renders inline, without one)."""
     request = plan.request
     result = SendResult() if result is None else result
-    render_jobs = render_jobs or partial(render_batch, budget_seconds=TemplateSettings().max_render_ms / 1000)
     journal = journal or Unrecorded()
+    metrics = metrics or Unobserved()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     async with trio.open_nursery() as nursery:
-        providers = {lane.channel: transports[lane.channel].provider.name for lane in plan.channels}
-        nursery.start_soon(collect, results_receive, result, providers, journal)
+        providers = {lane.channel: transports[lane.channel].provider_name for lane in plan.channels}
+        nursery.start_soon(collect, results_receive, result, providers, journal, metrics)
         metrics.track_queue("collect", results_receive)
         with results_send:
             for lane in plan.channels:

@@ -23,15 +23,11 @@ from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
 from .errors import Interrupted, RequestError, StoreError
+from .http_errors import error_response
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
 
 log = logging.getLogger(__name__)
-
-
-def error_response(status: int, message: str) -> Response:
-    body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
-    return Response(json.dumps(body), status=status, content_type="application/json")
 
 
 def _not_json(constant: str) -> Any:

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from actors import run_pipeline
+from actors.ports import RenderJobs
 
 from . import logs, metrics
 from .channels import CHANNELS
+from .context import RunContext
 from .embedded_store import open_embedded_store
 from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
 from .files import FilesClient
@@ -110,8 +111,14 @@ class Dispatcher:
             )
             for channel, provider in providers.items()
         }
-        self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        self.context = RunContext(
+            store,
+            self.transports,
+            settings.dispatcher.queue_size,
+            partial(render_batch, budget_seconds=limits.max_render_ms / 1000),
+            self.on_ambiguous,
+        )
         self.channels = tuple(providers)
         # Cluster mode with the ledger: large jobs are shared with the other processes.
         self.fanout: SharedFanOut | None = None
@@ -121,6 +128,15 @@ class Dispatcher:
         self._idle = trio.Event()
         self._idle.set()
         self._closing = False
+
+    @property
+    def render_jobs(self) -> RenderJobs:
+        """How every run of this dispatcher renders (replaceable: a test wraps it)."""
+        return self.context.render_jobs
+
+    @render_jobs.setter
+    def render_jobs(self, render_jobs: RenderJobs) -> None:
+        self.context.render_jobs = render_jobs
 
     @property
     def in_flight(self) -> int:
@@ -284,15 +300,7 @@ class Dispatcher:
                         assert isinstance(run.journal, Journal)
                         await self.fanout.coordinate(job_id, run.plan, run.journal, run.result)
                     else:
-                        await run_pipeline(
-                            run.plan,
-                            self.store,
-                            self.transports,
-                            self.settings.dispatcher.queue_size,
-                            run.result,
-                            run.journal,
-                            self.render_jobs,
-                        )
+                        await self.context.run(run.plan, run.result, run.journal)
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
             except StoreError as exc:
@@ -511,7 +519,13 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 from .cluster.partitions import PartitionQueue
                 from .fanout import SharedFanOut
 
-                dispatcher.fanout = fanout = SharedFanOut(dispatcher, ledger, PartitionQueue.from_cluster(cluster))
+                dispatcher.fanout = fanout = SharedFanOut(
+                    dispatcher.context,
+                    dispatcher.prepare,
+                    ledger,
+                    PartitionQueue.from_cluster(cluster),
+                    settings.dispatcher.store_batch_size,
+                )
                 await nursery.start(
                     partial(
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds

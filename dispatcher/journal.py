@@ -1,8 +1,8 @@
 """One run of one job as the actors see the ledger: what an earlier run already settled, marking
 deliveries `sending` just before their provider calls, recording outcomes, and the cancel flag.
 
-`Journal` writes to the ledger; `Unrecorded` is the same interface for `[store].ledger = false`
-(nothing written, nothing resumable).
+`Journal` writes to the ledger; `Unrecorded` (the actors' own, `actors.journal`) is the same
+interface for `[store].ledger = false` (nothing written, nothing resumable).
 """
 
 from __future__ import annotations
@@ -10,44 +10,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 
-from .errors import StoreError
+from actors.journal import Unrecorded
+
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
 
+__all__ = ["STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded"]
+
 STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
-
-
-class Unrecorded:
-    """Also the state every actor of one run shares: cancelled by the client, or stopped by a
-    store failure (the actors stop starting deliveries; those in flight finish)."""
-
-    job_id: str | None = None
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.fault: StoreError | None = None
-
-    @property
-    def halted(self) -> bool:
-        return self.cancelled or self.fault is not None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def stop(self, fault: StoreError) -> None:
-        if self.fault is None:
-            self.fault = fault
-
-    async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
-        return {}
-
-    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Record that these (channel, user id) deliveries are about to be attempted; return
-        those another run has claimed (not to be attempted here)."""
-        return set()
-
-    async def record(self, deliveries: Sequence[Delivery]) -> None:
-        return None
 
 
 class Journal(Unrecorded):

@@ -28,6 +28,8 @@ from typing import TypeVar
 
 import trio
 
+from actors.ports import RenderOverrun
+
 from .errors import RenderError
 
 T = TypeVar("T")
@@ -50,7 +52,7 @@ _clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void
 )
 
 
-class RenderBudgetExceeded(RenderError):
+class RenderBudgetExceeded(RenderError, RenderOverrun):
     """A job ran longer than its budget and was interrupted; that delivery fails."""
 
     def __init__(self, budget_seconds: float) -> None:

@@ -1,0 +1,117 @@
+"""What the actors need from the rest of the service, as protocols and exceptions: where users
+come from, what a channel lane turns a user into, what a sender delivers through, where queue
+depths and outcomes are reported. `dispatcher` implements them (the store, the plan, the
+transports, the metrics) and hands them in; nothing here knows MongoDB, HTTP or a provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from .messages import Delivery, Message, User
+
+
+class StoreFault(Exception):
+    """The store (users or the ledger) cannot be reached: the run stops starting deliveries."""
+
+
+class RenderFault(Exception):
+    """A rendering failed for one user: that delivery fails, the others go on."""
+
+
+class RenderOverrun(RenderFault):
+    """A rendering ran longer than its budget. Counted by the renderer: a template that overruns
+    for a few users will for all of them."""
+
+
+class UserSource(Protocol):
+    """The selected users, in batches (`dispatcher.store.Store`)."""
+
+    def stream_users(self, recipients: Sequence[str], clusters: Sequence[str]) -> AsyncIterator[list[User]]: ...
+
+    def user_id(self, user: User) -> str: ...
+
+
+class Lane(Protocol):
+    """One channel of a send (`dispatcher.plan.ChannelPlan`)."""
+
+    @property
+    def channel(self) -> str: ...
+
+    def id_of(self, user: User) -> str: ...
+
+    def message_for(self, user: User, data: dict[str, Any]) -> Message | None:
+        """None when the user has no address on this channel; `RenderFault` when rendering fails."""
+        ...
+
+
+class Request(Protocol):
+    """Who a send goes to and the data its templates see (`dispatcher.models.SendRequest`)."""
+
+    @property
+    def recipients(self) -> Sequence[str]: ...
+
+    @property
+    def clusters(self) -> Sequence[str]: ...
+
+    @property
+    def data(self) -> dict[str, Any]: ...
+
+
+class Plan(Protocol):
+    """A validated send (`dispatcher.plan.RequestPlan`)."""
+
+    @property
+    def request(self) -> Request: ...
+
+    @property
+    def channels(self) -> Sequence[Lane]: ...
+
+
+class Transport(Protocol):
+    """Everything a sender actor needs to deliver on one channel (`dispatcher.delivery.Transport`):
+    `deliver` applies the channel's limits and retries and never raises for a failed delivery."""
+
+    @property
+    def provider_name(self) -> str: ...
+
+    @property
+    def concurrency(self) -> int: ...
+
+    async def deliver(self, message: Message) -> Delivery: ...
+
+
+class Metrics(Protocol):
+    """Where the actors report (`dispatcher.metrics`, a module, fits)."""
+
+    def track_queue(self, stage: str, channel: Any) -> None: ...
+
+    def observe_delivery(self, channel: str, provider: str, outcome: str, kind: str | None = None) -> None: ...
+
+
+class Unobserved:
+    """Metrics that go nowhere (an embedding or a test that does not need them)."""
+
+    def track_queue(self, stage: str, channel: Any) -> None:
+        return None
+
+    def observe_delivery(self, channel: str, provider: str, outcome: str, kind: str | None = None) -> None:
+        return None
+
+
+# Runs a chunk of renderings off the event loop and returns each one's outcome (its value, or the
+# exception it raised): `dispatcher.render_budget.render_batch` with the budget.
+RenderJobs = Callable[[Sequence[Callable[[], Any]]], Awaitable[list[Any]]]
+
+
+async def render_inline(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Renders on the event loop without a budget (trusted templates: tests, benchmarks). As with
+    `render_batch`, a `RenderFault` is the job's outcome and any other exception a bug."""
+    outcomes: list[Any] = []
+    for job in jobs:
+        try:
+            outcomes.append(job())
+        except RenderFault as exc:
+            outcomes.append(exc)
+    return outcomes
