@@ -12,7 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +209,15 @@ class EmbeddedService:
 
 
 @asynccontextmanager
-async def open_service(options: LoadTestOptions, env: Environment, output: Path) -> AsyncIterator[RunningService]:
-    """Start the service the way `options.mode` says and stop it when the block exits."""
+async def open_service(
+    options: LoadTestOptions,
+    env: Environment,
+    output: Path,
+    command: Callable[[Path, int], list[str]] | None = None,
+) -> AsyncIterator[RunningService]:
+    """Start the service the way `options.mode` says and stop it when the block exits. `command`
+    (config path, port -> argv) runs something else in the service's place on the same generated
+    configuration: `benchmarks/floor.py` runs the floor of a send that way."""
     if options.mode == "embedded":
         config = service_config(options, env, port=0)
         async with dispatcher.open_dispatcher(embedded_settings(config, env)) as instance:
@@ -231,7 +238,9 @@ async def open_service(options: LoadTestOptions, env: Environment, output: Path)
         extra = ["--workers", str(options.workers)]
     processes = [
         ServiceProcess(
-            service_command(config_path, options.service_log_level, port, extra),
+            service_command(config_path, options.service_log_level, port, extra)
+            if command is None
+            else command(config_path, port),
             child_environment(env),
             _log_path(output, i, options.replicas),
             port,
