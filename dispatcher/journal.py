@@ -14,6 +14,7 @@ from actors.journal import Unrecorded
 
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
+from .states import ACCEPTED_STATES
 
 __all__ = ["STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded"]
 
@@ -44,7 +45,7 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(
                     user_id,
                     channel,
-                    state,
+                    "sent" if state in ACCEPTED_STATES else state,
                     doc.get("error"),
                     user_found=doc.get("user_found", True),
                     attempts=doc.get("attempts", 0),
