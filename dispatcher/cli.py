@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import trio
 
 from . import __version__
-from .errors import ConfigError, DispatcherError
+from .errors import ConfigError, DispatcherError, StoreInUse
 from .loadtest.cli import add_parser as add_loadtest_parser
 from .logs import configure_logging, python_level
 from .settings import ENV_PREFIX, ConfigReport, Settings, find_config_file, load_settings_report
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for leaf in leaves:
             prefix = "configuration error" if isinstance(leaf, ConfigError) else "error"
             print(f"{prefix}: {leaf}", file=sys.stderr)
-        return 2 if any(isinstance(leaf, (ConfigError, CannotListen)) for leaf in leaves) else 1
+        return 2 if any(isinstance(leaf, (ConfigError, CannotListen, StoreInUse)) for leaf in leaves) else 1
     return 0
 
 
