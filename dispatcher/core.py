@@ -505,6 +505,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
+            nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
             if ledger is not None and cluster is not None:
