@@ -2,7 +2,9 @@
 
 It checks HTTP Basic auth, the account in the path, the form fields and that `To` is E.164, then
 answers from its `Faults`: 201 with a `sid`, 400 code 21610 (permanent), 503 code 20503
-(transient), 429 code 20429 with `Retry-After` (throttle), or no answer at all (stall).
+(transient), 429 code 20429 with `Retry-After` (throttle), or no answer at all (stall). A number
+in `throttled_numbers` is answered 429 code 14107 (that destination's limit) with its
+`Retry-After`, whatever the faults say.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class FakeTwilio:
     faults: Faults = field(default_factory=Faults)
     received: list[TwilioRequest] = field(default_factory=list)
     attempts: list[TwilioRequest] = field(default_factory=list)
+    # 'To' number -> Retry-After seconds: answered 429 code 14107 (per-destination rate limit).
+    throttled_numbers: dict[str, float] = field(default_factory=dict)
 
     def attempts_to(self, number: str) -> list[TwilioRequest]:
         """Every request addressed to `number`."""
@@ -96,6 +100,11 @@ class FakeTwilio:
             await _error(send, 400, *problem)
             return
 
+        if form["To"] in self.throttled_numbers:
+            record("throttle")
+            retry_after = f"{self.throttled_numbers[form['To']]:g}".encode()
+            await _error(send, 429, 14107, "SMS send rate limit exceeded", [(b"retry-after", retry_after)])
+            return
         outcome = self.faults.next_outcome()
         prefix = "SM" if match["resource"] == "Messages" else "CA"
         request = record(outcome, prefix + secrets.token_hex(16) if outcome == "ok" else None)
