@@ -16,6 +16,7 @@ import trio
 from .errors import StoreError
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
+from .states import ACCEPTED_STATES
 
 STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
 # A delivery claimed by another run that is no longer alive, whose process may not have stopped
@@ -131,7 +132,7 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(
                     user_id,
                     channel,
-                    state,
+                    "sent" if state in ACCEPTED_STATES else state,
                     doc.get("error"),
                     user_found=doc.get("user_found", True),
                     attempts=doc.get("attempts", 0),
