@@ -11,7 +11,8 @@ from trio import MemoryReceiveChannel
 
 from .journal import Unrecorded
 from .messages import Delivery, Failure, SendResult
-from .ports import Metrics, StoreFault
+from .faults import StoreFault
+from .ports import Metrics
 
 log = logging.getLogger(__name__)
 

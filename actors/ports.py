@@ -1,6 +1,6 @@
-"""What the actors need from the rest of the service, as protocols and exceptions: where users
-come from, what a channel lane turns a user into, what a sender delivers through, where queue
-depths and outcomes are reported. `dispatcher` implements them (the store, the plan, the
+"""What the actors need from the rest of the service, as protocols: where users come from, what
+a channel lane turns a user into, what a sender delivers through, where queue depths and outcomes
+are reported. `dispatcher` implements them (the store, the plan, the
 transports, the metrics) and hands them in; nothing here knows MongoDB, HTTP or a provider.
 """
 
@@ -9,20 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from .faults import RenderFault
+from .journal import Unrecorded
 from .messages import Delivery, Message, User
-
-
-class StoreFault(Exception):
-    """The store (users or the ledger) cannot be reached: the run stops starting deliveries."""
-
-
-class RenderFault(Exception):
-    """A rendering failed for one user: that delivery fails, the others go on."""
-
-
-class RenderOverrun(RenderFault):
-    """A rendering ran longer than its budget. Counted by the renderer: a template that overruns
-    for a few users will for all of them."""
 
 
 class UserSource(Protocol):
@@ -70,8 +59,7 @@ class Plan(Protocol):
 
 
 class Transport(Protocol):
-    """Everything a sender actor needs to deliver on one channel (`dispatcher.delivery.Transport`):
-    `deliver` applies the channel's limits and retries and never raises for a failed delivery."""
+    """Everything a sender actor needs to deliver on one channel (`dispatcher.delivery.Transport`)."""
 
     @property
     def provider_name(self) -> str: ...
@@ -79,7 +67,11 @@ class Transport(Protocol):
     @property
     def concurrency(self) -> int: ...
 
-    async def deliver(self, message: Message) -> Delivery: ...
+    async def deliver(self, message: Message, journal: Unrecorded) -> Delivery | None:
+        """Deliver under the channel's limits and retries, claiming it in `journal` first: the
+        outcome, or None when it was not attempted here (another run holds it, or the store
+        failed: `journal.fault`). Never raises for a failed delivery."""
+        ...
 
 
 class Metrics(Protocol):

@@ -18,7 +18,8 @@ from trio import MemoryReceiveChannel, MemorySendChannel
 
 from .journal import Unrecorded
 from .messages import Delivery, Message, User
-from .ports import Lane, RenderFault, RenderJobs, RenderOverrun, StoreFault
+from .faults import RenderFault, RenderOverrun, StoreFault
+from .ports import Lane, RenderJobs
 from .resolver import UnknownRecipient
 
 CHUNK = 32

@@ -9,7 +9,8 @@ from trio import MemorySendChannel
 
 from .journal import Unrecorded
 from .messages import User
-from .ports import StoreFault, UserSource
+from .faults import StoreFault
+from .ports import UserSource
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import trio
 
-from actors.ports import RenderOverrun
+from actors.faults import RenderOverrun
 
 from .errors import RenderError
 
