@@ -23,29 +23,14 @@ from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
 from .errors import Interrupted, RequestError, StoreError
-from .http_errors import error_response
-from .models import MAX_DEPTH, SendRequest
+from .web import error_response, parse_json_body
+from .models import SendRequest
 from .ops import install_ops
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
 
 log = logging.getLogger(__name__)
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a JSON value")
-
-
-def parse_json_body(raw: bytes) -> Any:
-    """A request body as JSON; `RequestError` for malformed JSON (Quart's get_json would answer
-    it with an HTML 400), NaN/Infinity, or nesting too deep to decode."""
-    try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"malformed JSON body: {exc}") from None
-    except RecursionError:
-        raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:

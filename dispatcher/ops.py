@@ -18,7 +18,7 @@ from quart import Response, g, request
 
 from . import metrics
 from .auth import ApiKeys, is_protected, load_api_keys, presented_key
-from .http_errors import error_response
+from .web import error_response
 from .logs import request_id_from, request_id_var
 from .openapi import docs_page, openapi_for, route_template
 
