@@ -294,7 +294,13 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "Every delivery was attempted; the failures and counts",
                     content={"application/json": {"schema": _ref("SendResult"), "example": QUICK_START_RESULT}},
                 ),
-                "202": _json("JobAccepted", "Accepted as a job (asynchronous mode)"),
+                "202": _json(
+                    "JobAccepted",
+                    "Accepted as a job: asynchronous mode (`{id, status}`), or a synchronous request "
+                    "still running after `[server].sync_timeout_seconds` (the job as `GET /send/{id}` "
+                    "shows it; the job goes on). `Location` names the job",
+                    content={"application/json": {"schema": {"anyOf": [_ref("JobAccepted"), _ref("JobStatus")]}}},
+                ),
                 "400": _error("Invalid request; nothing was sent"),
                 "401": _UNAUTHORIZED,
                 "413": _error("Body larger than `[server].max_body_bytes`"),
