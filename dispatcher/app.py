@@ -22,9 +22,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
-from .errors import Interrupted, RequestError, StoreError
-from .web import error_response, parse_json_body
+from .errors import Interrupted, RequestError, StillRunning, StoreError
+from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest
+from .web import error_response, parse_json_body
 from .ops import install_ops
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
@@ -113,6 +114,15 @@ def _wants_async() -> bool:
     return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
 
 
+def _viewer() -> Viewer:
+    """Who the request's API key lets see which jobs (set by ops.py's key check)."""
+    return g.get("viewer") or EVERYONE
+
+
+def _located(job_id: str | None) -> dict[str, str]:
+    return {"Location": f"/send/{job_id}"} if job_id else {}
+
+
 def create_app(dispatcher: Dispatcher) -> QuartTrio:
     app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = dispatcher.settings.server.max_body_bytes
@@ -133,17 +143,31 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             # Accepted, nothing reported yet: the contract's "queued" (GET /send/{id} follows it).
             body = {"id": job_id, "status": "queued"}
             return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
-        result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
-        return result.to_json()
+        try:
+            result = await dispatcher.send(
+                send_request,
+                idempotency_key=key,
+                key_scope=scope,
+                wait_seconds=dispatcher.settings.server.sync_timeout_seconds,
+            )
+        except StillRunning as exc:
+            # [server].sync_timeout_seconds ran out: the job goes on; say where to follow it.
+            return await dispatcher.status(exc.job_id, _viewer()), 202, _located(exc.job_id)
+        return result.to_json(), 200, _located(result.job_id)
+
+    @app.get("/send")
+    async def job_list() -> Any:
+        page = await dispatcher.jobs(JobQuery.from_args(request.args), _viewer())
+        return page.to_json()
 
     # `<id>`, as the OpenAPI document names it.
     @app.get("/send/<id>")
     async def job_status(id: str) -> Any:  # noqa: A002
-        return await dispatcher.status(id)
+        return await dispatcher.status(id, _viewer())
 
     @app.delete("/send/<id>")
     async def job_cancel(id: str) -> Any:  # noqa: A002
-        return await dispatcher.cancel(id)
+        return await dispatcher.cancel(id, _viewer())
 
     @app.get("/send/<id>/failures")
     async def job_failures(id: str) -> Any:  # noqa: A002
@@ -153,14 +177,14 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             raise RequestError("limit: must be an integer") from None
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
-        return await dispatcher.failures(id, request.args.get("after") or None, limit)
+        return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002
         user_id = request.args.get("userId")
         if not user_id:
             raise RequestError("userId: required (the user whose deliveries to show)")
-        return await dispatcher.deliveries(id, user_id)
+        return await dispatcher.deliveries(id, user_id, _viewer())
 
     twilio = dispatcher.settings.providers.twilio
     signature = (
@@ -213,10 +237,10 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             "statusCode": 503,
             "error": HTTPStatus(503).phrase,
             "message": str(exc),
-            "id": exc.job_id,
             **exc.partial.to_json(),
+            "id": exc.job_id,
         }
-        return Response(json.dumps(body), status=503, content_type="application/json")
+        return Response(json.dumps(body), status=503, content_type="application/json", headers=_located(exc.job_id))
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:

@@ -25,6 +25,7 @@ from .journal import Journal
 from .ledger import FINAL_STATES, Ledger
 from .messages import Delivery
 from .models import Failure, SendRequest, SendResult, Summary
+from .cancels import CancelWatch
 from .context import RunContext
 from .plan import RequestPlan
 
@@ -42,14 +43,16 @@ class SharedFanOut:
         ledger: Ledger,
         queue: PartitionQueue,
         batch_size: int,
+        cancels: CancelWatch,
     ) -> None:
         """`prepare` plans a job's request again in a process that did not accept it; `batch_size`
-        users make a partition."""
+        users make a partition; `cancels` relays a cancel of the job to the partitions delivered here."""
         self._context = context
         self._prepare = prepare
         self._ledger = ledger
         self.queue = queue
         self._batch_size = batch_size
+        self._cancels = cancels
         # Plans by job id: a worker takes many partitions of one job; compiling once is enough.
         self._plans: OrderedDict[str, RequestPlan] = OrderedDict()
 
@@ -140,7 +143,8 @@ class SharedFanOut:
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
-        await self._context.run(RequestPlan(request, plan.channels), journal=journal)
+        with self._cancels.watching(partition.job_id, journal):
+            await self._context.run(RequestPlan(request, plan.channels), journal=journal)
         if journal.fault is not None:
             raise journal.fault  # left pending: the partition is taken again after the idle time
 
