@@ -78,6 +78,12 @@ class StoreSettings(_Section):
     crud_states: tuple[Literal["PUBLIC", "DRAFT", "TRASH", "DELETED"], ...] = ("PUBLIC",)
 
 
+class LedgerSettings(_Section):
+    # A delivery still `sent` this long after it was accepted, on a channel whose provider sends
+    # receipts, becomes `unconfirmed`.
+    receipt_timeout_hours: float = Field(72.0, gt=0)
+
+
 class UserFields(_Section):
     id: str = "_id"
     email_address: str = "emailAddress"
@@ -191,6 +197,24 @@ class TwilioSettings(_Section):
     account_sid: str = ""
     auth_token: SecretStr = SecretStr("")  # from TWILIO_AUTH_TOKEN only
     api_base_url: str = "https://api.twilio.com"
+    # The service's public URL as Twilio reaches it (scheme, host, port, path prefix): messages and
+    # calls are created with StatusCallback = this + /providers/twilio/status, and receipts are
+    # verified against it. Empty: no receipts.
+    status_callback_base_url: str = ""
+    # A receipt for a message the ledger does not hold yet is kept this long, then dropped.
+    orphan_receipt_minutes: float = Field(10.0, gt=0)
+    # Reconciliation: how long after an ambiguous attempt's claim Twilio's message and call lists
+    # are trusted to show it (a message absent from a listing made sooner proves nothing).
+    reconcile_settle_seconds: float = Field(30.0, ge=0)
+    # Listings in flight at once per channel (they also take the channel's rate tokens).
+    reconcile_concurrency: int = Field(4, ge=1)
+
+    @field_validator("status_callback_base_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an absolute http(s) URL (the service's public URL), or empty")
+        return value.rstrip("/")
 
 
 class FcmSettings(_Section):
@@ -293,9 +317,13 @@ class FlowManagerSettings(_Section):
     template_ids: dict[str, str] = Field(default_factory=dict)
     # Dot path of the template `data` in the command; empty: the whole command.
     data_path: str = ""
-    # Events are retried with capped exponential backoff for this long, then dropped (logged).
+    # Events are retried with capped exponential backoff, then given up (logged).
     event_max_attempts: int = Field(8, ge=1)
     event_timeout_seconds: float = Field(10.0, gt=0)
+    event_backoff_seconds: float = Field(1.0, gt=0)
+    event_backoff_max_seconds: float = Field(300.0, gt=0)
+    # Events waiting for their job or for a retry (one document per saga id and label).
+    events_collection: str = "dispatch_saga_events"
 
     @field_validator("metadata_schema")
     @classmethod
@@ -334,6 +362,7 @@ class Settings(_Section):
     server: ServerSettings = ServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
     store: StoreSettings = StoreSettings()
+    ledger: LedgerSettings = LedgerSettings()
     user_fields: UserFields = UserFields()
     sender: SenderSettings = SenderSettings()
     channels: ChannelsSettings = Field(default_factory=ChannelsSettings)
