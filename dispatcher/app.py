@@ -22,6 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
+from .dryrun import dry_run
 from .errors import Interrupted, RequestError, StoreError
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
@@ -132,6 +133,11 @@ def _wants_async() -> bool:
     return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
 
 
+def _wants_dry_run(payload: Any) -> bool:
+    """`?dryRun=true` (or 1), or `"dryRun": true` in the body."""
+    return request.args.get("dryRun", "").lower() in ("true", "1") or payload.get("dryRun") is True
+
+
 def create_app(dispatcher: Dispatcher) -> QuartTrio:
     app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = dispatcher.settings.server.max_body_bytes
@@ -142,6 +148,8 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
         payload = parse_json_body(await request.get_data(cache=False))
         send_request = SendRequest.parse(payload)
+        if _wants_dry_run(payload):
+            return await dry_run(dispatcher, send_request)
         key = request.headers.get("Idempotency-Key") or None
         if key is not None and not 0 < len(key) <= 256:
             raise RequestError("Idempotency-Key: must be 1 to 256 characters")
