@@ -25,6 +25,7 @@ from .core import Dispatcher
 from .errors import Interrupted, RequestError, StoreError
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
+from .ui import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -219,4 +220,5 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         return error_response(500, "internal error; see the service log")
 
     install_ops(app, dispatcher)
+    install_ui(app, dispatcher)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -252,6 +253,23 @@ class AuthSettings(_Section):
     protect_metrics: bool = False
 
 
+class UiSettings(_Section):
+    # The operations page (dispatcher/ui): read-only views plus cancel/retry through the API.
+    enabled: bool = True
+    # Where it is served; every link inside it is relative, so a path-prefix proxy in front works.
+    prefix: str = "/-/ui"
+    # How often an open page asks for the progress of the running jobs it shows.
+    poll_seconds: float = Field(2.0, ge=0.5, le=300)
+    page_size: int = Field(50, ge=1, le=1000)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_a_path(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or value == "/send" or value.startswith("/send/"):
+            raise ValueError("a path like /-/ui: segments of A-Z a-z 0-9 . _ ~ -, no trailing slash, not under /send")
+        return value
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
@@ -265,6 +283,7 @@ class Settings(_Section):
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
+    ui: UiSettings = UiSettings()
 
     @model_validator(mode="after")
     def _providers_have_what_they_need(self) -> Settings:
