@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Summary keys that count deliveries, in the order the bars draw them. States a newer summary may
-# carry and this list does not know follow them, so nothing counted is left out.
-STATES = ("delivered", "sent", "undelivered", "unconfirmed", "failed", "skipped", "cancelled")
+# Summary keys that count deliveries, in the order the bars draw them (and the legend lists them).
+# States a newer summary may carry and this list does not know follow them, so nothing counted is
+# left out.
+STATES = ("sent", "failed", "skipped", "cancelled")
 _NOT_STATES = frozenset({"users"})
 
 

@@ -174,14 +174,14 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
 
     @bp.get("/progress")
     async def progress() -> Response:
-        """The live part of the rows asked for (`?id=...&id=...`): state and the bars' HTML."""
+        """The live part of the jobs asked for (`?id=...&id=...`): state and the progress HTML."""
         ids = request.args.getlist("id")[:MAX_POLLED]
         rows = await queries.progress(ids) if ids and queries.recorded else []
-        bars = env.get_template("bars.html")
+        # A job page shows the counts table under its bars: `detail=1` renders both.
+        fragment = env.get_template("progress.html" if request.args.get("detail") else "bars.html")
         body = {
             "jobs": [
-                {"id": row.id, "state": row.state, "final": row.final, "bars": bars.render(row=row, detail=False)}
-                for row in rows
+                {"id": row.id, "state": row.state, "final": row.final, "html": fragment.render(row=row)} for row in rows
             ]
         }
         return Response(json.dumps(body), status=200, content_type="application/json")

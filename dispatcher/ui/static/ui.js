@@ -58,6 +58,7 @@
     var query = Array.prototype.map.call(rows, function (row) {
       return "id=" + encodeURIComponent(row.dataset.job);
     }).join("&");
+    if (rows[0].dataset.detail === "true") { query += "&detail=1"; }
     fetch(resolve(body.dataset.root + "progress?" + query), { headers: headers(), cache: "no-store" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (data) {
@@ -68,7 +69,7 @@
           var state = row.querySelector("[data-state]");
           if (state) { state.textContent = job.state; state.className = "state state-" + job.state; }
           var progress = row.querySelector("[data-progress]");
-          if (progress) { progress.innerHTML = job.bars; }
+          if (progress) { progress.innerHTML = job.html; }
           if (job.final) {
             row.dataset.final = "true";
             reload = reload || row.dataset.detail === "true";
