@@ -26,6 +26,8 @@ from .errors import Interrupted, RequestError, StoreError
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
 from .ui import install_ui
+from .providers.twilio import STATUS_CALLBACK_PATH
+from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,37 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
         return await dispatcher.failures(id, request.args.get("after") or None, limit)
+
+    @app.get("/send/<id>/deliveries")
+    async def job_deliveries(id: str) -> Any:  # noqa: A002
+        user_id = request.args.get("userId")
+        if not user_id:
+            raise RequestError("userId: required (the user whose deliveries to show)")
+        return await dispatcher.deliveries(id, user_id)
+
+    twilio = dispatcher.settings.providers.twilio
+    signature = (
+        TwilioSignature(twilio.auth_token.get_secret_value(), twilio.status_callback_base_url)
+        if twilio.status_callback_base_url and twilio.auth_token.get_secret_value()
+        else None
+    )
+
+    # No API key here: Twilio cannot send one. The signature is the authentication.
+    @app.post(STATUS_CALLBACK_PATH)
+    async def twilio_status() -> Any:
+        if signature is None or dispatcher.receipts is None:
+            return error_response(404, "Twilio receipts are off ([providers.twilio].status_callback_base_url)")
+        form = {key: value for key, value in (await request.form).items()}
+        query = request.query_string.decode("latin-1")
+        if not signature.valid(query, form, request.headers.get("X-Twilio-Signature")):
+            return error_response(403, "X-Twilio-Signature is missing or does not match")
+        try:
+            receipt = twilio_receipt(form)
+        except BadReceipt as exc:
+            raise RequestError(f"not a Twilio status callback: {exc}") from None
+        if receipt is not None:
+            await dispatcher.receipts.take([receipt])
+        return Response("", status=204)
 
     @app.get("/-/healthz")
     async def healthz() -> Any:

@@ -39,10 +39,11 @@ from .embedded_store import open_embedded_store
 from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
 from .files import FilesClient
 from .journal import Journal, Unrecorded
-from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
+from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
 from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
+from .receipts import ReceiptKeeper
 from .render_budget import render_batch
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -113,6 +114,7 @@ class Dispatcher:
         self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.channels = tuple(providers)
+        self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
         # Cluster mode with the ledger: large jobs are shared with the other processes.
         self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -161,6 +163,8 @@ class Dispatcher:
         doc = await self._job(job_id)
         run = self._runs.get(job_id)
         summary = run.result.summary.to_json() if run is not None else (doc.get("summary") or Summary().to_json())
+        # Receipts keep arriving after the job ended: counted from the deliveries, not the job.
+        summary = {**summary, **await self._require_ledger().receipt_counts(job_id)}
         return {
             "id": job_id,
             "status": doc["state"],
@@ -178,6 +182,12 @@ class Dispatcher:
         docs = await ledger.failures(job_id, after, limit)
         page = [Failure(d["user"], d["channel"], d.get("error") or "failed").to_json() for d in docs]
         return {"id": job_id, "failures": page, "next": docs[-1]["_id"] if len(docs) == limit else None}
+
+    async def deliveries(self, job_id: str, user_id: str) -> dict[str, Any]:
+        """One user's deliveries in a job, one per channel, with their history."""
+        await self._job(job_id)
+        docs = await self._require_ledger().deliveries_of(job_id, user_id)
+        return {"id": job_id, "userId": user_id, "deliveries": [delivery_view(doc) for doc in docs]}
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Stop a job that has not finished: deliveries in flight finish, the rest are cancelled."""
@@ -505,8 +515,10 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
+            nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
+                nursery.start_soon(dispatcher.receipts.run)  # type: ignore[union-attr]
             if ledger is not None and cluster is not None:
                 from .cluster.partitions import PartitionQueue
                 from .fanout import SharedFanOut

@@ -21,6 +21,10 @@ class ConfigError(DispatcherError):
     """The configuration is invalid; the message names the key."""
 
 
+class StoreInUse(DispatcherError):
+    """Another process holds the embedded store's data directory."""
+
+
 class RequestError(DispatcherError):
     """The request cannot be accepted; nothing was sent."""
 

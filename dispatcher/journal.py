@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from .errors import StoreError
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
+from .states import ACCEPTED_STATES
 
 STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
 
@@ -74,7 +75,7 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(
                     user_id,
                     channel,
-                    state,
+                    "sent" if state in ACCEPTED_STATES else state,
                     doc.get("error"),
                     user_found=doc.get("user_found", True),
                     attempts=doc.get("attempts", 0),

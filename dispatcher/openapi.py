@@ -54,6 +54,18 @@ class Summary(_Wire):
     )
 
 
+class JobSummary(Summary):
+    """A job's counts: the send's, and of the sent deliveries, where receipts took them since
+    (they keep arriving after the job ended)."""
+
+    delivered: _COUNTS = Field(default_factory=dict, description="Of the sent, those a provider receipt confirmed")
+    undelivered: _COUNTS = Field(default_factory=dict, description="Of the sent, those a receipt said did not arrive")
+    unconfirmed: _COUNTS = Field(
+        default_factory=dict,
+        description="Of the sent, those without a receipt after `[ledger].receipt_timeout_hours`",
+    )
+
+
 class SendResult(_Wire):
     """The answer once every delivery was attempted (retries included)."""
 
@@ -81,7 +93,7 @@ class JobStatus(_Wire):
 
     id: str
     status: JobState
-    summary: Summary | None = None
+    summary: JobSummary | None = None
     createdAt: datetime | None = None
     startedAt: datetime | None = None
     finishedAt: datetime | None = None
@@ -93,6 +105,39 @@ class FailuresPage(_Wire):
 
     failures: list[Failure]
     next: str | None = None
+
+
+class Receipt(_Wire):
+    """One provider receipt that moved a delivery."""
+
+    status: str = Field(description="The provider's word (Twilio MessageStatus or CallStatus)")
+    state: Literal["sent", "delivered", "undelivered"]
+    code: str | None = Field(None, description="The provider's error code, when it gave one")
+    at: datetime | None = None
+
+
+class DeliveryHistory(_Wire):
+    """One delivery of one user: where it stands and how it got there."""
+
+    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    state: Literal["sending", "sent", "delivered", "undelivered", "unconfirmed", "failed", "skipped", "cancelled"]
+    attempts: int = Field(ge=0)
+    providerId: str | None = Field(None, description="The provider's id (Twilio SID, FCM name, Message-ID)")
+    error: str | None = None
+    failure: Literal["permanent", "temporary"] | None = Field(None, description="For `undelivered`")
+    claimedAt: datetime | None = Field(None, description="When it was claimed `sending`, just before the call")
+    settledAt: datetime | None = Field(None, description="When its outcome was recorded")
+    receiptAt: datetime | None = Field(None, description="When the last receipt moved it")
+    receipts: list[Receipt]
+    reconciled: str | None = Field(None, description="How an ambiguous attempt was resolved with the provider")
+
+
+class UserDeliveries(_Wire):
+    """One user's deliveries in one job, one per channel."""
+
+    id: str
+    userId: str
+    deliveries: list[DeliveryHistory]
 
 
 class Health(_Wire):
@@ -132,7 +177,20 @@ QUICK_START_RESULT = {
     },
 }
 
-_RESPONSE_MODELS = (SendResult, Failure, Summary, Error, JobAccepted, JobStatus, FailuresPage, Health)
+_RESPONSE_MODELS = (
+    SendResult,
+    Failure,
+    Summary,
+    JobSummary,
+    Error,
+    JobAccepted,
+    JobStatus,
+    FailuresPage,
+    UserDeliveries,
+    DeliveryHistory,
+    Receipt,
+    Health,
+)
 
 
 def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -296,6 +354,43 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "400": _error("Invalid paging"),
                 "401": _UNAUTHORIZED,
                 "404": _error("No such job"),
+                "503": _error("The store is unavailable"),
+            },
+        },
+        ("get", "/send/{id}/deliveries"): {
+            "operationId": "getUserDeliveries",
+            "summary": "One user's deliveries in a job, with their history",
+            "tags": ["send"],
+            "parameters": [
+                _JOB_ID,
+                request_id,
+                {"name": "userId", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}},
+            ],
+            "responses": {
+                "200": _json("UserDeliveries", "The user's deliveries (none if the job never reached the user)"),
+                "400": _error("No userId"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No such job"),
+                "503": _error("The store is unavailable"),
+            },
+        },
+        ("post", "/providers/twilio/status"): {
+            "operationId": "twilioStatusCallback",
+            "summary": "Twilio's status callbacks (receipts); authenticated by X-Twilio-Signature, not API keys",
+            "tags": ["providers"],
+            "parameters": [
+                request_id,
+                {"name": "X-Twilio-Signature", "in": "header", "required": True, "schema": {"type": "string"}},
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                "204": {"description": "Taken (applied, kept for later, or a status that changes nothing)"},
+                "400": _error("A signed callback that names no message or call"),
+                "403": _error("Missing or wrong signature; nothing changed"),
+                "404": _error("Receipts are off ([providers.twilio].status_callback_base_url is empty)"),
                 "503": _error("The store is unavailable"),
             },
         },

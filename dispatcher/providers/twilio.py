@@ -28,6 +28,8 @@ from .retry_after import parse_retry_after
 log = logging.getLogger(__name__)
 
 _THROTTLED_CODE = 20429
+# The service's route for Twilio's status callbacks (under `status_callback_base_url`).
+STATUS_CALLBACK_PATH = "/providers/twilio/status"
 # The SDK prefixes every legacy error message with this; the reason reads better without it.
 _SDK_PREFIX = "Unable to create record: "
 
@@ -113,6 +115,12 @@ class TwilioProvider:
             environment={"TWILIO_ACCOUNT_SID": settings.account_sid},
         )
         self._client.api.base_url = settings.api_base_url.rstrip("/")
+        # Where Twilio posts the receipts of what we create (no receipts without it).
+        self._callback: dict[str, str] = (
+            {"status_callback": settings.status_callback_base_url + STATUS_CALLBACK_PATH}
+            if settings.status_callback_base_url
+            else {}
+        )
 
     async def send(self, message: Message, address: str) -> str | None:
         """Deliver and return Twilio's SID of the message or call."""
@@ -124,9 +132,13 @@ class TwilioProvider:
         try:
             if message.channel == "voice":
                 twiml = f"<Response><Say>{escape(content.body)}</Say></Response>"
-                record = await self._client.calls.create_async(to=address, from_=content.sender, twiml=twiml)
+                record = await self._client.calls.create_async(
+                    to=address, from_=content.sender, twiml=twiml, **self._callback
+                )
             else:
-                record = await self._client.messages.create_async(to=address, from_=content.sender, body=content.body)
+                record = await self._client.messages.create_async(
+                    to=address, from_=content.sender, body=content.body, **self._callback
+                )
         except TwilioException as exc:
             raise _classify(exc, exchange.retry_after) from exc
         except httpx.TransportError as exc:
@@ -161,4 +173,4 @@ def _classify(exc: TwilioException, retry_after: str | None) -> DeliveryError:
     return PermanentDeliveryError(reason)
 
 
-__all__ = ["TrioHttpClient", "TwilioProvider"]
+__all__ = ["STATUS_CALLBACK_PATH", "TrioHttpClient", "TwilioProvider"]
