@@ -68,6 +68,7 @@ async def test_jobs_list_and_job_page_show_a_send_and_escape_what_it_carries(mak
         assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html  # the failed recipient, escaped
         relative_only(html)
         assert 'data-cancel="../../../send/' not in html  # a finished send has nothing to cancel
+        assert '<figure class="chart">' in html and "2 deliveries over" in html  # timed by the ledger
 
         status, html, _ = await page(client, f"/-/ui/jobs/{job_id}?user=u1")
         assert re.search(
@@ -171,18 +172,22 @@ async def test_with_keys_on_pages_need_a_key_and_show_only_a_prompt_without_one(
 
 
 def test_bars_count_pending_users_and_leave_an_unknown_total_open() -> None:
-    summary = {"users": 3, "sent": {"sms": 2}, "failed": {"sms": 1}, "skipped": {}, "delivered": {"sms": 1}}
+    # `sent` counts every accepted delivery, the delivered one too; "bounced" is a state this
+    # page does not know: still drawn, after the others.
+    summary = {"users": 3, "sent": {"sms": 3}, "failed": {"sms": 1}, "skipped": {}, "delivered": {"sms": 1}}
+    summary["bounced"] = {"sms": 1}
     [bar] = channel_progress(summary, ["sms"], total=10, final=False)
     assert [(s.state, s.count, s.x, s.width) for s in bar.segments if s.count] == [
-        ("sent", 2, 0.0, 20.0),
-        ("failed", 1, 20.0, 10.0),
-        ("delivered", 1, 30.0, 10.0),  # a state this page does not know yet is still drawn
+        ("delivered", 1, 0.0, 10.0),
+        ("sent", 2, 10.0, 20.0),
+        ("failed", 1, 30.0, 10.0),
+        ("bounced", 1, 40.0, 10.0),
     ]
-    assert bar.pending == 6 and bar.label == "sms: 2 sent, 1 failed, 1 delivered, 6 pending of 10"
+    assert bar.pending == 5 and bar.label == "sms: 1 delivered, 2 sent, 1 failed, 1 bounced, 5 pending of 10"
     [open_ended] = channel_progress(summary, ["sms"], total=None, final=False)
     assert open_ended.pending is None and open_ended.total is None and open_ended.label.endswith("more pending")
     [done] = channel_progress(summary, ["sms"], total=None, final=True)
-    assert done.pending == 0 and done.total == 4 and sum(s.width for s in done.segments) == 100.0
+    assert done.pending == 0 and done.total == 5 and sum(s.width for s in done.segments) == 100.0
 
 
 def test_chart_bins_deliveries_by_time_and_stacks_states() -> None:

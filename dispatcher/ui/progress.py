@@ -15,7 +15,10 @@ from typing import Any
 # Summary keys that count deliveries, in the order the bars draw them (and the legend lists them).
 # States a newer summary may carry and this list does not know follow them, so nothing counted is
 # left out.
-STATES = ("sent", "failed", "skipped", "cancelled")
+STATES = ("delivered", "sent", "undelivered", "unconfirmed", "failed", "skipped", "cancelled")
+# A summary's `sent` counts every delivery the provider accepted; these are the accepted ones a
+# receipt (or its absence) took further. The bar's `sent` is what is left: accepted, no news yet.
+_PAST_SENT = ("delivered", "undelivered", "unconfirmed")
 _NOT_STATES = frozenset({"users"})
 
 
@@ -57,6 +60,8 @@ def channel_progress(
     bars = []
     for channel in channels:
         counts = [(state, int(summary[state].get(channel, 0))) for state in states]
+        past_sent = sum(n for state, n in counts if state in _PAST_SENT)
+        counts = [(state, max(0, n - past_sent) if state == "sent" else n) for state, n in counts]
         done = sum(n for _, n in counts)
         whole = done if final or total is None else max(total, done)
         pending = 0 if final else (None if total is None else whole - done)

@@ -19,6 +19,7 @@ from pymongo.errors import PyMongoError
 
 from ..errors import RequestError, StoreError
 from ..ledger import FINAL_STATES
+from ..states import RECEIPT_STATES
 from .progress import ChannelProgress, channel_progress, selected_users
 
 if TYPE_CHECKING:
@@ -113,8 +114,27 @@ class Queries:
 
         docs = await self._run("job listing", find)
         more = len(docs) > limit
-        rows = [job_row(doc) for doc in docs[:limit]]
+        docs = docs[:limit]
+        receipts = await self._receipt_counts([doc["_id"] for doc in docs])
+        rows = [job_row(doc, {**(doc.get("summary") or {}), **receipts.get(doc["_id"], {})}) for doc in docs]
         return rows, str(skip + limit) if more else None
+
+    async def _receipt_counts(self, job_ids: list[str]) -> dict[str, dict[str, dict[str, int]]]:
+        """What receipts took past `sent`, per job, state and channel: for a whole page of jobs in
+        one aggregation (the job's summary does not hold them: receipts arrive after it ends)."""
+        if not job_ids:
+            return {}
+        pipeline = [
+            {"$match": {"job": {"$in": job_ids}, "state": {"$in": list(RECEIPT_STATES)}}},
+            {"$project": {"key": {"$concat": ["$job", "|", "$channel", "|", "$state"]}}},
+            {"$group": {"_id": "$key", "n": {"$sum": 1}}},
+        ]
+        groups = await self._run("receipt counts", lambda: list(self._deliveries.aggregate(pipeline)))
+        counts: dict[str, dict[str, dict[str, int]]] = {}
+        for group in groups:
+            job_id, channel, state = (group["_id"] or "||").split("|", 2)
+            counts.setdefault(job_id, {state: {} for state in RECEIPT_STATES})[state][channel] = group["n"]
+        return counts
 
     async def job(self, job_id: str) -> tuple[dict[str, Any], JobRow]:
         """The job's status (the API's body, live counts when this process runs it) and its row."""
@@ -133,13 +153,6 @@ class Queries:
             rows.append(job_row(doc, summary))
         order = {job_id: i for i, job_id in enumerate(job_ids)}
         return sorted(rows, key=lambda row: order[row.id])
-
-    async def user_deliveries(self, job_id: str, user_id: str) -> list[dict[str, Any]]:
-        """One user's deliveries of a job, every channel (the ledger's (job, user, channel) index)."""
-        return await self._run(
-            "delivery lookup",
-            lambda: list(self._deliveries.find({"job": job_id, "user": user_id}, {"expires_at": 0}).sort("channel", 1)),
-        )
 
     async def delivery_times(self, job_id: str, limit: int = 200_000) -> list[tuple[float, str]]:
         """(epoch seconds, state) of each settled delivery of a job that the ledger timed."""

@@ -149,7 +149,7 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
         after = request.args.get("after") or None
         user = (request.args.get("user") or "").strip() or None
         failures = await dispatcher.failures(id, after, FAILURES_PER_PAGE)
-        deliveries = await queries.user_deliveries(id, user) if user else None
+        deliveries = (await dispatcher.deliveries(id, user))["deliveries"] if user else None
         start = parse_time(status.get("startedAt") or status.get("createdAt")) or time.time()
         end = parse_time(status.get("finishedAt")) or time.time()
         chart = deliveries_chart(await queries.delivery_times(id), start, end)
