@@ -28,6 +28,7 @@ from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
+from .saga import install_saga
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,17 @@ def error_response(status: int, message: str) -> Response:
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON; `RequestError` for malformed JSON (Quart's get_json would answer
+    it with an HTML 400), NaN/Infinity, or nesting too deep to decode."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -129,13 +141,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.post("/send")
     async def send() -> Any:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
-        raw = await request.get_data(cache=False)
-        try:
-            payload = json.loads(raw, parse_constant=_not_json)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"malformed JSON body: {exc}") from None
-        except RecursionError:
-            raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
+        payload = parse_json_body(await request.get_data(cache=False))
         send_request = SendRequest.parse(payload)
         key = request.headers.get("Idempotency-Key") or None
         if key is not None and not 0 < len(key) <= 256:
@@ -254,4 +260,5 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
 
     install_ops(app, dispatcher)
     install_ui(app, dispatcher)
+    install_saga(app, dispatcher)
     return app

@@ -241,14 +241,14 @@ class Ledger:
         return {doc["user"]: doc for doc in docs}
 
     async def claim_sending(
-        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, str | None]]
+        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, tuple[str, str] | None]]
     ) -> set[tuple[str, str]]:
-        """Mark these (channel, user, previous run) deliveries `sending` for run `run_id`, before
+        """Mark these (channel, user, previous) deliveries `sending` for run `run_id`, just before
         their provider calls, and return those that could NOT be claimed: another run holds or
         settled them. A claim is a compare-and-set, so two runs of the same partition or job never
         both send one delivery: an insert (the unique `_id` refuses a delivery anyone wrote), or,
-        for a delivery left `sending` by `previous` run (`""` for one that recorded no run), an
-        update whose filter names that run."""
+        for a delivery left `sending` or `retrying` by a run, an update whose filter names that
+        run and state (`previous = (run, state)`, run `""` for one that recorded no run)."""
         expires = self._expires_at()
         now = time.time()
         ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
@@ -266,12 +266,19 @@ class Ledger:
             if previous is None:
                 ops.append(InsertOne({"_id": key, **doc}))
             else:
-                ops.append(
-                    UpdateOne({"_id": key, "state": "sending", "run": previous or None}, {"$set": doc}, upsert=True)
-                )
+                run, state = previous
+                ops.append(UpdateOne({"_id": key, "state": state, "run": run or None}, {"$set": doc}, upsert=True))
         if not ops:
             return set()
         return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries], job_id))
+
+    async def release(self, job_id: str, run_id: str, delivery: Delivery) -> None:
+        """Between a failed attempt that reached no one and the next: `retrying`, still this run's
+        (the next attempt claims it back by compare-and-set). A crash meanwhile leaves a delivery
+        that can be sent again, not an ambiguous one."""
+        key = {"_id": delivery_key(job_id, delivery.channel, delivery.user_id), "run": run_id}
+        update = {"$set": {"state": "retrying", "attempts": delivery.attempts, "error": delivery.error}}
+        await self._writes.submit("outcome", ([UpdateOne(key, update)], None, []))
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
         """Record final outcomes. A delivery with attempts was claimed first (providers are only
@@ -292,7 +299,8 @@ class Ledger:
                     outcome["error"] = d.error
                 if d.provider_id is not None:
                     outcome["provider_id"] = d.provider_id
-                ops.append(UpdateOne({"_id": key, "state": "sending"}, {"$set": outcome}))
+                # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
+                ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
             else:
                 ops.append(
                     UpdateOne(

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from pydantic.json_schema import models_json_schema
 
+from .auth import is_protected
 from .channels import CHANNELS
 from .models import SendRequest
 
@@ -357,6 +358,51 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "503": _error("The store is unavailable"),
             },
         },
+        ("post", "/saga/send"): {
+            "operationId": "sagaSend",
+            "summary": "A Flow Manager command, mapped to a send by `[flow_manager].metadata_schema`",
+            "description": "Answers 200 with an empty body once the send is accepted (it runs as a job); "
+            "the outcome goes to the Flow Manager as the success or fail event. Idempotent per saga id "
+            "(`key`) and `messageLabel`. 404 when no metadataSchema is configured.",
+            "tags": ["send"],
+            "parameters": [request_id],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["key", "value"],
+                            "properties": {
+                                "key": {"type": "string", "minLength": 1, "description": "The saga id"},
+                                "value": {
+                                    "type": "object",
+                                    "required": ["messageLabel"],
+                                    "properties": {
+                                        "messageLabel": {"type": "string", "minLength": 1},
+                                        "messagePayload": {"type": "object"},
+                                    },
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Accepted: sending started",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                },
+                "400": _error("Not a command, or the mapped send is invalid (the fail event follows)"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No metadataSchema is configured"),
+                "413": _error("Body larger than `[server].max_body_bytes`"),
+                "422": _error("The same saga id and label came with another command"),
+                "500": _error("A bug; logged with a traceback"),
+                "502": _error("The Files Service is down"),
+                "503": _error("Shutting down, or the store is unavailable"),
+            },
+        },
         ("get", "/send/{id}/deliveries"): {
             "operationId": "getUserDeliveries",
             "summary": "One user's deliveries in a job, with their history",
@@ -457,7 +503,7 @@ def build_openapi(
         if routes is not None and (method, path) not in routes:
             continue
         operation = copy.deepcopy(operation)
-        protected = path == "/send" or path.startswith("/send/") or (protect_metrics and path == "/-/metrics")
+        protected = is_protected(path, protect_metrics)
         if auth_enabled and protected:
             operation["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
         else:
