@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
 from .errors import Interrupted, RequestError, StoreError
+from .listing import EVERYONE, JobQuery, Viewer
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
 from .ui import install_ui
@@ -133,6 +134,15 @@ def _wants_async() -> bool:
     return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
 
 
+def _viewer() -> Viewer:
+    """Who the request's API key lets see which jobs (set by ops.py's key check)."""
+    return g.get("viewer") or EVERYONE
+
+
+def _located(job_id: str | None) -> dict[str, str]:
+    return {"Location": f"/send/{job_id}"} if job_id else {}
+
+
 def create_app(dispatcher: Dispatcher) -> QuartTrio:
     app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = dispatcher.settings.server.max_body_bytes
@@ -154,16 +164,21 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             body = {"id": job_id, "status": "queued"}
             return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
         result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
-        return result.to_json()
+        return result.to_json(), 200, _located(result.job_id)
+
+    @app.get("/send")
+    async def job_list() -> Any:
+        page = await dispatcher.jobs(JobQuery.from_args(request.args), _viewer())
+        return page.to_json()
 
     # `<id>`, as the OpenAPI document names it.
     @app.get("/send/<id>")
     async def job_status(id: str) -> Any:  # noqa: A002
-        return await dispatcher.status(id)
+        return await dispatcher.status(id, _viewer())
 
     @app.delete("/send/<id>")
     async def job_cancel(id: str) -> Any:  # noqa: A002
-        return await dispatcher.cancel(id)
+        return await dispatcher.cancel(id, _viewer())
 
     @app.get("/send/<id>/failures")
     async def job_failures(id: str) -> Any:  # noqa: A002
@@ -173,14 +188,14 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             raise RequestError("limit: must be an integer") from None
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
-        return await dispatcher.failures(id, request.args.get("after") or None, limit)
+        return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002
         user_id = request.args.get("userId")
         if not user_id:
             raise RequestError("userId: required (the user whose deliveries to show)")
-        return await dispatcher.deliveries(id, user_id)
+        return await dispatcher.deliveries(id, user_id, _viewer())
 
     twilio = dispatcher.settings.providers.twilio
     signature = (
@@ -233,10 +248,10 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             "statusCode": 503,
             "error": HTTPStatus(503).phrase,
             "message": str(exc),
-            "id": exc.job_id,
             **exc.partial.to_json(),
+            "id": exc.job_id,
         }
-        return Response(json.dumps(body), status=503, content_type="application/json")
+        return Response(json.dumps(body), status=503, content_type="application/json", headers=_located(exc.job_id))
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:

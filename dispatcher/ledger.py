@@ -33,6 +33,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .batching import Batcher, Call
+from .listing import JOB_LISTING_INDEXES, JobQuery, Viewer, encode_cursor, listing_filter, seq_of
 from .messages import Delivery
 from .settings import StoreSettings
 from .states import ACCEPTED_STATES, RANK, RECEIPT_STATES, SETTLED_STATES, Receipt, below
@@ -115,19 +116,39 @@ class Ledger:
             for collection in (self._jobs, self._deliveries, self._keys, self._orphans):
                 collection.create_index("expires_at", expireAfterSeconds=0)
             self._jobs.create_index([("state", 1), ("lease_expires", 1)])
+            # The listing (listing.py): newest first by `seq`, after an equality on each filter.
+            for keys in JOB_LISTING_INDEXES:
+                self._jobs.create_index(list(keys))
+            # Jobs written before `seq` existed get one, so that the listing shows them too.
+            for doc in self._jobs.find({"seq": {"$exists": False}}, {"_id": 1, "created_at": 1}):
+                self._jobs.update_one(
+                    {"_id": doc["_id"]}, {"$set": {"seq": seq_of(doc.get("created_at") or "", doc["_id"])}}
+                )
 
         await self._run("index creation", create)
 
     # -- jobs -----------------------------------------------------------------------------------
 
     async def create_job(
-        self, job_id: str, request: dict[str, Any], owner: str, lease: float, idempotency_key: str | None
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        owner: str,
+        lease: float,
+        idempotency_key: str | None,
+        *,
+        key_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         """A job its owner starts at once: `running` from the first write (one round trip less
-        per send than queued-then-running)."""
+        per send than queued-then-running). `key_id` is the API key that created it (None: no
+        key, e.g. the embedding API), `request_id` the HTTP request's id."""
         created = now_iso()
         doc = {
             "_id": job_id,
+            "seq": seq_of(created, job_id),
+            "key_id": key_id,
+            "request_id": request_id,
             "request": request,
             "state": "running",
             "created_at": created,
@@ -149,6 +170,20 @@ class Ledger:
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         return await self._run("job lookup", self._jobs.find_one, {"_id": job_id})
+
+    async def list_jobs(self, query: JobQuery, viewer: Viewer) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of jobs, newest first, and the cursor of the next (None on the last page)."""
+        filters = listing_filter(query, viewer)
+        projection = {"request.channels": 1, **{f: 1 for f in _LISTED_FIELDS}}
+
+        def find() -> list[dict[str, Any]]:
+            cursor = self._jobs.find(filters, projection).sort("seq", -1).limit(query.limit + 1)
+            return list(cursor)
+
+        docs = await self._run("job listing", find)
+        more = len(docs) > query.limit
+        docs = docs[: query.limit]
+        return docs, encode_cursor(docs[-1]["seq"]) if more and docs else None
 
     async def claim(self, job_id: str, owner: str, lease: float) -> dict[str, Any] | None:
         """Take over an active job whose lease has expired (or is already ours)."""
@@ -565,6 +600,19 @@ class Ledger:
                 collection.delete_many(cutoff)
 
         await self._run("purge", purge)
+
+
+_LISTED_FIELDS = (
+    "seq",
+    "state",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "summary",
+    "error",
+    "request_id",
+    "key_id",
+)
 
 
 def _changes(write: Call) -> list[StateChange]:
