@@ -366,7 +366,8 @@ class UiSettings(_Section):
     prefix: str = "/-/ui"
     # How often an open page asks for the progress of the running jobs it shows.
     poll_seconds: float = Field(2.0, ge=0.5, le=300)
-    page_size: int = Field(50, ge=1, le=1000)
+    # Jobs per page of the list (at most the listing's 200).
+    page_size: int = Field(50, ge=1, le=200)
 
     @field_validator("prefix")
     @classmethod

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from dispatcher import ConfigError, open_dispatcher, settings_from_dict
+from dispatcher.auth import hash_key
 from dispatcher.app import create_app
 from dispatcher.ui.chart import deliveries_chart
 from dispatcher.ui.progress import channel_progress
@@ -198,3 +199,30 @@ def test_chart_bins_deliveries_by_time_and_stacks_states() -> None:
     assert [(b.state, b.count) for b in first] == [("sent", 2), ("failed", 1)]
     assert chart.peak == 3 and min(b.y for b in chart.bars) == 0.0
     assert deliveries_chart([], 0.0, 1.0) is None
+
+
+async def test_a_key_sees_its_own_jobs_and_an_admin_key_sees_every_job(make_settings, database, tmp_path) -> None:
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(
+        "".join(
+            f"{name}:{hash_key(name + '-secret')}{' admin' if name == 'ops' else ''}\n" for name in ("a", "b", "ops")
+        )
+    )
+    async with client_for(make_settings, auth={"keys_file": str(keys_file)}) as client:
+        a_job = (await send(client, ["u1"], {"X-API-Key": "a-secret"}))["id"]
+        b_job = (await send(client, ["u1"], {"X-API-Key": "b-secret"}))["id"]
+
+        async def listed(key: str) -> list[str]:
+            _, html, _ = await page(client, "/-/ui/", {"X-API-Key": key})
+            return re.findall(r'<tr data-job="([0-9a-f]+)"', html)
+
+        assert await listed("a-secret") == [a_job]
+        assert await listed("b-secret") == [b_job]
+        assert await listed("ops-secret") == [b_job, a_job]
+        status, html, _ = await page(client, f"/-/ui/jobs/{b_job}", {"X-API-Key": "a-secret"})
+        assert status == 404 and "<h1>Not found</h1>" in html and 'class="failures"' not in html
+        status, _, _ = await page(client, f"/-/ui/jobs/{b_job}?user=u1", {"X-API-Key": "ops-secret"})
+        assert status == 200
+        response = await client.get(f"/-/ui/progress?id={a_job}&id={b_job}", headers={"X-API-Key": "a-secret"})
+        assert [job["id"] for job in (await response.get_json())["jobs"]] == [a_job]

@@ -1,8 +1,10 @@
 """What the operations page reads: jobs, one job's deliveries, the service's state.
 
-Everything goes through the dispatcher's public API where it has one (a job's status, failures,
-cancel); the rest reads the ledger's collections through the store's client, with the indexes the
-ledger creates, one round trip per panel, off the event loop.
+Everything goes through the dispatcher's public API, as the key's `Viewer` (a key sees the jobs it
+created, an admin key every job): the listing, a job's status, failures and deliveries. What the
+API does not give (receipt counts for a page of jobs, the users a running job selected, delivery
+times for the chart) is read from the ledger's collections through the store's client, on the
+ledger's indexes, one round trip per panel, off the event loop, only for jobs the API showed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from urllib.parse import urlsplit
 import trio
 from pymongo.errors import PyMongoError
 
-from ..errors import RequestError, StoreError
+from ..errors import NotFound, StoreError
 from ..ledger import FINAL_STATES
+from ..listing import JobQuery, Viewer
 from ..states import RECEIPT_STATES
 from .progress import ChannelProgress, channel_progress, selected_users
 
@@ -43,19 +46,18 @@ class JobRow:
         return self.state in FINAL_STATES
 
 
-def job_row(doc: Mapping[str, Any], summary: Mapping[str, Any] | None = None) -> JobRow:
-    """A job document as the page shows it; `summary` overrides the stored one (live counts)."""
-    request = _request_of(doc)
-    channels = tuple(request.get("channels") or ())
-    final = doc.get("state") in FINAL_STATES
-    counts = summary if summary is not None else (doc.get("summary") or {})
-    bars = channel_progress(counts, channels, selected_users(request), final)
+def job_row(job: Mapping[str, Any], total: int | None) -> JobRow:
+    """A job as the API shows it (`listing.job_json`, `Dispatcher.status`) as the page draws it.
+    `total`: the users its request selected, when known (see `progress.selected_users`)."""
+    channels = tuple(job.get("channels") or ())
+    final = job.get("status") in FINAL_STATES
+    bars = channel_progress(job.get("summary") or {}, channels, total, final)
     return JobRow(
-        id=doc["_id"],
-        state=doc.get("state", "?"),
-        created_at=doc.get("created_at"),
-        finished_at=doc.get("finished_at"),
-        request_id=doc.get("request_id"),
+        id=job["id"],
+        state=job.get("status", "?"),
+        created_at=job.get("createdAt"),
+        finished_at=job.get("finishedAt"),
+        request_id=job.get("requestId"),
         channels=channels,
         bars=tuple(bars),
     )
@@ -63,7 +65,7 @@ def job_row(doc: Mapping[str, Any], summary: Mapping[str, Any] | None = None) ->
 
 def _request_of(doc: Mapping[str, Any]) -> Mapping[str, Any]:
     """The job's request, or the parts of it a projection kept. nx-27017 (0.8) answers a projection
-    on `request.channels` with a flat `"request.channels"` key where MongoDB nests it: read both."""
+    on `request.recipients` with a flat `"request.recipients"` key where MongoDB nests it: read both."""
     request = dict(doc.get("request") or {})
     for key, value in doc.items():
         if key.startswith("request."):
@@ -89,39 +91,30 @@ class Queries:
     def recorded(self) -> bool:
         return self.dispatcher.ledger is not None
 
-    async def jobs(
-        self, state: str | None, channel: str | None, cursor: str | None, limit: int
-    ) -> tuple[list[JobRow], str | None]:
-        """One page of jobs, newest first; the cursor continues after the page's last job."""
-        query: dict[str, Any] = {}
-        if state:
-            query["state"] = state
-        if channel:
-            query["request.channels"] = channel
-        # Provisional, until the job listing of issue #19 lands: an offset (the embedded store
-        # cannot compare ISO time strings, neosqlite takes them for dates), so a page shifts by
-        # the jobs created since the previous one.
-        try:
-            skip = max(0, int(cursor or 0))
-        except ValueError:
-            raise RequestError("cursor: not one this page gave") from None
-        projection = {"request.channels": 1, "request.recipients": 1, "request.clusters": 1, "state": 1}
-        projection |= {"created_at": 1, "finished_at": 1, "summary": 1, "request_id": 1}
+    async def jobs(self, query: JobQuery, viewer: Viewer) -> tuple[list[JobRow], str | None]:
+        """One page of the jobs `viewer` may see (the API's listing), newest first, with the
+        receipts' counts (one aggregation for the page) and the totals of the running ones."""
+        page = await self.dispatcher.jobs(query, viewer)
+        receipts = await self._receipt_counts([job["id"] for job in page.jobs])
+        totals = await self._totals([job["id"] for job in page.jobs if job["status"] not in FINAL_STATES])
+        rows = []
+        for job in page.jobs:
+            job = {**job, "summary": {**job["summary"], **receipts.get(job["id"], {})}}
+            rows.append(job_row(job, totals.get(job["id"])))
+        return rows, page.next
 
-        def find() -> list[dict[str, Any]]:
-            found = self._jobs.find(query, projection).sort([("created_at", -1), ("_id", -1)])
-            return list(found.skip(skip).limit(limit + 1))
-
-        docs = await self._run("job listing", find)
-        more = len(docs) > limit
-        docs = docs[:limit]
-        receipts = await self._receipt_counts([doc["_id"] for doc in docs])
-        rows = [job_row(doc, {**(doc.get("summary") or {}), **receipts.get(doc["_id"], {})}) for doc in docs]
-        return rows, str(skip + limit) if more else None
+    async def _totals(self, job_ids: list[str]) -> dict[str, int | None]:
+        """The users each job's request selected, where it says (a finished job needs none: what
+        it counted is its total)."""
+        if not job_ids:
+            return {}
+        projection = {"request.recipients": 1, "request.clusters": 1}
+        docs = await self._run("job lookup", lambda: list(self._jobs.find({"_id": {"$in": job_ids}}, projection)))
+        return {doc["_id"]: selected_users(_request_of(doc)) for doc in docs}
 
     async def _receipt_counts(self, job_ids: list[str]) -> dict[str, dict[str, dict[str, int]]]:
         """What receipts took past `sent`, per job, state and channel: for a whole page of jobs in
-        one aggregation (the job's summary does not hold them: receipts arrive after it ends)."""
+        one aggregation (the listing's summaries do not hold them: receipts arrive after a job ends)."""
         if not job_ids:
             return {}
         pipeline = [
@@ -136,23 +129,23 @@ class Queries:
             counts.setdefault(job_id, {state: {} for state in RECEIPT_STATES})[state][channel] = group["n"]
         return counts
 
-    async def job(self, job_id: str) -> tuple[dict[str, Any], JobRow]:
-        """The job's status (the API's body, live counts when this process runs it) and its row."""
-        status = await self.dispatcher.status(job_id)
-        doc = await self._run("job lookup", lambda: self._jobs.find_one({"_id": job_id}))
-        return status, job_row(doc or {"_id": job_id}, status["summary"])
+    async def job(self, job_id: str, viewer: Viewer) -> tuple[dict[str, Any], JobRow]:
+        """The job's status (the API's body: live counts when this process runs it) and its row;
+        `NotFound` for a job `viewer` may not see."""
+        status = await self.dispatcher.status(job_id, viewer)
+        totals = await self._totals([job_id])
+        return status, job_row(status, totals.get(job_id))
 
-    async def progress(self, job_ids: list[str]) -> list[JobRow]:
-        """Live rows of these jobs (unknown ids are left out)."""
-        docs = await self._run("job lookup", lambda: list(self._jobs.find({"_id": {"$in": job_ids}})))
-        rows = []
-        for doc in docs:
-            summary = None
-            if doc.get("state") not in FINAL_STATES:
-                summary = (await self.dispatcher.status(doc["_id"]))["summary"]
-            rows.append(job_row(doc, summary))
-        order = {job_id: i for i, job_id in enumerate(job_ids)}
-        return sorted(rows, key=lambda row: order[row.id])
+    async def progress(self, job_ids: list[str], viewer: Viewer) -> list[JobRow]:
+        """Live rows of these jobs; those `viewer` may not see, or unknown, are left out."""
+        statuses = []
+        for job_id in dict.fromkeys(job_ids):
+            try:
+                statuses.append(await self.dispatcher.status(job_id, viewer))
+            except NotFound:
+                continue
+        totals = await self._totals([s["id"] for s in statuses if s["status"] not in FINAL_STATES])
+        return [job_row(status, totals.get(status["id"])) for status in statuses]
 
     async def delivery_times(self, job_id: str, limit: int = 200_000) -> list[tuple[float, str]]:
         """(epoch seconds, state) of each settled delivery of a job that the ledger timed."""

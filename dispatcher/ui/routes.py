@@ -14,6 +14,7 @@ from quart import Blueprint, Response, g, request
 from ..auth import ApiKeys, presented_key
 from ..errors import NotFound, RequestError
 from ..ledger import FINAL_STATES
+from ..listing import EVERYONE, JOB_STATES, MAX_LIMIT, JobQuery, Viewer
 from .chart import deliveries_chart
 from .progress import STATES
 from .queries import Queries, age, parse_time
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
     from ..core import Dispatcher
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FAILURES_PER_PAGE = 50
 MAX_POLLED = 200
 
@@ -81,18 +81,23 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
 
     @bp.before_request
     async def authenticate() -> Response | None:
+        # ops.py set g.viewer = EVERYONE: right without keys. With keys, the page's own files
+        # and its entry redirect are open; everything else shows what the key may see.
         if not keys.enabled or request.endpoint in ("ui.asset", "ui.entry"):
             return None
-        g.api_key_id = keys.authenticate(presented_key(request.headers))
-        if g.api_key_id is not None:
+        presented = presented_key(request.headers)
+        key = keys.authenticate_key(presented)
+        if key is not None:
+            g.api_key_id = key.id
+            g.viewer = EVERYONE if key.admin else Viewer(key.id)
             return None
-        refused = presented_key(request.headers) is not None
+        g.viewer = None  # nothing may be shown
         if request.endpoint == "ui.progress":
             from ..app import error_response
 
-            return error_response(401, "invalid API key" if refused else "an API key is required")
+            return error_response(401, "invalid API key" if presented else "an API key is required")
         root = "../" if request.endpoint == "ui.job" else "./"
-        return render("key.html", root, code=401, page="key", refused=refused)
+        return render("key.html", root, code=401, page="key", refused=presented is not None)
 
     @bp.after_request
     async def headers(response: Response) -> Response:
@@ -116,24 +121,26 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
 
     @bp.get("/")
     async def jobs() -> Response:
-        state = request.args.get("state") or None
         channel = request.args.get("channel") or None
-        if state is not None and state not in JOB_STATES:
-            raise RequestError(f"state: one of {', '.join(JOB_STATES)}")
         if channel is not None and channel not in dispatcher.channels:
             raise RequestError(f"channel: one of {', '.join(dispatcher.channels)}")
-        limit = _int_arg("limit", settings.page_size, 1, 1000)
-        cursor = request.args.get("cursor") or None
-        rows, next_cursor = (await queries.jobs(state, channel, cursor, limit)) if queries.recorded else ([], None)
+        limit = _int_arg("limit", settings.page_size, 1, MAX_LIMIT)
+        query = JobQuery(
+            status=request.args.get("state") or None,
+            channel=channel,
+            limit=limit,
+            cursor=request.args.get("cursor") or None,
+        )
+        rows, next_cursor = (await queries.jobs(query, g.viewer)) if queries.recorded else ([], None)
         return render(
             "jobs.html",
             "./",
             page="jobs",
             rows=rows,
-            state=state,
+            state=query.status,
             channel=channel,
             job_states=JOB_STATES,
-            cursor=cursor,
+            cursor=query.cursor,
             next_cursor=next_cursor,
             limit=limit if limit != settings.page_size else None,
             recorded=queries.recorded,
@@ -142,14 +149,15 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
 
     @bp.get("/jobs/<id>")
     async def job(id: str) -> Response:  # noqa: A002
+        viewer = g.viewer
         try:
-            status, row = await queries.job(id)
+            status, row = await queries.job(id, viewer)
         except NotFound as exc:
             return render("missing.html", "../", code=404, page="job", message=str(exc))
         after = request.args.get("after") or None
         user = (request.args.get("user") or "").strip() or None
-        failures = await dispatcher.failures(id, after, FAILURES_PER_PAGE)
-        deliveries = (await dispatcher.deliveries(id, user))["deliveries"] if user else None
+        failures = await dispatcher.failures(id, after, FAILURES_PER_PAGE, viewer)
+        deliveries = (await dispatcher.deliveries(id, user, viewer))["deliveries"] if user else None
         start = parse_time(status.get("startedAt") or status.get("createdAt")) or time.time()
         end = parse_time(status.get("finishedAt")) or time.time()
         chart = deliveries_chart(await queries.delivery_times(id), start, end)
@@ -176,7 +184,7 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
     async def progress() -> Response:
         """The live part of the jobs asked for (`?id=...&id=...`): state and the progress HTML."""
         ids = request.args.getlist("id")[:MAX_POLLED]
-        rows = await queries.progress(ids) if ids and queries.recorded else []
+        rows = await queries.progress(ids, g.viewer) if ids and queries.recorded else []
         # A job page shows the counts table under its bars: `detail=1` renders both.
         fragment = env.get_template("progress.html" if request.args.get("detail") else "bars.html")
         body = {
