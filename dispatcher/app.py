@@ -22,7 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
-from .errors import Interrupted, RequestError, StoreError
+from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
@@ -163,7 +163,16 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             # Accepted, nothing reported yet: the contract's "queued" (GET /send/{id} follows it).
             body = {"id": job_id, "status": "queued"}
             return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
-        result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
+        try:
+            result = await dispatcher.send(
+                send_request,
+                idempotency_key=key,
+                key_scope=scope,
+                wait_seconds=dispatcher.settings.server.sync_timeout_seconds,
+            )
+        except StillRunning as exc:
+            # [server].sync_timeout_seconds ran out: the job goes on; say where to follow it.
+            return await dispatcher.status(exc.job_id, _viewer()), 202, _located(exc.job_id)
         return result.to_json(), 200, _located(result.job_id)
 
     @app.get("/send")

@@ -36,7 +36,17 @@ from actors import run_pipeline
 from . import logs, metrics
 from .channels import CHANNELS
 from .embedded_store import open_embedded_store
-from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
+from .cancels import CancelWatch
+from .errors import (
+    Conflict,
+    Interrupted,
+    InternalError,
+    NotFound,
+    RequestError,
+    ShuttingDown,
+    StillRunning,
+    StoreError,
+)
 from .files import FilesClient
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
@@ -120,6 +130,7 @@ class Dispatcher:
         self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
+        self.cancels = CancelWatch(ledger)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -133,7 +144,12 @@ class Dispatcher:
     # -- the public API -------------------------------------------------------------------------
 
     async def send(
-        self, request: SendRequest | Mapping[str, Any], *, idempotency_key: str | None = None, key_scope: str = ""
+        self,
+        request: SendRequest | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        key_scope: str = "",
+        wait_seconds: float | None = None,
     ) -> SendResult:
         """Validate `request`, deliver it on every requested channel and return the failures.
 
@@ -145,11 +161,15 @@ class Dispatcher:
         A key already used with the same request returns that send's result; nothing is sent again.
         `key_scope` names the API key sending: it scopes idempotency keys and owns the job
         (`Viewer`); the result's `job_id` names the job (None without the ledger).
+        With `wait_seconds`, a recorded send still running after that long raises `StillRunning`
+        (the job goes on; without the ledger there is no job to follow, so the call waits).
         """
         run, job_id = await self._accept(request, idempotency_key, key_scope)
-        if run is None:
-            return await self._result_of(job_id)
-        return await self._wait(run)
+        if wait_seconds is None or job_id is None:
+            return await (self._result_of(job_id) if run is None else self._wait(run))
+        with trio.move_on_after(wait_seconds):
+            return await (self._result_of(job_id) if run is None else self._wait(run))
+        raise StillRunning(job_id)
 
     async def submit(
         self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None = None, key_scope: str = ""
@@ -202,9 +222,7 @@ class Dispatcher:
         doc = await self._job(job_id, viewer)
         if doc["state"] not in FINAL_STATES:
             await self._require_ledger().request_cancel(job_id)
-            run = self._runs.get(job_id)
-            if run is not None:
-                run.journal.cancel()
+            self.cancels.cancel(job_id)  # this process's runs at once; the others' within a poll
         return await self.status(job_id, viewer)
 
     async def prepare(self, request: SendRequest) -> RequestPlan:
@@ -299,7 +317,7 @@ class Dispatcher:
 
     async def _execute(self, run: _Run) -> None:
         ledger, job_id = self.ledger, run.job_id
-        with metrics.track_send():
+        with metrics.track_send(), self.cancels.watching(job_id, run.journal):
             try:
                 if ledger is not None and job_id is not None and run.resumed:
                     await ledger.update_job(job_id, state="running", started_at=now_iso())
@@ -536,6 +554,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
+                nursery.start_soon(dispatcher.cancels.run)
                 nursery.start_soon(dispatcher.receipts.run)  # type: ignore[union-attr]
             if ledger is not None and cluster is not None:
                 from .cluster.partitions import PartitionQueue

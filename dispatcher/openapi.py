@@ -316,8 +316,11 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 ),
                 "202": _json(
                     "JobAccepted",
-                    "Accepted as a job (asynchronous mode)",
+                    "Accepted as a job: asynchronous mode (`{id, status}`), or a synchronous request "
+                    "still running after `[server].sync_timeout_seconds` (the job as `GET /send/{id}` "
+                    "shows it; the job goes on). `Location` names the job",
                     headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
+                    content={"application/json": {"schema": {"anyOf": [_ref("JobAccepted"), _ref("JobStatus")]}}},
                 ),
                 "400": _error("Invalid request; nothing was sent"),
                 "401": _UNAUTHORIZED,

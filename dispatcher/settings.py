@@ -44,6 +44,9 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    # A synchronous POST /send waits at most this long for its result, then answers 202 with the
+    # job's id and state (the job goes on; GET /send/{id} follows it).
+    sync_timeout_seconds: float = Field(30.0, gt=0)
 
 
 class DispatcherSettings(_Section):
