@@ -27,6 +27,7 @@ from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
+from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
@@ -290,5 +291,6 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         return error_response(500, "internal error; see the service log")
 
     install_ops(app, dispatcher)
+    install_ui(app, dispatcher)
     install_saga(app, dispatcher)
     return app

@@ -661,7 +661,8 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
     """The (method, path) pairs an app serves, without the static route and automatic methods."""
     routes = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        # The operations page (dispatcher/ui) is for browsers, not part of the API.
+        if rule.endpoint == "static" or rule.endpoint.startswith("ui."):
             continue
         for method in rule.methods or ():
             if method in ("HEAD", "OPTIONS"):
