@@ -241,6 +241,10 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
 
     @app.get("/-/healthz")
     async def healthz() -> Any:
+        # Liveness: fails only for what restarting this process repairs (see embedded_store.py).
+        store = dispatcher.embedded_store
+        if store is not None and not store.alive:
+            return error_response(503, f"not alive: the embedded store has been down for {store.down_for():.0f}s")
         return {"status": "ok"}
 
     @app.get("/-/ready")
