@@ -1,4 +1,4 @@
-"""`dispatcher serve | seed | check-config | loadtest`: the command line."""
+"""`dispatcher serve | seed | check-config | loadtest | jobs | callbacks`: the command line."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import trio
 
 from . import __version__
-from .errors import ConfigError, DispatcherError
+from .errors import ConfigError, DispatcherError, StoreInUse
 from .loadtest.cli import add_parser as add_loadtest_parser
-from .logs import configure_logging
-from .settings import ENV_PREFIX, Settings, find_config_file, load_settings
+from .logs import configure_logging, python_level
+from .settings import ENV_PREFIX, ConfigReport, Settings, find_config_file, load_settings_report
 
 log = logging.getLogger("dispatcher")
 
@@ -87,8 +87,16 @@ def _add_log_level_option(parser: argparse.ArgumentParser, *, in_subcommand: boo
         "--log-level",
         metavar="LEVEL",
         type=_log_level,
-        default=argparse.SUPPRESS if in_subcommand else "INFO",
-        help=f"{', '.join(LOG_LEVELS)}, any case (default: INFO)",
+        default=argparse.SUPPRESS if in_subcommand else None,
+        help=f"{', '.join(LOG_LEVELS)}, any case (default: [logging].level, else INFO)",
+    )
+
+
+def _add_predecessor_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--predecessor-config",
+        metavar="FILE",
+        help="the Messaging Service's JSON configuration, under the TOML one (default: $CONFIGURATION_PATH)",
     )
 
 
@@ -121,9 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="service processes sharing the listening socket (default 1; more than 1 needs "
         "[cluster].redis_url, so that the channel limits hold across them)",
     )
+    _add_predecessor_option(serve_parser)
     seed = command("seed", "load users and templates from a JSON file into the store")
     seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
-    command("check-config", "validate the configuration and print it (secrets hidden)")
+    _add_predecessor_option(command("check-config", "validate the configuration and print it (secrets hidden)"))
+    migrate = command("migrate-config", "print the TOML equivalent of the Messaging Service's JSON configuration")
+    migrate.add_argument("file", type=Path, help="the predecessor's configuration (what CONFIGURATION_PATH named)")
+    from .remote import add_parsers as add_remote_parsers
+
+    add_remote_parsers(commands, command)
     loadtest = add_loadtest_parser(commands)
     # The harness logs at its own --service-log-level; --config is its default --base-config.
     _add_config_option(loadtest, in_subcommand=True)
@@ -137,14 +151,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .loadtest.cli import run as run_loadtest
 
         return run_loadtest(args)
+    if args.command in ("jobs", "callbacks"):
+        # Clients of a running service over HTTP: its configuration is not theirs to read.
+        from .remote import run as run_remote
+
+        return run_remote(args)
     try:
         overrides = {}
         if args.command == "serve":
             overrides = {
                 f"server.{key}": getattr(args, key) for key in ("host", "port") if getattr(args, key) is not None
             }
-        settings = load_settings(args.config, overrides=overrides)
-        configure_logging(settings, args.log_level)  # [logging].format: text or JSON lines
+        if args.command == "migrate-config":
+            from .predecessor import migrate_config
+
+            print(migrate_config(args.file), end="")
+            return 0
+        settings, report = load_settings_report(
+            args.config, overrides=overrides, predecessor=getattr(args, "predecessor_config", None)
+        )
+        # [logging].format: text, JSON or pino lines; the level from --log-level, else the file.
+        configure_logging(settings, args.log_level or python_level(settings.logging.level) or "INFO")
         if args.command in ("serve", "check-config"):
             from .auth import load_api_keys
 
@@ -163,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Bound before anything starts (the embedded store above all): a busy port is then one
             # line, with nothing to stop.
             sockets = listen(settings)
-            _announce(settings, args.config)
+            _announce(settings, args.config, report)
             if args.workers > 1:
                 from .workers import supervise
 
@@ -172,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "seed":
             trio.run(seed_store, settings, args.file)
         elif args.command == "check-config":
-            _announce(settings, args.config)
+            _announce(settings, args.config, report)
+            for key, origin in report.sources.items():
+                log.info("%s from %s", key, origin)
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
     except KeyboardInterrupt:
         return 130
@@ -185,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for leaf in leaves:
             prefix = "configuration error" if isinstance(leaf, ConfigError) else "error"
             print(f"{prefix}: {leaf}", file=sys.stderr)
-        return 2 if any(isinstance(leaf, (ConfigError, CannotListen)) for leaf in leaves) else 1
+        return 2 if any(isinstance(leaf, (ConfigError, CannotListen, StoreInUse)) for leaf in leaves) else 1
     return 0
 
 
@@ -212,12 +241,17 @@ def listen(settings: Settings) -> list[socket.socket]:
         raise CannotListen(f"cannot listen on {address}: {reason}; {advice}") from None
 
 
-def _announce(settings: Settings, config_arg: str | None) -> None:
-    """One line each: the configuration file, the store, the provider of each active channel."""
+def _announce(settings: Settings, config_arg: str | None, report: ConfigReport | None = None) -> None:
+    """One line each: the configuration file, the store, the provider of each active channel,
+    and every notice of the configuration (predecessor keys and variables unused here)."""
     overridden = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
-    path = find_config_file(config_arg)
+    path = report.toml if report is not None else find_config_file(config_arg)
     source = f"configuration: {path}" if path else "configuration: no ./config.toml, built-in defaults apply"
+    if report is not None and report.predecessor is not None:
+        source = f"configuration: {path or 'no TOML file'} over the Messaging Service's {report.predecessor}"
     log.info("%s%s", source, f" (overridden by {', '.join(overridden)})" if overridden else "")
+    for notice in report.notices if report is not None else ():
+        log.warning("%s", notice)
     log.info("store: %s", describe_store(settings))
     log.info(
         "channels: %s",

@@ -36,13 +36,25 @@ from actors import run_pipeline
 from . import logs, metrics
 from .channels import CHANNELS
 from .embedded_store import open_embedded_store
-from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
+from .cancels import CancelWatch
+from .errors import (
+    Conflict,
+    Interrupted,
+    InternalError,
+    NotFound,
+    RequestError,
+    ShuttingDown,
+    StillRunning,
+    StoreError,
+)
 from .files import FilesClient
 from .journal import Journal, Unrecorded
-from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
+from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
+from .listing import EVERYONE, JobPage, JobQuery, Viewer, job_json
 from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
+from .receipts import ReceiptKeeper
 from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -116,10 +128,12 @@ class Dispatcher:
         self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.channels = tuple(providers)
+        self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
         # Cluster mode with the ledger: large jobs are shared with the other processes.
         self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
+        self.cancels = CancelWatch(ledger)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -133,7 +147,12 @@ class Dispatcher:
     # -- the public API -------------------------------------------------------------------------
 
     async def send(
-        self, request: SendRequest | Mapping[str, Any], *, idempotency_key: str | None = None, key_scope: str = ""
+        self,
+        request: SendRequest | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        key_scope: str = "",
+        wait_seconds: float | None = None,
     ) -> SendResult:
         """Validate `request`, deliver it on every requested channel and return the failures.
 
@@ -143,11 +162,17 @@ class Dispatcher:
         attempted. Once validation passed, the deliveries run in the dispatcher's own nursery:
         cancelling this call (a client that goes away) stops the waiting, not the deliveries.
         A key already used with the same request returns that send's result; nothing is sent again.
+        `key_scope` names the API key sending: it scopes idempotency keys and owns the job
+        (`Viewer`); the result's `job_id` names the job (None without the ledger).
+        With `wait_seconds`, a recorded send still running after that long raises `StillRunning`
+        (the job goes on; without the ledger there is no job to follow, so the call waits).
         """
         run, job_id = await self._accept(request, idempotency_key, key_scope)
-        if run is None:
-            return await self._result_of(job_id)
-        return await self._wait(run)
+        if wait_seconds is None or job_id is None:
+            return await (self._result_of(job_id) if run is None else self._wait(run))
+        with trio.move_on_after(wait_seconds):
+            return await (self._result_of(job_id) if run is None else self._wait(run))
+        raise StillRunning(job_id)
 
     async def submit(
         self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None = None, key_scope: str = ""
@@ -159,38 +184,49 @@ class Dispatcher:
         assert job_id is not None
         return job_id
 
-    async def status(self, job_id: str) -> dict[str, Any]:
-        """State, counts and times of a job (`NotFound` for an unknown id)."""
-        doc = await self._job(job_id)
+    async def status(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
+        """State, counts and times of a job (`NotFound` for an unknown id, or one `viewer` may
+        not see)."""
+        doc = await self._job(job_id, viewer)
         run = self._runs.get(job_id)
-        summary = run.result.summary.to_json() if run is not None else (doc.get("summary") or Summary().to_json())
-        return {
-            "id": job_id,
-            "status": doc["state"],
-            "createdAt": doc.get("created_at"),
-            "startedAt": doc.get("started_at"),
-            "finishedAt": doc.get("finished_at"),
-            "summary": summary,
-            "error": doc.get("error"),
-        }
+        summary = run.result.summary.to_json() if run is not None else None
+        body = job_json(doc, summary)
+        # Receipts keep arriving after the job ended: counted from the deliveries, not the job.
+        body["summary"] = {**body["summary"], **await self._require_ledger().receipt_counts(job_id)}
+        return body
 
-    async def failures(self, job_id: str, after: str | None = None, limit: int = 100) -> dict[str, Any]:
+    async def jobs(self, query: JobQuery, viewer: Viewer = EVERYONE) -> JobPage:
+        """One page of the jobs `viewer` may see, newest first (`listing.py`)."""
+        docs, cursor = await self._require_ledger().list_jobs(query, viewer)
+        page = []
+        for doc in docs:
+            run = self._runs.get(doc["_id"])
+            page.append(job_json(doc, run.result.summary.to_json() if run is not None else None))
+        return JobPage(page, cursor)
+
+    async def failures(
+        self, job_id: str, after: str | None = None, limit: int = 100, viewer: Viewer = EVERYONE
+    ) -> dict[str, Any]:
         """One page of a job's failures, in a stable order; `next` continues after this page."""
-        await self._job(job_id)
+        await self._job(job_id, viewer)
         ledger = self._require_ledger()
         docs = await ledger.failures(job_id, after, limit)
         page = [Failure(d["user"], d["channel"], d.get("error") or "failed").to_json() for d in docs]
         return {"id": job_id, "failures": page, "next": docs[-1]["_id"] if len(docs) == limit else None}
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def deliveries(self, job_id: str, user_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
+        """One user's deliveries in a job, one per channel, with their history."""
+        await self._job(job_id, viewer)
+        docs = await self._require_ledger().deliveries_of(job_id, user_id)
+        return {"id": job_id, "userId": user_id, "deliveries": [delivery_view(doc) for doc in docs]}
+
+    async def cancel(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
         """Stop a job that has not finished: deliveries in flight finish, the rest are cancelled."""
-        doc = await self._job(job_id)
+        doc = await self._job(job_id, viewer)
         if doc["state"] not in FINAL_STATES:
             await self._require_ledger().request_cancel(job_id)
-            run = self._runs.get(job_id)
-            if run is not None:
-                run.journal.cancel()
-        return await self.status(job_id)
+            self.cancels.cancel(job_id)  # this process's runs at once; the others' within a poll
+        return await self.status(job_id, viewer)
 
     async def prepare(self, request: SendRequest) -> RequestPlan:
         """Every check that can reject the request: channels, template, compilation, attachments."""
@@ -250,7 +286,15 @@ class Dispatcher:
             return run, None
         job_id = uuid.uuid4().hex
         body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
-        await self.ledger.create_job(job_id, body, self.owner, self.settings.store.lease_seconds, idempotency_key)
+        await self.ledger.create_job(
+            job_id,
+            body,
+            self.owner,
+            self.settings.store.lease_seconds,
+            idempotency_key,
+            key_id=key_scope or None,
+            request_id=logs.request_id_var.get(),
+        )
         if idempotency_key:
             claim = await self.ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
             if not claim.ours:
@@ -266,6 +310,7 @@ class Dispatcher:
         return run, job_id
 
     def _start(self, run: _Run) -> None:
+        run.result.job_id = run.job_id
         self._in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if run.job_id is not None:
@@ -275,7 +320,7 @@ class Dispatcher:
 
     async def _execute(self, run: _Run) -> None:
         ledger, job_id = self.ledger, run.job_id
-        with metrics.track_send():
+        with metrics.track_send(), self.cancels.watching(job_id, run.journal):
             try:
                 if ledger is not None and job_id is not None and run.resumed:
                     await ledger.update_job(job_id, state="running", started_at=now_iso())
@@ -386,7 +431,7 @@ class Dispatcher:
             if doc["state"] in FINAL_STATES:
                 break
             await trio.sleep(_POLL_SECONDS)
-        result = SendResult(summary=Summary.from_json(doc.get("summary") or {}))
+        result = SendResult(summary=Summary.from_json(doc.get("summary") or {}), job_id=job_id)
         after = None
         while True:
             page = await self.failures(job_id, after, 1000)
@@ -395,9 +440,10 @@ class Dispatcher:
             if after is None:
                 return result
 
-    async def _job(self, job_id: str) -> dict[str, Any]:
+    async def _job(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
         doc = await self._require_ledger().job(job_id)
-        if doc is None:
+        if doc is None or not viewer.sees(doc):
+            # Another key's job answers as an unknown one: its id is not confirmed.
             raise NotFound(f"no send {shown(job_id)}")
         return doc
 
@@ -508,8 +554,11 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
+            nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
+                nursery.start_soon(dispatcher.cancels.run)
+                nursery.start_soon(dispatcher.receipts.run)  # type: ignore[union-attr]
             if ledger is not None and cluster is not None:
                 from .cluster.partitions import PartitionQueue
                 from .fanout import SharedFanOut

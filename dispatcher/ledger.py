@@ -18,7 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +33,39 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .batching import Batcher, Call
+from .listing import JOB_LISTING_INDEXES, JobQuery, Viewer, encode_cursor, listing_filter, seq_of
 from .messages import Delivery
 from .settings import StoreSettings
+from .states import ACCEPTED_STATES, RANK, RECEIPT_STATES, SETTLED_STATES, Receipt, below
+
+log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
-FINAL_DELIVERY_STATES = frozenset({"sent", "failed", "skipped", "cancelled"})
+FINAL_DELIVERY_STATES = SETTLED_STATES
 _DUPLICATE_KEY = 11000
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One delivery moved to `state` (what `Ledger.watch` listeners are told)."""
+
+    job: str
+    user: str
+    channel: str
+    state: str
+    provider_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ReceiptOutcome:
+    """What became of a group of receipts: moved a delivery, changed nothing (duplicate or
+    behind it), or kept for a delivery not recorded yet."""
+
+    applied: int = 0
+    unchanged: int = 0
+    kept: int = 0
 
 
 def now_iso() -> str:
@@ -63,6 +91,9 @@ class Ledger:
         self._jobs: Collection[dict[str, Any]] = db[settings.jobs_collection]
         self._deliveries: Collection[dict[str, Any]] = db[settings.deliveries_collection]
         self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
+        # Receipts that arrived before the delivery they name was recorded.
+        self._orphans: Collection[dict[str, Any]] = db[f"{settings.deliveries_collection}_receipts"]
+        self._listeners: list[Callable[[list[StateChange]], None]] = []
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
         self._writes = Batcher(self._flush)
@@ -80,22 +111,44 @@ class Ledger:
         def create() -> None:
             self._deliveries.create_index([("job", 1), ("user", 1), ("channel", 1)], unique=True)
             self._deliveries.create_index([("job", 1), ("state", 1)])
-            for collection in (self._jobs, self._deliveries, self._keys):
+            self._deliveries.create_index("provider_id")  # receipts name a delivery by it
+            self._deliveries.create_index([("state", 1), ("settled_at", 1)])  # the receipt timeout
+            for collection in (self._jobs, self._deliveries, self._keys, self._orphans):
                 collection.create_index("expires_at", expireAfterSeconds=0)
             self._jobs.create_index([("state", 1), ("lease_expires", 1)])
+            # The listing (listing.py): newest first by `seq`, after an equality on each filter.
+            for keys in JOB_LISTING_INDEXES:
+                self._jobs.create_index(list(keys))
+            # Jobs written before `seq` existed get one, so that the listing shows them too.
+            for doc in self._jobs.find({"seq": {"$exists": False}}, {"_id": 1, "created_at": 1}):
+                self._jobs.update_one(
+                    {"_id": doc["_id"]}, {"$set": {"seq": seq_of(doc.get("created_at") or "", doc["_id"])}}
+                )
 
         await self._run("index creation", create)
 
     # -- jobs -----------------------------------------------------------------------------------
 
     async def create_job(
-        self, job_id: str, request: dict[str, Any], owner: str, lease: float, idempotency_key: str | None
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        owner: str,
+        lease: float,
+        idempotency_key: str | None,
+        *,
+        key_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         """A job its owner starts at once: `running` from the first write (one round trip less
-        per send than queued-then-running)."""
+        per send than queued-then-running). `key_id` is the API key that created it (None: no
+        key, e.g. the embedding API), `request_id` the HTTP request's id."""
         created = now_iso()
         doc = {
             "_id": job_id,
+            "seq": seq_of(created, job_id),
+            "key_id": key_id,
+            "request_id": request_id,
             "request": request,
             "state": "running",
             "created_at": created,
@@ -109,7 +162,7 @@ class Ledger:
             "lease_expires": time.time() + lease,
             "expires_at": self._expires_at(),
         }
-        await self._writes.submit("job", ([doc], None))
+        await self._writes.submit("job", ([doc], None, None))
 
     async def delete_job(self, job_id: str) -> None:
         # Only ever our own job, just created and never started (its lease keeps others off).
@@ -117,6 +170,20 @@ class Ledger:
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         return await self._run("job lookup", self._jobs.find_one, {"_id": job_id})
+
+    async def list_jobs(self, query: JobQuery, viewer: Viewer) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of jobs, newest first, and the cursor of the next (None on the last page)."""
+        filters = listing_filter(query, viewer)
+        projection = {"request.channels": 1, **{f: 1 for f in _LISTED_FIELDS}}
+
+        def find() -> list[dict[str, Any]]:
+            cursor = self._jobs.find(filters, projection).sort("seq", -1).limit(query.limit + 1)
+            return list(cursor)
+
+        docs = await self._run("job listing", find)
+        more = len(docs) > query.limit
+        docs = docs[: query.limit]
+        return docs, encode_cursor(docs[-1]["seq"]) if more and docs else None
 
     async def claim(self, job_id: str, owner: str, lease: float) -> dict[str, Any] | None:
         """Take over an active job whose lease has expired (or is already ours)."""
@@ -145,7 +212,7 @@ class Ledger:
         )
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None))
+        await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, None))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
         return await self._run(
@@ -155,6 +222,12 @@ class Ledger:
             {"$set": {"cancel_requested": True}},
             return_document=ReturnDocument.AFTER,
         )
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> list[str]:
+        """Which of these jobs a client asked to cancel (one query for all of them)."""
+        query = {"_id": {"$in": list(job_ids)}, "cancel_requested": True}
+        docs = await self._run("cancel lookup", lambda: list(self._jobs.find(query, {"_id": 1})))
+        return [doc["_id"] for doc in docs]
 
     # -- idempotency keys -----------------------------------------------------------------------
 
@@ -209,15 +282,16 @@ class Ledger:
         return {doc["user"]: doc for doc in docs}
 
     async def claim_sending(
-        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, str | None]]
+        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, tuple[str, str] | None]]
     ) -> set[tuple[str, str]]:
-        """Mark these (channel, user, previous run) deliveries `sending` for run `run_id`, before
+        """Mark these (channel, user, previous) deliveries `sending` for run `run_id`, just before
         their provider calls, and return those that could NOT be claimed: another run holds or
         settled them. A claim is a compare-and-set, so two runs of the same partition or job never
         both send one delivery: an insert (the unique `_id` refuses a delivery anyone wrote), or,
-        for a delivery left `sending` by `previous` run (`""` for one that recorded no run), an
-        update whose filter names that run."""
+        for a delivery left `sending` or `retrying` by a run, an update whose filter names that
+        run and state (`previous = (run, state)`, run `""` for one that recorded no run)."""
         expires = self._expires_at()
+        now = time.time()
         ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
         for channel, user, previous in deliveries:
             doc = {
@@ -226,40 +300,52 @@ class Ledger:
                 "channel": channel,
                 "state": "sending",
                 "run": run_id,
+                "claimed_at": now,
                 "expires_at": expires,
             }
             key = delivery_key(job_id, channel, user)
             if previous is None:
                 ops.append(InsertOne({"_id": key, **doc}))
             else:
-                ops.append(
-                    UpdateOne({"_id": key, "state": "sending", "run": previous or None}, {"$set": doc}, upsert=True)
-                )
+                run, state = previous
+                ops.append(UpdateOne({"_id": key, "state": state, "run": run or None}, {"$set": doc}, upsert=True))
         if not ops:
             return set()
-        return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries]))
+        return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries], job_id))
+
+    async def release(self, job_id: str, run_id: str, delivery: Delivery) -> None:
+        """Between a failed attempt that reached no one and the next: `retrying`, still this run's
+        (the next attempt claims it back by compare-and-set). A crash meanwhile leaves a delivery
+        that can be sent again, not an ambiguous one."""
+        key = {"_id": delivery_key(job_id, delivery.channel, delivery.user_id), "run": run_id}
+        update = {"$set": {"state": "retrying", "attempts": delivery.attempts, "error": delivery.error}}
+        await self._writes.submit("outcome", ([UpdateOne(key, update)], None, []))
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
         """Record final outcomes. A delivery with attempts was claimed first (providers are only
         called after the claim), so its document exists and only what the attempt changed is
-        written (less work for the store: benchmarks/store_writes.py); any other is written whole."""
+        written (less work for the store: benchmarks/store_writes.py), and only while it is still
+        `sending` (a run that lost its claim cannot overwrite what another recorded); any other
+        is written whole."""
         if not deliveries:
             return
         expires = self._expires_at()
+        now = time.time()
         ops = []
         for d in deliveries:
-            key = {"_id": delivery_key(job_id, d.channel, d.user_id)}
+            key = delivery_key(job_id, d.channel, d.user_id)
             if d.attempts:
-                outcome: dict[str, Any] = {"state": d.status, "attempts": d.attempts}
+                outcome: dict[str, Any] = {"state": d.status, "attempts": d.attempts, "settled_at": now}
                 if d.error is not None:
                     outcome["error"] = d.error
                 if d.provider_id is not None:
                     outcome["provider_id"] = d.provider_id
-                ops.append(UpdateOne(key, {"$set": outcome}))
+                # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
+                ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
             else:
                 ops.append(
                     UpdateOne(
-                        key,
+                        {"_id": key},
                         {
                             "$set": {
                                 "job": job_id,
@@ -270,13 +356,169 @@ class Ledger:
                                 "attempts": d.attempts,
                                 "provider_id": d.provider_id,
                                 "user_found": d.user_found,
+                                "settled_at": now,
                                 "expires_at": expires,
                             }
                         },
                         upsert=True,
                     )
                 )
-        await self._writes.submit("outcome", (ops, None))
+        changes = [StateChange(job_id, d.user_id, d.channel, d.status, d.provider_id, d.error) for d in deliveries]
+        await self._writes.submit("outcome", (ops, None, changes))
+
+    # -- receipts -------------------------------------------------------------------------------
+
+    def watch(self, listener: Callable[[list[StateChange]], None]) -> None:
+        """Call `listener` with every group of delivery state changes once written: claims
+        (`sending`), outcomes, receipts and receipt timeouts all pass here. It runs in the
+        store's worker thread, right after the write: keep it short and never raise."""
+        self._listeners.append(listener)
+
+    def _changed(self, changes: list[StateChange]) -> None:
+        if not changes:
+            return
+        for listener in self._listeners:
+            try:
+                listener(changes)
+            except Exception:  # a listener's bug must not fail the write it follows
+                log.exception("delivery state listener failed")
+
+    async def apply_receipts(self, receipts: Sequence[Receipt]) -> ReceiptOutcome:
+        """Move the deliveries these receipts name forward, through the group commit. A receipt
+        for an id no delivery holds yet is kept (in `<deliveries>_receipts`) for
+        `apply_kept_receipts`."""
+        if not receipts:
+            return ReceiptOutcome()
+        return await self._writes.submit("receipt", (list(receipts), None, None))
+
+    async def apply_kept_receipts(self, drop_before: float, limit: int = 1000) -> tuple[ReceiptOutcome, list[str]]:
+        """Apply the kept receipts whose delivery has been recorded since; drop (and return the
+        ids of) those received before `drop_before` whose delivery still does not exist."""
+        docs = await self._run("receipt lookup", lambda: list(self._orphans.find({}).sort("at", 1).limit(limit)))
+        if not docs:
+            return ReceiptOutcome(), []
+        kept = [
+            (
+                doc["_id"],
+                Receipt(
+                    doc["sid"],
+                    doc["state"],
+                    doc["status"],
+                    doc["at"],
+                    doc.get("code"),
+                    doc.get("reason"),
+                    doc.get("permanent", False),
+                ),
+            )
+            for doc in docs
+        ]
+        return await self._writes.submit("kept receipt", (kept, drop_before, None))
+
+    def _write_receipts(self, calls: list[Call]) -> None:
+        """In the store's worker thread: one lookup of the named deliveries, one bulk of
+        conditional updates (the filter names the states the receipt may replace, so receipts
+        that race never move a delivery backwards), one insert of the receipts to keep."""
+        if not calls:
+            return
+        fresh = [(call, None, r) for call in calls if call.kind == "receipt" for r in call.payload[0]]
+        kept = [(call, kept_id, r) for call in calls if call.kind == "kept receipt" for kept_id, r in call.payload[0]]
+        items = sorted(fresh + kept, key=lambda item: RANK[item[2].state])
+        try:
+            sids = list({r.sid for _, _, r in items})
+            projection = {"state": 1, "provider_id": 1, "job": 1, "user": 1, "channel": 1}
+            found = {d["provider_id"]: d for d in self._deliveries.find({"provider_id": {"$in": sids}}, projection)}
+            outcomes = {id(call): ReceiptOutcome() for call in calls}
+            ops, changes, orphans, done = [], [], [], []
+            drops: list[str] = []
+            expected: dict[str, str] = {}  # the state each delivery is predicted to end in
+            for call, kept_id, r in items:
+                outcome = outcomes[id(call)]
+                doc = found.get(r.sid)
+                if doc is None:
+                    if kept_id is None:
+                        orphans.append(r)
+                        outcome.kept += 1
+                    elif r.at < call.payload[1]:
+                        drops.append(kept_id)
+                    else:
+                        outcome.kept += 1
+                    continue
+                if kept_id is not None:
+                    done.append(kept_id)
+                current = expected.get(r.sid, doc["state"])
+                if current not in RANK or RANK[current] >= RANK[r.state]:
+                    outcome.unchanged += 1
+                    continue
+                expected[r.sid] = r.state
+                outcome.applied += 1
+                update: dict[str, Any] = {"state": r.state, "receipt_at": r.at, "provider_status": r.status}
+                if r.state == "undelivered":
+                    update.update(error=r.error(), failure="permanent" if r.permanent else "temporary")
+                    if r.code:
+                        update["provider_code"] = r.code
+                ops.append(
+                    UpdateOne(
+                        {"_id": doc["_id"], "state": {"$in": below(r.state)}},
+                        # Keyed by state, not pushed: each state is reached once, and the
+                        # embedded store keeps pushed documents as strings.
+                        {"$set": {**update, f"receipts.{r.state}": r.entry()}},
+                    )
+                )
+                changes.append(StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error()))
+            if ops:
+                self._deliveries.bulk_write(ops, ordered=False)
+            if orphans:
+                expires = self._expires_at()
+                with_ids = [
+                    {
+                        "_id": f"{r.sid}|{r.status}",
+                        "sid": r.sid,
+                        "state": r.state,
+                        "status": r.status,
+                        "at": r.at,
+                        "code": r.code,
+                        "reason": r.reason,
+                        "permanent": r.permanent,
+                        "expires_at": expires,
+                    }
+                    for r in orphans
+                ]
+                try:
+                    self._orphans.insert_many(with_ids, ordered=False)
+                except BulkWriteError as exc:  # the same receipt kept twice: once is enough
+                    if any(e.get("code") != _DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                        raise
+            if done or drops:
+                self._orphans.delete_many({"_id": {"$in": done + drops}})
+        except PyMongoError as exc:
+            for call in calls:
+                call.fail(StoreError(f"ledger receipt write failed: {exc}"))
+            return
+        for call in calls:
+            call.succeed((outcomes[id(call)], drops) if call.kind == "kept receipt" else outcomes[id(call)])
+        self._changed(changes)
+
+    async def mark_unconfirmed(self, channels: Sequence[str], settled_before: float) -> int:
+        """Deliveries on `channels` still `sent` since before `settled_before` (epoch seconds):
+        no receipt came, they become `unconfirmed`. Returns how many."""
+        if not channels:
+            return 0
+        query = {"state": "sent", "channel": {"$in": list(channels)}, "settled_at": {"$lt": settled_before}}
+
+        def mark() -> int:
+            projection = {"job": 1, "user": 1, "channel": 1, "provider_id": 1}
+            docs = list(self._deliveries.find(query, projection).limit(10_000))
+            if not docs:
+                return 0
+            # The state is in the filter again: a receipt landing meanwhile wins.
+            ops = [UpdateOne({"_id": d["_id"], "state": "sent"}, {"$set": {"state": "unconfirmed"}}) for d in docs]
+            result = self._deliveries.bulk_write(ops, ordered=False)
+            self._changed(
+                [StateChange(d["job"], d["user"], d["channel"], "unconfirmed", d.get("provider_id")) for d in docs]
+            )
+            return result.modified_count
+
+        return await self._run("receipt timeout", mark)
 
     def _flush(self, batch: list[Call]) -> None:
         """One group of writes (in a worker thread): new jobs, then every delivery write in one
@@ -286,11 +528,12 @@ class Ledger:
             "job creation",
             lambda docs: self._jobs.insert_many(docs, ordered=False),
         )
-        _bulk(
-            [w for w in batch if w.kind in ("claim", "outcome")],
-            "delivery write",
-            lambda ops: self._deliveries.bulk_write(ops, ordered=False),
-        )
+        deliveries = [w for w in batch if w.kind in ("claim", "outcome")]
+        _bulk(deliveries, "delivery write", lambda ops: self._deliveries.bulk_write(ops, ordered=False))
+        if self._listeners:
+            self._changed([change for w in deliveries if w.error is None for change in _changes(w)])
+        # After the outcomes: a receipt that races its delivery's outcome into one group finds it.
+        self._write_receipts([w for w in batch if w.kind in ("receipt", "kept receipt")])
         _bulk(
             [w for w in batch if w.kind == "job update"],
             "job update",
@@ -319,12 +562,35 @@ class Ledger:
         body: dict[str, Any] = {"users": counted["users"], **{state: {} for state in states}}
         for group in counted["groups"]:
             channel, _, state = (group["_id"] or "").partition("|")
+            if state in ACCEPTED_STATES:  # receipts came later: the provider accepted it
+                state = "sent"
             if channel in channels and state in states:
-                body[state][channel] = group["n"]
+                body[state][channel] = body[state].get(channel, 0) + group["n"]
         return body
 
+    async def receipt_counts(self, job_id: str) -> dict[str, dict[str, int]]:
+        """How many of a job's deliveries receipts (or their absence) took past `sent`, by state
+        and channel: `{"delivered": {"sms": 3}, "undelivered": {}, "unconfirmed": {}}`."""
+        pipeline = [
+            {"$match": {"job": job_id, "state": {"$in": list(RECEIPT_STATES)}}},
+            {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
+            {"$group": {"_id": "$key", "n": {"$sum": 1}}},
+        ]
+        groups = await self._run("receipt counts", lambda: list(self._deliveries.aggregate(pipeline)))
+        counts: dict[str, dict[str, int]] = {state: {} for state in RECEIPT_STATES}
+        for group in groups:
+            channel, _, state = (group["_id"] or "").partition("|")
+            if state in counts:
+                counts[state][channel] = group["n"]
+        return counts
+
+    async def deliveries_of(self, job_id: str, user_id: str) -> list[dict[str, Any]]:
+        """Every delivery of one user in one job (one per channel)."""
+        query = {"job": job_id, "user": user_id}
+        return await self._run("delivery lookup", lambda: list(self._deliveries.find(query).sort("channel", 1)))
+
     async def failures(self, job_id: str, after: str | None, limit: int) -> list[dict[str, Any]]:
-        query: dict[str, Any] = {"job": job_id, "state": "failed"}
+        query: dict[str, Any] = {"job": job_id, "state": {"$in": ["failed", "undelivered"]}}
         if after:
             query["_id"] = {"$gt": after}
         return await self._run(
@@ -342,10 +608,33 @@ class Ledger:
         await self._run("purge", purge)
 
 
+_LISTED_FIELDS = (
+    "seq",
+    "state",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "summary",
+    "error",
+    "request_id",
+    "key_id",
+)
+
+
+def _changes(write: Call) -> list[StateChange]:
+    """The state changes a settled claim or outcome write made."""
+    ops, keys, extra = write.payload
+    if write.kind == "outcome":
+        return list(extra)
+    taken = write.result or set()
+    return [StateChange(extra, user, channel, "sending") for channel, user in keys if (channel, user) not in taken]
+
+
 def _bulk(writes: list[Call], what: str, command: Any) -> None:
-    """Run `command` once on the operations of every write (each payload is `(operations, keys)`)
+    """Run `command` once on the operations of every write
     and settle each write from the per-operation errors: a duplicate key on a claim means another
-    run holds that delivery (`keys[i]` joins the claim's result); any other error fails its write."""
+    run holds that delivery (`keys[i]` joins the claim's result); any other error fails its write.
+    (Each payload is `(operations, keys, what to tell listeners)`.)"""
     if not writes:
         return
     ops = [op for write in writes for op in write.payload[0]]
@@ -360,7 +649,7 @@ def _bulk(writes: list[Call], what: str, command: Any) -> None:
         return
     start = 0
     for write in writes:
-        own, keys = write.payload
+        own, keys, _ = write.payload
         taken = set()
         failure = None
         for i in range(len(own)):
@@ -378,6 +667,36 @@ def _bulk(writes: list[Call], what: str, command: Any) -> None:
             write.succeed(taken if write.kind == "claim" else None)
 
 
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def delivery_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """A delivery document as `GET /send/{id}/deliveries` shows it: state, attempts, the
+    provider's id, times, and each receipt that moved it."""
+    view: dict[str, Any] = {
+        "channel": doc.get("channel"),
+        "state": doc.get("state"),
+        "attempts": doc.get("attempts", 0),
+        "providerId": doc.get("provider_id"),
+        "error": doc.get("error"),
+        "claimedAt": _iso(doc.get("claimed_at")),
+        "settledAt": _iso(doc.get("settled_at")),
+        "receiptAt": _iso(doc.get("receipt_at")),
+        "receipts": [
+            {"status": r.get("status"), "state": r.get("state"), "code": r.get("code"), "at": _iso(r.get("at"))}
+            for r in sorted((doc.get("receipts") or {}).values(), key=lambda r: r.get("at") or 0)
+        ],
+    }
+    if doc.get("failure"):
+        view["failure"] = doc["failure"]
+    if doc.get("reconciled"):
+        view["reconciled"] = doc["reconciled"]
+    return view
+
+
 def body_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -388,7 +707,10 @@ __all__ = [
     "FINAL_STATES",
     "IdempotencyClaim",
     "Ledger",
+    "ReceiptOutcome",
+    "StateChange",
     "body_hash",
     "delivery_key",
+    "delivery_view",
     "now_iso",
 ]

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -132,6 +134,60 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# pino's numeric levels, which the platform's log parser reads: trace 10 ... fatal 60.
+PINO_LEVELS = {"trace": 10, "debug": 20, "info": 30, "warn": 40, "error": 50, "fatal": 60}
+_PINO_TO_PYTHON = {"trace": "DEBUG", "warn": "WARNING", "fatal": "CRITICAL", "silent": "CRITICAL"}
+
+
+def python_level(name: str) -> str | None:
+    """A level name, Python's or pino's (the predecessor's `LOG_LEVEL`), as Python's; None if
+    neither."""
+    lowered = name.strip().lower()
+    if lowered in _PINO_TO_PYTHON:
+        return _PINO_TO_PYTHON[lowered]
+    upper = lowered.upper()
+    return upper if upper in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else None
+
+
+def pino_level(levelno: int) -> int:
+    """Python's DEBUG 10 ... CRITICAL 50 as pino's debug 20 ... fatal 60 (below DEBUG: trace)."""
+    if levelno < logging.DEBUG:
+        return 10
+    return min(60, (levelno // 10) * 10 + 10)
+
+
+class PinoFormatter(logging.Formatter):
+    """The platform's JSON log shape (pino's): numeric `level`, `time` in epoch milliseconds,
+    `pid`, `hostname`, `msg`, `reqId` (the request id), then `jobId`, `channel`, the `extra=`
+    fields of the call and `err` (`{"message", "stack"}`) when there is an exception."""
+
+    _NAMES = {"request_id": "reqId", "job_id": "jobId", "channel": "channel"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid = os.getpid()
+        self._hostname = socket.gethostname()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "level": pino_level(record.levelno),
+            "time": int(record.created * 1000),
+            "pid": self._pid,
+            "hostname": self._hostname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name, value in _context_of(record).items():
+            entry[self._NAMES[name]] = value
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in CONTEXT_FIELDS and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            exc = record.exc_info[1]
+            entry["err"] = {"message": str(exc), "stack": self.formatException(record.exc_info)}
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
 class TextFormatter(logging.Formatter):
     """`time LEVEL logger: message`, then ` request_id=... job_id=... channel=...` for the
     context fields that are set."""
@@ -157,7 +213,8 @@ def configure_logging(settings: Any, level: int | str = "INFO", stream: TextIO |
     logging_settings = getattr(settings, "logging", settings)
     fmt = getattr(logging_settings, "format", "text")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatters = {"json": JsonFormatter, "pino": PinoFormatter}
+    handler.setFormatter(formatters.get(fmt, TextFormatter)())
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -212,6 +269,7 @@ def mask_address(channel: str, value: str) -> str:
 __all__ = [
     "ContextFilter",
     "JsonFormatter",
+    "PinoFormatter",
     "TextFormatter",
     "bind",
     "channel_var",

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from pydantic.json_schema import models_json_schema
 
+from .auth import is_protected
 from .channels import CHANNELS
 from .models import SendRequest
 
@@ -54,11 +55,26 @@ class Summary(_Wire):
     )
 
 
+class JobSummary(Summary):
+    """A job's counts: the send's, and of the sent deliveries, where receipts took them since
+    (they keep arriving after the job ended)."""
+
+    delivered: _COUNTS = Field(default_factory=dict, description="Of the sent, those a provider receipt confirmed")
+    undelivered: _COUNTS = Field(default_factory=dict, description="Of the sent, those a receipt said did not arrive")
+    unconfirmed: _COUNTS = Field(
+        default_factory=dict,
+        description="Of the sent, those without a receipt after `[ledger].receipt_timeout_hours`",
+    )
+
+
 class SendResult(_Wire):
     """The answer once every delivery was attempted (retries included)."""
 
     failures: list[Failure]
     summary: Summary
+    id: str | None = Field(
+        None, description="The job's id (also in `Location`); absent without the ledger ([store].ledger = false)"
+    )
 
 
 class Error(_Wire):
@@ -81,11 +97,20 @@ class JobStatus(_Wire):
 
     id: str
     status: JobState
-    summary: Summary | None = None
+    summary: JobSummary | None = None
     createdAt: datetime | None = None
     startedAt: datetime | None = None
     finishedAt: datetime | None = None
     error: str | None = Field(None, description="Why a job failed, when it did")
+    requestId: str | None = Field(None, description="The `X-Request-ID` of the request that created the job")
+    channels: list[str] = Field(default_factory=list, description="The channels the job delivers on")
+
+
+class JobPage(_Wire):
+    """One page of jobs, newest first; pass `next` as `cursor` for the next page (null: the last)."""
+
+    jobs: list[JobStatus]
+    next: str | None = None
 
 
 class FailuresPage(_Wire):
@@ -93,6 +118,39 @@ class FailuresPage(_Wire):
 
     failures: list[Failure]
     next: str | None = None
+
+
+class Receipt(_Wire):
+    """One provider receipt that moved a delivery."""
+
+    status: str = Field(description="The provider's word (Twilio MessageStatus or CallStatus)")
+    state: Literal["sent", "delivered", "undelivered"]
+    code: str | None = Field(None, description="The provider's error code, when it gave one")
+    at: datetime | None = None
+
+
+class DeliveryHistory(_Wire):
+    """One delivery of one user: where it stands and how it got there."""
+
+    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    state: Literal["sending", "sent", "delivered", "undelivered", "unconfirmed", "failed", "skipped", "cancelled"]
+    attempts: int = Field(ge=0)
+    providerId: str | None = Field(None, description="The provider's id (Twilio SID, FCM name, Message-ID)")
+    error: str | None = None
+    failure: Literal["permanent", "temporary"] | None = Field(None, description="For `undelivered`")
+    claimedAt: datetime | None = Field(None, description="When it was claimed `sending`, just before the call")
+    settledAt: datetime | None = Field(None, description="When its outcome was recorded")
+    receiptAt: datetime | None = Field(None, description="When the last receipt moved it")
+    receipts: list[Receipt]
+    reconciled: str | None = Field(None, description="How an ambiguous attempt was resolved with the provider")
+
+
+class UserDeliveries(_Wire):
+    """One user's deliveries in one job, one per channel."""
+
+    id: str
+    userId: str
+    deliveries: list[DeliveryHistory]
 
 
 class Health(_Wire):
@@ -132,7 +190,21 @@ QUICK_START_RESULT = {
     },
 }
 
-_RESPONSE_MODELS = (SendResult, Failure, Summary, Error, JobAccepted, JobStatus, FailuresPage, Health)
+_RESPONSE_MODELS = (
+    SendResult,
+    Failure,
+    Summary,
+    JobSummary,
+    Error,
+    JobAccepted,
+    JobStatus,
+    JobPage,
+    FailuresPage,
+    UserDeliveries,
+    DeliveryHistory,
+    Receipt,
+    Health,
+)
 
 
 def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -189,6 +261,11 @@ _UNAUTHORIZED = _error(
     **{"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
 )
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+_LOCATION = {"Location": {"description": "`/send/{id}`: the job", "schema": {"type": "string"}}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
 def _operations() -> dict[tuple[str, str], dict[str, Any]]:
@@ -235,15 +312,49 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "SendResult",
                     "Every delivery was attempted; the failures and counts",
                     content={"application/json": {"schema": _ref("SendResult"), "example": QUICK_START_RESULT}},
+                    headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
                 ),
-                "202": _json("JobAccepted", "Accepted as a job (asynchronous mode)"),
+                "202": _json(
+                    "JobAccepted",
+                    "Accepted as a job: asynchronous mode (`{id, status}`), or a synchronous request "
+                    "still running after `[server].sync_timeout_seconds` (the job as `GET /send/{id}` "
+                    "shows it; the job goes on). `Location` names the job",
+                    headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
+                    content={"application/json": {"schema": {"anyOf": [_ref("JobAccepted"), _ref("JobStatus")]}}},
+                ),
                 "400": _error("Invalid request; nothing was sent"),
                 "401": _UNAUTHORIZED,
                 "413": _error("Body larger than `[server].max_body_bytes`"),
                 "422": _error("Idempotency-Key reused with another body"),
                 "500": _error("A bug; logged with a traceback"),
                 "502": _error("The Files Service is down"),
-                "503": _error("Shutting down, or the store is unavailable"),
+                "503": _error(
+                    "Shutting down, or the store is unavailable. A send interrupted after it was accepted "
+                    "also carries `id` (with `Location`), `failures` and `summary`: what was attempted; the "
+                    "job resumes",
+                    **_LOCATION,
+                ),
+            },
+        },
+        ("get", "/send"): {
+            "operationId": "listJobs",
+            "summary": "Jobs, newest first (with API keys: the key's own jobs; admin keys see all)",
+            "tags": ["send"],
+            "parameters": [
+                request_id,
+                _query("status", {"type": "string", "enum": list(JobState.__args__)}, "Only jobs in this state"),
+                _query("channel", {"type": "string"}, "Only jobs delivering on this channel"),
+                _query("createdAfter", {"type": "string", "format": "date-time"}, "Created at or after"),
+                _query("createdBefore", {"type": "string", "format": "date-time"}, "Created before"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
+                _query("cursor", {"type": "string"}, "The `next` of the previous page"),
+            ],
+            "responses": {
+                "200": _json("JobPage", "One page of jobs"),
+                "400": _error("Invalid filter or cursor"),
+                "401": _UNAUTHORIZED,
+                "404": _error("Jobs are not recorded ([store].ledger = false)"),
+                "503": _error("The store is unavailable"),
             },
         },
         ("get", "/send/{id}"): {
@@ -254,7 +365,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {
                 "200": _json("JobStatus", "The job"),
                 "401": _UNAUTHORIZED,
-                "404": _error("No such job"),
+                "404": _error("No such job, or one another API key created"),
                 "503": _error("The store is unavailable"),
             },
         },
@@ -266,7 +377,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {
                 "200": _json("JobStatus", "The job after cancellation"),
                 "401": _UNAUTHORIZED,
-                "404": _error("No such job"),
+                "404": _error("No such job, or one another API key created"),
                 "503": _error("The store is unavailable"),
             },
         },
@@ -295,7 +406,89 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "200": _json("FailuresPage", "One page of failures"),
                 "400": _error("Invalid paging"),
                 "401": _UNAUTHORIZED,
+                "404": _error("No such job, or one another API key created"),
+                "503": _error("The store is unavailable"),
+            },
+        },
+        ("post", "/saga/send"): {
+            "operationId": "sagaSend",
+            "summary": "A Flow Manager command, mapped to a send by `[flow_manager].metadata_schema`",
+            "description": "Answers 200 with an empty body once the send is accepted (it runs as a job); "
+            "the outcome goes to the Flow Manager as the success or fail event. Idempotent per saga id "
+            "(`key`) and `messageLabel`. 404 when no metadataSchema is configured.",
+            "tags": ["send"],
+            "parameters": [request_id],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["key", "value"],
+                            "properties": {
+                                "key": {"type": "string", "minLength": 1, "description": "The saga id"},
+                                "value": {
+                                    "type": "object",
+                                    "required": ["messageLabel"],
+                                    "properties": {
+                                        "messageLabel": {"type": "string", "minLength": 1},
+                                        "messagePayload": {"type": "object"},
+                                    },
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Accepted: sending started",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                },
+                "400": _error("Not a command, or the mapped send is invalid (the fail event follows)"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No metadataSchema is configured"),
+                "413": _error("Body larger than `[server].max_body_bytes`"),
+                "422": _error("The same saga id and label came with another command"),
+                "500": _error("A bug; logged with a traceback"),
+                "502": _error("The Files Service is down"),
+                "503": _error("Shutting down, or the store is unavailable"),
+            },
+        },
+        ("get", "/send/{id}/deliveries"): {
+            "operationId": "getUserDeliveries",
+            "summary": "One user's deliveries in a job, with their history",
+            "tags": ["send"],
+            "parameters": [
+                _JOB_ID,
+                request_id,
+                {"name": "userId", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}},
+            ],
+            "responses": {
+                "200": _json("UserDeliveries", "The user's deliveries (none if the job never reached the user)"),
+                "400": _error("No userId"),
+                "401": _UNAUTHORIZED,
                 "404": _error("No such job"),
+                "503": _error("The store is unavailable"),
+            },
+        },
+        ("post", "/providers/twilio/status"): {
+            "operationId": "twilioStatusCallback",
+            "summary": "Twilio's status callbacks (receipts); authenticated by X-Twilio-Signature, not API keys",
+            "tags": ["providers"],
+            "parameters": [
+                request_id,
+                {"name": "X-Twilio-Signature", "in": "header", "required": True, "schema": {"type": "string"}},
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                "204": {"description": "Taken (applied, kept for later, or a status that changes nothing)"},
+                "400": _error("A signed callback that names no message or call"),
+                "403": _error("Missing or wrong signature; nothing changed"),
+                "404": _error("Receipts are off ([providers.twilio].status_callback_base_url is empty)"),
                 "503": _error("The store is unavailable"),
             },
         },
@@ -362,7 +555,7 @@ def build_openapi(
         if routes is not None and (method, path) not in routes:
             continue
         operation = copy.deepcopy(operation)
-        protected = path == "/send" or path.startswith("/send/") or (protect_metrics and path == "/-/metrics")
+        protected = is_protected(path, protect_metrics)
         if auth_enabled and protected:
             operation["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
         else:
@@ -428,7 +621,8 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
     """The (method, path) pairs an app serves, without the static route and automatic methods."""
     routes = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        # The operations page (dispatcher/ui) is for browsers, not part of the API.
+        if rule.endpoint == "static" or rule.endpoint.startswith("ui."):
             continue
         for method in rule.methods or ():
             if method in ("HEAD", "OPTIONS"):
@@ -513,6 +707,7 @@ __all__ = [
     "Failure",
     "FailuresPage",
     "JobAccepted",
+    "JobPage",
     "JobStatus",
     "SendResult",
     "Summary",

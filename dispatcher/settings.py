@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 from collections.abc import Callable
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 from collections.abc import Mapping
@@ -42,6 +44,9 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    # A synchronous POST /send waits at most this long for its result, then answers 202 with the
+    # job's id and state (the job goes on; GET /send/{id} follows it).
+    sync_timeout_seconds: float = Field(30.0, gt=0)
 
 
 class DispatcherSettings(_Section):
@@ -52,6 +57,8 @@ class DispatcherSettings(_Section):
     queue_size: int = Field(256, ge=1)
     # Users fetched from the store per round trip.
     store_batch_size: int = Field(500, ge=1)
+    # A dry run (`POST /send?dryRun=true`) renders the messages of this many users.
+    preview_users: int = Field(3, ge=0, le=100)
 
 
 class StoreSettings(_Section):
@@ -69,6 +76,16 @@ class StoreSettings(_Section):
     # A running job's owner renews its lease this often (a third of it); another instance takes
     # the job over once the lease has expired.
     lease_seconds: float = Field(30.0, gt=0)
+    # The CRUD service's `__STATE__` of the users and templates this service uses. A document
+    # without `__STATE__` counts as PUBLIC (collections not written by the CRUD service have
+    # none). Empty: every document, whatever its state.
+    crud_states: tuple[Literal["PUBLIC", "DRAFT", "TRASH", "DELETED"], ...] = ("PUBLIC",)
+
+
+class LedgerSettings(_Section):
+    # A delivery still `sent` this long after it was accepted, on a channel whose provider sends
+    # receipts, becomes `unconfirmed`.
+    receipt_timeout_hours: float = Field(72.0, gt=0)
 
 
 class UserFields(_Section):
@@ -184,6 +201,24 @@ class TwilioSettings(_Section):
     account_sid: str = ""
     auth_token: SecretStr = SecretStr("")  # from TWILIO_AUTH_TOKEN only
     api_base_url: str = "https://api.twilio.com"
+    # The service's public URL as Twilio reaches it (scheme, host, port, path prefix): messages and
+    # calls are created with StatusCallback = this + /providers/twilio/status, and receipts are
+    # verified against it. Empty: no receipts.
+    status_callback_base_url: str = ""
+    # A receipt for a message the ledger does not hold yet is kept this long, then dropped.
+    orphan_receipt_minutes: float = Field(10.0, gt=0)
+    # Reconciliation: how long after an ambiguous attempt's claim Twilio's message and call lists
+    # are trusted to show it (a message absent from a listing made sooner proves nothing).
+    reconcile_settle_seconds: float = Field(30.0, ge=0)
+    # Listings in flight at once per channel (they also take the channel's rate tokens).
+    reconcile_concurrency: int = Field(4, ge=1)
+
+    @field_validator("status_callback_base_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an absolute http(s) URL (the service's public URL), or empty")
+        return value.rstrip("/")
 
 
 class FcmSettings(_Section):
@@ -243,7 +278,82 @@ class ClusterSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    format: Literal["text", "json"] = "text"
+    # "pino": the platform's JSON log shape (numeric level, time in ms, msg, reqId).
+    format: Literal["text", "json", "pino"] = "text"
+    # Empty: the command line's --log-level (INFO). Python's names or pino's (trace ... fatal).
+    level: str = ""
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        from .logs import python_level
+
+        if value and python_level(value) is None:
+            raise ValueError(f"{value!r} is not a log level (debug, info, warning, error, critical, or pino's names)")
+        return value
+
+
+# Fields of a send that a Flow Manager command may fill (`[flow_manager].metadata_schema`).
+SAGA_FIELDS = (
+    "channels",
+    "recipients",
+    "clusters",
+    "messageTitle",
+    "messageContent",
+    "templateId",
+    "emailAttachments",
+    "emailCarbonCopies",
+    "emailBlindCarbonCopies",
+    "emailSender",
+)
+
+
+class FlowManagerSettings(_Section):
+    """`POST /saga/send`: the predecessor's `flowManagerConfiguration`, plus declarative
+    replacements of its JavaScript hooks (`getTemplateId`, `getData`)."""
+
+    # Send field -> dot path in the command (from its root, else under value.messagePayload).
+    metadata_schema: dict[str, str] = Field(default_factory=dict)
+    service_url: str = ""
+    success_event_label: str = ""
+    fail_event_label: str = ""
+    # The Flow Manager's REST route for events (POST {service_url}{event_path}).
+    event_path: str = "/event"
+    # messageLabel -> templateId, for commands whose mapped fields name no template.
+    template_ids: dict[str, str] = Field(default_factory=dict)
+    # Dot path of the template `data` in the command; empty: the whole command.
+    data_path: str = ""
+    # Events are retried with capped exponential backoff, then given up (logged).
+    event_max_attempts: int = Field(8, ge=1)
+    event_timeout_seconds: float = Field(10.0, gt=0)
+    event_backoff_seconds: float = Field(1.0, gt=0)
+    event_backoff_max_seconds: float = Field(300.0, gt=0)
+    # Events waiting for their job or for a retry (one document per saga id and label).
+    events_collection: str = "dispatch_saga_events"
+
+    @field_validator("metadata_schema")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if name not in SAGA_FIELDS:
+                raise ValueError(f"{name!r} is not a field of a send (one of {', '.join(SAGA_FIELDS)})")
+            if not path or any(not part for part in path.split(".")):
+                raise ValueError(f"{name}: {path!r} is not a dot path")
+        if value and "channels" not in value:
+            raise ValueError("channels: required (the dot path of the command's channels)")
+        return value
+
+    @field_validator("event_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+    @property
+    def sends_events(self) -> bool:
+        """Events go out only with the URL and both labels, as in the predecessor."""
+        return bool(self.service_url and self.success_event_label and self.fail_event_label)
 
 
 class AuthSettings(_Section):
@@ -254,10 +364,29 @@ class AuthSettings(_Section):
     protect_metrics: bool = False
 
 
+class UiSettings(_Section):
+    # The operations page (dispatcher/ui): read-only views plus cancel/retry through the API.
+    enabled: bool = True
+    # Where it is served; every link inside it is relative, so a path-prefix proxy in front works.
+    prefix: str = "/-/ui"
+    # How often an open page asks for the progress of the running jobs it shows.
+    poll_seconds: float = Field(2.0, ge=0.5, le=300)
+    # Jobs per page of the list (at most the listing's 200).
+    page_size: int = Field(50, ge=1, le=200)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_a_path(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or value == "/send" or value.startswith("/send/"):
+            raise ValueError("a path like /-/ui: segments of A-Z a-z 0-9 . _ ~ -, no trailing slash, not under /send")
+        return value
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
     store: StoreSettings = StoreSettings()
+    ledger: LedgerSettings = LedgerSettings()
     user_fields: UserFields = UserFields()
     sender: SenderSettings = SenderSettings()
     channels: ChannelsSettings = Field(default_factory=ChannelsSettings)
@@ -267,6 +396,8 @@ class Settings(_Section):
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
+    ui: UiSettings = UiSettings()
+    flow_manager: FlowManagerSettings = FlowManagerSettings()
 
     @model_validator(mode="after")
     def _providers_have_what_they_need(self) -> Settings:
@@ -315,21 +446,54 @@ def find_config_file(
     return None
 
 
+@dataclasses.dataclass
+class ConfigReport:
+    """What `load_settings_report` learnt besides the settings: where each key set outside the
+    defaults came from (dotted key -> file or variable), and notices for start-up (keys and
+    variables of the predecessor that mean nothing here, and what to configure instead)."""
+
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    notices: list[str] = dataclasses.field(default_factory=list)
+    predecessor: Path | None = None
+    toml: Path | None = None
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
+    predecessor: str | os.PathLike[str] | None = None,
 ) -> Settings:
     """Read the TOML file, apply environment overrides and secrets, validate once.
 
     `path` defaults to `DISPATCHER_CONFIG`, then `./config.toml`; the default file may be absent
     (the embedded defaults apply), a named one may not. `overrides` (dotted keys, e.g.
     `{"server.port": 8080}`, from the command line) win over the file and the environment.
+    Under all of them lies the predecessor's JSON configuration and environment, when
+    `predecessor` or `CONFIGURATION_PATH` names one (`predecessor.py`).
     An error names the key and where it came from: the file, or the environment variable.
     """
+    return load_settings_report(path, environ, overrides=overrides, predecessor=predecessor)[0]
+
+
+def load_settings_report(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    predecessor: str | os.PathLike[str] | None = None,
+) -> tuple[Settings, ConfigReport]:
+    """`load_settings`, with the `ConfigReport` of where each value came from."""
+    from .predecessor import dead_variables, read_predecessor
+
     env = os.environ if environ is None else environ
-    config_path = find_config_file(path, env)
+    layer = read_predecessor(predecessor, env)
+    # With the predecessor's file, a TOML file applies only when named (--config,
+    # DISPATCHER_CONFIG): an example ./config.toml that spells out every default would
+    # otherwise override the whole JSON file.
+    implicit = path is None and "DISPATCHER_CONFIG" not in env
+    config_path = None if layer is not None and implicit else find_config_file(path, env)
     source = str(config_path) if config_path is not None else "configuration"
     raw: dict[str, Any] = {}
     if config_path is not None:
@@ -339,6 +503,13 @@ def load_settings(
             raise ConfigError(f"{config_path}: invalid TOML: {exc}") from exc
     _refuse_file_secrets(raw, source)
     from_file = copy.deepcopy(raw)
+    report = ConfigReport(notices=dead_variables(env), toml=config_path)
+    base_origins: dict[tuple[str, ...], str] = {}
+    if layer is not None:
+        raw = _merged(layer.raw, raw)
+        base_origins = layer.origins
+        report.notices.extend(layer.notices)
+        report.predecessor = layer.path
     # Where each key set outside the file came from, so that an error names the variable.
     origins = _apply_env_overrides(raw, env)
     for keys, var in _SECRET_ENV.items():
@@ -358,14 +529,48 @@ def load_settings(
         holders = [keys for keys in origins if loc[: len(keys)] == keys]
         if holders:
             return origins[max(holders, key=len)]
+        if _dig(from_file, loc) is not None:
+            return source
+        # Then the predecessor's file and variables, under the TOML file.
+        holders = [keys for keys in base_origins if loc[: len(keys)] == keys]
+        if holders:
+            return base_origins[max(holders, key=len)]
         # An unknown key or section only a variable introduced (DISPATCHER__SEVER__PORT).
-        if _dig(from_file, loc) is None:
-            for keys, var in origins.items():
-                if keys[: len(loc)] == loc:
-                    return var
+        for keys, var in origins.items():
+            if keys[: len(loc)] == loc:
+                return var
         return source
 
-    return _validate(raw, origin_of)
+    settings = _validate(raw, origin_of)
+    for keys in _leaves(raw):
+        report.sources[".".join(keys)] = origin_of(keys)
+    return settings, report
+
+
+def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, table by table."""
+    result = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _leaves(raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found: list[tuple[str, ...]] = []
+    for key, value in raw.items():
+        # A table of names (metadata_schema, template_ids) is one value, not a section.
+        if isinstance(value, Mapping) and value and (*prefix, key) not in _VALUE_TABLES:
+            found.extend(_leaves(value, (*prefix, key)))
+        else:
+            found.append((*prefix, key))
+    return found
+
+
+# Keys whose value is a whole table (not a section of keys).
+_VALUE_TABLES = frozenset({("flow_manager", "metadata_schema"), ("flow_manager", "template_ids")})
 
 
 def settings_from_dict(raw: Mapping[str, Any], source: str = "settings") -> Settings:

@@ -8,6 +8,7 @@ one is in flight: one query and one thread hop for all of them (`batching.py`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from typing import Any
@@ -20,12 +21,17 @@ from pymongo.errors import PyMongoError
 from pymongo.uri_parser import parse_uri
 
 from .batching import Batcher, Call
-from .errors import StoreError
+from .errors import RequestError, StoreError
 from .messages import User
+from .models import shown
 from .settings import StoreSettings, UserFields
+
+log = logging.getLogger(__name__)
 
 # Selections of at most this many ids (and no cluster) share their lookups.
 SHARED_LOOKUP_IDS = 16
+# The CRUD service's document state: PUBLIC, DRAFT, TRASH or DELETED.
+CRUD_STATE = "__STATE__"
 
 
 class Store:
@@ -37,6 +43,7 @@ class Store:
         self._users = db[settings.users_collection]
         self._templates = db[settings.templates_collection]
         self._fields = fields
+        self._states = tuple(settings.crud_states)
         self._batch_size = batch_size
         self._lookups = Batcher(self._look_up)
 
@@ -59,24 +66,71 @@ class Store:
         return True
 
     async def find_template(self, template_id: str) -> dict[str, Any] | None:
+        """The template, or None; `RequestError` for one whose `__STATE__` is not used (a DRAFT
+        being edited, a template in the trash): saying so beats "no such template"."""
         query = {"_id": {"$in": _id_variants(template_id)}}
         try:
             doc = await trio.to_thread.run_sync(self._templates.find_one, query)
         except PyMongoError as exc:
             raise StoreError(f"template lookup failed: {exc}") from exc
+        if doc is not None and self._states:
+            state = doc.get(CRUD_STATE)
+            if state is not None and state not in self._states:
+                raise RequestError(
+                    f"templateId: template {shown(template_id)} is {shown(state)}; only "
+                    f"{', '.join(self._states)} templates are used ([store].crud_states)"
+                )
         return doc
 
+    def _state_filter(self) -> dict[str, Any]:
+        """The CRUD service's `__STATE__` condition: one of `[store].crud_states`, or no
+        `__STATE__` at all (documents not written by the CRUD service count as PUBLIC when
+        PUBLIC is used). `$in` with null matches a missing field."""
+        if not self._states:
+            return {}
+        states: list[Any] = list(self._states)
+        if "PUBLIC" in states:
+            states.append(None)
+        return {CRUD_STATE: {"$in": states}}
+
     def user_query(self, recipients: Sequence[str], clusters: Sequence[str]) -> dict[str, Any]:
-        """One query for ids OR clusters, so a user matched both ways comes back once."""
+        """One query for ids OR clusters, so a user matched both ways comes back once. Each
+        alternative carries the state condition after its own field, the order of the indexes
+        `ensure_indexes` creates, so that each branch of the `$or` can use one."""
+        state = self._state_filter()
         alternatives: list[dict[str, Any]] = []
         if recipients:
             ids: list[Any] = []
             for recipient in recipients:
                 ids.extend(_id_variants(recipient) if self._fields.id == "_id" else [recipient])
-            alternatives.append({self._fields.id: {"$in": ids}})
+            alternatives.append({self._fields.id: {"$in": ids}, **state})
         if clusters:
-            alternatives.append({self._fields.clusters: {"$in": list(clusters)}})
+            alternatives.append({self._fields.clusters: {"$in": list(clusters)}, **state})
         return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
+
+    def user_indexes(self) -> list[list[tuple[str, int]]]:
+        """The indexes that keep user selections indexed: (clusters, __STATE__), and (id field,
+        __STATE__) unless the id is `_id`."""
+        tail = [(CRUD_STATE, 1)] if self._states else []
+        indexes = [[(self._fields.clusters, 1), *tail]]
+        if self._fields.id != "_id":
+            indexes.append([(self._fields.id, 1), *tail])
+        return indexes
+
+    async def ensure_indexes(self) -> None:
+        """Create `user_indexes` (harmless when they exist). Best effort: the users collection
+        belongs to whoever writes it (the CRUD service), and the service's database user may
+        not be allowed to index it; that is logged with the index to create by hand."""
+        for keys in self.user_indexes():
+            try:
+                await trio.to_thread.run_sync(self._users.create_index, keys)
+            except PyMongoError as exc:
+                log.warning(
+                    "cannot create the index %s on %s (%s): create it by hand, or user selections scan the collection",
+                    dict(keys),
+                    self._users.name,
+                    exc,
+                )
 
     async def stream_users(
         self, recipients: Sequence[str], clusters: Sequence[str], only_ids: bool = False
@@ -110,8 +164,9 @@ class Store:
         own ids select, each once, as `stream_users` would have yielded them."""
         field = self._fields.id
         wanted = [(call, self.user_query(call.payload, ())[field]["$in"]) for call in calls]
+        query = {field: {"$in": [v for _, values in wanted for v in values]}, **self._state_filter()}
         try:
-            docs = list(self._users.find({field: {"$in": [v for _, values in wanted for v in values]}}))
+            docs = list(self._users.find(query))
         except PyMongoError as exc:
             for call in calls:
                 call.fail(StoreError(f"user lookup failed: {exc}"))

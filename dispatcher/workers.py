@@ -5,6 +5,12 @@ embedded store once when `[store].url` is empty (every worker must see the same 
 each worker as `dispatcher serve` with the socket inherited. Signals are passed on; a worker that
 dies is started again; the supervisor exits when every worker has stopped after a signal. The
 workers share their rate limits and fan-outs through Redis, which is why one is required.
+
+Processes die together: the workers and the embedded store are killed by the kernel when the
+supervisor dies (`children.die_with_parent`), so a supervisor killed outright leaves nothing
+serving the port or holding the store's files. An embedded store that exits is restarted on the
+same address (its data persists in `[store].data_dir`); when it cannot be, the supervisor stops
+the workers and exits with status 1.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ _RESTART_PAUSE_SECONDS = 1.0
 
 
 def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int, argv: Sequence[str]) -> int:
+    from .children import die_with_parent
     from .cli import WORKER_FDS_ENV
     from .embedded_store import EmbeddedServer
+    from .errors import StoreError
     from .metrics import clear_multiprocess_dir, mark_process_dead
 
     env = dict(os.environ)
@@ -59,7 +67,7 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int
     def start() -> None:
         # A session of its own: a Ctrl-C in the terminal reaches the supervisor only, which passes
         # it on once (a second signal would cut a worker's drain short).
-        child = subprocess.Popen(command, env=env, pass_fds=fds, start_new_session=True)
+        child = subprocess.Popen(command, env=env, pass_fds=fds, start_new_session=True, preexec_fn=die_with_parent())
         children[child.pid] = child
         log.info("worker %d started", child.pid)
 
@@ -71,11 +79,23 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int
                 child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status_code = 0
     try:
         for _ in range(workers):
             start()
         while children:
             pid, status = os.wait()
+            if store is not None and pid == store.pid and not stopping:
+                log.error("the embedded store (pid %d) exited (status %d); restarting it", pid, status)
+                try:
+                    store.restart()
+                except StoreError as exc:
+                    log.error("%s; stopping the workers", exc)
+                    status_code = 1
+                    forward(signal.SIGTERM, None)
+                    continue
+                log.warning("the embedded store is back (pid %d)", store.pid)
+                continue
             child = children.pop(pid, None)
             if child is None:
                 continue
@@ -94,7 +114,7 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int
         if scratch is not None:
             scratch.cleanup()
     log.info("stopped")
-    return 0
+    return status_code
 
 
 def _without_workers(argv: Sequence[str]) -> list[str]:

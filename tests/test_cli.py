@@ -87,7 +87,8 @@ def test_config_and_log_level_go_before_or_after_the_subcommand(argv: list[str])
 
 def test_check_config_and_seed_take_the_options_after_the_subcommand() -> None:
     args = build_parser().parse_args(["check-config", "--config", "x.toml"])
-    assert (args.config, args.log_level) == ("x.toml", "INFO")
+    # No --log-level: [logging].level decides, else INFO.
+    assert (args.config, args.log_level) == ("x.toml", None)
     args = build_parser().parse_args(["seed", "users.json", "--config", "x.toml", "--log-level", "warning"])
     assert (args.file, args.config, args.log_level) == (Path("users.json"), "x.toml", "WARNING")
 

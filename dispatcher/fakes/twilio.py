@@ -2,23 +2,36 @@
 
 It checks HTTP Basic auth, the account in the path, the form fields and that `To` is E.164, then
 answers from its `Faults`: 201 with a `sid`, 400 code 21610 (permanent), 503 code 20503
-(transient), 429 code 20429 with `Retry-After` (throttle), or no answer at all (stall).
+(transient), 429 code 20429 with `Retry-After` (throttle), or no answer at all (stall). A
+`late` outcome creates the message (it counts as received and is listed) but never answers: the
+request reached Twilio, the client times out. A number in `throttled_numbers` is answered 429
+code 14107 (that destination's limit) with its `Retry-After`, whatever the faults say.
+
+Like Twilio, it lists what it created (`GET .../Messages.json?To=&From=&DateSent>=`,
+`GET .../Calls.json?To=&From=&StartTime>=`) and, for a create with `StatusCallback`, posts
+signed status callbacks (`X-Twilio-Signature`) after `receipts.delay`, with final statuses drawn
+from `receipts.mix`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
+import random
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl
 
+import httpx
 import trio
+from twilio.request_validator import RequestValidator
 
 from .faults import Faults
 from .server import read_body, respond
@@ -44,6 +57,36 @@ class TwilioRequest:
 
 
 @dataclass
+class ReceiptPlan:
+    """How the fake answers a StatusCallback: `sent` at once, then after `delay` seconds (fixed or
+    a (low, high) range) a final status drawn from `mix` (probabilities of final MessageStatus
+    values; the rest `delivered`; calls map delivered -> completed, undelivered -> no-answer,
+    failed -> failed). `error_code` goes with undelivered/failed."""
+
+    delay: float | tuple[float, float] = 0.0
+    mix: dict[str, float] = field(default_factory=dict)
+    error_code: str = "30003"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)
+
+    def final(self) -> str:
+        draw = self._random.random()
+        for status, rate in self.mix.items():
+            if draw < rate:
+                return status
+            draw -= rate
+        return "delivered"
+
+    def wait_seconds(self) -> float:
+        return self._random.uniform(*self.delay) if isinstance(self.delay, tuple) else self.delay
+
+
+_CALL_STATUS = {"delivered": "completed", "undelivered": "no-answer", "failed": "failed"}
+
+
+@dataclass
 class FakeTwilio:
     """Raw ASGI app: serve it with `url = await nursery.start(serve_asgi, fake)`.
 
@@ -56,6 +99,14 @@ class FakeTwilio:
     faults: Faults = field(default_factory=Faults)
     received: list[TwilioRequest] = field(default_factory=list)
     attempts: list[TwilioRequest] = field(default_factory=list)
+    # 'To' number -> Retry-After seconds: answered 429 code 14107 (per-destination rate limit).
+    throttled_numbers: dict[str, float] = field(default_factory=dict)
+    receipts: ReceiptPlan = field(default_factory=ReceiptPlan)
+    # Every message and call created, as the list routes answer them (with `created`, epoch seconds).
+    created: list[dict[str, Any]] = field(default_factory=list)
+    # Status callbacks posted (form, HTTP status of the answer, or None when it failed).
+    callbacks: list[tuple[dict[str, str], int | None]] = field(default_factory=list)
+    lists: int = 0
 
     def attempts_to(self, number: str) -> list[TwilioRequest]:
         """Every request addressed to `number`."""
@@ -86,6 +137,11 @@ class FakeTwilio:
             record("not_found")
             await _error(send, 404, 20404, f"The requested resource {path} was not found")
             return
+        if scope["method"] == "GET":
+            self.lists += 1
+            query = dict(parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True))
+            await respond(send, 200, json.dumps(self._listing(match["resource"], path, query)).encode())
+            return
         if scope["method"] != "POST":
             record("not_allowed")
             await _error(send, 405, 20004, "Method not allowed")
@@ -96,10 +152,20 @@ class FakeTwilio:
             await _error(send, 400, *problem)
             return
 
-        outcome = self.faults.next_outcome()
+        if form["To"] in self.throttled_numbers:
+            record("throttle")
+            retry_after = f"{self.throttled_numbers[form['To']]:g}".encode()
+            await _error(send, 429, 14107, "SMS send rate limit exceeded", [(b"retry-after", retry_after)])
+            return
+        outcome: str = self.faults.next_outcome()
         prefix = "SM" if match["resource"] == "Messages" else "CA"
-        request = record(outcome, prefix + secrets.token_hex(16) if outcome == "ok" else None)
-        await self.faults.wait(outcome)  # a stall never returns from here
+        request = record(outcome, prefix + secrets.token_hex(16) if outcome in ("ok", "late") else None)
+        if request.sid is not None:
+            self._create(match["resource"], request)
+        if outcome == "late":
+            self.received.append(request)
+            await trio.sleep_forever()  # created, never answered: the client gives up
+        await self.faults.wait(outcome)  # type: ignore[arg-type]  # a stall never returns from here
         if outcome == "permanent":
             if match["resource"] == "Messages":
                 await _error(send, 400, 21610, "Attempt to send to unsubscribed recipient")
@@ -117,6 +183,69 @@ class FakeTwilio:
             payload = _resource(match["resource"], self.account_sid, request.sid, form)
             await respond(send, 201, json.dumps(payload).encode())
 
+    def _create(self, resource: str, request: TwilioRequest) -> None:
+        assert request.sid is not None
+        payload = _resource(resource, self.account_sid, request.sid, request.form)
+        self.created.append({**payload, "created": time.time(), "resource": resource})
+        callback = request.form.get("StatusCallback")
+        if callback:
+            # Outlives the request that created it, as Twilio's callbacks do.
+            trio.lowlevel.spawn_system_task(self._report, resource, request.sid, callback)
+
+    async def _report(self, resource: str, sid: str, url: str) -> None:
+        """Post `sent`, then the final status, signed as Twilio signs them."""
+        final = self.receipts.final()
+        if resource == "Messages":
+            statuses = ["sent", final]
+            key, sid_key = "MessageStatus", "MessageSid"
+        else:
+            statuses = [_CALL_STATUS[final]]
+            key, sid_key = "CallStatus", "CallSid"
+        try:
+            await trio.sleep(self.receipts.wait_seconds())
+            async with httpx.AsyncClient(timeout=10) as client:
+                for status in statuses:
+                    form = {sid_key: sid, key: status, "AccountSid": self.account_sid}
+                    if status in ("undelivered", "failed", "no-answer") and resource == "Messages":
+                        form["ErrorCode"] = self.receipts.error_code
+                    for entry in self.created:
+                        if entry["sid"] == sid:
+                            entry["status"] = status
+                    signature = RequestValidator(self.auth_token).compute_signature(url, form)
+                    try:
+                        answer = await client.post(url, data=form, headers={"X-Twilio-Signature": signature})
+                        self.callbacks.append((form, answer.status_code))
+                    except httpx.HTTPError:
+                        self.callbacks.append((form, None))
+        except Exception:  # a system task must not crash the run: the callback is just lost
+            return
+
+    def _listing(self, resource: str, path: str, query: dict[str, str]) -> dict[str, Any]:
+        """Twilio's list filters that reconciliation uses: To, From, and the date the message was
+        sent (`DateSent>`) or the call started (`StartTime>`), as ISO 8601; here both compare to
+        the creation time, to the second."""
+        after_key = "DateSent>" if resource == "Messages" else "StartTime>"
+        after = _parse_iso(query.get(after_key) or query.get(after_key + "="))
+        rows = [
+            {k: v for k, v in entry.items() if k not in ("created", "resource")}
+            for entry in self.created
+            if entry["resource"] == resource
+            and entry["to"] == query.get("To", entry["to"])
+            and entry["from"] == query.get("From", entry["from"])
+            and (after is None or int(entry["created"]) >= after)
+        ]
+        return {
+            resource.lower(): rows,
+            "uri": path,
+            "first_page_uri": path,
+            "next_page_uri": None,
+            "previous_page_uri": None,
+            "page": 0,
+            "page_size": max(len(rows), 50),
+            "start": 0,
+            "end": max(len(rows) - 1, 0),
+        }
+
     def _authorized(self, scope: dict[str, Any]) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, encoded = header.partition(b" ")
@@ -127,6 +256,12 @@ class FakeTwilio:
         except (binascii.Error, UnicodeDecodeError):
             return False
         return secrets.compare_digest(user, self.account_sid) and secrets.compare_digest(password, self.auth_token)
+
+
+def _parse_iso(value: str | None) -> int | None:
+    if not value:
+        return None
+    return int(dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
 
 
 def _validate(resource: str, form: dict[str, str]) -> tuple[int, str] | None:
@@ -187,4 +322,4 @@ async def _error(
     await respond(send, status, json.dumps(body).encode(), headers)
 
 
-__all__ = ["FakeTwilio", "TwilioRequest"]
+__all__ = ["FakeTwilio", "ReceiptPlan", "TwilioRequest"]

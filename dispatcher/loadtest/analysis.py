@@ -201,7 +201,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
         "scenario": options.scenario,
         "options": jsonable(dataclasses.asdict(options)),
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
-        "service": {"mode": service.mode, "config": service.config},
+        "service": {"mode": service.mode, "config": service.config, "generator": service.generator},
         "population": {
             "users": population.size,
             "with_address": {c: population.with_address(c) for c in options.channels},

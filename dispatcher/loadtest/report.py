@@ -116,6 +116,7 @@ def print_report(results: dict[str, Any], console: Console) -> None:
             )
             + " ms",
         )
+    summary.add_row("load generator (in the harness, with the fakes)", results["service"].get("generator", "-"))
     summary.add_row(
         "deliveries/s while every channel is busy",
         f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)",

@@ -5,13 +5,14 @@ started again with the same command (`--kill-at`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import dispatcher
 
 from ..embedded_store import free_port
 from ..errors import DispatcherError, RequestError
+from .connection import Connection, ExchangeError
 from .config import child_environment, embedded_settings, service_config
 from .environment import Environment
 from .options import LoadTestOptions
@@ -50,6 +52,7 @@ class Reply:
 
 class RunningService(Protocol):
     mode: str
+    generator: str
     pid: int  # the (first) service process
     memory_note: str
     config: dict[str, Any]
@@ -100,17 +103,19 @@ class ServiceProcess:
 
 class ProcessService:
     """Drives service processes over HTTP, each (a replica, on its own port) with `clients`
-    keep-alive connections, one per `httpx.AsyncClient`: httpcore scans its whole pool for every
-    request it queues, which made a single 64-connection client the harness's own bottleneck at a
-    few hundred requests/s. Which replica serves a send is the caller's choice (the drivers go
-    round-robin)."""
+    keep-alive connections of the harness's bare h11 client (`connection.py`: a tenth of httpx's
+    CPU per request, which the service being measured would otherwise lose). httpx stays for the
+    few control requests (readiness, metrics). Which replica serves a send is the caller's choice
+    (the drivers go round-robin)."""
 
     mode = "process"
+    generator = "bare HTTP/1.1 (dispatcher/loadtest/connection.py)"
 
     def __init__(
         self,
         processes: list[ServiceProcess],
-        clients: list[list[httpx.AsyncClient]],
+        clients: list[httpx.AsyncClient],
+        connections: list[list[Connection]],
         config: dict[str, Any],
         workers: int | None = None,
     ) -> None:
@@ -122,11 +127,12 @@ class ProcessService:
             if self.replicas == 1 and workers is None
             else "service processes, summed (supervisors and workers)"
         )
+        self._control = clients
         self._idle = []
-        for pool in clients:
-            idle_in, idle_out = trio.open_memory_channel[httpx.AsyncClient](len(pool))
-            for client in pool:
-                idle_in.send_nowait(client)
+        for pool in connections:
+            idle_in, idle_out = trio.open_memory_channel[Connection](len(pool))
+            for connection in pool:
+                idle_in.send_nowait(connection)
             self._idle.append((idle_in, idle_out))
 
     @property
@@ -139,20 +145,20 @@ class ProcessService:
     async def request(self, method: str, path: str, payload: dict[str, Any] | None = None, replica: int = 0) -> Reply:
         """One HTTP exchange; a 2xx answer with a JSON body is a success."""
         idle_in, idle_out = self._idle[replica]
-        client = await idle_out.receive()
+        connection = await idle_out.receive()
         try:
-            response = await client.request(method, path, json=payload)
-        except httpx.HTTPError as exc:
-            return Reply(0, None, f"{type(exc).__name__}: {exc}".rstrip(": "))
+            status, raw = await connection.request(method, path, payload)
+        except ExchangeError as exc:
+            return Reply(0, None, str(exc))
         finally:
-            idle_in.send_nowait(client)
+            idle_in.send_nowait(connection)
         try:
-            body = response.json()
+            body = json.loads(raw)
         except ValueError:
-            return Reply(response.status_code, None, f"not JSON: {response.text[:200]!r}")
-        if not 200 <= response.status_code < 300:
-            return Reply(response.status_code, body, str(body.get("message", body)) if isinstance(body, dict) else None)
-        return Reply(response.status_code, body)
+            return Reply(status, None, f"not JSON: {raw[:200]!r}")
+        if not 200 <= status < 300:
+            return Reply(status, body, str(body.get("message", body)) if isinstance(body, dict) else None)
+        return Reply(status, body)
 
     async def send(self, payload: dict[str, Any], replica: int = 0) -> Reply:
         return await self.request("POST", "/send", payload, replica)
@@ -160,14 +166,10 @@ class ProcessService:
     async def metric(self, name: str, replica: int = 0) -> float | None:
         """The sum of a metric's samples in the replica's `/-/metrics` (Prometheus text); None
         when it is not there (an older service, or protected metrics)."""
-        idle_in, idle_out = self._idle[replica]
-        client = await idle_out.receive()
         try:
-            response = await client.get("/-/metrics", headers={"Accept": "text/plain"})
+            response = await self._control[replica].get("/-/metrics", headers={"Accept": "text/plain"})
         except httpx.HTTPError:
             return None
-        finally:
-            idle_in.send_nowait(client)
         if response.status_code != 200:
             return None
         values = [
@@ -179,16 +181,12 @@ class ProcessService:
 
     async def restart(self, replica: int = 0) -> None:
         """Start a killed (or stopped) replica again, same command, same port."""
-        idle_in, idle_out = self._idle[replica]
-        client = await idle_out.receive()
-        try:
-            await self.processes[replica].start(client)
-        finally:
-            idle_in.send_nowait(client)
+        await self.processes[replica].start(self._control[replica])
 
 
 class EmbeddedService:
     mode = "embedded"
+    generator = "in-process calls to Dispatcher.send"
     memory_note = "harness process, embedded mode"
     replicas = 1
 
@@ -211,8 +209,15 @@ class EmbeddedService:
 
 
 @asynccontextmanager
-async def open_service(options: LoadTestOptions, env: Environment, output: Path) -> AsyncIterator[RunningService]:
-    """Start the service the way `options.mode` says and stop it when the block exits."""
+async def open_service(
+    options: LoadTestOptions,
+    env: Environment,
+    output: Path,
+    command: Callable[[Path, int], list[str]] | None = None,
+) -> AsyncIterator[RunningService]:
+    """Start the service the way `options.mode` says and stop it when the block exits. `command`
+    (config path, port -> argv) runs something else in the service's place on the same generated
+    configuration: `benchmarks/floor.py` runs the floor of a send that way."""
     if options.mode == "embedded":
         config = service_config(options, env, port=0)
         async with dispatcher.open_dispatcher(embedded_settings(config, env)) as instance:
@@ -233,7 +238,9 @@ async def open_service(options: LoadTestOptions, env: Environment, output: Path)
         extra = ["--workers", str(options.workers)]
     processes = [
         ServiceProcess(
-            service_command(config_path, options.service_log_level, port, extra),
+            service_command(config_path, options.service_log_level, port, extra)
+            if command is None
+            else command(config_path, port),
             child_environment(env),
             _log_path(output, i, options.replicas),
             port,
@@ -247,21 +254,24 @@ async def open_service(options: LoadTestOptions, env: Environment, output: Path)
         tls = ssl.create_default_context()  # unused (plain HTTP); shared, since each one costs ~40 ms
         per_replica = options.clients if options.scenario == "stream" else 2
         clients = [
-            [
-                await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits, verify=tls)
-                )
-                for _ in range(per_replica)
-            ]
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits, verify=tls)
+            )
             for port in ports
         ]
+        connections = [
+            [Connection("127.0.0.1", port, options.request_timeout) for _ in range(per_replica)] for port in ports
+        ]
+        for pool in connections:
+            for connection in pool:
+                stack.push_async_callback(connection.aclose)
         if len(processes) == 1:
-            await processes[0].start(clients[0][0])
+            await processes[0].start(clients[0])
         else:
             async with trio.open_nursery() as nursery:  # side by side: each takes a few seconds
-                for process, pool in zip(processes, clients):
-                    nursery.start_soon(process.start, pool[0])
-        yield ProcessService(processes, clients, config, options.workers)
+                for process, client in zip(processes, clients):
+                    nursery.start_soon(process.start, client)
+        yield ProcessService(processes, clients, connections, config, options.workers)
 
 
 def _log_path(output: Path, index: int, replicas: int) -> Path:

@@ -1,0 +1,275 @@
+"""Twilio receipts end to end: the service on a real hypercorn server, the fake Twilio posting
+signed status callbacks to it, the SDK's RequestValidator checking them, the ledger in nx-27017."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from twilio.request_validator import RequestValidator
+
+from dispatcher import Dispatcher, Settings, open_dispatcher
+from dispatcher.app import create_app
+from dispatcher.embedded_store import free_port
+from dispatcher.fakes import serve_asgi
+from dispatcher.fakes.twilio import FakeTwilio, ReceiptPlan
+from dispatcher.receipts import ReceiptKeeper, twilio_receipt
+
+SID = "AC" + "0" * 31 + "1"
+TOKEN = "tok"
+PATH = "/providers/twilio/status"
+
+
+@asynccontextmanager
+async def service(
+    make_settings: Callable[..., Settings], fake: FakeTwilio, **twilio: Any
+) -> AsyncIterator[tuple[Dispatcher, str]]:
+    """The service on a real port, with receipts pointed at it; yields the dispatcher and its URL."""
+    async with trio.open_nursery() as nursery:
+        twilio_url = await nursery.start(serve_asgi, fake)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        settings = make_settings(
+            channels={"active": ["sms", "voice"], "sms": {"provider": "twilio"}, "voice": {"provider": "twilio"}},
+            providers={
+                "twilio": {
+                    "account_sid": SID,
+                    "auth_token": TOKEN,
+                    "api_base_url": twilio_url,
+                    "status_callback_base_url": base,
+                    **twilio,
+                }
+            },
+        )
+        async with open_dispatcher(settings) as d:
+            config = Config()
+            config.bind = [f"127.0.0.1:{port}"]
+            config.accesslog = None
+            config.graceful_timeout = 1
+            stop = trio.Event()
+            async with trio.open_nursery() as inner:
+                await inner.start(partial(hypercorn_serve, create_app(d), config, shutdown_trigger=stop.wait))
+                try:
+                    yield d, base
+                finally:
+                    stop.set()
+        nursery.cancel_scope.cancel()
+
+
+def signed(base: str, form: dict[str, str], token: str = TOKEN) -> dict[str, str]:
+    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(base + PATH, form)}
+
+
+async def post_receipt(base: str, form: dict[str, str], headers: dict[str, str] | None = None) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.post(base + PATH, data=form, headers=headers or signed(base, form))
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 10) -> None:
+    with trio.fail_after(seconds):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+def users(database: Any, n: int) -> None:
+    database.users.insert_many([{"_id": f"u{i}", "phoneNumber": f"+1555123{i:04d}"} for i in range(n)])
+
+
+async def test_signed_receipts_move_deliveries_forward(make_settings, database) -> None:
+    users(database, 6)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=0.05, mix={"undelivered": 0.5}, seed=7))
+    async with service(make_settings, fake) as (d, base):
+        job = await d.submit(
+            {
+                "channels": ["sms", "voice"],
+                "clusters": [],
+                "recipients": [f"u{i}" for i in range(6)],
+                "messageContent": "hello",
+            }
+        )
+        # Every message gets "sent" then a final status; every call one final status.
+        await wait_for(lambda: len(fake.callbacks) == 6 * 2 + 6)
+        assert all(status == 204 for _, status in fake.callbacks)
+        # Receipts that beat their outcome's write are kept and applied by the next sweep.
+        await wait_for(
+            lambda: database.dispatch_deliveries.count_documents({"state": {"$in": ["sending", "sent"]}}) == 0
+        )
+        status = await d.status(job)
+        failures = (await d.failures(job))["failures"]
+        deliveries = list(database.dispatch_deliveries.find({"job": job}))
+    final = {form.get("MessageSid") or form["CallSid"]: form for form, _ in fake.callbacks}
+    for doc in deliveries:
+        form = final[doc["provider_id"]]
+        word = form.get("MessageStatus") or form["CallStatus"]
+        expected = "delivered" if word in ("delivered", "completed") else "undelivered"
+        assert doc["state"] == expected, (doc, form)
+        if expected == "undelivered":
+            assert doc["error"].startswith("undelivered (")
+    delivered = sum(1 for doc in deliveries if doc["state"] == "delivered")
+    undelivered = len(deliveries) - delivered
+    summary = status["summary"]
+    assert summary["sent"] == {"sms": 6, "voice": 6}  # accepted, whatever the receipts said
+    assert sum(summary["delivered"].values()) == delivered
+    assert sum(summary["undelivered"].values()) == undelivered > 0
+    assert len(failures) == undelivered
+    assert any("Twilio 30003: Unreachable destination handset" in f["error"] for f in failures)
+
+
+async def test_forged_or_missing_signature_is_refused_and_changes_nothing(make_settings, database) -> None:
+    users(database, 1)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))  # no real callback in time
+    async with service(make_settings, fake) as (d, base):
+        result = await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
+        assert result.summary.sent == {"sms": 1}
+        [doc] = database.dispatch_deliveries.find({})
+        form = {"MessageSid": doc["provider_id"], "MessageStatus": "delivered", "AccountSid": SID}
+        missing = await post_receipt(base, form, headers={"X-Nothing": "1"})
+        forged = await post_receipt(base, form, headers=signed(base, form, token="not-the-token"))
+        tampered = await post_receipt(base, {**form, "MessageStatus": "undelivered"}, headers=signed(base, form))
+        for answer in (missing, forged, tampered):
+            assert answer.status_code == 403
+            body = answer.json()
+            assert (
+                body["statusCode"] == 403 and body["error"] == "Forbidden" and "X-Twilio-Signature" in body["message"]
+            )
+        assert database.dispatch_deliveries.find_one({})["state"] == "sent"
+        assert (await post_receipt(base, form)).status_code == 204
+        assert database.dispatch_deliveries.find_one({})["state"] == "delivered"
+
+
+async def test_out_of_order_and_duplicate_receipts_only_move_forward(make_settings, database) -> None:
+    users(database, 1)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, base):
+        await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
+        sid = database.dispatch_deliveries.find_one({})["provider_id"]
+
+        def receipt(status: str, **extra: str) -> dict[str, str]:
+            return {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID, **extra}
+
+        for form in (
+            receipt("delivered"),
+            receipt("sent"),
+            receipt("delivered"),
+            receipt("queued"),
+            receipt("undelivered", ErrorCode="30003"),
+        ):
+            assert (await post_receipt(base, form)).status_code == 204
+        doc = database.dispatch_deliveries.find_one({})
+        assert doc["state"] == "delivered" and "error" not in doc
+        assert [r["status"] for r in doc["receipts"].values()] == ["delivered"]  # the rest changed nothing
+        [view] = (await d.deliveries(doc["job"], "u0"))["deliveries"]
+        assert view["state"] == "delivered" and view["providerId"] == sid and view["attempts"] == 1
+        assert view["receipts"][0]["status"] == "delivered" and view["claimedAt"] and view["settledAt"]
+
+
+async def test_concurrent_receipts_for_one_delivery_end_at_the_furthest_state(make_settings, database) -> None:
+    users(database, 1)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, base):
+        await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
+        sid = database.dispatch_deliveries.find_one({})["provider_id"]
+        forms = [{"MessageSid": sid, "MessageStatus": s, "AccountSid": SID} for s in ("sent", "delivered", "sent") * 5]
+        async with trio.open_nursery() as nursery:
+            for form in forms:
+                nursery.start_soon(post_receipt, base, form)
+        doc = database.dispatch_deliveries.find_one({})
+        assert doc["state"] == "delivered" and len(doc["receipts"]) == 1
+
+
+async def test_receipt_before_the_outcome_is_kept_then_applied(make_settings, database) -> None:
+    """The receipt lands while the delivery is still `sending` (its outcome not written yet)."""
+    users(database, 1)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, base):
+        assert d.receipts is not None
+        await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
+        doc = database.dispatch_deliveries.find_one({})
+        sid = doc["provider_id"]
+        # Put the delivery back where it was before its outcome's write.
+        database.dispatch_deliveries.update_one(
+            {"_id": doc["_id"]}, {"$set": {"state": "sending"}, "$unset": {"provider_id": ""}}
+        )
+        form = {"MessageSid": sid, "MessageStatus": "delivered", "AccountSid": SID}
+        assert (await post_receipt(base, form)).status_code == 204
+        assert database.dispatch_deliveries.find_one({})["state"] == "sending"
+        assert database.dispatch_deliveries_receipts.count_documents({}) == 1
+        # The outcome is written now; the next sweep applies the kept receipt.
+        database.dispatch_deliveries.update_one({"_id": doc["_id"]}, {"$set": {"state": "sent", "provider_id": sid}})
+        outcome = await d.receipts.apply_kept()
+        assert outcome.applied == 1
+        assert database.dispatch_deliveries.find_one({})["state"] == "delivered"
+        assert database.dispatch_deliveries_receipts.count_documents({}) == 0
+
+
+async def test_kept_receipt_without_delivery_is_dropped_after_its_time(make_settings, database, caplog) -> None:
+    fake = FakeTwilio(SID, TOKEN)
+    async with service(make_settings, fake, orphan_receipt_minutes=1) as (d, base):
+        assert d.receipts is not None
+        form = {"MessageSid": "SMnobody", "MessageStatus": "delivered", "AccountSid": SID}
+        assert (await post_receipt(base, form)).status_code == 204
+        now = [time.time()]
+        keeper = ReceiptKeeper(d.ledger, d.settings, clock=lambda: now[0])  # type: ignore[arg-type]
+        await keeper.apply_kept()
+        assert database.dispatch_deliveries_receipts.count_documents({}) == 1  # not old enough
+        now[0] += 61
+        await keeper.apply_kept()
+        assert database.dispatch_deliveries_receipts.count_documents({}) == 0
+    assert sum("dropped Twilio receipt delivered for SMnobody" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_no_receipt_within_the_timeout_marks_unconfirmed(make_settings, database) -> None:
+    users(database, 3)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, base):
+        job = await d.submit({"channels": ["sms"], "recipients": ["u0", "u1", "u2"], "messageContent": "x"})
+        await wait_for(lambda: database.dispatch_jobs.find_one({"_id": job})["state"] == "done")
+        docs = list(database.dispatch_deliveries.find({}))
+        first = docs[0]["provider_id"]
+        assert (await post_receipt(base, {"MessageSid": first, "MessageStatus": "delivered"})).status_code == 204
+        now = [time.time()]
+        keeper = ReceiptKeeper(d.ledger, d.settings, clock=lambda: now[0])  # type: ignore[arg-type]
+        assert await keeper.time_out() == 0  # 72 hours have not passed
+        now[0] += 72 * 3600 + 1
+        assert await keeper.time_out() == 2
+        status = await d.status(job)
+        assert status["summary"]["unconfirmed"] == {"sms": 2}
+        assert status["summary"]["delivered"] == {"sms": 1}
+        # A late receipt still moves an unconfirmed delivery on.
+        late = docs[1]["provider_id"]
+        assert (await post_receipt(base, {"MessageSid": late, "MessageStatus": "delivered"})).status_code == 204
+        status = await d.status(job)
+        assert status["summary"]["unconfirmed"] == {"sms": 1} and status["summary"]["delivered"] == {"sms": 2}
+
+
+def test_twilio_statuses_map_to_states() -> None:
+    def state(**form: str) -> tuple[str, bool] | None:
+        receipt = twilio_receipt(form, now=0)
+        return None if receipt is None else (receipt.state, receipt.permanent)
+
+    assert state(MessageSid="SM1", MessageStatus="read") == ("delivered", False)
+    assert state(MessageSid="SM1", MessageStatus="sending") == ("sent", False)
+    assert state(MessageSid="SM1", MessageStatus="undelivered", ErrorCode="30003") == ("undelivered", False)
+    assert state(MessageSid="SM1", MessageStatus="undelivered", ErrorCode="30005") == ("undelivered", True)
+    assert state(MessageSid="SM1", MessageStatus="failed", ErrorCode="30001") == ("undelivered", True)
+    assert state(MessageSid="SM1", MessageStatus="received") is None
+    assert state(CallSid="CA1", CallStatus="completed") == ("delivered", False)
+    assert state(CallSid="CA1", CallStatus="busy") == ("undelivered", False)
+    assert state(CallSid="CA1", CallStatus="no-answer") == ("undelivered", False)
+    assert state(CallSid="CA1", CallStatus="failed") == ("undelivered", True)
+    assert state(CallSid="CA1", CallStatus="canceled") == ("undelivered", True)
+
+
+@pytest.mark.parametrize("form", [{}, {"MessageStatus": "delivered"}])
+async def test_signed_callback_naming_nothing_is_a_400(make_settings, database, form) -> None:
+    async with service(make_settings, FakeTwilio(SID, TOKEN)) as (d, base):
+        answer = await post_receipt(base, form)
+    assert answer.status_code == 400 and answer.json()["statusCode"] == 400
