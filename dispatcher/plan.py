@@ -19,9 +19,15 @@ from .settings import Settings
 from .templating import PRERENDERED, Renderer, Text
 
 
+def has_text_for(template: dict[str, Any], channel: str) -> bool:
+    """Whether a template has what `channel` needs (`CHANNELS[channel].template_fields`)."""
+    groups = CHANNELS[channel].template_fields
+    return all(any(isinstance(template.get(f), str) and template[f] != "" for f in group) for group in groups)
+
+
 def _check_template(template: dict[str, Any], channel: str) -> None:
     groups = CHANNELS[channel].template_fields
-    if not all(any(isinstance(template.get(f), str) and template[f] != "" for f in group) for group in groups):
+    if not has_text_for(template, channel):
         needed = " and ".join(" or ".join(group) for group in groups)
         raise RequestError(f"templateId: the template has no {channel} text (needs {needed})")
 
