@@ -55,7 +55,7 @@ from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
-from .render_budget import render_batch
+from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
 from .delivery import RetryPolicy, Transport
@@ -123,7 +123,10 @@ class Dispatcher:
             )
             for channel, provider in providers.items()
         }
-        self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
+        self.render_pool = RenderPool(
+            self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
+        )
+        self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.channels = tuple(providers)
         self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
