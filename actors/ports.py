@@ -92,18 +92,20 @@ class Unobserved:
         return None
 
 
-# Runs a chunk of renderings off the event loop and returns each one's outcome (its value, or the
-# exception it raised): `dispatcher.render_budget.render_batch` with the budget.
-RenderJobs = Callable[[Sequence[Callable[[], Any]]], Awaitable[list[Any]]]
+# Renders a chunk of (known) users of one lane: per user its Message, its skipped or failed
+# Delivery, or the `RenderOverrun` it ended with (`dispatcher.render_pool.RenderPool.render_users`;
+# the lane is the dispatcher's own `ChannelPlan`, hence `Any`).
+RenderJobs = Callable[[Any, Sequence[User], dict[str, Any]], Awaitable[list[Any]]]
 
 
-async def render_inline(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
-    """Renders on the event loop without a budget (trusted templates: tests, benchmarks). As with
-    `render_batch`, a `RenderFault` is the job's outcome and any other exception a bug."""
+async def render_inline(lane: Lane, users: Sequence[User], data: dict[str, Any]) -> list[Any]:
+    """Renders on the event loop without a budget (trusted templates: tests, benchmarks)."""
     outcomes: list[Any] = []
-    for job in jobs:
+    for user in users:
         try:
-            outcomes.append(job())
+            message = lane.message_for(user, data)
         except RenderFault as exc:
-            outcomes.append(exc)
+            outcomes.append(Delivery(lane.id_of(user), lane.channel, "failed", str(exc), kind="render"))
+            continue
+        outcomes.append(message if message is not None else Delivery(lane.id_of(user), lane.channel, "skipped"))
     return outcomes

@@ -32,9 +32,10 @@ async def run_pipeline(
 ) -> SendResult:
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
-    `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders off
-    the event loop under a budget (the dispatcher passes `render_budget.render_batch`; the
-    default renders inline, without one)."""
+    `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders a
+    chunk of users (the dispatcher passes `render_pool.RenderPool.render_users`, which renders
+    what can run away in worker processes under a budget; the default renders inline, without
+    one)."""
     request = plan.request
     result = SendResult() if result is None else result
     journal = journal or Unrecorded()

@@ -56,7 +56,7 @@ from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
-from .render_budget import render_batch
+from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
 from .delivery import RetryPolicy, Transport
@@ -124,12 +124,15 @@ class Dispatcher:
             )
             for channel, provider in providers.items()
         }
+        self.render_pool = RenderPool(
+            self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
+        )
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.context = RunContext(
             store,
             self.transports,
             settings.dispatcher.queue_size,
-            partial(render_batch, budget_seconds=limits.max_render_ms / 1000),
+            self.render_pool.render_users,
             self.on_ambiguous,
         )
         self.channels = tuple(providers)
