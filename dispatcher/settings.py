@@ -251,11 +251,13 @@ class TemplateSettings(_Section):
     max_rendered_chars: int = Field(256 * 1024, gt=0)
     # CPU/time budget of one rendering (every text of one message for one user).
     max_render_ms: float = Field(50.0, gt=0)
+    # Memory a render worker process may map beyond what it has when it starts (RLIMIT_AS).
+    max_render_memory_mb: int = Field(256, gt=0)
     # Syntax of stored templates that do not say (`engine` field of the document). The
     # predecessor's templates are Handlebars; request texts (messageTitle/messageContent) follow
     # `request_engine`.
     default_engine: Literal["handlebars", "jinja"] = "handlebars"
-    request_engine: Literal["handlebars", "jinja"] = "jinja"
+    request_engine: Literal["handlebars", "jinja"] = "handlebars"
 
     @field_validator("default_locale")
     @classmethod
