@@ -42,6 +42,7 @@ from .errors import (
     Conflict,
     Interrupted,
     InternalError,
+    LeaseLost,
     NotFound,
     RequestError,
     ShuttingDown,
@@ -357,6 +358,10 @@ class Dispatcher:
                         await self.context.run(run.plan, run.result, run.journal)
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
+            except LeaseLost:
+                run.error = Interrupted(
+                    f"another instance took over job {job_id}: it delivers the rest of the send", run.result, job_id
+                )
             except StoreError as exc:
                 log.error("job %s: store unavailable: %s", job_id, exc)
                 if job_id is not None and not run.lease_lost:
@@ -391,7 +396,7 @@ class Dispatcher:
             # Left active: once its lease expires, an instance that reaches the store resumes it.
             raise run.journal.fault
         if run.lease_lost:
-            raise StoreError("another instance took over the job's lease")
+            raise LeaseLost(f"another instance took over job {run.job_id}")
         run.finished = True
         log.info(
             "send done%s: %d users; sent %s; skipped %s; failed %s",
