@@ -30,7 +30,8 @@ async def send(
             # Not claimed: the store is down (not marked, so not attempted: a resumed run sends
             # it), or another run of this job holds the delivery (that run reports it).
             if await _claimed(message, journal):
-                await results.send(await deliver(message, transport))
+                since = journal.reconcile_since(message.channel, message.user_id)
+                await results.send(await deliver(message, transport, since))
         finally:
             slots.release()
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import trio
 
 from . import metrics
 from .errors import DeliveryError, TransientDeliveryError
+from .journal import STOPPED_DURING_ATTEMPT
 from .messages import Delivery, Message
 from .providers.base import Provider
 from .ratelimit import ChannelGate
+from .reconcile import ReconcileError, Reconciler
 from .settings import ChannelSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class Transport:
     provider: Provider
     gate: ChannelGate
     policy: RetryPolicy
+    # Asks the provider about ambiguous attempts (`on_ambiguous = "reconcile"`).
+    reconciler: Reconciler | None = None
 
 
 @dataclass(slots=True)
@@ -69,19 +74,31 @@ class _Attempts:
     error: str | None = None
     kind: str | None = None
     provider_id: str | None = None
+    reconciled: str | None = None
 
 
-async def deliver(message: Message, transport: Transport) -> Delivery:
+async def deliver(message: Message, transport: Transport, reconcile_since: float | None = None) -> Delivery:
     """Send `message` to each of its addresses; one `Delivery` for the (user, channel).
 
     A user with several device tokens counts as sent only when every token accepted it.
+    `reconcile_since`: an earlier run claimed this delivery then (epoch seconds) and stopped
+    during the attempt; with a reconciler the provider is asked first, and nothing is sent if it
+    has the message.
     """
-    outcomes = [await _deliver_one(message, address, transport) for address in message.addresses]
+    outcomes = [await _deliver_one(message, address, transport, reconcile_since) for address in message.addresses]
     attempts = sum(o.count for o in outcomes)
     provider_id = " ".join(o.provider_id for o in outcomes if o.provider_id) or None
+    reconciled = next((o.reconciled for o in outcomes if o.reconciled), None)
     failed = [(address, o) for address, o in zip(message.addresses, outcomes) if o.error is not None]
     if not failed:
-        return Delivery(message.user_id, message.channel, "sent", attempts=attempts, provider_id=provider_id)
+        return Delivery(
+            message.user_id,
+            message.channel,
+            "sent",
+            attempts=attempts,
+            provider_id=provider_id,
+            reconciled=reconciled,
+        )
     if len(message.addresses) == 1:
         error = failed[0][1].error
     else:
@@ -95,17 +112,34 @@ async def deliver(message: Message, transport: Transport) -> Delivery:
         attempts=attempts,
         provider_id=provider_id,
         kind=failed[0][1].kind,
+        reconciled=reconciled,
     )
 
 
-async def _deliver_one(message: Message, address: str, transport: Transport) -> _Attempts:
+async def _deliver_one(
+    message: Message, address: str, transport: Transport, reconcile_since: float | None = None
+) -> _Attempts:
     policy = transport.policy
     name = transport.provider.name
     result = _Attempts()
     channel = message.channel
+    reconciler = transport.reconciler if policy.on_ambiguous == "reconcile" else None
+    if reconciler is not None and reconcile_since is not None:
+        # An earlier run stopped during this attempt: ask before sending again.
+        try:
+            result.provider_id = await reconciler.find(message, address, reconcile_since)
+        except ReconcileError as exc:
+            result.count, result.kind = 1, "ambiguous"
+            result.error = f"{STOPPED_DURING_ATTEMPT}; {name} could not be asked whether it has it ({exc})"
+            return result
+        if result.provider_id is not None:
+            result.count, result.reconciled = 1, "found"
+            return result
+        result.reconciled = "absent"
     while True:
         result.count += 1
         started = trio.current_time()
+        claimed_at = time.time()
         try:
             await transport.gate.enter()
             called = trio.current_time()
@@ -136,6 +170,24 @@ async def _deliver_one(message: Message, address: str, transport: Transport) -> 
             channel, name, trio.current_time() - started, "timeout" if result.kind == "ambiguous" else result.kind
         )
         suffix = f" (after {result.count} attempts)" if result.count > 1 else ""
+        if reconciler is not None and isinstance(error, TransientDeliveryError) and error.ambiguous:
+            try:
+                result.provider_id = await reconciler.find(message, address, claimed_at)
+            except ReconcileError as exc:
+                result.error = (
+                    f"{UNKNOWN_OUTCOME}: {error.reason}{suffix}; {name} could not be asked whether it has it ({exc})"
+                )
+                return result
+            if result.provider_id is not None:
+                result.error, result.kind, result.reconciled = None, None, "found"
+                return result
+            result.reconciled = "absent"  # provably never sent: sending again duplicates nothing
+            if result.count >= policy.max_attempts:
+                result.error = f"{error.reason}{suffix}; {name} never received it"
+                result.kind = "transient"
+                return result
+            metrics.observe_retry(channel, name)
+            continue
         if not isinstance(error, TransientDeliveryError) or result.count >= policy.max_attempts:
             result.error = error.reason + suffix
             return result

@@ -50,6 +50,11 @@ class Unrecorded:
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         return None
 
+    def reconcile_since(self, channel: str, user_id: str) -> float | None:
+        """When an earlier run claimed this delivery before stopping during its attempt (epoch
+        seconds), if the provider is to be asked about it before sending; else None."""
+        return None
+
 
 class Journal(Unrecorded):
     def __init__(self, ledger: Ledger, job_id: str, *, resumed: bool, on_ambiguous: Mapping[str, str]) -> None:
@@ -62,6 +67,8 @@ class Journal(Unrecorded):
         # Deliveries an earlier run left `sending` that this run may send again ("resend"): the
         # claim must name that run.
         self._resending: dict[tuple[str, str], str] = {}
+        # Of those, the ones to reconcile first, with their claim time.
+        self._reconciling: dict[tuple[str, str], float] = {}
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that must not be attempted again, by user id: those an
@@ -86,11 +93,16 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
             elif state == "sending":
                 self._resending[(channel, user_id)] = doc.get("run") or ""
+                if self._on_ambiguous.get(channel) == "reconcile":
+                    self._reconciling[(channel, user_id)] = doc.get("claimed_at") or 0.0
         return settled
 
     async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         claims = [(channel, user, self._resending.pop((channel, user), None)) for channel, user in deliveries]
         return await self._ledger.claim_sending(self.job_id, self.run_id, claims)
+
+    def reconcile_since(self, channel: str, user_id: str) -> float | None:
+        return self._reconciling.pop((channel, user_id), None)
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         await self._ledger.record(self.job_id, [d for d in deliveries if not d.recorded])
