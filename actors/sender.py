@@ -6,7 +6,6 @@ import trio
 from trio import MemoryReceiveChannel, MemorySendChannel
 
 from dispatcher.delivery import Transport, deliver
-from dispatcher.errors import StoreError
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message
 
@@ -17,8 +16,10 @@ async def send(
     transport: Transport,
     journal: Unrecorded | None = None,
 ) -> None:
-    """With a recording journal, each message is marked `sending` in the ledger just before its
-    provider call (the ledger writes the marks of every concurrent task in one round trip)."""
+    """With a recording journal, each message is claimed `sending` in the ledger once it holds its
+    slot and token, just before its provider call, and its outcome written right after (`deliver`;
+    the ledger writes what every concurrent task asks in one round trip). A cancel of the run ends
+    every wait before a provider call at once."""
     # One task per message, started only when a slot is free: a one-recipient send costs one task,
     # not a pool of idle workers. The channel's limiter inside `deliver` is process-wide, so
     # concurrent sends share the provider's allowance.
@@ -27,31 +28,23 @@ async def send(
 
     async def deliver_one(message: Message) -> None:
         try:
-            # Not claimed: the store is down (not marked, so not attempted: a resumed run sends
-            # it), or another run of this job holds the delivery (that run reports it).
-            if await _claimed(message, journal):
-                since = journal.reconcile_since(message.channel, message.user_id)
-                await results.send(await deliver(message, transport, since))
+            # None: not attempted here: the store is down (not claimed, so not attempted: a resumed
+            # run sends it), or another run of this job holds the delivery (that run reports it).
+            delivery = await deliver(message, transport, journal)
+            if delivery is not None:
+                await results.send(delivery)
         finally:
             slots.release()
 
     with messages, results:
         async with trio.open_nursery() as nursery:
             async for message in messages:
-                await slots.acquire()
-                if journal.cancelled:
-                    slots.release()
-                    await results.send(Delivery(message.user_id, message.channel, "cancelled"))
-                    continue
+                with journal.waiting() as wait:
+                    await slots.acquire()
+                if journal.halted:
+                    if not wait.cancelled_caught:
+                        slots.release()
+                    if journal.cancelled:
+                        await results.send(Delivery(message.user_id, message.channel, "cancelled"))
+                    continue  # after a store fault: not attempted, the resumed run sends it
                 nursery.start_soon(deliver_one, message)
-
-
-async def _claimed(message: Message, journal: Unrecorded) -> bool:
-    if journal.fault is not None:
-        return False
-    try:
-        taken = await journal.sending([(message.channel, message.user_id)])
-    except StoreError as exc:
-        journal.stop(exc)  # every sender of the run sees the fault and stops calling providers
-        return False
-    return journal.fault is None and not taken

@@ -23,10 +23,12 @@ from werkzeug.exceptions import HTTPException
 
 from .core import Dispatcher
 from .errors import Interrupted, RequestError, StoreError
+from .listing import EVERYONE, JobQuery, Viewer
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
+from .saga import install_saga
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,17 @@ def error_response(status: int, message: str) -> Response:
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON; `RequestError` for malformed JSON (Quart's get_json would answer
+    it with an HTML 400), NaN/Infinity, or nesting too deep to decode."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -120,6 +133,15 @@ def _wants_async() -> bool:
     return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
 
 
+def _viewer() -> Viewer:
+    """Who the request's API key lets see which jobs (set by ops.py's key check)."""
+    return g.get("viewer") or EVERYONE
+
+
+def _located(job_id: str | None) -> dict[str, str]:
+    return {"Location": f"/send/{job_id}"} if job_id else {}
+
+
 def create_app(dispatcher: Dispatcher) -> QuartTrio:
     app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = dispatcher.settings.server.max_body_bytes
@@ -128,13 +150,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.post("/send")
     async def send() -> Any:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
-        raw = await request.get_data(cache=False)
-        try:
-            payload = json.loads(raw, parse_constant=_not_json)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"malformed JSON body: {exc}") from None
-        except RecursionError:
-            raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
+        payload = parse_json_body(await request.get_data(cache=False))
         send_request = SendRequest.parse(payload)
         key = request.headers.get("Idempotency-Key") or None
         if key is not None and not 0 < len(key) <= 256:
@@ -147,16 +163,21 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             body = {"id": job_id, "status": "queued"}
             return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
         result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
-        return result.to_json()
+        return result.to_json(), 200, _located(result.job_id)
+
+    @app.get("/send")
+    async def job_list() -> Any:
+        page = await dispatcher.jobs(JobQuery.from_args(request.args), _viewer())
+        return page.to_json()
 
     # `<id>`, as the OpenAPI document names it.
     @app.get("/send/<id>")
     async def job_status(id: str) -> Any:  # noqa: A002
-        return await dispatcher.status(id)
+        return await dispatcher.status(id, _viewer())
 
     @app.delete("/send/<id>")
     async def job_cancel(id: str) -> Any:  # noqa: A002
-        return await dispatcher.cancel(id)
+        return await dispatcher.cancel(id, _viewer())
 
     @app.get("/send/<id>/failures")
     async def job_failures(id: str) -> Any:  # noqa: A002
@@ -166,14 +187,14 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             raise RequestError("limit: must be an integer") from None
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
-        return await dispatcher.failures(id, request.args.get("after") or None, limit)
+        return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002
         user_id = request.args.get("userId")
         if not user_id:
             raise RequestError("userId: required (the user whose deliveries to show)")
-        return await dispatcher.deliveries(id, user_id)
+        return await dispatcher.deliveries(id, user_id, _viewer())
 
     twilio = dispatcher.settings.providers.twilio
     signature = (
@@ -226,10 +247,10 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             "statusCode": 503,
             "error": HTTPStatus(503).phrase,
             "message": str(exc),
-            "id": exc.job_id,
             **exc.partial.to_json(),
+            "id": exc.job_id,
         }
-        return Response(json.dumps(body), status=503, content_type="application/json")
+        return Response(json.dumps(body), status=503, content_type="application/json", headers=_located(exc.job_id))
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
@@ -252,4 +273,5 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         return error_response(500, "internal error; see the service log")
 
     install_ops(app, dispatcher)
+    install_saga(app, dispatcher)
     return app

@@ -1,21 +1,28 @@
 """Optional API keys for `/send` and `/send/...` (and `/-/metrics` with `[auth].protect_metrics`).
 
 Keys come from `[auth].keys_file` (one SHA-256 hex digest of a key per line, optionally
-`name:digest`; `#` starts a comment) and/or `DISPATCHER_API_KEYS` (comma-separated plain keys,
-hashed when loaded). Only digests are kept in memory. With no key configured, authentication is
-off. A client presents its key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+`name:digest`, optionally followed by attributes; `#` starts a comment) and/or
+`DISPATCHER_API_KEYS` (comma-separated plain keys, hashed when loaded). Only digests are kept in
+memory. With no key configured, authentication is off. A client presents its key as
+`Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+Attributes, separated by spaces after the digest (a line without any reads as before):
+- `admin`: the key sees and cancels every job, and the callbacks of every key;
+- `callback_secret_env=NAME`: the environment variable holding this key's callback signing
+  secret (`whsec_…`); the secret itself never sits in the file.
 
 Each key has an id, its name or the first 12 hex digits of its digest, which is safe to log and
-scopes what belongs to one client (idempotency keys).
+scopes what belongs to one client (idempotency keys, jobs, callbacks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,8 @@ from .errors import ConfigError
 
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_LINE = re.compile(r"(?:(?P<name>[^:]*?)\s*:\s*)?(?P<digest>\S+)(?P<attributes>(?:\s+\S+)*)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def hash_key(key: str) -> str:
@@ -34,6 +43,9 @@ def hash_key(key: str) -> str:
 class ApiKey:
     id: str
     digest: bytes  # raw SHA-256
+    admin: bool = False
+    # This key's callback signing secret (`whsec_…`), read from the environment at start-up.
+    callback_secret: str | None = field(default=None, repr=False)
 
 
 class ApiKeys:
@@ -54,17 +66,25 @@ class ApiKeys:
         return len(self._keys)
 
     def authenticate(self, presented: str | None) -> str | None:
-        """The id of the key `presented`, or None. Digests are compared with
-        `hmac.compare_digest`, against every key (no early exit), so the time taken does not
-        tell which digest, or how much of one, matched."""
+        """The id of the key `presented`, or None."""
+        key = self.authenticate_key(presented)
+        return key.id if key is not None else None
+
+    def authenticate_key(self, presented: str | None) -> ApiKey | None:
+        """The key `presented`, or None. Digests are compared with `hmac.compare_digest`, against
+        every key (no early exit), so the time taken does not tell which digest, or how much of
+        one, matched."""
         if not presented:
             return None
         digest = hashlib.sha256(presented.encode("utf-8")).digest()
         found = None
         for key in self._keys:
             if hmac.compare_digest(digest, key.digest) and found is None:
-                found = key.id
+                found = key
         return found
+
+    def by_id(self, key_id: str | None) -> ApiKey | None:
+        return next((key for key in self._keys if key.id == key_id), None) if key_id else None
 
 
 def load_api_keys(settings: Any) -> ApiKeys:
@@ -96,16 +116,29 @@ def _read_keys_file(path: Path) -> list[ApiKey]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        name, colon, digest = line.rpartition(":")
-        name, digest = name.strip(), digest.strip()
-        if not _DIGEST.fullmatch(digest):
+        where = f"auth.keys_file: {path} line {number}"
+        match = _LINE.fullmatch(line)
+        if match is None or not _DIGEST.fullmatch(match["digest"]):
             raise ConfigError(
-                f"auth.keys_file: {path} line {number}: expected a SHA-256 hex digest (64 hex digits) or name:digest"
+                f"{where}: expected a SHA-256 hex digest (64 hex digits) or name:digest, then optional "
+                "attributes (admin, callback_secret_env=NAME)"
             )
-        if colon and not _NAME.fullmatch(name):
-            raise ConfigError(f"auth.keys_file: {path} line {number}: a key name is 1-64 of A-Z a-z 0-9 . _ -")
-        digest = digest.lower()
-        keys.append(ApiKey(name if colon else digest[:12], bytes.fromhex(digest)))
+        name = match["name"]
+        if name is not None and not _NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a key name is 1-64 of A-Z a-z 0-9 . _ -")
+        admin, secret = False, None
+        for attribute in match["attributes"].split():
+            label, equals, value = attribute.partition("=")
+            if attribute == "admin":
+                admin = True
+            elif label == "callback_secret_env" and equals and _ENV_NAME.fullmatch(value):
+                secret = os.environ.get(value, "")
+                if not secret.startswith("whsec_"):
+                    raise ConfigError(f"{where}: callback_secret_env: {value} must hold a secret whsec_<base64>")
+            else:
+                raise ConfigError(f"{where}: unknown attribute {attribute!r} (use admin or callback_secret_env=NAME)")
+        digest = match["digest"].lower()
+        keys.append(ApiKey(name if name is not None else digest[:12], bytes.fromhex(digest), admin, secret))
     return keys
 
 
@@ -121,8 +154,9 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 def is_protected(path: str, protect_metrics: bool) -> bool:
-    """`/send` and everything under it; `/-/metrics` when asked. Health and docs stay open."""
-    if path == "/send" or path.startswith("/send/"):
+    """`/send` and everything under it, `/saga/send`; `/-/metrics` when asked. Health and docs
+    stay open."""
+    if path == "/send" or path.startswith("/send/") or path == "/saga/send":
         return True
     return protect_metrics and path == "/-/metrics"
 

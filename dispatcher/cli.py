@@ -1,4 +1,4 @@
-"""`dispatcher serve | seed | check-config | loadtest`: the command line."""
+"""`dispatcher serve | seed | check-config | loadtest | jobs | callbacks`: the command line."""
 
 from __future__ import annotations
 
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predecessor_option(command("check-config", "validate the configuration and print it (secrets hidden)"))
     migrate = command("migrate-config", "print the TOML equivalent of the Messaging Service's JSON configuration")
     migrate.add_argument("file", type=Path, help="the predecessor's configuration (what CONFIGURATION_PATH named)")
+    from .remote import add_parsers as add_remote_parsers
+
+    add_remote_parsers(commands, command)
     loadtest = add_loadtest_parser(commands)
     # The harness logs at its own --service-log-level; --config is its default --base-config.
     _add_config_option(loadtest, in_subcommand=True)
@@ -148,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .loadtest.cli import run as run_loadtest
 
         return run_loadtest(args)
+    if args.command in ("jobs", "callbacks"):
+        # Clients of a running service over HTTP: its configuration is not theirs to read.
+        from .remote import run as run_remote
+
+        return run_remote(args)
     try:
         overrides = {}
         if args.command == "serve":

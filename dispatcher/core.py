@@ -40,6 +40,7 @@ from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError
 from .files import FilesClient
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
+from .listing import EVERYONE, JobPage, JobQuery, Viewer, job_json
 from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
@@ -138,6 +139,8 @@ class Dispatcher:
         attempted. Once validation passed, the deliveries run in the dispatcher's own nursery:
         cancelling this call (a client that goes away) stops the waiting, not the deliveries.
         A key already used with the same request returns that send's result; nothing is sent again.
+        `key_scope` names the API key sending: it scopes idempotency keys and owns the job
+        (`Viewer`); the result's `job_id` names the job (None without the ledger).
         """
         run, job_id = await self._accept(request, idempotency_key, key_scope)
         if run is None:
@@ -154,46 +157,51 @@ class Dispatcher:
         assert job_id is not None
         return job_id
 
-    async def status(self, job_id: str) -> dict[str, Any]:
-        """State, counts and times of a job (`NotFound` for an unknown id)."""
-        doc = await self._job(job_id)
+    async def status(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
+        """State, counts and times of a job (`NotFound` for an unknown id, or one `viewer` may
+        not see)."""
+        doc = await self._job(job_id, viewer)
         run = self._runs.get(job_id)
-        summary = run.result.summary.to_json() if run is not None else (doc.get("summary") or Summary().to_json())
+        summary = run.result.summary.to_json() if run is not None else None
+        body = job_json(doc, summary)
         # Receipts keep arriving after the job ended: counted from the deliveries, not the job.
-        summary = {**summary, **await self._require_ledger().receipt_counts(job_id)}
-        return {
-            "id": job_id,
-            "status": doc["state"],
-            "createdAt": doc.get("created_at"),
-            "startedAt": doc.get("started_at"),
-            "finishedAt": doc.get("finished_at"),
-            "summary": summary,
-            "error": doc.get("error"),
-        }
+        body["summary"] = {**body["summary"], **await self._require_ledger().receipt_counts(job_id)}
+        return body
 
-    async def failures(self, job_id: str, after: str | None = None, limit: int = 100) -> dict[str, Any]:
+    async def jobs(self, query: JobQuery, viewer: Viewer = EVERYONE) -> JobPage:
+        """One page of the jobs `viewer` may see, newest first (`listing.py`)."""
+        docs, cursor = await self._require_ledger().list_jobs(query, viewer)
+        page = []
+        for doc in docs:
+            run = self._runs.get(doc["_id"])
+            page.append(job_json(doc, run.result.summary.to_json() if run is not None else None))
+        return JobPage(page, cursor)
+
+    async def failures(
+        self, job_id: str, after: str | None = None, limit: int = 100, viewer: Viewer = EVERYONE
+    ) -> dict[str, Any]:
         """One page of a job's failures, in a stable order; `next` continues after this page."""
-        await self._job(job_id)
+        await self._job(job_id, viewer)
         ledger = self._require_ledger()
         docs = await ledger.failures(job_id, after, limit)
         page = [Failure(d["user"], d["channel"], d.get("error") or "failed").to_json() for d in docs]
         return {"id": job_id, "failures": page, "next": docs[-1]["_id"] if len(docs) == limit else None}
 
-    async def deliveries(self, job_id: str, user_id: str) -> dict[str, Any]:
+    async def deliveries(self, job_id: str, user_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
         """One user's deliveries in a job, one per channel, with their history."""
-        await self._job(job_id)
+        await self._job(job_id, viewer)
         docs = await self._require_ledger().deliveries_of(job_id, user_id)
         return {"id": job_id, "userId": user_id, "deliveries": [delivery_view(doc) for doc in docs]}
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
         """Stop a job that has not finished: deliveries in flight finish, the rest are cancelled."""
-        doc = await self._job(job_id)
+        doc = await self._job(job_id, viewer)
         if doc["state"] not in FINAL_STATES:
             await self._require_ledger().request_cancel(job_id)
             run = self._runs.get(job_id)
             if run is not None:
                 run.journal.cancel()
-        return await self.status(job_id)
+        return await self.status(job_id, viewer)
 
     async def prepare(self, request: SendRequest) -> RequestPlan:
         """Every check that can reject the request: channels, template, compilation, attachments."""
@@ -253,7 +261,15 @@ class Dispatcher:
             return run, None
         job_id = uuid.uuid4().hex
         body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
-        await self.ledger.create_job(job_id, body, self.owner, self.settings.store.lease_seconds, idempotency_key)
+        await self.ledger.create_job(
+            job_id,
+            body,
+            self.owner,
+            self.settings.store.lease_seconds,
+            idempotency_key,
+            key_id=key_scope or None,
+            request_id=logs.request_id_var.get(),
+        )
         if idempotency_key:
             claim = await self.ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
             if not claim.ours:
@@ -269,6 +285,7 @@ class Dispatcher:
         return run, job_id
 
     def _start(self, run: _Run) -> None:
+        run.result.job_id = run.job_id
         self._in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if run.job_id is not None:
@@ -389,7 +406,7 @@ class Dispatcher:
             if doc["state"] in FINAL_STATES:
                 break
             await trio.sleep(_POLL_SECONDS)
-        result = SendResult(summary=Summary.from_json(doc.get("summary") or {}))
+        result = SendResult(summary=Summary.from_json(doc.get("summary") or {}), job_id=job_id)
         after = None
         while True:
             page = await self.failures(job_id, after, 1000)
@@ -398,9 +415,10 @@ class Dispatcher:
             if after is None:
                 return result
 
-    async def _job(self, job_id: str) -> dict[str, Any]:
+    async def _job(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
         doc = await self._require_ledger().job(job_id)
-        if doc is None:
+        if doc is None or not viewer.sees(doc):
+            # Another key's job answers as an unknown one: its id is not confirmed.
             raise NotFound(f"no send {shown(job_id)}")
         return doc
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
 from . import metrics
-from .errors import DeliveryError, TransientDeliveryError
-from .journal import STOPPED_DURING_ATTEMPT
+from .errors import DeliveryError, StoreError, TransientDeliveryError
+from .journal import STOPPED_DURING_ATTEMPT, Unrecorded
 from .messages import Delivery, Message
 from .providers.base import Provider
 from .ratelimit import ChannelGate
@@ -74,40 +74,129 @@ class _Attempts:
     error: str | None = None
     kind: str | None = None
     provider_id: str | None = None
+    # An ambiguous attempt resolved by asking the provider: "found" or "absent".
     reconciled: str | None = None
 
 
-async def deliver(message: Message, transport: Transport, reconcile_since: float | None = None) -> Delivery:
-    """Send `message` to each of its addresses; one `Delivery` for the (user, channel).
+class _Door:
+    """One delivery's claim in the ledger, taken at the door: once the delivery holds its slot and
+    its token, just before its provider call (so that after a crash only what was on the wire, or
+    whose outcome was not written yet, is ambiguous), given back as `retrying` while it waits to
+    retry after an attempt that reached no one, and settled by writing its outcome."""
 
-    A user with several device tokens counts as sent only when every token accepted it.
-    `reconcile_since`: an earlier run claimed this delivery then (epoch seconds) and stopped
-    during the attempt; with a reconciler the provider is asked first, and nothing is sent if it
-    has the message.
+    __slots__ = ("message", "journal", "gate", "claimed", "permit", "sent")
+
+    def __init__(self, message: Message, journal: Unrecorded, gate: ChannelGate) -> None:
+        self.message = message
+        self.journal = journal
+        self.gate = gate
+        self.claimed = False  # `sending` in the ledger, for this run
+        self.permit = False  # holds one of the channel's `unsettled` permits
+        self.sent = False  # some address of the message accepted it
+
+    async def claim(self) -> bool:
+        """Take the delivery (and a permit); False when another run holds it or the store failed
+        (then the run is stopped: nothing else is sent)."""
+        journal = self.journal
+        if not self.permit:
+            with journal.waiting():
+                await self.gate.unsettled.acquire_on_behalf_of(self)
+            if journal.halted:
+                self.give_permit_back()
+                return False
+            self.permit = True
+        if self.claimed:
+            return True
+        try:
+            taken = await journal.sending([(self.message.channel, self.message.user_id)])
+        except StoreError as exc:
+            journal.stop(exc)  # every sender of the run sees the fault and stops calling providers
+            taken = None
+        if journal.fault is not None or taken:
+            self.give_permit_back()
+            return False
+        self.claimed = True
+        return True
+
+    async def retrying(self, count: int, reason: str) -> None:
+        """The attempt reached no one: the delivery waits for its next without a claim (unless
+        another address of it was sent: resending would duplicate that one)."""
+        if self.claimed and not self.sent:
+            message = self.message
+            try:
+                await self.journal.retrying(
+                    Delivery(message.user_id, message.channel, "failed", reason, attempts=count)
+                )
+                self.claimed = False
+            except StoreError as exc:
+                self.journal.stop(exc)
+        self.give_permit_back()
+
+    async def settle(self, delivery: Delivery) -> Delivery:
+        """Write the outcome of a claimed delivery at once (through the group commit), then give
+        its permit back."""
+        try:
+            if self.claimed and self.journal.fault is None:
+                try:
+                    await self.journal.record([delivery])
+                    delivery = replace(delivery, written=True)
+                except StoreError as exc:
+                    log.error("cannot record the outcome of job %s: %s", self.journal.job_id, exc)
+                    self.journal.stop(exc)
+        finally:
+            self.give_permit_back()
+        return delivery
+
+    def give_permit_back(self) -> None:
+        if self.permit:
+            self.permit = False
+            self.gate.unsettled.release_on_behalf_of(self)
+
+
+async def deliver(message: Message, transport: Transport, journal: Unrecorded | None = None) -> Delivery | None:
+    """Send `message` to each of its addresses; one `Delivery` for the (user, channel), its outcome
+    already written to the ledger when it was claimed there. None when it was not attempted here:
+    another run of the job holds it, or the store failed (`journal.fault`; a resumed run sends it).
+
+    A user with several device tokens counts as sent only when every token accepted it. A cancel
+    of the run ends every wait before a provider call at once (`cancelled`, or a failure naming
+    the attempts made when some were).
     """
-    outcomes = [await _deliver_one(message, address, transport, reconcile_since) for address in message.addresses]
+    journal = journal if journal is not None else Unrecorded()
+    door = _Door(message, journal, transport.gate)
+    try:
+        outcomes = []
+        for address in message.addresses:
+            outcome = await _deliver_one(message, address, transport, door)
+            if outcome is None:
+                return None
+            outcomes.append(outcome)
+        return await door.settle(_delivery(message, outcomes))
+    finally:
+        door.give_permit_back()
+
+
+def _delivery(message: Message, outcomes: list[_Attempts]) -> Delivery:
     attempts = sum(o.count for o in outcomes)
     provider_id = " ".join(o.provider_id for o in outcomes if o.provider_id) or None
     reconciled = next((o.reconciled for o in outcomes if o.reconciled), None)
     failed = [(address, o) for address, o in zip(message.addresses, outcomes) if o.error is not None]
     if not failed:
         return Delivery(
-            message.user_id,
-            message.channel,
-            "sent",
-            attempts=attempts,
-            provider_id=provider_id,
-            reconciled=reconciled,
+            message.user_id, message.channel, "sent", attempts=attempts, provider_id=provider_id, reconciled=reconciled
         )
+    if all(o.kind == "cancelled" for _, o in failed) and len(failed) == len(outcomes) and not attempts:
+        return Delivery(message.user_id, message.channel, "cancelled", attempts=0)
     if len(message.addresses) == 1:
         error = failed[0][1].error
     else:
         detail = "; ".join(f"{_shorten(address)}: {o.error}" for address, o in failed)
         error = f"{len(failed)} of {len(message.addresses)} devices failed: {detail}"
+    status = "cancelled" if all(o.kind == "cancelled" for _, o in failed) and not provider_id else "failed"
     return Delivery(
         message.user_id,
         message.channel,
-        "failed",
+        status,
         error,
         attempts=attempts,
         provider_id=provider_id,
@@ -116,42 +205,70 @@ async def deliver(message: Message, transport: Transport, reconcile_since: float
     )
 
 
-async def _deliver_one(
-    message: Message, address: str, transport: Transport, reconcile_since: float | None = None
-) -> _Attempts:
+def _cancelled(result: _Attempts, journal: Unrecorded, last: DeliveryError | None) -> _Attempts | None:
+    """A wait before a call ended by the run: cancelled by its client, or None (not attempted
+    here) when a store failure stopped the run."""
+    if not journal.cancelled:
+        return None
+    result.kind = "cancelled"
+    result.error = "cancelled before its provider call"
+    if isinstance(last, TransientDeliveryError) and last.ambiguous:
+        # The attempt before may have reached the provider: that is what the client must know.
+        result.kind = "ambiguous"
+        result.error = f"{UNKNOWN_OUTCOME}: {last.reason}; cancelled before it was retried"
+    elif last is not None:
+        result.error = f"cancelled before attempt {result.count + 1}; the last failed: {last.reason}"
+    return result
+
+
+async def _deliver_one(message: Message, address: str, transport: Transport, door: _Door) -> _Attempts | None:
     policy = transport.policy
     name = transport.provider.name
+    gate = transport.gate
+    journal = door.journal
     result = _Attempts()
     channel = message.channel
+    keys = (f"to:{address}", f"from:{getattr(message.content, 'sender', '')}")
+    last: DeliveryError | None = None
     reconciler = transport.reconciler if policy.on_ambiguous == "reconcile" else None
-    if reconciler is not None and reconcile_since is not None:
-        # An earlier run stopped during this attempt: ask before sending again.
+    since = journal.reconcile_since(channel, message.user_id) if reconciler is not None else None
+    if reconciler is not None and since is not None:
+        # An earlier run stopped during this attempt: claim it, then ask before sending again.
+        if journal.halted or not await door.claim():
+            return _cancelled(result, journal, last)
         try:
-            result.provider_id = await reconciler.find(message, address, reconcile_since)
+            result.provider_id = await reconciler.find(message, address, since)
         except ReconcileError as exc:
             result.count, result.kind = 1, "ambiguous"
             result.error = f"{STOPPED_DURING_ATTEMPT}; {name} could not be asked whether it has it ({exc})"
             return result
         if result.provider_id is not None:
             result.count, result.reconciled = 1, "found"
+            door.sent = True
             return result
         result.reconciled = "absent"
     while True:
-        result.count += 1
         started = trio.current_time()
         claimed_at = time.time()
         try:
-            await transport.gate.enter()
-            called = trio.current_time()
-            metrics.observe_rate_limit_wait(channel, called - started)
+            with journal.waiting() as wait:
+                await gate.enter(keys)
+            if wait.cancelled_caught:
+                return _cancelled(result, journal, last)
             try:
+                if journal.halted or not await door.claim():
+                    return _cancelled(result, journal, last)
+                called = trio.current_time()
+                metrics.observe_rate_limit_wait(channel, called - started)
+                result.count += 1
                 # A bare CancelScope rather than fail_after: this runs once per message.
                 with trio.CancelScope(deadline=called + policy.timeout) as attempt_scope:
                     result.provider_id = await transport.provider.send(message, address)
             finally:
-                transport.gate.exit()
+                gate.exit()
             if not attempt_scope.cancelled_caught:
                 metrics.observe_attempt(channel, name, trio.current_time() - called, "ok")
+                door.sent = True
                 return result
             # The request may have reached the provider: as ambiguous as a crash mid-call.
             error: DeliveryError = TransientDeliveryError(
@@ -159,6 +276,8 @@ async def _deliver_one(
             )
         except DeliveryError as exc:
             error = exc
+            if result.count == 0:
+                result.count = 1  # the limiter itself failed (cluster mode): counted as an attempt
         except Exception as exc:
             # A bug in a provider must cost one delivery, not the whole request.
             log.exception("provider %s crashed delivering to user %s", name, message.user_id)
@@ -171,6 +290,7 @@ async def _deliver_one(
         )
         suffix = f" (after {result.count} attempts)" if result.count > 1 else ""
         if reconciler is not None and isinstance(error, TransientDeliveryError) and error.ambiguous:
+            door.give_permit_back()  # the lookup may wait for the listing to settle
             try:
                 result.provider_id = await reconciler.find(message, address, claimed_at)
             except ReconcileError as exc:
@@ -180,12 +300,14 @@ async def _deliver_one(
                 return result
             if result.provider_id is not None:
                 result.error, result.kind, result.reconciled = None, None, "found"
+                door.sent = True
                 return result
             result.reconciled = "absent"  # provably never sent: sending again duplicates nothing
             if result.count >= policy.max_attempts:
                 result.error = f"{error.reason}{suffix}; {name} never received it"
                 result.kind = "transient"
                 return result
+            await door.retrying(result.count, f"{error.reason}; {name} never received it")
             metrics.observe_retry(channel, name)
             continue
         if not isinstance(error, TransientDeliveryError) or result.count >= policy.max_attempts:
@@ -203,11 +325,23 @@ async def _deliver_one(
             return result
         delay = policy.backoff(result.count, error.retry_after)
         if error.throttled:
-            # A 429 is about the account: slow the whole channel, not just this message.
-            transport.gate.bucket.pause_until(trio.current_time() + delay)
+            if error.pause_key is not None:
+                # About one destination or sender (Twilio 14107, 21611): hold back only that one.
+                gate.pause(error.pause_key, trio.current_time() + delay)
+            else:
+                # About the account: slow the whole channel, not just this message.
+                gate.bucket.pause_until(trio.current_time() + delay)
+        last = error
+        if not error.ambiguous:
+            await door.retrying(result.count, error.reason)
+        else:
+            door.give_permit_back()
         log.info("retrying %s for user %s in %.2fs: %s", channel, message.user_id, delay, error.reason)
         metrics.observe_retry(channel, name)
-        await trio.sleep(delay)
+        with journal.waiting() as wait:
+            await trio.sleep(delay)
+        if wait.cancelled_caught:
+            return _cancelled(result, journal, last)
 
 
 def _kind(error: DeliveryError) -> str:

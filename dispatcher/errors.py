@@ -101,15 +101,24 @@ class TransientDeliveryError(DeliveryError):
     """Worth retrying: timeouts, dropped connections, 429, 5xx.
 
     `retry_after` is the provider's own hint in seconds; `throttled` marks a 429, which slows the
-    whole channel rather than only this message; `ambiguous` says the message may have reached
-    the provider anyway (a timeout or a connection lost after the request was sent), so a retry
-    may duplicate it: the channel's `on_ambiguous` decides.
+    whole channel (the account's limit) rather than only this message, unless `pause_key` names
+    what the limit concerns (`"to:<number>"`, `"from:<number>"`: one destination or one sender),
+    which is then paused alone; `ambiguous` says the message may have reached the provider anyway
+    (a timeout or a connection lost after the request was sent), so a retry may duplicate it: the
+    channel's `on_ambiguous` decides.
     """
 
     def __init__(
-        self, reason: str, *, retry_after: float | None = None, throttled: bool = False, ambiguous: bool = False
+        self,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        throttled: bool = False,
+        ambiguous: bool = False,
+        pause_key: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.throttled = throttled
         self.ambiguous = ambiguous
+        self.pause_key = pause_key

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+import trio
 
 from .errors import StoreError
 from .ledger import FINAL_DELIVERY_STATES, Ledger
@@ -16,6 +19,42 @@ from .messages import Delivery
 from .states import ACCEPTED_STATES
 
 STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
+# A delivery claimed by another run that is no longer alive, whose process may not have stopped
+# (its lease or partition was taken over): the reason must not claim a crash it did not see.
+ABANDONED_DURING_ATTEMPT = (
+    "outcome unknown: the run that was sending it stopped answering (crash, or lease or partition taken over)"
+)
+# Left by a run between a failed attempt (nothing was sent) and its next: not ambiguous.
+RETRYING = "retrying"
+
+
+class Waiting:
+    """A wait before a provider call (a slot, a token, a pause, a backoff), cut short when the run
+    is cancelled or stopped: `with journal.waiting() as wait: ...; wait.cancelled_caught`.
+    A class, not a generator context manager: this is entered once per delivery."""
+
+    __slots__ = ("_journal", "_scope")
+
+    def __init__(self, journal: Unrecorded) -> None:
+        self._journal = journal
+        self._scope = trio.CancelScope()
+
+    @property
+    def cancelled_caught(self) -> bool:
+        return self._scope.cancelled_caught
+
+    def __enter__(self) -> Waiting:
+        self._scope.__enter__()
+        if self._journal.halted:
+            self._scope.cancel()
+        self._journal._waits.add(self._scope)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._journal._waits.discard(self._scope)
+        return self._scope.__exit__(kind, exc, tb)
 
 
 class Unrecorded:
@@ -27,17 +66,29 @@ class Unrecorded:
     def __init__(self) -> None:
         self.cancelled = False
         self.fault: StoreError | None = None
+        self._waits: set[trio.CancelScope] = set()
 
     @property
     def halted(self) -> bool:
         return self.cancelled or self.fault is not None
 
     def cancel(self) -> None:
+        """Stop every delivery of the run that has not reached its provider call, at once: those
+        waiting for a slot, a token, a pause or a backoff end `cancelled` (calls in flight finish)."""
         self.cancelled = True
+        self._end_waits()
 
     def stop(self, fault: StoreError) -> None:
         if self.fault is None:
             self.fault = fault
+        self._end_waits()
+
+    def _end_waits(self) -> None:
+        for scope in self._waits:
+            scope.cancel()
+
+    def waiting(self) -> Waiting:
+        return Waiting(self)
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         return {}
@@ -46,6 +97,12 @@ class Unrecorded:
         """Record that these (channel, user id) deliveries are about to be attempted; return
         those another run has claimed (not to be attempted here)."""
         return set()
+
+    async def retrying(self, delivery: Delivery) -> None:
+        """Record that this claimed delivery's last attempt failed without reaching anyone (a
+        429, a 5xx, a refused connection) and that it waits for its next: a crash meanwhile leaves
+        it resendable, not ambiguous. Its next attempt claims it again (`sending`)."""
+        return None
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         return None
@@ -64,10 +121,10 @@ class Journal(Unrecorded):
         self._ledger = ledger
         self._resumed = resumed
         self._on_ambiguous = on_ambiguous
-        # Deliveries an earlier run left `sending` that this run may send again ("resend"): the
-        # claim must name that run.
-        self._resending: dict[tuple[str, str], str] = {}
-        # Of those, the ones to reconcile first, with their claim time.
+        # Deliveries an earlier run (or this one, between attempts) left `sending` or `retrying`
+        # that this run may send: the claim must name that run and state.
+        self._resending: dict[tuple[str, str], tuple[str, str]] = {}
+        # Of those left `sending`, the ones to reconcile first, with their claim time.
         self._reconciling: dict[tuple[str, str], float] = {}
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
@@ -91,9 +148,9 @@ class Journal(Unrecorded):
                 )
             elif state == "sending" and self._on_ambiguous.get(channel, "report") == "report":
                 settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
-            elif state == "sending":
-                self._resending[(channel, user_id)] = doc.get("run") or ""
-                if self._on_ambiguous.get(channel) == "reconcile":
+            elif state in ("sending", RETRYING):
+                self._resending[(channel, user_id)] = (doc.get("run") or "", state)
+                if state == "sending" and self._on_ambiguous.get(channel) == "reconcile":
                     self._reconciling[(channel, user_id)] = doc.get("claimed_at") or 0.0
         return settled
 
@@ -104,5 +161,9 @@ class Journal(Unrecorded):
     def reconcile_since(self, channel: str, user_id: str) -> float | None:
         return self._reconciling.pop((channel, user_id), None)
 
+    async def retrying(self, delivery: Delivery) -> None:
+        await self._ledger.release(self.job_id, self.run_id, delivery)
+        self._resending[(delivery.channel, delivery.user_id)] = (self.run_id, RETRYING)
+
     async def record(self, deliveries: Sequence[Delivery]) -> None:
-        await self._ledger.record(self.job_id, [d for d in deliveries if not d.recorded])
+        await self._ledger.record(self.job_id, [d for d in deliveries if not (d.recorded or d.written)])

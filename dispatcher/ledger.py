@@ -33,6 +33,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .batching import Batcher, Call
+from .listing import JOB_LISTING_INDEXES, JobQuery, Viewer, encode_cursor, listing_filter, seq_of
 from .messages import Delivery
 from .settings import StoreSettings
 from .states import ACCEPTED_STATES, RANK, RECEIPT_STATES, SETTLED_STATES, Receipt, below
@@ -115,19 +116,39 @@ class Ledger:
             for collection in (self._jobs, self._deliveries, self._keys, self._orphans):
                 collection.create_index("expires_at", expireAfterSeconds=0)
             self._jobs.create_index([("state", 1), ("lease_expires", 1)])
+            # The listing (listing.py): newest first by `seq`, after an equality on each filter.
+            for keys in JOB_LISTING_INDEXES:
+                self._jobs.create_index(list(keys))
+            # Jobs written before `seq` existed get one, so that the listing shows them too.
+            for doc in self._jobs.find({"seq": {"$exists": False}}, {"_id": 1, "created_at": 1}):
+                self._jobs.update_one(
+                    {"_id": doc["_id"]}, {"$set": {"seq": seq_of(doc.get("created_at") or "", doc["_id"])}}
+                )
 
         await self._run("index creation", create)
 
     # -- jobs -----------------------------------------------------------------------------------
 
     async def create_job(
-        self, job_id: str, request: dict[str, Any], owner: str, lease: float, idempotency_key: str | None
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        owner: str,
+        lease: float,
+        idempotency_key: str | None,
+        *,
+        key_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         """A job its owner starts at once: `running` from the first write (one round trip less
-        per send than queued-then-running)."""
+        per send than queued-then-running). `key_id` is the API key that created it (None: no
+        key, e.g. the embedding API), `request_id` the HTTP request's id."""
         created = now_iso()
         doc = {
             "_id": job_id,
+            "seq": seq_of(created, job_id),
+            "key_id": key_id,
+            "request_id": request_id,
             "request": request,
             "state": "running",
             "created_at": created,
@@ -149,6 +170,20 @@ class Ledger:
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         return await self._run("job lookup", self._jobs.find_one, {"_id": job_id})
+
+    async def list_jobs(self, query: JobQuery, viewer: Viewer) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of jobs, newest first, and the cursor of the next (None on the last page)."""
+        filters = listing_filter(query, viewer)
+        projection = {"request.channels": 1, **{f: 1 for f in _LISTED_FIELDS}}
+
+        def find() -> list[dict[str, Any]]:
+            cursor = self._jobs.find(filters, projection).sort("seq", -1).limit(query.limit + 1)
+            return list(cursor)
+
+        docs = await self._run("job listing", find)
+        more = len(docs) > query.limit
+        docs = docs[: query.limit]
+        return docs, encode_cursor(docs[-1]["seq"]) if more and docs else None
 
     async def claim(self, job_id: str, owner: str, lease: float) -> dict[str, Any] | None:
         """Take over an active job whose lease has expired (or is already ours)."""
@@ -241,14 +276,14 @@ class Ledger:
         return {doc["user"]: doc for doc in docs}
 
     async def claim_sending(
-        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, str | None]]
+        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, tuple[str, str] | None]]
     ) -> set[tuple[str, str]]:
-        """Mark these (channel, user, previous run) deliveries `sending` for run `run_id`, before
+        """Mark these (channel, user, previous) deliveries `sending` for run `run_id`, just before
         their provider calls, and return those that could NOT be claimed: another run holds or
         settled them. A claim is a compare-and-set, so two runs of the same partition or job never
         both send one delivery: an insert (the unique `_id` refuses a delivery anyone wrote), or,
-        for a delivery left `sending` by `previous` run (`""` for one that recorded no run), an
-        update whose filter names that run."""
+        for a delivery left `sending` or `retrying` by a run, an update whose filter names that
+        run and state (`previous = (run, state)`, run `""` for one that recorded no run)."""
         expires = self._expires_at()
         now = time.time()
         ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
@@ -266,12 +301,19 @@ class Ledger:
             if previous is None:
                 ops.append(InsertOne({"_id": key, **doc}))
             else:
-                ops.append(
-                    UpdateOne({"_id": key, "state": "sending", "run": previous or None}, {"$set": doc}, upsert=True)
-                )
+                run, state = previous
+                ops.append(UpdateOne({"_id": key, "state": state, "run": run or None}, {"$set": doc}, upsert=True))
         if not ops:
             return set()
         return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries], job_id))
+
+    async def release(self, job_id: str, run_id: str, delivery: Delivery) -> None:
+        """Between a failed attempt that reached no one and the next: `retrying`, still this run's
+        (the next attempt claims it back by compare-and-set). A crash meanwhile leaves a delivery
+        that can be sent again, not an ambiguous one."""
+        key = {"_id": delivery_key(job_id, delivery.channel, delivery.user_id), "run": run_id}
+        update = {"$set": {"state": "retrying", "attempts": delivery.attempts, "error": delivery.error}}
+        await self._writes.submit("outcome", ([UpdateOne(key, update)], None, []))
 
     async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
         """Record final outcomes. A delivery with attempts was claimed first (providers are only
@@ -294,7 +336,8 @@ class Ledger:
                     outcome["provider_id"] = d.provider_id
                 if d.reconciled is not None:
                     outcome["reconciled"] = d.reconciled
-                ops.append(UpdateOne({"_id": key, "state": "sending"}, {"$set": outcome}))
+                # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
+                ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
             else:
                 ops.append(
                     UpdateOne(
@@ -564,6 +607,19 @@ class Ledger:
                 collection.delete_many(cutoff)
 
         await self._run("purge", purge)
+
+
+_LISTED_FIELDS = (
+    "seq",
+    "state",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "summary",
+    "error",
+    "request_id",
+    "key_id",
+)
 
 
 def _changes(write: Call) -> list[StateChange]:

@@ -89,6 +89,8 @@ class Delivery:
     provider_id: str | None = None
     # Read back from the ledger (a resumed job): already recorded, not to be written again.
     recorded: bool = False
+    # Its outcome was written by its sender right after the provider call (not to be written again).
+    written: bool = False
     # Why a failure failed, for the metrics: transient, permanent, throttled, ambiguous, render,
     # not_found, internal.
     kind: str | None = None

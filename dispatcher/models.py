@@ -292,6 +292,12 @@ class Summary:
 class SendResult:
     failures: list[Failure] = field(default_factory=list)
     summary: Summary = field(default_factory=Summary)
+    # The job's id (`GET /send/{id}`); None without the ledger, where there is no job to name.
+    job_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"failures": [f.to_json() for f in self.failures], "summary": self.summary.to_json()}
+        body: dict[str, Any] = {"failures": [f.to_json() for f in self.failures], "summary": self.summary.to_json()}
+        if self.job_id is not None:
+            # An extension of the predecessor's shape, after its fields: old clients ignore it.
+            body["id"] = self.job_id
+        return body

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from pydantic.json_schema import models_json_schema
 
+from .auth import is_protected
 from .channels import CHANNELS
 from .models import SendRequest
 
@@ -71,6 +72,9 @@ class SendResult(_Wire):
 
     failures: list[Failure]
     summary: Summary
+    id: str | None = Field(
+        None, description="The job's id (also in `Location`); absent without the ledger ([store].ledger = false)"
+    )
 
 
 class Error(_Wire):
@@ -98,6 +102,15 @@ class JobStatus(_Wire):
     startedAt: datetime | None = None
     finishedAt: datetime | None = None
     error: str | None = Field(None, description="Why a job failed, when it did")
+    requestId: str | None = Field(None, description="The `X-Request-ID` of the request that created the job")
+    channels: list[str] = Field(default_factory=list, description="The channels the job delivers on")
+
+
+class JobPage(_Wire):
+    """One page of jobs, newest first; pass `next` as `cursor` for the next page (null: the last)."""
+
+    jobs: list[JobStatus]
+    next: str | None = None
 
 
 class FailuresPage(_Wire):
@@ -185,6 +198,7 @@ _RESPONSE_MODELS = (
     Error,
     JobAccepted,
     JobStatus,
+    JobPage,
     FailuresPage,
     UserDeliveries,
     DeliveryHistory,
@@ -247,6 +261,11 @@ _UNAUTHORIZED = _error(
     **{"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
 )
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+_LOCATION = {"Location": {"description": "`/send/{id}`: the job", "schema": {"type": "string"}}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
 def _operations() -> dict[tuple[str, str], dict[str, Any]]:
@@ -293,15 +312,46 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "SendResult",
                     "Every delivery was attempted; the failures and counts",
                     content={"application/json": {"schema": _ref("SendResult"), "example": QUICK_START_RESULT}},
+                    headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
                 ),
-                "202": _json("JobAccepted", "Accepted as a job (asynchronous mode)"),
+                "202": _json(
+                    "JobAccepted",
+                    "Accepted as a job (asynchronous mode)",
+                    headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
+                ),
                 "400": _error("Invalid request; nothing was sent"),
                 "401": _UNAUTHORIZED,
                 "413": _error("Body larger than `[server].max_body_bytes`"),
                 "422": _error("Idempotency-Key reused with another body"),
                 "500": _error("A bug; logged with a traceback"),
                 "502": _error("The Files Service is down"),
-                "503": _error("Shutting down, or the store is unavailable"),
+                "503": _error(
+                    "Shutting down, or the store is unavailable. A send interrupted after it was accepted "
+                    "also carries `id` (with `Location`), `failures` and `summary`: what was attempted; the "
+                    "job resumes",
+                    **_LOCATION,
+                ),
+            },
+        },
+        ("get", "/send"): {
+            "operationId": "listJobs",
+            "summary": "Jobs, newest first (with API keys: the key's own jobs; admin keys see all)",
+            "tags": ["send"],
+            "parameters": [
+                request_id,
+                _query("status", {"type": "string", "enum": list(JobState.__args__)}, "Only jobs in this state"),
+                _query("channel", {"type": "string"}, "Only jobs delivering on this channel"),
+                _query("createdAfter", {"type": "string", "format": "date-time"}, "Created at or after"),
+                _query("createdBefore", {"type": "string", "format": "date-time"}, "Created before"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
+                _query("cursor", {"type": "string"}, "The `next` of the previous page"),
+            ],
+            "responses": {
+                "200": _json("JobPage", "One page of jobs"),
+                "400": _error("Invalid filter or cursor"),
+                "401": _UNAUTHORIZED,
+                "404": _error("Jobs are not recorded ([store].ledger = false)"),
+                "503": _error("The store is unavailable"),
             },
         },
         ("get", "/send/{id}"): {
@@ -312,7 +362,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {
                 "200": _json("JobStatus", "The job"),
                 "401": _UNAUTHORIZED,
-                "404": _error("No such job"),
+                "404": _error("No such job, or one another API key created"),
                 "503": _error("The store is unavailable"),
             },
         },
@@ -324,7 +374,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {
                 "200": _json("JobStatus", "The job after cancellation"),
                 "401": _UNAUTHORIZED,
-                "404": _error("No such job"),
+                "404": _error("No such job, or one another API key created"),
                 "503": _error("The store is unavailable"),
             },
         },
@@ -353,8 +403,53 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "200": _json("FailuresPage", "One page of failures"),
                 "400": _error("Invalid paging"),
                 "401": _UNAUTHORIZED,
-                "404": _error("No such job"),
+                "404": _error("No such job, or one another API key created"),
                 "503": _error("The store is unavailable"),
+            },
+        },
+        ("post", "/saga/send"): {
+            "operationId": "sagaSend",
+            "summary": "A Flow Manager command, mapped to a send by `[flow_manager].metadata_schema`",
+            "description": "Answers 200 with an empty body once the send is accepted (it runs as a job); "
+            "the outcome goes to the Flow Manager as the success or fail event. Idempotent per saga id "
+            "(`key`) and `messageLabel`. 404 when no metadataSchema is configured.",
+            "tags": ["send"],
+            "parameters": [request_id],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["key", "value"],
+                            "properties": {
+                                "key": {"type": "string", "minLength": 1, "description": "The saga id"},
+                                "value": {
+                                    "type": "object",
+                                    "required": ["messageLabel"],
+                                    "properties": {
+                                        "messageLabel": {"type": "string", "minLength": 1},
+                                        "messagePayload": {"type": "object"},
+                                    },
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Accepted: sending started",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                },
+                "400": _error("Not a command, or the mapped send is invalid (the fail event follows)"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No metadataSchema is configured"),
+                "413": _error("Body larger than `[server].max_body_bytes`"),
+                "422": _error("The same saga id and label came with another command"),
+                "500": _error("A bug; logged with a traceback"),
+                "502": _error("The Files Service is down"),
+                "503": _error("Shutting down, or the store is unavailable"),
             },
         },
         ("get", "/send/{id}/deliveries"): {
@@ -457,7 +552,7 @@ def build_openapi(
         if routes is not None and (method, path) not in routes:
             continue
         operation = copy.deepcopy(operation)
-        protected = path == "/send" or path.startswith("/send/") or (protect_metrics and path == "/-/metrics")
+        protected = is_protected(path, protect_metrics)
         if auth_enabled and protected:
             operation["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
         else:
@@ -608,6 +703,7 @@ __all__ = [
     "Failure",
     "FailuresPage",
     "JobAccepted",
+    "JobPage",
     "JobStatus",
     "SendResult",
     "Summary",

@@ -18,6 +18,7 @@ from quart import Response, g, request
 
 from . import metrics
 from .auth import ApiKeys, is_protected, load_api_keys, presented_key
+from .listing import EVERYONE, Viewer
 from .logs import request_id_from, request_id_var
 from .openapi import docs_page, openapi_for, route_template
 
@@ -48,9 +49,13 @@ def install_ops(app: QuartTrio, dispatcher: Dispatcher, api_keys: ApiKeys | None
         g.request_id = request_id_from(request.headers.get("X-Request-ID"))
         g.ops_token = request_id_var.set(g.request_id)
         g.api_key_id = None
+        g.viewer = EVERYONE  # who may see which jobs (listing.py): everyone without keys
         if keys.enabled and is_protected(request.path, protect_metrics):
             presented = presented_key(request.headers)
-            g.api_key_id = keys.authenticate(presented)
+            key = keys.authenticate_key(presented)
+            g.api_key_id = key.id if key is not None else None
+            if key is not None:
+                g.viewer = EVERYONE if key.admin else Viewer(key.id)
             if g.api_key_id is None:
                 if presented is None:
                     response = error_response(

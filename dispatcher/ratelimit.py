@@ -65,15 +65,44 @@ class TokenBucket:
 class ChannelGate:
     """Concurrency slot, then rate token: a token is spent only when a call can start, so tokens
     are never banked by queued messages and released in a burst when slots free, and no queued
-    message slips past a 429's pause with a token taken before it. Use as `await gate.enter()` ... `gate.exit()` (in a finally): this
-    sits on the per-message path, where an async context manager costs measurably more."""
+    message slips past a 429's pause with a token taken before it. Use as `await gate.enter()` ...
+    `gate.exit()` (in a finally): this sits on the per-message path, where an async context
+    manager costs measurably more.
+
+    Before either, a delivery waits out the pauses of what it concerns (its destination, its
+    sender): a 429 about one number holds back that number's deliveries, not the channel's.
+
+    `unsettled` bounds the deliveries claimed `sending` in the ledger whose outcome is not
+    written yet: the calls in flight (at most `concurrency`) and the outcomes in the group commit
+    (the rest). After a crash those are the only ambiguous deliveries of the channel: at most
+    twice its concurrency, per process.
+    """
 
     def __init__(self, concurrency: int, rate: float, burst: int, bucket: Bucket | None = None) -> None:
         self.limiter = trio.CapacityLimiter(concurrency)
+        self.unsettled = trio.CapacityLimiter(2 * concurrency)
         # In cluster mode, a bucket shared through Redis by every process (dispatcher.cluster).
         self.bucket: Bucket = bucket if bucket is not None else TokenBucket(rate, burst)
+        # Pauses of single destinations or senders (`TransientDeliveryError.pause_key`), in this
+        # process only: deadline by key, expired ones dropped as others are added.
+        self._paused: dict[str, float] = {}
 
-    async def enter(self) -> None:
+    def pause(self, key: str, deadline: float) -> None:
+        """Hold back every delivery concerning `key` until `deadline`."""
+        now = trio.current_time()
+        if len(self._paused) >= 64:
+            self._paused = {k: d for k, d in self._paused.items() if d > now}
+        self._paused[key] = max(self._paused.get(key, deadline), deadline)
+
+    def paused_until(self, keys: tuple[str, ...]) -> float:
+        """The end of the longest pause among `keys` (-inf when none is paused)."""
+        if not self._paused:
+            return float("-inf")
+        return max((self._paused.get(key, float("-inf")) for key in keys), default=float("-inf"))
+
+    async def enter(self, keys: tuple[str, ...] = ()) -> None:
+        while (until := self.paused_until(keys)) > trio.current_time():
+            await trio.sleep_until(until)
         try:
             self.limiter.acquire_nowait()  # the common case: a free slot, no scheduling round trip
         except trio.WouldBlock:

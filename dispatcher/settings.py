@@ -329,9 +329,13 @@ class FlowManagerSettings(_Section):
     template_ids: dict[str, str] = Field(default_factory=dict)
     # Dot path of the template `data` in the command; empty: the whole command.
     data_path: str = ""
-    # Events are retried with capped exponential backoff for this long, then dropped (logged).
+    # Events are retried with capped exponential backoff, then given up (logged).
     event_max_attempts: int = Field(8, ge=1)
     event_timeout_seconds: float = Field(10.0, gt=0)
+    event_backoff_seconds: float = Field(1.0, gt=0)
+    event_backoff_max_seconds: float = Field(300.0, gt=0)
+    # Events waiting for their job or for a retry (one document per saga id and label).
+    events_collection: str = "dispatch_saga_events"
 
     @field_validator("metadata_schema")
     @classmethod

@@ -134,7 +134,7 @@ async def test_template_over_size_limit_is_400(make_settings: Any) -> None:
     "method, path, status",
     [
         ("GET", "/nowhere", 404),
-        ("GET", "/send", 405),
+        ("PUT", "/send", 405),
         ("DELETE", "/send", 405),
         ("POST", "/-/healthz", 405),
     ],

@@ -134,6 +134,7 @@ async def test_response_models_mirror_the_result_dataclasses(client: Any) -> Non
     result = models.SendResult(
         failures=[models.Failure("u1", "sms", "Twilio 21211: invalid 'To' phone number")],
         summary=models.Summary(users=2, sent={"email": 2}, skipped={"sms": 1}, failed={"sms": 1}),
+        job_id="0123456789abcdef",
     )
     validator(document, "SendResult").validate(result.to_json())
     assert set(result.to_json()) == set(schemas["SendResult"]["properties"])

@@ -263,7 +263,10 @@ async def test_http_send_answers_failures_and_summary(client: Any, database: Any
         },
     )
     assert response.status_code == 200
-    assert await response.get_json() == {
+    body = await response.get_json()
+    # The predecessor's shape, plus the job's id (also in Location).
+    assert body == {
         "failures": [{"userId": "missing", "channel": "email", "error": "user not found"}],
         "summary": {"users": 2, "sent": {"email": 1}, "skipped": {"email": 1}, "failed": {"email": 1}},
+        "id": response.headers["Location"].removeprefix("/send/"),
     }

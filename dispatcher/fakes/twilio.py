@@ -4,7 +4,8 @@ It checks HTTP Basic auth, the account in the path, the form fields and that `To
 answers from its `Faults`: 201 with a `sid`, 400 code 21610 (permanent), 503 code 20503
 (transient), 429 code 20429 with `Retry-After` (throttle), or no answer at all (stall). A
 `late` outcome creates the message (it counts as received and is listed) but never answers: the
-request reached Twilio, the client times out.
+request reached Twilio, the client times out. A number in `throttled_numbers` is answered 429
+code 14107 (that destination's limit) with its `Retry-After`, whatever the faults say.
 
 Like Twilio, it lists what it created (`GET .../Messages.json?To=&From=&DateSent>=`,
 `GET .../Calls.json?To=&From=&StartTime>=`) and, for a create with `StatusCallback`, posts
@@ -98,6 +99,8 @@ class FakeTwilio:
     faults: Faults = field(default_factory=Faults)
     received: list[TwilioRequest] = field(default_factory=list)
     attempts: list[TwilioRequest] = field(default_factory=list)
+    # 'To' number -> Retry-After seconds: answered 429 code 14107 (per-destination rate limit).
+    throttled_numbers: dict[str, float] = field(default_factory=dict)
     receipts: ReceiptPlan = field(default_factory=ReceiptPlan)
     # Every message and call created, as the list routes answer them (with `created`, epoch seconds).
     created: list[dict[str, Any]] = field(default_factory=list)
@@ -154,6 +157,11 @@ class FakeTwilio:
             await _error(send, 400, *problem)
             return
 
+        if form["To"] in self.throttled_numbers:
+            record("throttle")
+            retry_after = f"{self.throttled_numbers[form['To']]:g}".encode()
+            await _error(send, 429, 14107, "SMS send rate limit exceeded", [(b"retry-after", retry_after)])
+            return
         outcome: str = self.faults.next_outcome()
         prefix = "SM" if match["resource"] == "Messages" else "CA"
         request = record(outcome, prefix + secrets.token_hex(16) if outcome in ("ok", "late") else None)

@@ -29,6 +29,11 @@ from .retry_after import parse_retry_after
 log = logging.getLogger(__name__)
 
 _THROTTLED_CODE = 20429
+# Limits that concern one number, not the account (twilio.com/docs/api/errors): 14107, more than
+# 30 messages between one pair of numbers in 30 s (the destination is paused); 21611, the 'From'
+# number's queue is full (that sender is paused). Every other 429 (20429) is the account's.
+_DESTINATION_LIMIT = 14107
+_SENDER_QUEUE_FULL = 21611
 # The service's route for Twilio's status callbacks (under `status_callback_base_url`).
 STATUS_CALLBACK_PATH = "/providers/twilio/status"
 # The SDK prefixes every legacy error message with this; the reason reads better without it.
@@ -141,7 +146,7 @@ class TwilioProvider:
                     to=address, from_=content.sender, body=content.body, **self._callback
                 )
         except TwilioException as exc:
-            raise _classify(exc, exchange.retry_after) from exc
+            raise _classify(exc, exchange.retry_after, address, content.sender) from exc
         except httpx.TransportError as exc:
             raise TransientDeliveryError(
                 f"Twilio connection error: {type(exc).__name__}", ambiguous=may_have_arrived(exc)
@@ -174,8 +179,9 @@ class TwilioProvider:
         await self._http.aclose()
 
 
-def _classify(exc: TwilioException, retry_after: str | None) -> DeliveryError:
-    """429 (or code 20429) and 5xx are transient, every other answer is permanent."""
+def _classify(exc: TwilioException, retry_after: str | None, to: str = "", sender: str = "") -> DeliveryError:
+    """429 (or code 20429) and 5xx are transient, every other answer is permanent; a limit about
+    one number (14107: this destination, 21611: this sender) throttles that number only."""
     if isinstance(exc, TwilioRestException):
         status, code, text = exc.status, exc.code, str(exc.msg).removeprefix(_SDK_PREFIX)
     elif isinstance(exc, TwilioServiceException):
@@ -187,6 +193,14 @@ def _classify(exc: TwilioException, retry_after: str | None) -> DeliveryError:
         reason = f"Twilio HTTP {status}"
     else:
         reason = f"Twilio {code}: {text}"
+    if code == _DESTINATION_LIMIT:
+        return TransientDeliveryError(
+            reason, retry_after=parse_retry_after(retry_after), throttled=True, pause_key=f"to:{to}"
+        )
+    if code == _SENDER_QUEUE_FULL:
+        return TransientDeliveryError(
+            reason, retry_after=parse_retry_after(retry_after), throttled=True, pause_key=f"from:{sender}"
+        )
     if status == 429 or code == _THROTTLED_CODE:
         return TransientDeliveryError(reason, retry_after=parse_retry_after(retry_after), throttled=True)
     if status >= 500:
