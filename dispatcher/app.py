@@ -21,6 +21,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .checkup import install_checkup
 from .core import Dispatcher
 from .dryrun import dry_run
 from .errors import Interrupted, RequestError, StillRunning, StoreError
@@ -297,4 +298,5 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     install_ops(app, dispatcher)
     install_ui(app, dispatcher)
     install_saga(app, dispatcher)
+    install_checkup(app, dispatcher)
     return app
