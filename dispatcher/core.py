@@ -124,6 +124,11 @@ class Dispatcher:
         }
         self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        # How long a live run takes at most to settle a delivery it claimed (journal.Journal).
+        self.settle_within = {
+            channel: t.policy.timeout + (t.policy.cap if t.policy.on_ambiguous == "resend" else 0.0) + 5.0
+            for channel, t in self.transports.items()
+        }
         self.channels = tuple(providers)
         self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
         # Cluster mode with the ledger: large jobs are shared with the other processes.
@@ -302,7 +307,13 @@ class Dispatcher:
                         f"request (job {claim.job_id}); use a new key for a new request"
                     )
                 return None, claim.job_id
-        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
+        run = _Run(
+            job_id,
+            plan,
+            Journal(
+                self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous, settle_within=self.settle_within
+            ),
+        )
         self._start(run)
         return run, job_id
 
@@ -489,7 +500,9 @@ class Dispatcher:
             await self.ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
+        journal = Journal(
+            self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous, settle_within=self.settle_within
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         self._start(_Run(job_id, plan, journal, resumed=True))

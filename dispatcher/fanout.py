@@ -129,7 +129,13 @@ class SharedFanOut:
         if plan is None:
             return
         dispatcher = self._dispatcher
-        journal = Journal(self._ledger, partition.job_id, resumed=True, on_ambiguous=dispatcher.on_ambiguous)
+        journal = Journal(
+            self._ledger,
+            partition.job_id,
+            resumed=True,
+            on_ambiguous=dispatcher.on_ambiguous,
+            settle_within=dispatcher.settle_within,
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
