@@ -21,11 +21,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .checkup import install_checkup
 from .core import Dispatcher
+from .dryrun import dry_run
 from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
+from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
@@ -133,6 +136,11 @@ def _wants_async() -> bool:
     return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
 
 
+def _wants_dry_run(payload: Any) -> bool:
+    """`?dryRun=true` (or 1), or `"dryRun": true` in the body."""
+    return request.args.get("dryRun", "").lower() in ("true", "1") or payload.get("dryRun") is True
+
+
 def _viewer() -> Viewer:
     """Who the request's API key lets see which jobs (set by ops.py's key check)."""
     return g.get("viewer") or EVERYONE
@@ -152,6 +160,8 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
         payload = parse_json_body(await request.get_data(cache=False))
         send_request = SendRequest.parse(payload)
+        if _wants_dry_run(payload):
+            return await dry_run(dispatcher, send_request)
         key = request.headers.get("Idempotency-Key") or None
         if key is not None and not 0 < len(key) <= 256:
             raise RequestError("Idempotency-Key: must be 1 to 256 characters")
@@ -231,6 +241,10 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
 
     @app.get("/-/healthz")
     async def healthz() -> Any:
+        # Liveness: fails only for what restarting this process repairs (see embedded_store.py).
+        store = dispatcher.embedded_store
+        if store is not None and not store.alive:
+            return error_response(503, f"not alive: the embedded store has been down for {store.down_for():.0f}s")
         return {"status": "ok"}
 
     @app.get("/-/ready")
@@ -282,5 +296,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         return error_response(500, "internal error; see the service log")
 
     install_ops(app, dispatcher)
+    install_ui(app, dispatcher)
     install_saga(app, dispatcher)
+    install_checkup(app, dispatcher)
     return app

@@ -35,7 +35,7 @@ from actors import run_pipeline
 
 from . import logs, metrics
 from .channels import CHANNELS
-from .embedded_store import open_embedded_store
+from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
 from .errors import (
     Conflict,
@@ -55,7 +55,7 @@ from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
-from .render_budget import render_batch
+from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
 from .delivery import RetryPolicy, Transport
@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 # How often a waiter polls a job that another instance runs.
 _POLL_SECONDS = 0.5
 _PURGE_EVERY_SECONDS = 3600.0
+_RETRY_INTERRUPTED_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -122,7 +123,10 @@ class Dispatcher:
             )
             for channel, provider in providers.items()
         }
-        self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
+        self.render_pool = RenderPool(
+            self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
+        )
+        self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         # How long a live run takes at most to settle a delivery it claimed (journal.Journal).
         self.settle_within = {
@@ -135,6 +139,11 @@ class Dispatcher:
         self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
+        # Jobs of ours that a store outage interrupted: resumed as soon as the store answers again,
+        # not when their lease expires (our lease is still on them).
+        self._interrupted: set[str] = set()
+        # The embedded store this process started and supervises, if any (for `/-/healthz`).
+        self.embedded_store: SupervisedStore | None = None
         self.cancels = CancelWatch(ledger)
         self._in_flight = 0
         self._idle = trio.Event()
@@ -353,6 +362,8 @@ class Dispatcher:
                 await self._finish(run)
             except StoreError as exc:
                 log.error("job %s: store unavailable: %s", job_id, exc)
+                if job_id is not None and not run.lease_lost:
+                    self._interrupted.add(job_id)
                 run.error = Interrupted(
                     "the store became unavailable during the send" + _resume_note(job_id), run.result, job_id
                 )
@@ -478,6 +489,10 @@ class Dispatcher:
                 if not indexed:  # here, not at start-up: the service starts while the store is down
                     await self.ledger.ensure_indexes()
                     indexed = True
+                for job_id in sorted(self._interrupted):
+                    if job_id not in self._runs and not self._closing:
+                        await self._resume(job_id)
+                    self._interrupted.discard(job_id)
                 for job_id in await self.ledger.orphaned_jobs():
                     if job_id not in self._runs and not self._closing:
                         await self._resume(job_id)
@@ -486,7 +501,10 @@ class Dispatcher:
                     next_purge = trio.current_time() + _PURGE_EVERY_SECONDS
             except StoreError as exc:
                 log.warning("cannot look for jobs to resume: %s", exc)
-            await trio.sleep(lease)
+            with trio.move_on_after(lease):
+                while not self._interrupted:  # an interrupted job is retried every second
+                    await trio.sleep(_RETRY_INTERRUPTED_SECONDS)
+                await trio.sleep(_RETRY_INTERRUPTED_SECONDS)
 
     async def _resume(self, job_id: str) -> None:
         assert self.ledger is not None
@@ -545,8 +563,10 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
     flight, then close everything."""
     async with AsyncExitStack() as stack:
         url = settings.store.url.get_secret_value()
+        embedded = None
         if not url:
-            url = await stack.enter_async_context(open_embedded_store(settings.store.data_dir))
+            embedded = await stack.enter_async_context(open_supervised_store(settings.store.data_dir))
+            url = embedded.url
         store = Store.connect(url, settings.store, settings.user_fields, settings.dispatcher.store_batch_size)
         stack.callback(store.close)
         ledger = Ledger(store.client, settings.store) if settings.store.ledger else None
@@ -564,6 +584,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
+            dispatcher.embedded_store = embedded
             nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
