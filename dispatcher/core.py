@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from actors import run_pipeline
+from actors.ports import RenderJobs
 
 from . import logs, metrics
 from .channels import CHANNELS
+from .context import RunContext
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
 from .errors import (
@@ -126,13 +127,14 @@ class Dispatcher:
         self.render_pool = RenderPool(
             self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
         )
-        self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
-        # How long a live run takes at most to settle a delivery it claimed (journal.Journal).
-        self.settle_within = {
-            channel: t.policy.timeout + (t.policy.cap if t.policy.on_ambiguous == "resend" else 0.0) + 5.0
-            for channel, t in self.transports.items()
-        }
+        self.context = RunContext(
+            store,
+            self.transports,
+            settings.dispatcher.queue_size,
+            self.render_pool.render_users,
+            self.on_ambiguous,
+        )
         self.channels = tuple(providers)
         self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
         # Cluster mode with the ledger: large jobs are shared with the other processes.
@@ -149,6 +151,15 @@ class Dispatcher:
         self._idle = trio.Event()
         self._idle.set()
         self._closing = False
+
+    @property
+    def render_jobs(self) -> RenderJobs:
+        """How every run of this dispatcher renders (replaceable: a test wraps it)."""
+        return self.context.render_jobs
+
+    @render_jobs.setter
+    def render_jobs(self, render_jobs: RenderJobs) -> None:
+        self.context.render_jobs = render_jobs
 
     @property
     def in_flight(self) -> int:
@@ -320,7 +331,11 @@ class Dispatcher:
             job_id,
             plan,
             Journal(
-                self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous, settle_within=self.settle_within
+                self.ledger,
+                job_id,
+                resumed=False,
+                on_ambiguous=self.on_ambiguous,
+                settle_within=self.context.settle_within,
             ),
         )
         self._start(run)
@@ -349,15 +364,7 @@ class Dispatcher:
                         assert isinstance(run.journal, Journal)
                         await self.fanout.coordinate(job_id, run.plan, run.journal, run.result)
                     else:
-                        await run_pipeline(
-                            run.plan,
-                            self.store,
-                            self.transports,
-                            self.settings.dispatcher.queue_size,
-                            run.result,
-                            run.journal,
-                            self.render_jobs,
-                        )
+                        await self.context.run(run.plan, run.result, run.journal)
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
             except StoreError as exc:
@@ -519,7 +526,7 @@ class Dispatcher:
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
         journal = Journal(
-            self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous, settle_within=self.settle_within
+            self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous, settle_within=self.context.settle_within
         )
         if doc.get("cancel_requested"):
             journal.cancel()
@@ -594,7 +601,14 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 from .cluster.partitions import PartitionQueue
                 from .fanout import SharedFanOut
 
-                dispatcher.fanout = fanout = SharedFanOut(dispatcher, ledger, PartitionQueue.from_cluster(cluster))
+                dispatcher.fanout = fanout = SharedFanOut(
+                    dispatcher.context,
+                    dispatcher.prepare,
+                    ledger,
+                    PartitionQueue.from_cluster(cluster),
+                    settings.dispatcher.store_batch_size,
+                    dispatcher.cancels,
+                )
                 await nursery.start(
                     partial(
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds
