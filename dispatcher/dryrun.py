@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from .messages import EmailContent, Message, PushContent, TextContent, User
+from .messages import Delivery, EmailContent, Message, PushContent, TextContent, User
 from .plan import ChannelPlan, addresses_of, has_text_for
 
 if TYPE_CHECKING:
@@ -94,16 +93,16 @@ async def dry_run(dispatcher: Dispatcher, request: SendRequest, preview_users: i
         shown_now = batch[: max(0, preview_users - tally.users)]
         tally.users += len(batch)
         for lane in plan.channels:
-            outcomes = await dispatcher.render_jobs(
-                [partial(lane.message_for, user, request.data) for user in shown_now]
-            )
+            outcomes = await dispatcher.render_jobs(lane, shown_now, request.data) if shown_now else []
             for user, outcome in zip(shown_now, outcomes):
                 if isinstance(outcome, Message):
                     tally.selected[lane.channel] += 1
                     previews.append(preview_of(outcome))
-                elif outcome is None:
+                elif isinstance(outcome, Delivery) and outcome.status == "skipped":
                     tally.skip(lane.id_of(user), lane.channel)
-                else:  # RenderError, or RenderBudgetExceeded: the delivery would fail
+                elif isinstance(outcome, Delivery):
+                    tally.fail(lane.id_of(user), lane.channel, outcome.error or "failed")
+                else:  # RenderBudgetExceeded: the delivery would fail
                     tally.fail(lane.id_of(user), lane.channel, str(outcome))
             for user in batch[len(shown_now) :]:
                 _count(lane, user, tally)

@@ -182,6 +182,20 @@ class Health(_Wire):
     status: str
 
 
+class DependencyCheck(_Wire):
+    status: Literal["OK", "KO"]
+    error: str | None = Field(None, description="Why it is down")
+
+
+class CheckUp(_Wire):
+    """`GET /-/check-up`: each configured dependency (store, redis, files) and its state."""
+
+    status: Literal["OK", "KO"]
+    name: str
+    version: str
+    checks: dict[str, DependencyCheck]
+
+
 # What each field of the request means, for the fields whose model gives no description.
 _FIELD_DOCS = {
     "channels": "Channels to deliver on, each at most once",
@@ -232,6 +246,8 @@ _RESPONSE_MODELS = (
     DeliveryHistory,
     Receipt,
     Health,
+    CheckUp,
+    DependencyCheck,
 )
 
 
@@ -545,6 +561,20 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "tags": ["operations"],
             "parameters": [request_id],
             "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready (the store does not answer)")},
+        },
+        ("get", "/-/check-up"): {
+            "operationId": "checkUp",
+            "summary": "The state of each dependency: the store, Redis (cluster mode), the Files Service",
+            "tags": ["operations"],
+            "parameters": [request_id],
+            "responses": {
+                "200": _json("CheckUp", "Every dependency is up"),
+                "503": {
+                    "description": "A dependency is down: the error shape, with `status` and `checks`",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                    "content": {"application/json": {"schema": {"allOf": [_ref("Error"), _ref("CheckUp")]}}},
+                },
+            },
         },
         ("get", "/-/metrics"): {
             "operationId": "metrics",
