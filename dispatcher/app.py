@@ -288,7 +288,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             405: f"method {request.method} not allowed on {request.path}",
             413: f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, exc.description or HTTPStatus(status).phrase)
-        return error_response(status, message)
+        response = error_response(status, message)
+        allowed = getattr(exc, "valid_methods", None)
+        if status == 405 and allowed:  # RFC 9110: a 405 lists the methods the resource has
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -143,6 +143,9 @@ async def test_template_over_size_limit_is_400(make_settings: Any) -> None:
 async def test_unknown_route_or_method_is_json(client: Any, method: str, path: str, status: int) -> None:
     response = await client.open(path, method=method)
     await _assert_error(response, status)
+    if status == 405:
+        allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+        assert method not in allowed and ("POST" if path == "/send" else "GET") in allowed
 
 
 async def test_health_and_ready(client: Any) -> None:
