@@ -26,7 +26,8 @@ from .core import Dispatcher
 from .dryrun import dry_run
 from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
-from .models import MAX_DEPTH, SendRequest
+from .models import SendRequest
+from .web import error_response, parse_json_body
 from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
@@ -34,26 +35,6 @@ from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
 
 log = logging.getLogger(__name__)
-
-
-def error_response(status: int, message: str) -> Response:
-    body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
-    return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a JSON value")
-
-
-def parse_json_body(raw: bytes) -> Any:
-    """A request body as JSON; `RequestError` for malformed JSON (Quart's get_json would answer
-    it with an HTML 400), NaN/Infinity, or nesting too deep to decode."""
-    try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"malformed JSON body: {exc}") from None
-    except RecursionError:
-        raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:

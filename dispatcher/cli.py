@@ -23,6 +23,7 @@ from .errors import ConfigError, DispatcherError, StoreInUse
 from .loadtest.cli import add_parser as add_loadtest_parser
 from .logs import configure_logging, python_level
 from .settings import ENV_PREFIX, ConfigReport, Settings, find_config_file, load_settings_report
+from .workers import WORKER_FDS_ENV
 
 log = logging.getLogger("dispatcher")
 
@@ -30,8 +31,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Hypercorn's graceful shutdown runs alongside the dispatcher's drain and lasts this much longer,
 # so that the answers to sends cancelled at the end of the drain still reach their clients.
 RESPONSE_MARGIN_SECONDS = 1.0
-# Set by `serve --workers N` for its workers: the listening sockets' file descriptors.
-WORKER_FDS_ENV = "DISPATCHER_WORKER_FDS"
 
 
 class CannotListen(DispatcherError):

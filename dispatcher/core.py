@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from actors import run_pipeline
+from actors.ports import RenderJobs
 
 from . import logs, metrics
 from .channels import CHANNELS
+from .context import RunContext
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
 from .errors import (
@@ -126,8 +127,14 @@ class Dispatcher:
         self.render_pool = RenderPool(
             self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
         )
-        self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        self.context = RunContext(
+            store,
+            self.transports,
+            settings.dispatcher.queue_size,
+            self.render_pool.render_users,
+            self.on_ambiguous,
+        )
         self.channels = tuple(providers)
         self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
         # Cluster mode with the ledger: large jobs are shared with the other processes.
@@ -144,6 +151,15 @@ class Dispatcher:
         self._idle = trio.Event()
         self._idle.set()
         self._closing = False
+
+    @property
+    def render_jobs(self) -> RenderJobs:
+        """How every run of this dispatcher renders (replaceable: a test wraps it)."""
+        return self.context.render_jobs
+
+    @render_jobs.setter
+    def render_jobs(self, render_jobs: RenderJobs) -> None:
+        self.context.render_jobs = render_jobs
 
     @property
     def in_flight(self) -> int:
@@ -338,15 +354,7 @@ class Dispatcher:
                         assert isinstance(run.journal, Journal)
                         await self.fanout.coordinate(job_id, run.plan, run.journal, run.result)
                     else:
-                        await run_pipeline(
-                            run.plan,
-                            self.store,
-                            self.transports,
-                            self.settings.dispatcher.queue_size,
-                            run.result,
-                            run.journal,
-                            self.render_jobs,
-                        )
+                        await self.context.run(run.plan, run.result, run.journal)
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
             except StoreError as exc:
@@ -581,7 +589,14 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 from .cluster.partitions import PartitionQueue
                 from .fanout import SharedFanOut
 
-                dispatcher.fanout = fanout = SharedFanOut(dispatcher, ledger, PartitionQueue.from_cluster(cluster))
+                dispatcher.fanout = fanout = SharedFanOut(
+                    dispatcher.context,
+                    dispatcher.prepare,
+                    ledger,
+                    PartitionQueue.from_cluster(cluster),
+                    settings.dispatcher.store_batch_size,
+                    dispatcher.cancels,
+                )
                 await nursery.start(
                     partial(
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds

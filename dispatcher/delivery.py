@@ -55,11 +55,23 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Transport:
-    """Everything a sender actor needs to deliver on one channel."""
+    """Everything a sender actor needs to deliver on one channel (`actors.ports.Transport`)."""
 
     provider: Provider
     gate: ChannelGate
     policy: RetryPolicy
+
+    @property
+    def provider_name(self) -> str:
+        return self.provider.name
+
+    @property
+    def concurrency(self) -> int:
+        """How many of this channel's deliveries may be in flight in this process."""
+        return int(self.gate.limiter.total_tokens)
+
+    async def deliver(self, message: Message, journal: Unrecorded) -> Delivery | None:
+        return await deliver(message, self, journal)
 
 
 @dataclass(slots=True)

@@ -1,22 +1,21 @@
 """One run of one job as the actors see the ledger: what an earlier run already settled, marking
 deliveries `sending` just before their provider calls, recording outcomes, and the cancel flag.
 
-`Journal` writes to the ledger; `Unrecorded` is the same interface for `[store].ledger = false`
-(nothing written, nothing resumable).
+`Journal` writes to the ledger; `Unrecorded` (the actors' own, `actors.journal`) is the same
+interface for `[store].ledger = false` (nothing written, nothing resumable).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from types import TracebackType
+from actors.journal import Unrecorded, Waiting
 
-import trio
-
-from .errors import StoreError
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
 from .states import ACCEPTED_STATES
+
+__all__ = ["ABANDONED_DURING_ATTEMPT", "RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
 
 STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
 # A delivery claimed by another run that is no longer alive, whose process may not have stopped
@@ -26,86 +25,6 @@ ABANDONED_DURING_ATTEMPT = (
 )
 # Left by a run between a failed attempt (nothing was sent) and its next: not ambiguous.
 RETRYING = "retrying"
-
-
-class Waiting:
-    """A wait before a provider call (a slot, a token, a pause, a backoff), cut short when the run
-    is cancelled or stopped: `with journal.waiting() as wait: ...; wait.cancelled_caught`.
-    A class, not a generator context manager: this is entered once per delivery."""
-
-    __slots__ = ("_journal", "_scope")
-
-    def __init__(self, journal: Unrecorded) -> None:
-        self._journal = journal
-        self._scope = trio.CancelScope()
-
-    @property
-    def cancelled_caught(self) -> bool:
-        return self._scope.cancelled_caught
-
-    def __enter__(self) -> Waiting:
-        self._scope.__enter__()
-        if self._journal.halted:
-            self._scope.cancel()
-        self._journal._waits.add(self._scope)
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        self._journal._waits.discard(self._scope)
-        return self._scope.__exit__(kind, exc, tb)
-
-
-class Unrecorded:
-    """Also the state every actor of one run shares: cancelled by the client, or stopped by a
-    store failure (the actors stop starting deliveries; those in flight finish)."""
-
-    job_id: str | None = None
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.fault: StoreError | None = None
-        self._waits: set[trio.CancelScope] = set()
-
-    @property
-    def halted(self) -> bool:
-        return self.cancelled or self.fault is not None
-
-    def cancel(self) -> None:
-        """Stop every delivery of the run that has not reached its provider call, at once: those
-        waiting for a slot, a token, a pause or a backoff end `cancelled` (calls in flight finish)."""
-        self.cancelled = True
-        self._end_waits()
-
-    def stop(self, fault: StoreError) -> None:
-        if self.fault is None:
-            self.fault = fault
-        self._end_waits()
-
-    def _end_waits(self) -> None:
-        for scope in self._waits:
-            scope.cancel()
-
-    def waiting(self) -> Waiting:
-        return Waiting(self)
-
-    async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
-        return {}
-
-    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Record that these (channel, user id) deliveries are about to be attempted; return
-        those another run has claimed (not to be attempted here)."""
-        return set()
-
-    async def retrying(self, delivery: Delivery) -> None:
-        """Record that this claimed delivery's last attempt failed without reaching anyone (a
-        429, a 5xx, a refused connection) and that it waits for its next: a crash meanwhile leaves
-        it resendable, not ambiguous. Its next attempt claims it again (`sending`)."""
-        return None
-
-    async def record(self, deliveries: Sequence[Delivery]) -> None:
-        return None
 
 
 class Journal(Unrecorded):

@@ -9,11 +9,12 @@ import math
 import re
 import reprlib
 import unicodedata
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from actors.messages import Failure, SendResult, Summary
 
 from .channels import CHANNELS, valid_email as _valid_email
 from .errors import RequestError
@@ -251,53 +252,4 @@ def _first_error(exc: ValidationError) -> str:
     return f"{name}: {phrase}"
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
-    user_id: str
-    channel: str
-    error: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"userId": self.user_id, "channel": self.channel, "error": self.error}
-
-
-@dataclass(slots=True)
-class Summary:
-    users: int = 0
-    sent: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    # Deliveries a `DELETE /send/{id}` stopped; shown only when there are some, so that a
-    # synchronous send answers exactly the predecessor's shape.
-    cancelled: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        body = {"users": self.users, "sent": self.sent, "skipped": self.skipped, "failed": self.failed}
-        if self.cancelled:
-            body["cancelled"] = self.cancelled
-        return body
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Summary:
-        return cls(
-            body.get("users", 0),
-            dict(body.get("sent", {})),
-            dict(body.get("skipped", {})),
-            dict(body.get("failed", {})),
-            dict(body.get("cancelled", {})),
-        )
-
-
-@dataclass(slots=True)
-class SendResult:
-    failures: list[Failure] = field(default_factory=list)
-    summary: Summary = field(default_factory=Summary)
-    # The job's id (`GET /send/{id}`); None without the ledger, where there is no job to name.
-    job_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"failures": [f.to_json() for f in self.failures], "summary": self.summary.to_json()}
-        if self.job_id is not None:
-            # An extension of the predecessor's shape, after its fields: old clients ignore it.
-            body["id"] = self.job_id
-        return body
+__all__ = ["Failure", "SendRequest", "SendResult", "Summary", "shown"]

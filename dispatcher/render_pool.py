@@ -34,6 +34,8 @@ from typing import Any
 import trio
 import trio_parallel
 
+from actors.faults import RenderOverrun
+
 from .errors import RenderError
 from .messages import Delivery, Message, User
 from .plan import ChannelPlan
@@ -52,7 +54,7 @@ WALL_EXTRA_SECONDS = 10.0
 IDLE_TIMEOUT = 600.0
 
 
-class RenderBudgetExceeded(RenderError):
+class RenderBudgetExceeded(RenderError, RenderOverrun):
     """A rendering ran longer than its CPU budget, or its worker had to be stopped; that delivery
     fails."""
 
