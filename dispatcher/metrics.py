@@ -19,6 +19,7 @@ when a worker exits.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import weakref
@@ -38,7 +39,6 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__
 from .channels import CHANNELS
 
 # A `_created` series beside every counter and histogram doubles the series for a timestamp that
@@ -111,13 +111,23 @@ JOBS = Counter("dispatcher_jobs", "Jobs that entered each state", ["state"])
 REDIS_LIMIT_ROUND_TRIPS = Counter(
     "dispatcher_redis_limit_round_trips", "Redis round trips answered for the cluster-wide rate limits"
 )
+
+
+def _version() -> str:
+    # Not `dispatcher.__version__`: the package imports this module while it initialises.
+    try:
+        return importlib.metadata.version("trio-dispatcher")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 BUILD_INFO = Gauge(
     "dispatcher_build_info",
     "Always 1; the labels say which service runs (version, Python)",
     ["version", "python"],
     multiprocess_mode="max",
 )
-BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+BUILD_INFO.labels(_version(), platform.python_version()).set(1)
 HTTP_REQUESTS = Counter(
     "dispatcher_http_requests", "HTTP requests answered, by route template and status", ["method", "route", "status"]
 )
