@@ -327,7 +327,17 @@ class Dispatcher:
                         f"request (job {claim.job_id}); use a new key for a new request"
                     )
                 return None, claim.job_id
-        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
+        run = _Run(
+            job_id,
+            plan,
+            Journal(
+                self.ledger,
+                job_id,
+                resumed=False,
+                on_ambiguous=self.on_ambiguous,
+                settle_within=self.context.settle_within,
+            ),
+        )
         self._start(run)
         return run, job_id
 
@@ -515,7 +525,9 @@ class Dispatcher:
             await self.ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
+        journal = Journal(
+            self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous, settle_within=self.context.settle_within
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         self._start(_Run(job_id, plan, journal, resumed=True))
