@@ -177,13 +177,14 @@ async def deliver(message: Message, transport: Transport, journal: Unrecorded | 
     journal = journal if journal is not None else Unrecorded()
     door = _Door(message, journal, transport.gate)
     try:
-        outcomes = []
-        for address in message.addresses:
-            outcome = await _deliver_one(message, address, transport, door)
-            if outcome is None:
-                return None
-            outcomes.append(outcome)
-        return await door.settle(_delivery(message, outcomes))
+        with metrics.track_delivery(message.channel):
+            outcomes = []
+            for address in message.addresses:
+                outcome = await _deliver_one(message, address, transport, door)
+                if outcome is None:
+                    return None
+                outcomes.append(outcome)
+            return await door.settle(_delivery(message, outcomes))
     finally:
         door.give_permit_back()
 
