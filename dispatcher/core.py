@@ -43,6 +43,7 @@ from .listing import EVERYONE, JobPage, JobQuery, Viewer, job_json
 from .models import Failure, SendRequest, SendResult
 from .plan import Planner, RequestPlan
 from .receipts import ReceiptKeeper
+from .reconcile import Reconciler
 from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -80,12 +81,7 @@ class Dispatcher:
         self.planner = Planner(settings, store, files)
         limits = settings.templates
         self.transports = {
-            channel: Transport(
-                provider,
-                _gate(settings, channel, cluster),
-                RetryPolicy.from_settings(settings.channels[channel], settings.channels.on_ambiguous(channel)),
-            )
-            for channel, provider in providers.items()
+            channel: _transport(settings, channel, provider, cluster, ledger) for channel, provider in providers.items()
         }
         self.render_pool = RenderPool(
             self.planner.renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
@@ -105,7 +101,11 @@ class Dispatcher:
         self.embedded_store: SupervisedStore | None = None
         self.cancels = CancelWatch(ledger)
         lease = settings.store.lease_seconds
-        book: Book = Recorded(ledger, lease, self.owner, self.on_ambiguous) if ledger is not None else NotRecorded()
+        book: Book = (
+            Recorded(ledger, lease, self.owner, self.on_ambiguous, self.context.settle_within)
+            if ledger is not None
+            else NotRecorded()
+        )
         self._jobs = Jobs(book, self.context, self.prepare, self.cancels, nursery, lease)
 
     @property
@@ -242,6 +242,24 @@ class Dispatcher:
         book = self._jobs.book
         assert isinstance(book, Recorded)
         await self._jobs.maintain(book)
+
+
+def _transport(
+    settings: Settings, channel: str, provider: Provider, cluster: Cluster | None, ledger: Ledger | None
+) -> Transport:
+    on_ambiguous = settings.channels.on_ambiguous(channel)
+    gate = _gate(settings, channel, cluster)
+    reconciler = None
+    if on_ambiguous == "reconcile":
+        twilio = settings.providers.twilio
+        reconciler = Reconciler(
+            provider,  # type: ignore[arg-type]  # settings allow reconcile only where it can look up
+            gate,
+            twilio.reconcile_settle_seconds,
+            twilio.reconcile_concurrency,
+            ledger.holds if ledger is not None else None,
+        )
+    return Transport(provider, gate, RetryPolicy.from_settings(settings.channels[channel], on_ambiguous), reconciler)
 
 
 def _gate(settings: Settings, channel: str, cluster: Cluster | None) -> ChannelGate:

@@ -84,17 +84,32 @@ class NotRecorded:
 class Recorded:
     """The jobs of `[store].ledger = true`, under leases held by `owner`."""
 
-    def __init__(self, ledger: Ledger, lease_seconds: float, owner: str, on_ambiguous: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        lease_seconds: float,
+        owner: str,
+        on_ambiguous: Mapping[str, str],
+        settle_within: Mapping[str, float],
+    ) -> None:
+        """`on_ambiguous` and `settle_within` by channel, for the journals (`journal.Journal`)."""
         self._ledger = ledger
         self._lease = lease_seconds
         self.owner = owner
         self._on_ambiguous = on_ambiguous
+        self._settle_within = settle_within
 
     def ledger(self) -> Ledger:
         return self._ledger
 
     def journal(self, job_id: str, *, resumed: bool) -> Journal:
-        return Journal(self._ledger, job_id, resumed=resumed, on_ambiguous=self._on_ambiguous)
+        return Journal(
+            self._ledger,
+            job_id,
+            resumed=resumed,
+            on_ambiguous=self._on_ambiguous,
+            settle_within=self._settle_within,
+        )
 
     async def open(
         self, request: SendRequest, plan: RequestPlan, idempotency_key: str | None, key_scope: str
