@@ -26,7 +26,7 @@ from .core import Dispatcher
 from .dryrun import dry_run
 from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
-from .models import SendRequest
+from .models import SendRequest, check_idempotency_key
 from .web import error_response, parse_json_body
 from .ops import install_ops
 from .ui import install_ui
@@ -143,9 +143,9 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
             return await dry_run(dispatcher, send_request)
-        key = request.headers.get("Idempotency-Key") or None
-        if key is not None and not 0 < len(key) <= 256:
-            raise RequestError("Idempotency-Key: must be 1 to 256 characters")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            key = check_idempotency_key(key, "Idempotency-Key")
         # Idempotency keys are scoped per API key: two clients cannot collide.
         scope = g.get("api_key_id") or ""
         if _wants_async():
@@ -269,7 +269,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             405: f"method {request.method} not allowed on {request.path}",
             413: f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, exc.description or HTTPStatus(status).phrase)
-        return error_response(status, message)
+        response = error_response(status, message)
+        allowed = getattr(exc, "valid_methods", None)
+        if status == 405 and allowed:  # RFC 9110: a 405 lists the methods the resource has
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

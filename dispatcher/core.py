@@ -56,6 +56,7 @@ from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
+from .reconcile import Reconciler
 from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -117,12 +118,7 @@ class Dispatcher:
             max_rendered_chars=limits.max_rendered_chars,
         )
         self.transports = {
-            channel: Transport(
-                provider,
-                _gate(settings, channel, cluster),
-                RetryPolicy.from_settings(settings.channels[channel], settings.channels.on_ambiguous(channel)),
-            )
-            for channel, provider in providers.items()
+            channel: _transport(settings, channel, provider, cluster, ledger) for channel, provider in providers.items()
         }
         self.render_pool = RenderPool(
             self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
@@ -327,7 +323,17 @@ class Dispatcher:
                         f"request (job {claim.job_id}); use a new key for a new request"
                     )
                 return None, claim.job_id
-        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
+        run = _Run(
+            job_id,
+            plan,
+            Journal(
+                self.ledger,
+                job_id,
+                resumed=False,
+                on_ambiguous=self.on_ambiguous,
+                settle_within=self.context.settle_within,
+            ),
+        )
         self._start(run)
         return run, job_id
 
@@ -515,7 +521,9 @@ class Dispatcher:
             await self.ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
+        journal = Journal(
+            self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous, settle_within=self.context.settle_within
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         self._start(_Run(job_id, plan, journal, resumed=True))
@@ -541,6 +549,24 @@ def _resume_note(job_id: str | None) -> str:
 
 def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{channel} {n}" for channel, n in counts.items()) or "none"
+
+
+def _transport(
+    settings: Settings, channel: str, provider: Provider, cluster: Cluster | None, ledger: Ledger | None
+) -> Transport:
+    on_ambiguous = settings.channels.on_ambiguous(channel)
+    gate = _gate(settings, channel, cluster)
+    reconciler = None
+    if on_ambiguous == "reconcile":
+        twilio = settings.providers.twilio
+        reconciler = Reconciler(
+            provider,  # type: ignore[arg-type]  # settings allow reconcile only where it can look up
+            gate,
+            twilio.reconcile_settle_seconds,
+            twilio.reconcile_concurrency,
+            ledger.holds if ledger is not None else None,
+        )
+    return Transport(provider, gate, RetryPolicy.from_settings(settings.channels[channel], on_ambiguous), reconciler)
 
 
 def _gate(settings: Settings, channel: str, cluster: Cluster | None) -> ChannelGate:

@@ -23,6 +23,22 @@ from .errors import RequestError
 # sense). Deeper structures are rejected up front instead of failing later in whatever recurses
 # over them (the JSON parser, a template, a provider's JSON encoder).
 MAX_DEPTH = 32
+# An idempotency key (the `Idempotency-Key` header or the `idempotencyKey` field): 1 to 256
+# characters, no control character (NUL included: it separates the key's scope in the ledger),
+# not only whitespace (which an HTTP header cannot even carry).
+IDEMPOTENCY_KEY_MAX = 256
+IDEMPOTENCY_KEY_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
+def check_idempotency_key(key: str, name: str) -> str:
+    """`key` when it is a valid idempotency key, else `RequestError` naming `name`."""
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise RequestError(f"{name}: must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise RequestError(f"{name}: must not be blank or hold control characters")
+    return key
+
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -118,7 +134,9 @@ class SendRequest(BaseModel):
     email_blind_carbon_copies: tuple[str, ...] = ()
     email_sender: str | None = None
     # Also accepted as the `Idempotency-Key` header (the header wins).
-    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX, pattern=IDEMPOTENCY_KEY_PATTERN
+    )
 
     @model_validator(mode="before")
     @classmethod
