@@ -40,6 +40,7 @@ from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError
 from .files import FilesClient
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
+from .callback_outbox import Target
 from .listing import EVERYONE, JobPage, JobQuery, Viewer, job_json
 from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
@@ -54,6 +55,7 @@ from .store import Store
 from .templating import Renderer
 
 if TYPE_CHECKING:
+    from .job_callbacks import JobCallbacks
     from .cluster import Cluster
     from .fanout import SharedFanOut
 
@@ -77,6 +79,10 @@ class _Run:
     finished: bool = False
     lease_lost: bool = False
     resumed: bool = False
+    # Where its callbacks go (None: nowhere); the job's owner key and request id.
+    callback: Target | None = None
+    key_id: str | None = None
+    request_id: str | None = None
 
 
 class Dispatcher:
@@ -120,6 +126,8 @@ class Dispatcher:
         self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
+        # Signed status callbacks (job_callbacks.py); None without the ledger.
+        self.callbacks: JobCallbacks | None = None
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -263,8 +271,12 @@ class Dispatcher:
             run = _Run(None, plan, Unrecorded())
             self._start(run)
             return run, None
+        target = await self.callbacks.target_for(request, key_scope or None) if self.callbacks is not None else None
+        if target is None and request.callback_url is not None:
+            raise RequestError("callbackUrl: callbacks need the delivery ledger ([store].ledger = true)")
         job_id = uuid.uuid4().hex
         body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        request_id = logs.request_id_var.get()
         await self.ledger.create_job(
             job_id,
             body,
@@ -272,7 +284,8 @@ class Dispatcher:
             self.settings.store.lease_seconds,
             idempotency_key,
             key_id=key_scope or None,
-            request_id=logs.request_id_var.get(),
+            request_id=request_id,
+            callback=target.to_doc() if target is not None else None,
         )
         if idempotency_key:
             claim = await self.ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
@@ -285,6 +298,7 @@ class Dispatcher:
                     )
                 return None, claim.job_id
         run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
+        run.callback, run.key_id, run.request_id = target, key_scope or None, request_id
         self._start(run)
         return run, job_id
 
@@ -294,6 +308,8 @@ class Dispatcher:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if run.job_id is not None:
             self._runs[run.job_id] = run
+            if self.callbacks is not None:
+                self.callbacks.outbox.track(run.job_id, run.callback, run.key_id, run.request_id)
         with logs.bind(job_id=run.job_id):  # on every line the job's tasks log
             self._nursery.start_soon(self._execute, run)
 
@@ -333,7 +349,7 @@ class Dispatcher:
                 run.error.__cause__ = exc
                 if ledger is not None and job_id is not None:
                     with trio.CancelScope(shield=True), suppress(StoreError):
-                        await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error="internal error")
+                        await self._end_job(run, "failed", error="internal error")
             finally:
                 if not run.finished and run.error is None:  # cancelled: the drain window ended
                     run.error = Interrupted(
@@ -368,12 +384,25 @@ class Dispatcher:
             state = "cancelled" if run.journal.cancelled else "done"
             metrics.observe_job(state)
             try:
-                await self.ledger.update_job(
-                    run.job_id, state=state, finished_at=now_iso(), summary=summary.to_json(), lease_expires=0
-                )
+                await self._end_job(run, state, summary=summary.to_json(), lease_expires=0)
             except StoreError as exc:
                 # Every outcome is recorded: whoever resumes the job settles it from the ledger.
                 log.error("job %s finished but cannot be marked %s: %s", run.job_id, state, exc)
+
+    async def _end_job(self, run: _Run, state: str, **fields: Any) -> None:
+        """Write a job's final state, with its `job.finished` callback in the same group commit."""
+        assert self.ledger is not None and run.job_id is not None
+        finished = now_iso()
+        callbacks: list[dict[str, Any]] = []
+        if self.callbacks is not None and run.callback is not None:
+            doc = await self.ledger.job(run.job_id) or {"_id": run.job_id}
+            doc = {**doc, "state": state, "finished_at": finished, **fields}
+            body = job_json(doc, fields.get("summary"))
+            body["summary"] = {**body["summary"], **await self.ledger.receipt_counts(run.job_id)}
+            callbacks = self.callbacks.finished_message(doc, run.callback, body)
+        await self.ledger.update_job(run.job_id, state=state, finished_at=finished, callbacks=callbacks, **fields)
+        if callbacks and self.callbacks is not None:
+            self.callbacks.nudge()
 
     async def _keep_lease(self, run: _Run, pipeline: trio.CancelScope) -> None:
         assert self.ledger is not None and run.job_id is not None
@@ -474,7 +503,13 @@ class Dispatcher:
         journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
         if doc.get("cancel_requested"):
             journal.cancel()
-        self._start(_Run(job_id, plan, journal, resumed=True))
+        run = _Run(job_id, plan, journal, resumed=True)
+        run.callback, run.key_id, run.request_id = (
+            Target.from_doc(doc.get("callback")),
+            doc.get("key_id"),
+            doc.get("request_id"),
+        )
+        self._start(run)
 
     async def _email_options(self, request: SendRequest, template: dict[str, Any] | None) -> EmailOptions:
         names = [*template_attachments(template), *request.email_attachments]
@@ -547,15 +582,28 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds
                     )
                 )
-            try:
-                yield dispatcher
-            finally:
-                timeout = settings.dispatcher.drain_timeout_seconds
-                with trio.CancelScope(shield=True):
-                    drained = await dispatcher.drain(timeout)
-                if not drained:
-                    log.warning("%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout)
-                nursery.cancel_scope.cancel()
+            async with AsyncExitStack() as running:
+                if ledger is not None:
+                    from .auth import load_api_keys
+                    from .job_callbacks import open_job_callbacks
+
+                    # Inside the drain: callbacks of the jobs that finish while draining go out too.
+                    dispatcher.callbacks = await running.enter_async_context(
+                        open_job_callbacks(
+                            settings, store.client, ledger, load_api_keys(settings.auth), dispatcher.owner
+                        )
+                    )
+                try:
+                    yield dispatcher
+                finally:
+                    timeout = settings.dispatcher.drain_timeout_seconds
+                    with trio.CancelScope(shield=True):
+                        drained = await dispatcher.drain(timeout)
+                    if not drained:
+                        log.warning(
+                            "%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout
+                        )
+            nursery.cancel_scope.cancel()
 
 
 __all__ = ["Dispatcher", "open_dispatcher"]
