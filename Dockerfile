@@ -30,8 +30,11 @@ ENV DISPATCHER__SERVER__HOST=0.0.0.0 \
 WORKDIR /var/lib/dispatcher
 USER dispatcher
 EXPOSE 3000
-# No curl in the image: python's urllib, on the port the configuration may have moved.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+# Liveness (README, "Security and failure behaviour"): /-/healthz fails when the embedded store
+# this service started has been down for more than 10 s; the service itself exits with status 1
+# when it cannot restart the store, so run the container with a restart policy. No curl in the
+# image: python's urllib, on the port the configuration may have moved.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/-/healthz' % os.environ.get('DISPATCHER__SERVER__PORT', '3000'), timeout=4)"]
 # SIGTERM (docker stop) drains the sends in flight for [dispatcher].drain_timeout_seconds: give
 # the container at least that long to stop (`docker stop -t 40`, compose's stop_grace_period).

@@ -1,34 +1,35 @@
 """Turns users into one channel's messages; skips, render failures and what an earlier run of the
 job already settled go straight to the collector.
 
-Rendering runs off the event loop, a chunk of users per worker-thread hop, each rendering under
-`[templates].max_render_ms`. An overrun counts once a second attempt overruns too: on a busy or
-oversubscribed machine a trivial rendering can be charged for a CPU hiccup, a hostile one
-overruns every time. A template that overruns for a few users will for all of them: after
-`POISONED_AFTER` confirmed overruns the channel's remaining users fail at once instead of each
-burning the budget.
+`render_users` renders a chunk of users: texts that cannot run away on the event loop, the others
+in a worker process under a CPU budget per user (`[templates].max_render_ms`). An overrun counts
+once a second attempt overruns too: a rendering can be charged for a CPU hiccup (a page fault storm,
+a garbage collection), a hostile one overruns every time. A template that overruns for a few users
+will for all of them: after `POISONED_AFTER` confirmed overruns the channel's remaining users fail
+at once instead of each burning the budget (and a worker process).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Any
 
 from trio import MemoryReceiveChannel, MemorySendChannel
 
-from dispatcher.errors import RenderError, StoreError
+from dispatcher.errors import StoreError
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.plan import ChannelPlan
-from dispatcher.render_budget import RenderBudgetExceeded
+from dispatcher.render_pool import RenderBudgetExceeded
 
 from .resolver import UnknownRecipient
 
 CHUNK = 32
 POISONED_AFTER = 3
 
-RenderJobs = Callable[[Sequence[Callable[[], Any]]], Awaitable[list[Any]]]
+# Renders a chunk of (known) users of one lane: per user its Message, its skipped or failed
+# Delivery, or RenderBudgetExceeded (`render_pool.RenderPool.render_users`).
+RenderJobs = Callable[[ChannelPlan, Sequence[User], dict[str, Any]], Awaitable[list[Any]]]
 
 
 async def render(
@@ -40,7 +41,7 @@ async def render(
     journal: Unrecorded,
     render_jobs: RenderJobs,
 ) -> None:
-    """`render_jobs` runs a chunk of renderings (`render_budget.render_batch` with the budget)."""
+    """`render_jobs` renders a chunk of users (`render_pool.RenderPool.render_users`)."""
     overruns: list[str] = []
     chunk_size = 1
     with users, out, results:
@@ -63,10 +64,10 @@ async def render(
                 if len(overruns) >= POISONED_AFTER:
                     outcomes: list[Any] = [_poisoned(user, plan, overruns[0]) for user in chunk]
                 else:
-                    outcomes = await render_jobs([partial(_render_one, user, plan, data) for user in chunk])
+                    outcomes = await _render(render_jobs, chunk, plan, data)
                     again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderBudgetExceeded)]
                     if again:
-                        retried = await render_jobs([partial(_render_one, chunk[i], plan, data) for i in again])
+                        retried = await _render(render_jobs, [chunk[i] for i in again], plan, data)
                         for i, outcome in zip(again, retried):
                             outcomes[i] = outcome
                 for user, outcome in zip(chunk, outcomes):
@@ -83,9 +84,21 @@ def _id_of(user: User | UnknownRecipient, plan: ChannelPlan) -> str:
     return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 
+async def _render(
+    render_jobs: RenderJobs, chunk: Sequence[User | UnknownRecipient], plan: ChannelPlan, data: dict[str, Any]
+) -> list[Any]:
+    known = [user for user in chunk if not isinstance(user, UnknownRecipient)]
+    rendered = iter(await render_jobs(plan, known, data) if known else [])
+    return [_not_found(user, plan) if isinstance(user, UnknownRecipient) else next(rendered) for user in chunk]
+
+
+def _not_found(user: UnknownRecipient, plan: ChannelPlan) -> Delivery:
+    return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False, kind="not_found")
+
+
 def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> Delivery:
     if isinstance(user, UnknownRecipient):
-        return _render_one(user, plan, {})  # type: ignore[return-value]
+        return _not_found(user, plan)
     return Delivery(
         plan.id_of(user),
         plan.channel,
@@ -93,14 +106,3 @@ def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> 
         f"{reason} (for {POISONED_AFTER} users: not rendered for the others)",
         kind="render",
     )
-
-
-def _render_one(user: User | UnknownRecipient, plan: ChannelPlan, data: dict[str, Any]) -> Message | Delivery:
-    """Runs in the render thread."""
-    if isinstance(user, UnknownRecipient):
-        return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False, kind="not_found")
-    try:
-        message = plan.message_for(user, data)
-    except RenderError as exc:
-        return Delivery(plan.id_of(user), plan.channel, "failed", str(exc), kind="render")
-    return message if message is not None else Delivery(plan.id_of(user), plan.channel, "skipped")

@@ -8,7 +8,6 @@ bounded, so a slow sender pushes back on its renderer and resolver instead of fi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import trio
 
@@ -18,7 +17,7 @@ from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, User
 from dispatcher.models import SendResult
 from dispatcher.plan import RequestPlan
-from dispatcher.render_budget import render_batch
+from dispatcher.render_pool import RenderPool
 from dispatcher.settings import TemplateSettings
 from dispatcher.store import Store
 
@@ -39,12 +38,14 @@ async def run_pipeline(
 ) -> SendResult:
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
-    `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders off
-    the event loop under a budget (default: `[templates].max_render_ms`'s default, in a worker
-    thread)."""
+    `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders a
+    chunk of users (default: a `RenderPool` with `[templates]`'s default limits)."""
     request = plan.request
     result = SendResult() if result is None else result
-    render_jobs = render_jobs or partial(render_batch, budget_seconds=TemplateSettings().max_render_ms / 1000)
+    if render_jobs is None:
+        limits = TemplateSettings()
+        config = (limits.default_locale, limits.max_template_chars, limits.max_rendered_chars)
+        render_jobs = RenderPool(config, limits.max_render_ms / 1000, limits.max_render_memory_mb << 20).render_users
     journal = journal or Unrecorded()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     async with trio.open_nursery() as nursery:

@@ -21,12 +21,15 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .checkup import install_checkup
 from .core import Dispatcher
-from .errors import Interrupted, NotFound, RequestError, StoreError
 from .callback_outbox import CALLBACK_STATES
+from .dryrun import dry_run
+from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import MAX_DEPTH, SendRequest
 from .ops import install_ops
+from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
@@ -134,6 +137,11 @@ def _wants_async() -> bool:
     return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
 
 
+def _wants_dry_run(payload: Any) -> bool:
+    """`?dryRun=true` (or 1), or `"dryRun": true` in the body."""
+    return request.args.get("dryRun", "").lower() in ("true", "1") or payload.get("dryRun") is True
+
+
 def _viewer() -> Viewer:
     """Who the request's API key lets see which jobs (set by ops.py's key check)."""
     return g.get("viewer") or EVERYONE
@@ -153,6 +161,8 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
         payload = parse_json_body(await request.get_data(cache=False))
         send_request = SendRequest.parse(payload)
+        if _wants_dry_run(payload):
+            return await dry_run(dispatcher, send_request)
         key = request.headers.get("Idempotency-Key") or None
         if key is not None and not 0 < len(key) <= 256:
             raise RequestError("Idempotency-Key: must be 1 to 256 characters")
@@ -163,7 +173,16 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             # Accepted, nothing reported yet: the contract's "queued" (GET /send/{id} follows it).
             body = {"id": job_id, "status": "queued"}
             return body, 202, {"Location": f"/send/{job_id}", "Preference-Applied": "respond-async"}
-        result = await dispatcher.send(send_request, idempotency_key=key, key_scope=scope)
+        try:
+            result = await dispatcher.send(
+                send_request,
+                idempotency_key=key,
+                key_scope=scope,
+                wait_seconds=dispatcher.settings.server.sync_timeout_seconds,
+            )
+        except StillRunning as exc:
+            # [server].sync_timeout_seconds ran out: the job goes on; say where to follow it.
+            return await dispatcher.status(exc.job_id, _viewer()), 202, _located(exc.job_id)
         return result.to_json(), 200, _located(result.job_id)
 
     @app.get("/send")
@@ -245,6 +264,10 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
 
     @app.get("/-/healthz")
     async def healthz() -> Any:
+        # Liveness: fails only for what restarting this process repairs (see embedded_store.py).
+        store = dispatcher.embedded_store
+        if store is not None and not store.alive:
+            return error_response(503, f"not alive: the embedded store has been down for {store.down_for():.0f}s")
         return {"status": "ok"}
 
     @app.get("/-/ready")
@@ -296,5 +319,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         return error_response(500, "internal error; see the service log")
 
     install_ops(app, dispatcher)
+    install_ui(app, dispatcher)
     install_saga(app, dispatcher)
+    install_checkup(app, dispatcher)
     return app

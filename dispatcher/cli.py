@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     seed = command("seed", "load users and templates from a JSON file into the store")
     seed.add_argument("file", type=Path, help='JSON file {"users": [...], "templates": [...]} (MongoDB extended JSON)')
     _add_predecessor_option(command("check-config", "validate the configuration and print it (secrets hidden)"))
+    render = command("render", "render a template for one user, as a dry run: nothing is sent or recorded")
+    render.add_argument("--template", required=True, metavar="ID", help="the template's id")
+    render.add_argument("--user", required=True, metavar="ID", help="the user's id ([user_fields].id)")
+    render.add_argument("--data", default="{}", metavar="JSON", help="the request's data object (default {})")
+    render.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        help="a channel to render (repeatable; default: every one the template has)",
+    )
+    _add_predecessor_option(render)
     migrate = command("migrate-config", "print the TOML equivalent of the Messaging Service's JSON configuration")
     migrate.add_argument("file", type=Path, help="the predecessor's configuration (what CONFIGURATION_PATH named)")
     from .remote import add_parsers as add_remote_parsers
@@ -196,6 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return supervise(settings, sockets, args.workers, sys.argv[1:] if argv is None else list(argv))
             trio.run(partial(serve, settings, sockets=sockets))
+        elif args.command == "render":
+            from .dryrun import render_template
+
+            try:
+                data = json.loads(args.data)
+            except ValueError as exc:
+                raise ConfigError(f"--data: not JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError("--data: must be a JSON object")
+            answer = trio.run(render_template, settings, args.template, args.user, data, args.channel)
+            print(json.dumps(answer, indent=2, ensure_ascii=False))
         elif args.command == "seed":
             trio.run(seed_store, settings, args.file)
         elif args.command == "check-config":

@@ -35,8 +35,18 @@ from actors import run_pipeline
 
 from . import logs, metrics
 from .channels import CHANNELS
-from .embedded_store import open_embedded_store
-from .errors import Conflict, Interrupted, InternalError, NotFound, RequestError, ShuttingDown, StoreError
+from .embedded_store import SupervisedStore, open_supervised_store
+from .cancels import CancelWatch
+from .errors import (
+    Conflict,
+    Interrupted,
+    InternalError,
+    NotFound,
+    RequestError,
+    ShuttingDown,
+    StillRunning,
+    StoreError,
+)
 from .files import FilesClient
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
@@ -46,7 +56,7 @@ from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
-from .render_budget import render_batch
+from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
 from .delivery import RetryPolicy, Transport
@@ -64,6 +74,7 @@ log = logging.getLogger(__name__)
 # How often a waiter polls a job that another instance runs.
 _POLL_SECONDS = 0.5
 _PURGE_EVERY_SECONDS = 3600.0
+_RETRY_INTERRUPTED_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -118,7 +129,10 @@ class Dispatcher:
             )
             for channel, provider in providers.items()
         }
-        self.render_jobs = partial(render_batch, budget_seconds=limits.max_render_ms / 1000)
+        self.render_pool = RenderPool(
+            self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
+        )
+        self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
         self.channels = tuple(providers)
         self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
@@ -128,6 +142,12 @@ class Dispatcher:
         self._runs: dict[str, _Run] = {}
         # Signed status callbacks (job_callbacks.py); None without the ledger.
         self.callbacks: JobCallbacks | None = None
+        # Jobs of ours that a store outage interrupted: resumed as soon as the store answers again,
+        # not when their lease expires (our lease is still on them).
+        self._interrupted: set[str] = set()
+        # The embedded store this process started and supervises, if any (for `/-/healthz`).
+        self.embedded_store: SupervisedStore | None = None
+        self.cancels = CancelWatch(ledger)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -141,7 +161,12 @@ class Dispatcher:
     # -- the public API -------------------------------------------------------------------------
 
     async def send(
-        self, request: SendRequest | Mapping[str, Any], *, idempotency_key: str | None = None, key_scope: str = ""
+        self,
+        request: SendRequest | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        key_scope: str = "",
+        wait_seconds: float | None = None,
     ) -> SendResult:
         """Validate `request`, deliver it on every requested channel and return the failures.
 
@@ -153,11 +178,15 @@ class Dispatcher:
         A key already used with the same request returns that send's result; nothing is sent again.
         `key_scope` names the API key sending: it scopes idempotency keys and owns the job
         (`Viewer`); the result's `job_id` names the job (None without the ledger).
+        With `wait_seconds`, a recorded send still running after that long raises `StillRunning`
+        (the job goes on; without the ledger there is no job to follow, so the call waits).
         """
         run, job_id = await self._accept(request, idempotency_key, key_scope)
-        if run is None:
-            return await self._result_of(job_id)
-        return await self._wait(run)
+        if wait_seconds is None or job_id is None:
+            return await (self._result_of(job_id) if run is None else self._wait(run))
+        with trio.move_on_after(wait_seconds):
+            return await (self._result_of(job_id) if run is None else self._wait(run))
+        raise StillRunning(job_id)
 
     async def submit(
         self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None = None, key_scope: str = ""
@@ -210,9 +239,7 @@ class Dispatcher:
         doc = await self._job(job_id, viewer)
         if doc["state"] not in FINAL_STATES:
             await self._require_ledger().request_cancel(job_id)
-            run = self._runs.get(job_id)
-            if run is not None:
-                run.journal.cancel()
+            self.cancels.cancel(job_id)  # this process's runs at once; the others' within a poll
         return await self.status(job_id, viewer)
 
     async def prepare(self, request: SendRequest) -> RequestPlan:
@@ -315,7 +342,7 @@ class Dispatcher:
 
     async def _execute(self, run: _Run) -> None:
         ledger, job_id = self.ledger, run.job_id
-        with metrics.track_send():
+        with metrics.track_send(), self.cancels.watching(job_id, run.journal):
             try:
                 if ledger is not None and job_id is not None and run.resumed:
                     await ledger.update_job(job_id, state="running", started_at=now_iso())
@@ -340,6 +367,8 @@ class Dispatcher:
                 await self._finish(run)
             except StoreError as exc:
                 log.error("job %s: store unavailable: %s", job_id, exc)
+                if job_id is not None and not run.lease_lost:
+                    self._interrupted.add(job_id)
                 run.error = Interrupted(
                     "the store became unavailable during the send" + _resume_note(job_id), run.result, job_id
                 )
@@ -478,6 +507,10 @@ class Dispatcher:
                 if not indexed:  # here, not at start-up: the service starts while the store is down
                     await self.ledger.ensure_indexes()
                     indexed = True
+                for job_id in sorted(self._interrupted):
+                    if job_id not in self._runs and not self._closing:
+                        await self._resume(job_id)
+                    self._interrupted.discard(job_id)
                 for job_id in await self.ledger.orphaned_jobs():
                     if job_id not in self._runs and not self._closing:
                         await self._resume(job_id)
@@ -486,7 +519,10 @@ class Dispatcher:
                     next_purge = trio.current_time() + _PURGE_EVERY_SECONDS
             except StoreError as exc:
                 log.warning("cannot look for jobs to resume: %s", exc)
-            await trio.sleep(lease)
+            with trio.move_on_after(lease):
+                while not self._interrupted:  # an interrupted job is retried every second
+                    await trio.sleep(_RETRY_INTERRUPTED_SECONDS)
+                await trio.sleep(_RETRY_INTERRUPTED_SECONDS)
 
     async def _resume(self, job_id: str) -> None:
         assert self.ledger is not None
@@ -549,8 +585,10 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
     flight, then close everything."""
     async with AsyncExitStack() as stack:
         url = settings.store.url.get_secret_value()
+        embedded = None
         if not url:
-            url = await stack.enter_async_context(open_embedded_store(settings.store.data_dir))
+            embedded = await stack.enter_async_context(open_supervised_store(settings.store.data_dir))
+            url = embedded.url
         store = Store.connect(url, settings.store, settings.user_fields, settings.dispatcher.store_batch_size)
         stack.callback(store.close)
         ledger = Ledger(store.client, settings.store) if settings.store.ledger else None
@@ -568,9 +606,11 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             files = FilesClient(settings.files, http)
         async with trio.open_nursery() as nursery:
             dispatcher = Dispatcher(settings, store, providers, files, nursery, ledger, cluster)
+            dispatcher.embedded_store = embedded
             nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
+                nursery.start_soon(dispatcher.cancels.run)
                 nursery.start_soon(dispatcher.receipts.run)  # type: ignore[union-attr]
             if ledger is not None and cluster is not None:
                 from .cluster.partitions import PartitionQueue

@@ -68,6 +68,15 @@ class Interrupted(DispatcherError):
         self.job_id = job_id
 
 
+class StillRunning(DispatcherError):
+    """A synchronous send still running when `[server].sync_timeout_seconds` ran out: the job goes
+    on; the client follows it by its id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} is still running")
+        self.job_id = job_id
+
+
 class InternalError(DispatcherError):
     """A bug stopped a send; it is logged with its traceback."""
 

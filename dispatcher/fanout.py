@@ -133,14 +133,15 @@ class SharedFanOut:
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
-        await run_pipeline(
-            RequestPlan(request, plan.channels),
-            dispatcher.store,
-            dispatcher.transports,
-            dispatcher.settings.dispatcher.queue_size,
-            journal=journal,
-            render_jobs=dispatcher.render_jobs,
-        )
+        with dispatcher.cancels.watching(partition.job_id, journal):
+            await run_pipeline(
+                RequestPlan(request, plan.channels),
+                dispatcher.store,
+                dispatcher.transports,
+                dispatcher.settings.dispatcher.queue_size,
+                journal=journal,
+                render_jobs=dispatcher.render_jobs,
+            )
         if journal.fault is not None:
             raise journal.fault  # left pending: the partition is taken again after the idle time
 

@@ -232,6 +232,12 @@ class Ledger:
             return_document=ReturnDocument.AFTER,
         )
 
+    async def cancel_requested(self, job_ids: Sequence[str]) -> list[str]:
+        """Which of these jobs a client asked to cancel (one query for all of them)."""
+        query = {"_id": {"$in": list(job_ids)}, "cancel_requested": True}
+        docs = await self._run("cancel lookup", lambda: list(self._jobs.find(query, {"_id": 1})))
+        return [doc["_id"] for doc in docs]
+
     # -- idempotency keys -----------------------------------------------------------------------
 
     async def claim_key(self, key: str, body_hash: str, job_id: str) -> IdempotencyClaim:

@@ -184,7 +184,9 @@ def job_json(doc: Mapping[str, Any], summary: dict[str, Any] | None = None) -> d
         "summary": summary if summary is not None else (doc.get("summary") or Summary().to_json()),
         "error": doc.get("error"),
         "requestId": doc.get("request_id"),
-        "channels": list(request.get("channels") or ()),
+        # nx-27017 (0.8) answers the listing's projection on `request.channels` with a flat
+        # "request.channels" key where MongoDB nests it.
+        "channels": list(request.get("channels") or doc.get("request.channels") or ()),
     }
 
 

@@ -77,6 +77,31 @@ class SendResult(_Wire):
     )
 
 
+class DryRunSummary(_Wire):
+    users: NonNegativeInt = Field(description="Users selected")
+    selected: _COUNTS = Field(default_factory=dict, description="Deliveries that would be attempted")
+    skipped: _COUNTS = Field(default_factory=dict, description="Users without an address for the channel")
+    failed: _COUNTS = Field(default_factory=dict, description="Deliveries that would fail before any provider call")
+
+
+class SkippedDelivery(_Wire):
+    userId: str
+    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    reason: str
+
+
+class DryRunResult(_Wire):
+    """`POST /send?dryRun=true`: what the send would do; nothing was sent or recorded."""
+
+    dryRun: Literal[True]
+    previews: list[dict[str, Any]] = Field(
+        description="The rendered messages of the first `[dispatcher].preview_users` users, one per (user, channel)"
+    )
+    skipped: list[SkippedDelivery] = Field(description="The first 100 deliveries that would be skipped")
+    failures: list[Failure] = Field(description="The first 100 deliveries that would fail")
+    summary: DryRunSummary
+
+
 class Error(_Wire):
     """Every 4xx/5xx answer."""
 
@@ -180,6 +205,20 @@ class Health(_Wire):
     status: str
 
 
+class DependencyCheck(_Wire):
+    status: Literal["OK", "KO"]
+    error: str | None = Field(None, description="Why it is down")
+
+
+class CheckUp(_Wire):
+    """`GET /-/check-up`: each configured dependency (store, redis, files) and its state."""
+
+    status: Literal["OK", "KO"]
+    name: str
+    version: str
+    checks: dict[str, DependencyCheck]
+
+
 # What each field of the request means, for the fields whose model gives no description.
 _FIELD_DOCS = {
     "channels": "Channels to deliver on, each at most once",
@@ -218,6 +257,9 @@ QUICK_START_RESULT = {
 
 _RESPONSE_MODELS = (
     SendResult,
+    DryRunResult,
+    DryRunSummary,
+    SkippedDelivery,
     Failure,
     Summary,
     JobSummary,
@@ -232,6 +274,8 @@ _RESPONSE_MODELS = (
     Health,
     Callback,
     CallbackPage,
+    CheckUp,
+    DependencyCheck,
 )
 
 
@@ -319,6 +363,13 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "description": "Answer 202 at once and run the send as a job",
                 },
                 {
+                    "name": "dryRun",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "boolean"},
+                    "description": 'Validate, select and render (the first users), send and record nothing (also `"dryRun": true` in the body)',
+                },
+                {
                     "name": "Prefer",
                     "in": "header",
                     "required": False,
@@ -341,14 +392,22 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {
                 "200": _json(
                     "SendResult",
-                    "Every delivery was attempted; the failures and counts",
-                    content={"application/json": {"schema": _ref("SendResult"), "example": QUICK_START_RESULT}},
+                    "Every delivery was attempted; the failures and counts (a dry run: what would be sent)",
+                    content={
+                        "application/json": {
+                            "schema": {"anyOf": [_ref("SendResult"), _ref("DryRunResult")]},
+                            "example": QUICK_START_RESULT,
+                        }
+                    },
                     headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
                 ),
                 "202": _json(
                     "JobAccepted",
-                    "Accepted as a job (asynchronous mode)",
+                    "Accepted as a job: asynchronous mode (`{id, status}`), or a synchronous request "
+                    "still running after `[server].sync_timeout_seconds` (the job as `GET /send/{id}` "
+                    "shows it; the job goes on). `Location` names the job",
                     headers={"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **_LOCATION},
+                    content={"application/json": {"schema": {"anyOf": [_ref("JobAccepted"), _ref("JobStatus")]}}},
                 ),
                 "400": _error("Invalid request; nothing was sent"),
                 "401": _UNAUTHORIZED,
@@ -567,6 +626,20 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "parameters": [request_id],
             "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready (the store does not answer)")},
         },
+        ("get", "/-/check-up"): {
+            "operationId": "checkUp",
+            "summary": "The state of each dependency: the store, Redis (cluster mode), the Files Service",
+            "tags": ["operations"],
+            "parameters": [request_id],
+            "responses": {
+                "200": _json("CheckUp", "Every dependency is up"),
+                "503": {
+                    "description": "A dependency is down: the error shape, with `status` and `checks`",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+                    "content": {"application/json": {"schema": {"allOf": [_ref("Error"), _ref("CheckUp")]}}},
+                },
+            },
+        },
         ("get", "/-/metrics"): {
             "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format)",
@@ -682,7 +755,8 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
     """The (method, path) pairs an app serves, without the static route and automatic methods."""
     routes = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        # The operations page (dispatcher/ui) is for browsers, not part of the API.
+        if rule.endpoint == "static" or rule.endpoint.startswith("ui."):
             continue
         for method in rule.methods or ():
             if method in ("HEAD", "OPTIONS"):

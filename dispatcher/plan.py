@@ -12,16 +12,22 @@ from typing import Any
 
 from .channels import CHANNELS, BuildContext, BuildFn, RenderFn
 from .errors import RenderError, RequestError
-from .handlebars import HandlebarsSyntaxError, to_jinja
+from .handlebars import HandlebarsSyntaxError, translate
 from .messages import EmailOptions, Message, User
 from .models import SendRequest, shown
 from .settings import Settings
-from .templating import Renderer
+from .templating import PRERENDERED, Renderer, Text
+
+
+def has_text_for(template: dict[str, Any], channel: str) -> bool:
+    """Whether a template has what `channel` needs (`CHANNELS[channel].template_fields`)."""
+    groups = CHANNELS[channel].template_fields
+    return all(any(isinstance(template.get(f), str) and template[f] != "" for f in group) for group in groups)
 
 
 def _check_template(template: dict[str, Any], channel: str) -> None:
     groups = CHANNELS[channel].template_fields
-    if not all(any(isinstance(template.get(f), str) and template[f] != "" for f in group) for group in groups):
+    if not has_text_for(template, channel):
         needed = " and ".join(" or ".join(group) for group in groups)
         raise RequestError(f"templateId: the template has no {channel} text (needs {needed})")
 
@@ -48,18 +54,35 @@ class ChannelPlan:
     build: BuildFn
     id_of: Callable[[User], str]
     valid_address: Callable[[str], bool] = lambda address: True
+    # The compiled texts `build` renders; those not `inline` are rendered in worker processes.
+    texts: tuple[Text, ...] = ()
 
-    def message_for(self, user: User, data: dict[str, Any]) -> Message | None:
+    def needs_rendering(self, user: User) -> bool:
+        """Whether `message_for` would render texts for `user` (it has an address)."""
+        return bool(addresses_of(user.get(self.address_field)))
+
+    def message_for(
+        self, user: User, data: dict[str, Any], rendered: dict[Text, str | RenderError] | None = None
+    ) -> Message | None:
         """None when the user has no address; `RenderError` for an address no provider would
-        accept (checked here, the same for every provider, the outbox included)."""
+        accept (checked here, the same for every provider, the outbox included). `rendered`:
+        the texts a worker process rendered for this user (the others render here)."""
         addresses = addresses_of(user.get(self.address_field))
         if not addresses:
             return None
         invalid = [a for a in addresses if not self.valid_address(a)]
         if invalid:
             raise RenderError(f"invalid address: {shown(invalid[0], 40)} is not a valid {self.channel} address")
-        content = self.build({"user": user, "data": data})
+        context: dict[str, Any] = {"user": user, "data": data}
+        if rendered:
+            context[PRERENDERED] = rendered
+        content = self.build(context)
         return Message(self.channel, self.id_of(user), addresses, content)
+
+    @property
+    def isolated(self) -> tuple[Text, ...]:
+        """The texts to render in a worker process (they can run away)."""
+        return tuple(text for text in self.texts if not text.inline)
 
 
 def address_field(channel: str, settings: Settings) -> str:
@@ -101,17 +124,21 @@ def build_plan(
             _check_template(template, channel)
     texts = _TextSource(request, template, renderer, settings)
     context = BuildContext(settings, email_options)
-    plans = tuple(
-        ChannelPlan(
-            channel,
-            address_field(channel, settings),
-            CHANNELS[channel].build(texts, context),
-            id_of,
-            CHANNELS[channel].valid_address,
+    plans = []
+    for channel in request.channels:
+        texts.compiled = []
+        build = CHANNELS[channel].build(texts, context)
+        plans.append(
+            ChannelPlan(
+                channel,
+                address_field(channel, settings),
+                build,
+                id_of,
+                CHANNELS[channel].valid_address,
+                tuple(texts.compiled),
+            )
         )
-        for channel in request.channels
-    )
-    return RequestPlan(request, plans)
+    return RequestPlan(request, tuple(plans))
 
 
 ENGINES = ("handlebars", "jinja")
@@ -121,7 +148,8 @@ class _TextSource:
     """Compiles a text from the template field, or from the request's own title/content, in the
     syntax it is written in: a stored template's `engine` (else `[templates].default_engine`),
     or `[templates].request_engine` for the request's texts. Handlebars is translated into Jinja,
-    so both run in the same sandbox under the same limits."""
+    so both run in the same sandbox under the same limits. `compiled` collects what it compiled
+    (the texts of one channel's builder)."""
 
     def __init__(
         self, request: SendRequest, template: dict[str, Any] | None, renderer: Renderer, settings: Settings
@@ -130,6 +158,7 @@ class _TextSource:
         self._template = template
         self._renderer = renderer
         self._engine = settings.templates.request_engine
+        self.compiled: list[Text] = []
         if template is not None:
             self._engine = template.get("engine") or settings.templates.default_engine
             if self._engine not in ENGINES:
@@ -149,12 +178,19 @@ class _TextSource:
         return self._compile(request_value, False, field)
 
     def _compile(self, source: str, html: bool, field: str) -> RenderFn:
+        text = self._compile_text(source, html, field)
+        self.compiled.append(text)
+        return text
+
+    def _compile_text(self, source: str, html: bool, field: str) -> Text:
         if self._engine == "jinja":
             return self._renderer.compile(source, html=html, field=field)
         # The limit applies to what the author wrote; the translation is longer.
         self._renderer.check_length(source, field)
         try:
-            translated = to_jinja(source)
+            translated = translate(source)
         except HandlebarsSyntaxError as exc:
             raise RequestError(f"{field}: template does not compile: {exc}") from None
-        return self._renderer.compile(translated, html=html, field=field, length_checked=True)
+        return self._renderer.compile(
+            translated.jinja, html=html, field=field, length_checked=True, inline=not translated.loops
+        )

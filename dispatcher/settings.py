@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 from collections.abc import Callable
 import dataclasses
@@ -43,6 +44,9 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    # A synchronous POST /send waits at most this long for its result, then answers 202 with the
+    # job's id and state (the job goes on; GET /send/{id} follows it).
+    sync_timeout_seconds: float = Field(30.0, gt=0)
 
 
 class DispatcherSettings(_Section):
@@ -249,11 +253,13 @@ class TemplateSettings(_Section):
     max_rendered_chars: int = Field(256 * 1024, gt=0)
     # CPU/time budget of one rendering (every text of one message for one user).
     max_render_ms: float = Field(50.0, gt=0)
+    # Memory a render worker process may map beyond what it has when it starts (RLIMIT_AS).
+    max_render_memory_mb: int = Field(256, gt=0)
     # Syntax of stored templates that do not say (`engine` field of the document). The
     # predecessor's templates are Handlebars; request texts (messageTitle/messageContent) follow
     # `request_engine`.
     default_engine: Literal["handlebars", "jinja"] = "handlebars"
-    request_engine: Literal["handlebars", "jinja"] = "jinja"
+    request_engine: Literal["handlebars", "jinja"] = "handlebars"
 
     @field_validator("default_locale")
     @classmethod
@@ -406,6 +412,24 @@ class CallbackSettings(_Section):
         return value
 
 
+class UiSettings(_Section):
+    # The operations page (dispatcher/ui): read-only views plus cancel/retry through the API.
+    enabled: bool = True
+    # Where it is served; every link inside it is relative, so a path-prefix proxy in front works.
+    prefix: str = "/-/ui"
+    # How often an open page asks for the progress of the running jobs it shows.
+    poll_seconds: float = Field(2.0, ge=0.5, le=300)
+    # Jobs per page of the list (at most the listing's 200).
+    page_size: int = Field(50, ge=1, le=200)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_a_path(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or value == "/send" or value.startswith("/send/"):
+            raise ValueError("a path like /-/ui: segments of A-Z a-z 0-9 . _ ~ -, no trailing slash, not under /send")
+        return value
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
@@ -420,6 +444,7 @@ class Settings(_Section):
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     auth: AuthSettings = AuthSettings()
+    ui: UiSettings = UiSettings()
     flow_manager: FlowManagerSettings = FlowManagerSettings()
     callbacks: CallbackSettings = CallbackSettings()
 

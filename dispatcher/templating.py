@@ -4,7 +4,8 @@ Templates come from requests and from the store, so they are untrusted. They are
 an `ImmutableSandboxedEnvironment` (no attribute escapes, and `data`, shared by every user of a
 request, cannot be modified), and because the sandbox bounds neither memory nor time, every
 operation that allocates in proportion to an argument is checked first (`template_limits`), the
-rendered output is capped, and `render_budget` bounds the time of a rendering.
+rendered output is capped, and a template that could run for long (`Text.inline` false) is
+rendered in a worker process under CPU and memory limits (`render_pool`).
 """
 
 from __future__ import annotations
@@ -207,14 +208,102 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         return __self.guard.after_call(__context.call(__obj, *args, **kwargs))
 
 
+# The context key under which `ChannelPlan.message_for` passes what worker processes rendered
+# for one user (a Text -> str or RenderError map). Not an identifier: no template can name it.
+PRERENDERED = " prerendered"
+
+# What a template that renders inline may contain: paths into `user`/`data`, literals, plain
+# text, conditions, comparisons, the helpers, and filters and tests whose cost is linear in their
+# input. No loops, macros, assignments, blocks, arithmetic, literals that build containers, `~`,
+# method calls or filters that repeat, pad or iterate.
+_INLINE_NODES = (
+    nodes.Template,
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.Const,
+    nodes.Name,
+    nodes.Getattr,
+    nodes.Getitem,
+    nodes.If,
+    nodes.CondExpr,
+    nodes.Not,
+    nodes.And,
+    nodes.Or,
+    nodes.Compare,
+    nodes.Operand,
+    nodes.Keyword,
+    nodes.Filter,
+    nodes.Test,
+    nodes.Call,
+)
+_INLINE_FILTERS = frozenset(
+    "abs capitalize count d default e escape first float int last length lower safe string title trim upper".split()
+)
+_INLINE_TESTS = frozenset(
+    "boolean callable defined eq equalto escaped false float ge greaterthan gt in integer iterable le lessthan lower "
+    "lt mapping ne none number sameas sequence string true undefined upper".split()
+)
+_HELPERS = frozenset({"dateNow", "dateFormat", "toLocale"})
+
+
+def runs_bounded(tree: nodes.Template) -> bool:
+    """Whether a parsed Jinja template can be rendered on the event loop: its cost is bounded by
+    its own length and the size of its context (see `_INLINE_NODES`). Decided once, at compile
+    time, from the syntax tree; anything else renders in a worker process."""
+    for node in tree.find_all(nodes.Node):
+        if not isinstance(node, _INLINE_NODES):
+            return False
+        if isinstance(node, nodes.Name) and node.ctx != "load":
+            return False
+        if isinstance(node, (nodes.Filter, nodes.Test, nodes.Call)) and (node.dyn_args or node.dyn_kwargs):
+            return False
+        if isinstance(node, nodes.Filter) and node.name not in _INLINE_FILTERS:
+            return False
+        if isinstance(node, nodes.Test) and node.name not in _INLINE_TESTS:
+            return False
+        if isinstance(node, nodes.Call) and not (isinstance(node.node, nodes.Name) and node.node.name in _HELPERS):
+            return False
+    return True
+
+
+class Text:
+    """One compiled template. Called with a context, it returns the text or raises `RenderError`.
+
+    `inline`: it renders in time bounded by its length and its context, so it is rendered where
+    it is called (on the event loop). Otherwise it is meant to be rendered in a worker process
+    (`render_pool`) from `source` and `html`, and the results handed back in the context under
+    `PRERENDERED`; called without them it renders in the calling thread, bounded in memory and
+    output but not in time."""
+
+    __slots__ = ("source", "html", "inline", "_render")
+
+    def __init__(self, source: str, html: bool, inline: bool, render: Callable[[dict[str, Any]], str]) -> None:
+        self.source = source
+        self.html = html
+        self.inline = inline
+        self._render = render
+
+    def __call__(self, context: dict[str, Any]) -> str:
+        done = context.get(PRERENDERED)
+        if done is not None:
+            outcome = done.get(self)
+            if isinstance(outcome, RenderError):
+                raise outcome
+            if outcome is not None:
+                return outcome  # type: ignore[no-any-return]
+        return self._render(context)
+
+
 class Renderer:
     """Compiles templates once and renders them per user within the configured limits.
 
-    A render function runs on the calling thread and is bounded in memory only; run it through
-    `render_budget.render_batch` to bound its time and keep it off the event loop.
+    Rendering is bounded in memory and output here; a template that is not `Text.inline` is
+    bounded in time only when rendered through `render_pool` (a worker process with CPU and
+    memory limits).
     """
 
     def __init__(self, *, default_locale: str, max_template_chars: int, max_rendered_chars: int) -> None:
+        self.default_locale = default_locale
         self.max_template_chars = max_template_chars
         self.max_rendered_chars = max_rendered_chars
         self._default_locale = dateformat.parse_locale(default_locale)
@@ -226,31 +315,52 @@ class Renderer:
         # Compilation is the expensive part; the same template text is reused across requests.
         self._compile_cached = functools.lru_cache(maxsize=512)(self._compile_uncached)
 
-    def compile(
-        self, source: str, *, html: bool = False, field: str = "template", length_checked: bool = False
-    ) -> Callable[[dict[str, Any]], str]:
-        """Return a render function for `source`; a template that is too long or does not
-        compile is a `RequestError` naming `field`. `length_checked`: the caller checked the
-        length of what the author wrote (a Handlebars translation is longer than its source).
+    @property
+    def config(self) -> tuple[str, int, int]:
+        """The arguments that recreate this renderer (in a worker process)."""
+        return (self.default_locale, self.max_template_chars, self.max_rendered_chars)
 
-        The render function raises `RenderError` (`template error: ...`) for anything that goes
-        wrong while rendering; an unexpected exception in our own helpers is also logged."""
+    def compile(
+        self,
+        source: str,
+        *,
+        html: bool = False,
+        field: str = "template",
+        length_checked: bool = False,
+        inline: bool | None = None,
+    ) -> Text:
+        """Return the compiled `source`; a template that is too long or does not compile is a
+        `RequestError` naming `field`. `length_checked`: the caller checked the length of what
+        the author wrote (a Handlebars translation is longer than its source). `inline`: the
+        caller's verdict on whether it can render inline (a Handlebars translation without
+        `#each`); None decides from the Jinja syntax tree (`runs_bounded`).
+
+        The text raises `RenderError` (`template error: ...`) for anything that goes wrong while
+        rendering; an unexpected exception in our own helpers is also logged."""
         if not length_checked:
             self.check_length(source, field)
         try:
-            return self._compile_cached(source, html)
+            render, bounded = self._compile_cached(source, html)
         except TemplateError as exc:
             raise RequestError(f"{field}: template does not compile: {exc}") from None
         except (RecursionError, SyntaxError, MemoryError):
             # Python's own compiler gave up on the generated code: nesting beyond its limits.
             raise RequestError(f"{field}: template does not compile: nested too deeply") from None
+        return Text(source, html, bounded if inline is None else inline, render)
+
+    def render_function(self, source: str, html: bool) -> Callable[[dict[str, Any]], str]:
+        """The render function of a template that compiled before (in the parent process)."""
+        return self._compile_cached(source, html)[0]
 
     def check_length(self, source: str, field: str) -> None:
         if len(source) > self.max_template_chars:
             raise RequestError(f"{field}: template longer than {self.max_template_chars} characters")
 
-    def _compile_uncached(self, source: str, html: bool) -> Callable[[dict[str, Any]], str]:
-        template = (self._html if html else self._plain).from_string(source)
+    def _compile_uncached(self, source: str, html: bool) -> tuple[Callable[[dict[str, Any]], str], bool]:
+        env = self._html if html else self._plain
+        tree = env.parse(source)
+        bounded = runs_bounded(tree)
+        template = env.from_string(tree)
         limit = self.max_rendered_chars
 
         def render(context: dict[str, Any]) -> str:
@@ -268,12 +378,14 @@ class Renderer:
                 raise RenderError(f"template error: {exc}") from None
             except _VALUE_ERRORS as exc:  # a helper, filter or operator given a value it cannot take
                 raise RenderError(f"template error: {exc}") from None
+            except MemoryError:  # a worker process's memory limit
+                raise RenderError("template error: rendering ran out of memory") from None
             except Exception as exc:
                 logger.exception("unexpected error while rendering a template")
                 raise RenderError(f"template error: {type(exc).__name__}: {exc}") from None
             return "".join(parts)
 
-        return render
+        return render, bounded
 
     def _date_format(self, value: Any, pattern: str = "YYYY-MM-DDTHH:mm:ssZ", tz: str | None = None) -> str:
         if value is None or isinstance(value, ChainableUndefined):

@@ -36,11 +36,6 @@ from dispatcher.settings import StoreSettings, UserFields
 from dispatcher.store import Store
 
 
-async def render_inline(jobs: Any) -> list[Any]:
-    """Renders on the event loop: the render thread would let real time into virtual-time tests."""
-    return [job() for job in jobs]
-
-
 # How one attempt ends: None (accepted after `latency`), an exception to raise after `latency`,
 # or an awaitable factory (the attempt waits for it, then is accepted).
 Behaviour = Callable[[Message, str, int], Any]
@@ -367,9 +362,7 @@ async def test_a_slow_channel_keeps_the_resolver_from_running_ahead(autojump_clo
     provider.on_call = lambda: held.append(store.read - len(provider.calls))
     transport = Transport(provider, ChannelGate(concurrency=concurrency, rate=0, burst=1), policy())
 
-    result = await run_pipeline(
-        plan_for(lane("sms", "phoneNumber")), store, {"sms": transport}, queue, render_jobs=render_inline
-    )
+    result = await run_pipeline(plan_for(lane("sms", "phoneNumber")), store, {"sms": transport}, queue)
 
     assert result.summary.sent == {"sms": users} and result.summary.users == users
     assert len(provider.calls) == users
@@ -410,7 +403,6 @@ async def test_a_stalled_collector_stops_deliveries_after_a_bounded_number(
             {"sms": transport},
             queue,
             journal=journal,
-            render_jobs=render_inline,
         )
 
     async with trio.open_nursery() as nursery:
@@ -462,7 +454,7 @@ async def test_fast_channel_finishes_while_slow_channel_is_still_paced(autojump_
     }
     plan = plan_for(lane("email", "emailAddress"), lane("sms", "phoneNumber"))
 
-    result = await run_pipeline(plan, store, transports, queue_size=2, render_jobs=render_inline)
+    result = await run_pipeline(plan, store, transports, queue_size=2)
 
     assert result.summary.sent == {"email": users, "sms": users}
     email_times, sms_times = sorted(email_provider.starts()), sorted(sms_provider.starts())

@@ -56,8 +56,9 @@ async def _assert_error(response: Any, status: int, *fragments: str) -> None:
         (_valid(emailSender="nobody"), ["emailSender", "nobody"]),
         (_valid(data=[1, 2]), ["data"]),
         (_valid(messageContent="{{ user.name "), ["messageContent", "does not compile"]),
-        (_valid(messageTitle="{% if %}"), ["messageTitle", "does not compile"]),
-        (_valid(messageContent="{{#if user.name}}hi{{/if}}"), ["messageContent", "does not compile"]),
+        (_valid(messageTitle="{{#if}}x{{/if}}"), ["messageTitle", "does not compile"]),
+        # Request texts are Handlebars by default: Jinja's filters are not its syntax.
+        (_valid(messageContent="{{ user.name|upper }}"), ["messageContent", "does not compile"]),
         (_valid(templateId="65a000000000000000000099"), ["templateId", "no template"]),
         (_valid(emailAttachments=["a.pdf"]), ["emailAttachments", "no Files Service"]),
         ([1, 2, 3], ["JSON object"]),
@@ -176,7 +177,7 @@ async def test_bug_in_an_actor_is_a_logged_500(
 ) -> None:
     from dispatcher.plan import ChannelPlan
 
-    def broken(self: ChannelPlan, user: Any, data: Any) -> None:
+    def broken(self: ChannelPlan, user: Any, data: Any, rendered: Any = None) -> None:
         raise ZeroDivisionError("simulated bug")
 
     database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})

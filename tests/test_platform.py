@@ -6,8 +6,15 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 
-from dispatcher import logs
+import trio
+
+from dispatcher import Settings, logs, open_dispatcher
+from dispatcher.app import create_app
+from dispatcher.embedded_store import free_port
+from dispatcher.fakes import serve_asgi
+from dispatcher.fakes.files import FakeFilesService
 from dispatcher.settings import settings_from_dict
 
 
@@ -40,3 +47,31 @@ def test_pino_lines_carry_numeric_levels_ms_time_msg_and_req_id() -> None:
 def test_pino_level_names_are_accepted_as_the_level() -> None:
     assert logs.python_level("warn") == "WARNING" and logs.python_level("trace") == "DEBUG"
     assert logs.python_level("INFO") == "INFO" and logs.python_level("loud") is None
+
+
+async def test_check_up_names_each_dependency_and_its_state(
+    make_settings: Callable[..., Settings], redis_url: str, nursery: trio.Nursery
+) -> None:
+    files_url = await nursery.start(serve_asgi, FakeFilesService())
+    settings = make_settings(files={"url": files_url}, cluster={"redis_url": redis_url, "namespace": "checkup"})
+    async with open_dispatcher(settings) as d:
+        app = create_app(d)
+        async with app.test_app() as test_app:
+            response = await test_app.test_client().get("/-/check-up")
+            body = await response.get_json()
+    assert response.status_code == 200
+    assert body["status"] == "OK" and body["name"] == "trio-dispatcher"
+    assert body["checks"] == {"store": {"status": "OK"}, "redis": {"status": "OK"}, "files": {"status": "OK"}}
+
+
+async def test_check_up_answers_503_naming_what_is_down(make_settings: Callable[..., Settings]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with open_dispatcher(make_settings(files={"url": dead})) as d:
+        app = create_app(d)
+        async with app.test_app() as test_app:
+            response = await test_app.test_client().get("/-/check-up")
+            body = await response.get_json()
+    assert response.status_code == 503
+    assert (body["statusCode"], body["error"], body["message"]) == (503, "Service Unavailable", "files is down")
+    assert body["status"] == "KO" and body["checks"]["store"] == {"status": "OK"}
+    assert body["checks"]["files"]["status"] == "KO" and "Connect" in body["checks"]["files"]["error"]
