@@ -38,6 +38,7 @@ from .channels import CHANNELS
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
 from .errors import (
+    ConfigError,
     Conflict,
     Interrupted,
     InternalError,
@@ -624,14 +625,16 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 )
             async with AsyncExitStack() as running:
                 if ledger is not None:
-                    from .auth import load_api_keys
+                    from .auth import ApiKeys, load_api_keys
                     from .job_callbacks import open_job_callbacks
 
                     # Inside the drain: callbacks of the jobs that finish while draining go out too.
+                    try:
+                        keys = load_api_keys(settings.auth)
+                    except ConfigError:  # reported where keys are checked: `serve`'s start, the app
+                        keys = ApiKeys([])
                     dispatcher.callbacks = await running.enter_async_context(
-                        open_job_callbacks(
-                            settings, store.client, ledger, load_api_keys(settings.auth), dispatcher.owner
-                        )
+                        open_job_callbacks(settings, store.client, ledger, keys, dispatcher.owner)
                     )
                 try:
                     yield dispatcher
@@ -643,7 +646,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                         log.warning(
                             "%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout
                         )
-            nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
 
 
 __all__ = ["Dispatcher", "open_dispatcher"]
