@@ -1,9 +1,11 @@
-# The service: `docker build -t trio-dispatcher .`, then `docker run -p 3000:3000 trio-dispatcher`
-# (embedded store and outbox under /var/lib/dispatcher/var), or `docker compose up` for MongoDB
-# and Redis. The configuration is /etc/dispatcher/config.toml (the repo's example config.toml;
-# mount your own over it); any key can be overridden as DISPATCHER__SECTION__KEY and secrets come
-# from the environment (MONGODB_URL, REDIS_URL, SMTP_PASSWORD, TWILIO_AUTH_TOKEN,
-# GOOGLE_APPLICATION_CREDENTIALS, DISPATCHER_API_KEYS).
+# The service: `docker build -t trio-dispatcher .`, then
+# `docker run -p 127.0.0.1:3000:3000 -v dispatcher-data:/var/lib/dispatcher/var trio-dispatcher`
+# (embedded store and outbox in the volume), or `docker compose up` for MongoDB and Redis. The
+# configuration is /etc/dispatcher/config.toml (docker/config.toml: the defaults; mount your own
+# over it); any key can be overridden as DISPATCHER__SECTION__KEY and secrets come from the
+# environment (MONGODB_URL, REDIS_URL, SMTP_PASSWORD, TWILIO_AUTH_TOKEN,
+# GOOGLE_APPLICATION_CREDENTIALS, DISPATCHER_API_KEYS). Dependencies install from
+# requirements.lock (exact versions, as tested), then the project itself without resolving again.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,18 +14,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
+COPY requirements.lock ./
+RUN python -m pip install --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY actors ./actors
-RUN python -m pip install . && rm -rf /src
+RUN python -m pip install --no-deps . && python -m pip check && rm -rf /src
 
 # An unprivileged user owning only its working directory (embedded store, outbox).
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/dispatcher --shell /usr/sbin/nologin dispatcher \
     && mkdir -p /var/lib/dispatcher/var /etc/dispatcher \
     && chown -R dispatcher:dispatcher /var/lib/dispatcher
-COPY config.toml /etc/dispatcher/config.toml
+COPY docker/config.toml /etc/dispatcher/config.toml
+# The embedded store's data and the outbox: a volume, so that the ledger outlives the container.
+VOLUME /var/lib/dispatcher/var
 
-# On top of the example configuration: listen on every interface of the container, log JSON.
+# Listen on every interface of the container, log JSON.
 ENV DISPATCHER__SERVER__HOST=0.0.0.0 \
     DISPATCHER__LOGGING__FORMAT=json
 

@@ -9,11 +9,10 @@ from collections.abc import Mapping
 import trio
 from trio import MemoryReceiveChannel
 
-from dispatcher import metrics
-from dispatcher.errors import StoreError
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import Delivery
-from dispatcher.models import Failure, SendResult
+from .journal import Unrecorded
+from .messages import Delivery, Failure, SendResult
+from .faults import StoreFault
+from .ports import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,11 @@ FLUSH_SECONDS = 0.2
 
 
 async def collect(
-    results: MemoryReceiveChannel[Delivery], result: SendResult, providers: Mapping[str, str], journal: Unrecorded
+    results: MemoryReceiveChannel[Delivery],
+    result: SendResult,
+    providers: Mapping[str, str],
+    journal: Unrecorded,
+    metrics: Metrics,
 ) -> None:
     """Fill `result` (owned by the caller, so that it holds what was attempted even if the send
     stops early). `providers`: the provider name of each requested channel, in request order."""
@@ -41,7 +44,7 @@ async def collect(
         if batch and journal.fault is None:
             try:
                 await journal.record(batch)
-            except StoreError as exc:
+            except StoreFault as exc:
                 log.error("cannot record %d outcomes of job %s: %s", len(batch), journal.job_id, exc)
                 journal.stop(exc)
 

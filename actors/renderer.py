@@ -11,37 +11,31 @@ at once instead of each burning the budget (and a worker process).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from trio import MemoryReceiveChannel, MemorySendChannel
 
-from dispatcher.errors import StoreError
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import Delivery, Message, User
-from dispatcher.plan import ChannelPlan
-from dispatcher.render_pool import RenderBudgetExceeded
-
+from .faults import RenderOverrun, StoreFault
+from .journal import Unrecorded
+from .messages import Delivery, Message, User
+from .ports import Lane, RenderJobs
 from .resolver import UnknownRecipient
 
 CHUNK = 32
 POISONED_AFTER = 3
-
-# Renders a chunk of (known) users of one lane: per user its Message, its skipped or failed
-# Delivery, or RenderBudgetExceeded (`render_pool.RenderPool.render_users`).
-RenderJobs = Callable[[ChannelPlan, Sequence[User], dict[str, Any]], Awaitable[list[Any]]]
 
 
 async def render(
     users: MemoryReceiveChannel[list[User | UnknownRecipient]],
     out: MemorySendChannel[Message],
     results: MemorySendChannel[Delivery],
-    plan: ChannelPlan,
+    plan: Lane,
     data: dict[str, Any],
     journal: Unrecorded,
     render_jobs: RenderJobs,
 ) -> None:
-    """`render_jobs` renders a chunk of users (`render_pool.RenderPool.render_users`)."""
+    """`render_jobs` renders a chunk of users (the dispatcher passes `render_pool.RenderPool.render_users`)."""
     overruns: list[str] = []
     chunk_size = 1
     with users, out, results:
@@ -51,7 +45,7 @@ async def render(
             ids = [_id_of(user, plan) for user in batch]
             try:
                 settled = await journal.settled(plan.channel, ids)
-            except StoreError as exc:
+            except StoreFault as exc:
                 journal.stop(exc)
                 continue
             pending = [user for user, user_id in zip(batch, ids) if user_id not in settled]
@@ -65,13 +59,13 @@ async def render(
                     outcomes: list[Any] = [_poisoned(user, plan, overruns[0]) for user in chunk]
                 else:
                     outcomes = await _render(render_jobs, chunk, plan, data)
-                    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderBudgetExceeded)]
+                    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderOverrun)]
                     if again:
                         retried = await _render(render_jobs, [chunk[i] for i in again], plan, data)
                         for i, outcome in zip(again, retried):
                             outcomes[i] = outcome
                 for user, outcome in zip(chunk, outcomes):
-                    if isinstance(outcome, RenderBudgetExceeded):
+                    if isinstance(outcome, RenderOverrun):
                         overruns.append(str(outcome))
                         outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome), kind="render")
                     if isinstance(outcome, Message):
@@ -80,23 +74,23 @@ async def render(
                         await results.send(outcome)
 
 
-def _id_of(user: User | UnknownRecipient, plan: ChannelPlan) -> str:
+def _id_of(user: User | UnknownRecipient, plan: Lane) -> str:
     return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 
 async def _render(
-    render_jobs: RenderJobs, chunk: Sequence[User | UnknownRecipient], plan: ChannelPlan, data: dict[str, Any]
+    render_jobs: RenderJobs, chunk: Sequence[User | UnknownRecipient], plan: Lane, data: dict[str, Any]
 ) -> list[Any]:
     known = [user for user in chunk if not isinstance(user, UnknownRecipient)]
     rendered = iter(await render_jobs(plan, known, data) if known else [])
     return [_not_found(user, plan) if isinstance(user, UnknownRecipient) else next(rendered) for user in chunk]
 
 
-def _not_found(user: UnknownRecipient, plan: ChannelPlan) -> Delivery:
+def _not_found(user: UnknownRecipient, plan: Lane) -> Delivery:
     return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False, kind="not_found")
 
 
-def _poisoned(user: User | UnknownRecipient, plan: ChannelPlan, reason: str) -> Delivery:
+def _poisoned(user: User | UnknownRecipient, plan: Lane, reason: str) -> Delivery:
     if isinstance(user, UnknownRecipient):
         return _not_found(user, plan)
     return Delivery(

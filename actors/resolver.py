@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from trio import MemorySendChannel
 
-from dispatcher.errors import StoreError
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import User
-from dispatcher.store import Store
+from .journal import Unrecorded
+from .messages import User
+from .faults import StoreFault
+from .ports import UserSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +20,7 @@ class UnknownRecipient:
 
 async def resolve(
     out: MemorySendChannel[list[User | UnknownRecipient]],
-    store: Store,
+    store: UserSource,
     recipients: Sequence[str],
     clusters: Sequence[str],
     journal: Unrecorded,
@@ -37,7 +37,7 @@ async def resolve(
                     for user in batch:
                         missing.pop(store.user_id(user), None)
                 await out.send(batch)
-        except StoreError as exc:
+        except StoreFault as exc:
             journal.stop(exc)
             return
         if missing and not journal.halted:

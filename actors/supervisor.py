@@ -11,46 +11,39 @@ from collections.abc import Mapping
 
 import trio
 
-from dispatcher import metrics
-from dispatcher.delivery import Transport
-from dispatcher.journal import Unrecorded
-from dispatcher.messages import Delivery, Message, User
-from dispatcher.models import SendResult
-from dispatcher.plan import RequestPlan
-from dispatcher.render_pool import RenderPool
-from dispatcher.settings import TemplateSettings
-from dispatcher.store import Store
-
 from .collector import collect
-from .renderer import RenderJobs, render
+from .journal import Unrecorded
+from .messages import Delivery, Message, SendResult, User
+from .ports import Metrics, Plan, RenderJobs, Transport, Unobserved, UserSource, render_inline
+from .renderer import render
 from .resolver import UnknownRecipient, resolve
 from .sender import send
 
 
 async def run_pipeline(
-    plan: RequestPlan,
-    store: Store,
+    plan: Plan,
+    store: UserSource,
     transports: Mapping[str, Transport],
     queue_size: int,
     result: SendResult | None = None,
     journal: Unrecorded | None = None,
-    render_jobs: RenderJobs | None = None,
+    render_jobs: RenderJobs = render_inline,
+    metrics: Metrics | None = None,
 ) -> SendResult:
     """Deliver `plan`, filling `result` as outcomes arrive (pass your own to keep what was
     attempted if this is cancelled). When it returns, every delivery that was started has ended;
     `journal.fault` tells whether a store failure stopped it early. `render_jobs` renders a
-    chunk of users (default: a `RenderPool` with `[templates]`'s default limits)."""
+    chunk of users (the dispatcher passes `render_pool.RenderPool.render_users`, which renders
+    what can run away in worker processes under a budget; the default renders inline, without
+    one)."""
     request = plan.request
     result = SendResult() if result is None else result
-    if render_jobs is None:
-        limits = TemplateSettings()
-        config = (limits.default_locale, limits.max_template_chars, limits.max_rendered_chars)
-        render_jobs = RenderPool(config, limits.max_render_ms / 1000, limits.max_render_memory_mb << 20).render_users
     journal = journal or Unrecorded()
+    metrics = metrics or Unobserved()
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     async with trio.open_nursery() as nursery:
-        providers = {lane.channel: transports[lane.channel].provider.name for lane in plan.channels}
-        nursery.start_soon(collect, results_receive, result, providers, journal)
+        providers = {lane.channel: transports[lane.channel].provider_name for lane in plan.channels}
+        nursery.start_soon(collect, results_receive, result, providers, journal, metrics)
         metrics.track_queue("collect", results_receive)
         with results_send:
             for lane in plan.channels:

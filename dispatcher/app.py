@@ -27,7 +27,8 @@ from .callback_outbox import CALLBACK_STATES
 from .dryrun import dry_run
 from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
-from .models import MAX_DEPTH, SendRequest
+from .models import SendRequest, check_idempotency_key
+from .web import error_response, parse_json_body
 from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
@@ -35,26 +36,6 @@ from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
 
 log = logging.getLogger(__name__)
-
-
-def error_response(status: int, message: str) -> Response:
-    body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
-    return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a JSON value")
-
-
-def parse_json_body(raw: bytes) -> Any:
-    """A request body as JSON; `RequestError` for malformed JSON (Quart's get_json would answer
-    it with an HTML 400), NaN/Infinity, or nesting too deep to decode."""
-    try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"malformed JSON body: {exc}") from None
-    except RecursionError:
-        raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -163,9 +144,9 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
             return await dry_run(dispatcher, send_request)
-        key = request.headers.get("Idempotency-Key") or None
-        if key is not None and not 0 < len(key) <= 256:
-            raise RequestError("Idempotency-Key: must be 1 to 256 characters")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            key = check_idempotency_key(key, "Idempotency-Key")
         # Idempotency keys are scoped per API key: two clients cannot collide.
         scope = g.get("api_key_id") or ""
         if _wants_async():
@@ -311,7 +292,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             405: f"method {request.method} not allowed on {request.path}",
             413: f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, exc.description or HTTPStatus(status).phrase)
-        return error_response(status, message)
+        response = error_response(status, message)
+        allowed = getattr(exc, "valid_methods", None)
+        if status == 405 and allowed:  # RFC 9110: a 405 lists the methods the resource has
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

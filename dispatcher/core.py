@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from actors import run_pipeline
+from actors.ports import RenderJobs
 
 from . import logs, metrics
 from .channels import CHANNELS
+from .context import RunContext
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
 from .errors import (
@@ -133,8 +134,14 @@ class Dispatcher:
         self.render_pool = RenderPool(
             self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
         )
-        self.render_jobs = self.render_pool.render_users
         self.on_ambiguous = {channel: settings.channels.on_ambiguous(channel) for channel in providers}
+        self.context = RunContext(
+            store,
+            self.transports,
+            settings.dispatcher.queue_size,
+            self.render_pool.render_users,
+            self.on_ambiguous,
+        )
         self.channels = tuple(providers)
         self.receipts = ReceiptKeeper(ledger, settings) if ledger is not None else None
         # Cluster mode with the ledger: large jobs are shared with the other processes.
@@ -153,6 +160,15 @@ class Dispatcher:
         self._idle = trio.Event()
         self._idle.set()
         self._closing = False
+
+    @property
+    def render_jobs(self) -> RenderJobs:
+        """How every run of this dispatcher renders (replaceable: a test wraps it)."""
+        return self.context.render_jobs
+
+    @render_jobs.setter
+    def render_jobs(self, render_jobs: RenderJobs) -> None:
+        self.context.render_jobs = render_jobs
 
     @property
     def in_flight(self) -> int:
@@ -325,7 +341,17 @@ class Dispatcher:
                         f"request (job {claim.job_id}); use a new key for a new request"
                     )
                 return None, claim.job_id
-        run = _Run(job_id, plan, Journal(self.ledger, job_id, resumed=False, on_ambiguous=self.on_ambiguous))
+        run = _Run(
+            job_id,
+            plan,
+            Journal(
+                self.ledger,
+                job_id,
+                resumed=False,
+                on_ambiguous=self.on_ambiguous,
+                settle_within=self.context.settle_within,
+            ),
+        )
         run.callback, run.key_id, run.request_id = target, key_scope or None, request_id
         self._start(run)
         return run, job_id
@@ -355,15 +381,7 @@ class Dispatcher:
                         assert isinstance(run.journal, Journal)
                         await self.fanout.coordinate(job_id, run.plan, run.journal, run.result)
                     else:
-                        await run_pipeline(
-                            run.plan,
-                            self.store,
-                            self.transports,
-                            self.settings.dispatcher.queue_size,
-                            run.result,
-                            run.journal,
-                            self.render_jobs,
-                        )
+                        await self.context.run(run.plan, run.result, run.journal)
                     nursery.cancel_scope.cancel()
                 await self._finish(run)
             except StoreError as exc:
@@ -537,7 +555,9 @@ class Dispatcher:
             await self.ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        journal = Journal(self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous)
+        journal = Journal(
+            self.ledger, job_id, resumed=True, on_ambiguous=self.on_ambiguous, settle_within=self.context.settle_within
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         run = _Run(job_id, plan, journal, resumed=True)
@@ -617,7 +637,14 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                 from .cluster.partitions import PartitionQueue
                 from .fanout import SharedFanOut
 
-                dispatcher.fanout = fanout = SharedFanOut(dispatcher, ledger, PartitionQueue.from_cluster(cluster))
+                dispatcher.fanout = fanout = SharedFanOut(
+                    dispatcher.context,
+                    dispatcher.prepare,
+                    ledger,
+                    PartitionQueue.from_cluster(cluster),
+                    settings.dispatcher.store_batch_size,
+                    dispatcher.cancels,
+                )
                 await nursery.start(
                     partial(
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from . import metrics
-from .errors import DeliveryError, StoreError, TransientDeliveryError
+from .errors import DeliveryError, LimiterUnavailable, StoreError, TransientDeliveryError
 from .journal import Unrecorded
 from .messages import Delivery, Message
 from .providers.base import Provider
@@ -55,11 +55,23 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Transport:
-    """Everything a sender actor needs to deliver on one channel."""
+    """Everything a sender actor needs to deliver on one channel (`actors.ports.Transport`)."""
 
     provider: Provider
     gate: ChannelGate
     policy: RetryPolicy
+
+    @property
+    def provider_name(self) -> str:
+        return self.provider.name
+
+    @property
+    def concurrency(self) -> int:
+        """How many of this channel's deliveries may be in flight in this process."""
+        return int(self.gate.limiter.total_tokens)
+
+    async def deliver(self, message: Message, journal: Unrecorded) -> Delivery | None:
+        return await deliver(message, self, journal)
 
 
 @dataclass(slots=True)
@@ -159,13 +171,14 @@ async def deliver(message: Message, transport: Transport, journal: Unrecorded | 
     journal = journal if journal is not None else Unrecorded()
     door = _Door(message, journal, transport.gate)
     try:
-        outcomes = []
-        for address in message.addresses:
-            outcome = await _deliver_one(message, address, transport, door)
-            if outcome is None:
-                return None
-            outcomes.append(outcome)
-        return await door.settle(_delivery(message, outcomes))
+        with metrics.track_delivery(message.channel):
+            outcomes = []
+            for address in message.addresses:
+                outcome = await _deliver_one(message, address, transport, door)
+                if outcome is None:
+                    return None
+                outcomes.append(outcome)
+            return await door.settle(_delivery(message, outcomes))
     finally:
         door.give_permit_back()
 
@@ -224,7 +237,7 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
         started = trio.current_time()
         try:
             with journal.waiting() as wait:
-                await gate.enter(keys)
+                await _enter(gate, keys, policy.max_retry_after)
             if wait.cancelled_caught:
                 return _cancelled(result, journal, last)
             try:
@@ -246,10 +259,14 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             error: DeliveryError = TransientDeliveryError(
                 f"{name}: no answer within {policy.timeout:g}s", ambiguous=True
             )
+        except LimiterUnavailable as exc:
+            # Waited `max_retry_after_seconds` for the limiter: not attempted, nothing sent.
+            log.warning("%s for user %s: %s", channel, message.user_id, exc.reason)
+            result.error = f"{exc.reason}: not attempted, waited {policy.max_retry_after:g}s for it"
+            result.kind = "transient"
+            return result
         except DeliveryError as exc:
             error = exc
-            if result.count == 0:
-                result.count = 1  # the limiter itself failed (cluster mode): counted as an attempt
         except Exception as exc:
             # A bug in a provider must cost one delivery, not the whole request.
             log.exception("provider %s crashed delivering to user %s", name, message.user_id)
@@ -293,6 +310,25 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             await trio.sleep(delay)
         if wait.cancelled_caught:
             return _cancelled(result, journal, last)
+
+
+async def _enter(gate: ChannelGate, keys: tuple[str, ...], bound: float) -> None:
+    """`gate.enter`, waiting out an unreachable limiter (Redis restarting) for up to `bound`
+    seconds instead of failing at once: an outage shorter than that costs time, not deliveries.
+    The cluster's own retries pace the attempts; this adds a capped backoff between them."""
+    deadline = None
+    backoff = 0.1
+    while True:
+        try:
+            await gate.enter(keys)
+            return
+        except LimiterUnavailable:
+            now = trio.current_time()
+            deadline = now + bound if deadline is None else deadline
+            if now >= deadline:
+                raise
+            await trio.sleep(min(backoff, deadline - now))
+            backoff = min(2 * backoff, 2.0)
 
 
 def _kind(error: DeliveryError) -> str:

@@ -7,10 +7,8 @@ the provider into transient (worth retrying) or permanent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .models import SendResult
+from actors.messages import SendResult
+from actors.faults import RenderFault, StoreFault
 
 
 class DispatcherError(Exception):
@@ -81,11 +79,11 @@ class InternalError(DispatcherError):
     """A bug stopped a send; it is logged with its traceback."""
 
 
-class StoreError(DispatcherError):
+class StoreError(DispatcherError, StoreFault):
     """The user/template store cannot be reached."""
 
 
-class RenderError(DispatcherError):
+class RenderError(DispatcherError, RenderFault):
     """A template failed for one user (output too large, a helper given a bad value): that
     delivery fails, the others go on."""
 
@@ -131,3 +129,8 @@ class TransientDeliveryError(DeliveryError):
         self.throttled = throttled
         self.ambiguous = ambiguous
         self.pause_key = pause_key
+
+
+class LimiterUnavailable(TransientDeliveryError):
+    """The limiter a delivery waits on cannot be reached (cluster mode: Redis): nothing was sent,
+    no attempt is spent; the delivery waits for it, within a bound."""

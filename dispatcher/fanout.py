@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
-
-from actors import run_pipeline
 
 from .cluster.partitions import Partition, PartitionQueue, PartitionQueueUnavailable
 from .errors import RequestError
@@ -26,10 +25,9 @@ from .journal import Journal
 from .ledger import FINAL_STATES, Ledger
 from .messages import Delivery
 from .models import Failure, SendRequest, SendResult, Summary
+from .cancels import CancelWatch
+from .context import RunContext
 from .plan import RequestPlan
-
-if TYPE_CHECKING:
-    from .core import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +36,29 @@ _PLANS_CACHED = 32
 
 
 class SharedFanOut:
-    def __init__(self, dispatcher: Dispatcher, ledger: Ledger, queue: PartitionQueue) -> None:
-        self._dispatcher = dispatcher
+    def __init__(
+        self,
+        context: RunContext,
+        prepare: Callable[[SendRequest], Awaitable[RequestPlan]],
+        ledger: Ledger,
+        queue: PartitionQueue,
+        batch_size: int,
+        cancels: CancelWatch,
+    ) -> None:
+        """`prepare` plans a job's request again in a process that did not accept it; `batch_size`
+        users make a partition; `cancels` relays a cancel of the job to the partitions delivered here."""
+        self._context = context
+        self._prepare = prepare
         self._ledger = ledger
         self.queue = queue
+        self._batch_size = batch_size
+        self._cancels = cancels
         # Plans by job id: a worker takes many partitions of one job; compiling once is enough.
         self._plans: OrderedDict[str, RequestPlan] = OrderedDict()
 
     def shares(self, request: SendRequest) -> bool:
         """Large sends are shared: a cluster selection, or more ids than one store batch."""
-        return bool(request.clusters) or len(request.recipients) > self._dispatcher.settings.dispatcher.store_batch_size
+        return bool(request.clusters) or len(request.recipients) > self._batch_size
 
     async def coordinate(self, job_id: str, plan: RequestPlan, journal: Journal, result: SendResult) -> None:
         """Publish the job's partitions (unless an earlier coordinator did), wait for them, and
@@ -98,7 +109,7 @@ class SharedFanOut:
                 await trio.sleep(1.0)
 
     async def _publish_once(self, job_id: str, plan: RequestPlan) -> int:
-        request, store = plan.request, self._dispatcher.store
+        request, store = plan.request, self._context.store
         missing = dict.fromkeys(request.recipients)
         index = 0
         async for batch in store.stream_users(request.recipients, request.clusters, only_ids=True):
@@ -128,20 +139,18 @@ class SharedFanOut:
         plan = await self._plan(partition.job_id, doc)
         if plan is None:
             return
-        dispatcher = self._dispatcher
-        journal = Journal(self._ledger, partition.job_id, resumed=True, on_ambiguous=dispatcher.on_ambiguous)
+        journal = Journal(
+            self._ledger,
+            partition.job_id,
+            resumed=True,
+            on_ambiguous=self._context.on_ambiguous,
+            settle_within=self._context.settle_within,
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
-        with dispatcher.cancels.watching(partition.job_id, journal):
-            await run_pipeline(
-                RequestPlan(request, plan.channels),
-                dispatcher.store,
-                dispatcher.transports,
-                dispatcher.settings.dispatcher.queue_size,
-                journal=journal,
-                render_jobs=dispatcher.render_jobs,
-            )
+        with self._cancels.watching(partition.job_id, journal):
+            await self._context.run(RequestPlan(request, plan.channels), journal=journal)
         if journal.fault is not None:
             raise journal.fault  # left pending: the partition is taken again after the idle time
 
@@ -149,7 +158,7 @@ class SharedFanOut:
         plan = self._plans.get(job_id)
         if plan is None:
             try:
-                plan = await self._dispatcher.prepare(SendRequest.parse(doc["request"]))
+                plan = await self._prepare(SendRequest.parse(doc["request"]))
             except RequestError as exc:
                 log.error("job %s: partition cannot be delivered: %s", job_id, exc)
                 return None

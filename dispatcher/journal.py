@@ -1,116 +1,53 @@
 """One run of one job as the actors see the ledger: what an earlier run already settled, marking
 deliveries `sending` just before their provider calls, recording outcomes, and the cancel flag.
 
-`Journal` writes to the ledger; `Unrecorded` is the same interface for `[store].ledger = false`
-(nothing written, nothing resumable).
+`Journal` writes to the ledger; `Unrecorded` (the actors' own, `actors.journal`) is the same
+interface for `[store].ledger = false` (nothing written, nothing resumable).
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 
 import trio
 
-from .errors import StoreError
+from actors.journal import Unrecorded, Waiting
+
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
 from .states import ACCEPTED_STATES
 
-STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
-# A delivery claimed by another run that is no longer alive, whose process may not have stopped
-# (its lease or partition was taken over): the reason must not claim a crash it did not see.
-ABANDONED_DURING_ATTEMPT = (
-    "outcome unknown: the run that was sending it stopped answering (crash, or lease or partition taken over)"
+__all__ = ["RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
+
+# A delivery another run claimed and never settled, although a live run settles a claim within its
+# attempt's timeout: that run's process died, or stalled past the timeout (a lease or partition
+# then taken over). The reason says no more than that: no process may have stopped.
+STOPPED_DURING_ATTEMPT = (
+    "outcome unknown: the run sending it did not settle it (its process stopped, or stalled past the attempt's timeout)"
 )
+# How often a run waiting for another run's claim to settle reads it again.
+_SETTLE_POLL_SECONDS = 0.5
 # Left by a run between a failed attempt (nothing was sent) and its next: not ambiguous.
 RETRYING = "retrying"
 
 
-class Waiting:
-    """A wait before a provider call (a slot, a token, a pause, a backoff), cut short when the run
-    is cancelled or stopped: `with journal.waiting() as wait: ...; wait.cancelled_caught`.
-    A class, not a generator context manager: this is entered once per delivery."""
-
-    __slots__ = ("_journal", "_scope")
-
-    def __init__(self, journal: Unrecorded) -> None:
-        self._journal = journal
-        self._scope = trio.CancelScope()
-
-    @property
-    def cancelled_caught(self) -> bool:
-        return self._scope.cancelled_caught
-
-    def __enter__(self) -> Waiting:
-        self._scope.__enter__()
-        if self._journal.halted:
-            self._scope.cancel()
-        self._journal._waits.add(self._scope)
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        self._journal._waits.discard(self._scope)
-        return self._scope.__exit__(kind, exc, tb)
-
-
-class Unrecorded:
-    """Also the state every actor of one run shares: cancelled by the client, or stopped by a
-    store failure (the actors stop starting deliveries; those in flight finish)."""
-
-    job_id: str | None = None
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.fault: StoreError | None = None
-        self._waits: set[trio.CancelScope] = set()
-
-    @property
-    def halted(self) -> bool:
-        return self.cancelled or self.fault is not None
-
-    def cancel(self) -> None:
-        """Stop every delivery of the run that has not reached its provider call, at once: those
-        waiting for a slot, a token, a pause or a backoff end `cancelled` (calls in flight finish)."""
-        self.cancelled = True
-        self._end_waits()
-
-    def stop(self, fault: StoreError) -> None:
-        if self.fault is None:
-            self.fault = fault
-        self._end_waits()
-
-    def _end_waits(self) -> None:
-        for scope in self._waits:
-            scope.cancel()
-
-    def waiting(self) -> Waiting:
-        return Waiting(self)
-
-    async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
-        return {}
-
-    async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Record that these (channel, user id) deliveries are about to be attempted; return
-        those another run has claimed (not to be attempted here)."""
-        return set()
-
-    async def retrying(self, delivery: Delivery) -> None:
-        """Record that this claimed delivery's last attempt failed without reaching anyone (a
-        429, a 5xx, a refused connection) and that it waits for its next: a crash meanwhile leaves
-        it resendable, not ambiguous. Its next attempt claims it again (`sending`)."""
-        return None
-
-    async def record(self, deliveries: Sequence[Delivery]) -> None:
-        return None
-
-
 class Journal(Unrecorded):
-    def __init__(self, ledger: Ledger, job_id: str, *, resumed: bool, on_ambiguous: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        job_id: str,
+        *,
+        resumed: bool,
+        on_ambiguous: Mapping[str, str],
+        settle_within: Mapping[str, float] | None = None,
+    ) -> None:
+        """`settle_within`: per channel, how long after its claim a live run has settled a
+        delivery (its attempt's timeout, and its backoff where ambiguous attempts are resent,
+        plus a margin for the outcome's write)."""
         super().__init__()
+        self._settle_within = settle_within or {}
         self.job_id = job_id
         self.run_id = uuid.uuid4().hex
         self._ledger = ledger
@@ -122,11 +59,39 @@ class Journal(Unrecorded):
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that must not be attempted again, by user id: those an
-        earlier run finished, and (unless the channel resends) those it left `sending`."""
+        earlier run finished, and (unless the channel resends) those it left `sending`.
+
+        A delivery another run claimed less than `settle_within` ago may be on the wire in a run
+        that is alive (a lease taken over from a stalled process, a partition republished after
+        Redis lost it, or reclaimed from a slow worker): this waits until it is settled or its
+        claim is older than that, and only then treats it as abandoned. So a second run of the
+        same users never reports a live run's delivery as unknown, nor resends it."""
         if not self._resumed or not user_ids:
             return {}  # a new job has no history: no round trip
+        prior = await self._ledger.prior(self.job_id, channel, user_ids)
+        bound = self._settle_within.get(channel, 0.0)
+        while bound > 0 and not self.halted:
+            now = time.time()
+            fresh = [
+                user
+                for user, doc in prior.items()
+                if doc.get("state") == "sending"
+                and doc.get("run") != self.run_id
+                and now - (doc.get("claimed_at") or 0) < bound
+            ]
+            if not fresh:
+                break
+            with self.waiting():
+                await trio.sleep(_SETTLE_POLL_SECONDS)
+            prior.update(await self._ledger.prior(self.job_id, channel, fresh))
         settled = {}
-        for user_id, doc in (await self._ledger.prior(self.job_id, channel, user_ids)).items():
+        if self.halted:
+            # Cancelled while another run held some: that run writes their outcome, not this one.
+            for user, doc in list(prior.items()):
+                if doc.get("state") == "sending" and doc.get("run") != self.run_id:
+                    del prior[user]
+                    settled[user] = Delivery(user, channel, "cancelled", recorded=True)
+        for user_id, doc in prior.items():
             state = doc.get("state")
             if state in FINAL_DELIVERY_STATES:
                 settled[user_id] = Delivery(

@@ -1,14 +1,29 @@
-"""What travels between the actors: users, rendered messages and delivery outcomes.
+"""The content of each channel's messages, and the request-wide e-mail options.
 
-Plain dataclasses: validation happened at the edge, the pipeline only moves these along.
+The actors carry a `Message`'s content without looking inside; the channel that builds it
+(`channels.py`) and the provider that sends it agree on these types. `User`, `Message` and
+`Delivery` are the actors' own (`actors.messages`), re-exported here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any
 
-User = dict[str, Any]  # a user document with its `_id` as a string
+from actors.messages import Delivery, Message, Status, User
+
+__all__ = [
+    "Attachment",
+    "Content",
+    "Delivery",
+    "EmailContent",
+    "EmailOptions",
+    "Message",
+    "PushContent",
+    "Status",
+    "TextContent",
+    "User",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,43 +69,4 @@ class PushContent:
     apns: dict[str, Any] | None = None
 
 
-Content = Union[EmailContent, TextContent, PushContent]
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One rendered message for one user on one channel.
-
-    `addresses` holds one e-mail address or phone number, or every device token of the user:
-    the push sender delivers to each and reports the user once.
-    """
-
-    channel: str
-    user_id: str
-    addresses: tuple[str, ...]
-    content: Content
-
-
-Status = Literal["sent", "skipped", "failed", "cancelled"]
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """The outcome of one (user, channel) delivery."""
-
-    user_id: str
-    channel: str
-    status: Status
-    error: str | None = None
-    # False for a requested id that matched no user: reported, but not a user reached.
-    user_found: bool = True
-    attempts: int = 0
-    # The provider's id of what it accepted (several, space-separated, for several devices).
-    provider_id: str | None = None
-    # Read back from the ledger (a resumed job): already recorded, not to be written again.
-    recorded: bool = False
-    # Its outcome was written by its sender right after the provider call (not to be written again).
-    written: bool = False
-    # Why a failure failed, for the metrics: transient, permanent, throttled, ambiguous, render,
-    # not_found, internal.
-    kind: str | None = None
+Content = EmailContent | TextContent | PushContent

@@ -9,11 +9,12 @@ import math
 import re
 import reprlib
 import unicodedata
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from actors.messages import Failure, SendResult, Summary
 
 from .channels import CHANNELS, valid_email as _valid_email
 from .errors import RequestError
@@ -22,6 +23,22 @@ from .errors import RequestError
 # sense). Deeper structures are rejected up front instead of failing later in whatever recurses
 # over them (the JSON parser, a template, a provider's JSON encoder).
 MAX_DEPTH = 32
+# An idempotency key (the `Idempotency-Key` header or the `idempotencyKey` field): 1 to 256
+# characters, no control character (NUL included: it separates the key's scope in the ledger),
+# not only whitespace (which an HTTP header cannot even carry).
+IDEMPOTENCY_KEY_MAX = 256
+IDEMPOTENCY_KEY_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
+def check_idempotency_key(key: str, name: str) -> str:
+    """`key` when it is a valid idempotency key, else `RequestError` naming `name`."""
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise RequestError(f"{name}: must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise RequestError(f"{name}: must not be blank or hold control characters")
+    return key
+
 
 CALLBACK_EVENTS = ("job.finished", "delivery.updated")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -118,7 +135,9 @@ class SendRequest(BaseModel):
     email_blind_carbon_copies: tuple[str, ...] = ()
     email_sender: str | None = None
     # Also accepted as the `Idempotency-Key` header (the header wins).
-    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX, pattern=IDEMPOTENCY_KEY_PATTERN
+    )
     # Signed status callbacks (callback_delivery.py); the URL is checked against SSRF when the
     # request is accepted, with the deployment's settings.
     callback_url: str | None = Field(None, min_length=1, max_length=2048)
@@ -278,53 +297,4 @@ def _first_error(exc: ValidationError) -> str:
     return f"{name}: {phrase}"
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
-    user_id: str
-    channel: str
-    error: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"userId": self.user_id, "channel": self.channel, "error": self.error}
-
-
-@dataclass(slots=True)
-class Summary:
-    users: int = 0
-    sent: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    # Deliveries a `DELETE /send/{id}` stopped; shown only when there are some, so that a
-    # synchronous send answers exactly the predecessor's shape.
-    cancelled: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        body = {"users": self.users, "sent": self.sent, "skipped": self.skipped, "failed": self.failed}
-        if self.cancelled:
-            body["cancelled"] = self.cancelled
-        return body
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Summary:
-        return cls(
-            body.get("users", 0),
-            dict(body.get("sent", {})),
-            dict(body.get("skipped", {})),
-            dict(body.get("failed", {})),
-            dict(body.get("cancelled", {})),
-        )
-
-
-@dataclass(slots=True)
-class SendResult:
-    failures: list[Failure] = field(default_factory=list)
-    summary: Summary = field(default_factory=Summary)
-    # The job's id (`GET /send/{id}`); None without the ledger, where there is no job to name.
-    job_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"failures": [f.to_json() for f in self.failures], "summary": self.summary.to_json()}
-        if self.job_id is not None:
-            # An extension of the predecessor's shape, after its fields: old clients ignore it.
-            body["id"] = self.job_id
-        return body
+__all__ = ["Failure", "SendRequest", "SendResult", "Summary", "shown"]

@@ -23,7 +23,7 @@ from pydantic.json_schema import models_json_schema
 
 from .auth import is_protected
 from .channels import CHANNELS
-from .models import CALLBACK_EVENTS, SendRequest
+from .models import CALLBACK_EVENTS, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN, SendRequest
 
 REF = "#/components/schemas/{model}"
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -380,7 +380,12 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": IDEMPOTENCY_KEY_MAX,
+                        "pattern": IDEMPOTENCY_KEY_PATTERN,
+                    },
                     "description": "The same key and body within the idempotency window answer the first "
                     "send's result or status; nothing is sent again. Another body: 422",
                 },

@@ -19,6 +19,7 @@ from quart import Response, g, request
 from . import metrics
 from .auth import ApiKeys, is_protected, load_api_keys, presented_key
 from .listing import EVERYONE, Viewer
+from .web import error_response
 from .logs import request_id_from, request_id_var
 from .openapi import docs_page, openapi_for, route_template
 
@@ -36,8 +37,6 @@ CLIENT_CLOSED = 499
 def install_ops(app: QuartTrio, dispatcher: Dispatcher, api_keys: ApiKeys | None = None) -> None:
     """Add the hooks and routes above. `api_keys` defaults to `load_api_keys(settings)`, which
     raises `ConfigError` for an unreadable `[auth].keys_file`."""
-    from .app import error_response  # app.py imports this module
-
     settings = dispatcher.settings
     keys = api_keys if api_keys is not None else load_api_keys(settings.auth)
     protect_metrics = settings.auth.protect_metrics
@@ -93,8 +92,6 @@ def install_ops(app: QuartTrio, dispatcher: Dispatcher, api_keys: ApiKeys | None
 
     @app.get("/-/metrics")
     async def prometheus_metrics() -> Response:
-        if dispatcher.cluster is not None:
-            metrics.REDIS_LIMIT_ROUND_TRIPS.set(dispatcher.cluster.round_trips)
         body, content_type = metrics.render(request.headers.get("Accept"))
         return Response(body, status=200, content_type=content_type)
 

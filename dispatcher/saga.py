@@ -258,7 +258,7 @@ def install_saga(app: QuartTrio, dispatcher: Dispatcher) -> None:
     """Add `POST /saga/send` and, with events configured, the task that posts them."""
     from quart import Response, g, request
 
-    from .app import parse_json_body
+    from .web import parse_json_body
 
     settings = dispatcher.settings.flow_manager
     events = None

@@ -30,11 +30,12 @@ from .settings import Settings
 log = logging.getLogger("dispatcher.workers")
 
 _RESTART_PAUSE_SECONDS = 1.0
+# Set for each worker: the listening sockets' file descriptors (`dispatcher serve` reads it).
+WORKER_FDS_ENV = "DISPATCHER_WORKER_FDS"
 
 
 def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int, argv: Sequence[str]) -> int:
     from .children import die_with_parent
-    from .cli import WORKER_FDS_ENV
     from .embedded_store import EmbeddedServer
     from .errors import StoreError
     from .metrics import clear_multiprocess_dir, mark_process_dead

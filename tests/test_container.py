@@ -96,7 +96,12 @@ def test_dockerfile_runs_a_slim_python_as_an_unprivileged_user() -> None:
     users = instruction("USER")
     assert users and users[-1] not in ("root", "0") and not users[-1].startswith(("root:", "0:"))
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
-    assert any(re.search(r"\bpip install \.(\s|$)", run) for run in instruction("RUN"))
+    # The exact versions of the lock first, then the project without resolving anything again.
+    runs = instruction("RUN")
+    lock = next(i for i, run in enumerate(runs) if "-r requirements.lock" in run)
+    project = next(i for i, run in enumerate(runs) if re.search(r"\bpip install --no-deps \.(\s|$)", run))
+    assert lock < project and "--no-deps" in runs[lock] and "pip check" in runs[project]
+    assert "/var/lib/dispatcher/var" in instruction("VOLUME")[0]  # the ledger outlives the container
     assert exec_form(instruction("ENTRYPOINT")[0]) == ["dispatcher"]
     assert exec_form(instruction("CMD")[0]) == ["serve", "--config", "/etc/dispatcher/config.toml"]
     [health] = instruction("HEALTHCHECK")
@@ -248,7 +253,25 @@ def test_build_context_installs_every_package_and_dependency(tmp_path: Path) -> 
 
 
 def _interpolate(value: str, environ: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: environ.get(m[1]) or (m[2] or ""), value)
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}` (an error when VAR is unset)."""
+
+    def one(match: re.Match[str]) -> str:
+        if environ.get(match[1]):
+            return environ[match[1]]
+        if match[2] == ":?":
+            raise AssertionError(f"compose refuses to start without {match[1]}: {match[3]}")
+        return match[3] or ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+# What .env holds in the compose tests (compose.env.example, filled in).
+DOTENV = {
+    "MONGO_USERNAME": "dispatcher",
+    "MONGO_PASSWORD": "m0ng0pw",
+    "REDIS_PASSWORD": "r3d1spw",
+    "DISPATCHER_API_KEYS": "key-one,key-two",
+}
 
 
 def test_compose_wires_the_service_to_mongodb_and_redis() -> None:
@@ -258,13 +281,35 @@ def test_compose_wires_the_service_to_mongodb_and_redis() -> None:
     assert {"dispatcher", "mongo", "redis"} <= set(services)
     service = services["dispatcher"]
     assert service["build"] in (".", {"context": "."})
-    environment = {key: _interpolate(str(value), {}) for key, value in service["environment"].items()}
-    assert environment["MONGODB_URL"].startswith("mongodb://mongo:")
-    assert environment["REDIS_URL"].startswith("redis://redis:")
+    environment = {key: _interpolate(str(value), DOTENV) for key, value in service["environment"].items()}
+    assert environment["MONGODB_URL"].startswith("mongodb://dispatcher:m0ng0pw@mongo:")
+    assert environment["REDIS_URL"].startswith("redis://:r3d1spw@redis:")
     assert set(service["depends_on"]) >= {"mongo", "redis"}
-    assert any(str(port).endswith(":3000") for port in service["ports"])
+    # Published on loopback unless told otherwise.
+    [port] = service["ports"]
+    assert _interpolate(port, {}) == "127.0.0.1:3000:3000"
+    assert _interpolate(port, {"DISPATCHER_PUBLISH": "0.0.0.0:3000"}) == "0.0.0.0:3000:3000"
     for name in ("mongo", "redis"):
         assert services[name]["image"].split(":")[0] == name and services[name]["healthcheck"]["test"]
+        assert "ports" not in services[name]  # reachable from the service's network only
+    mongo = {key: _interpolate(str(value), DOTENV) for key, value in services["mongo"]["environment"].items()}
+    assert (mongo["MONGO_INITDB_ROOT_USERNAME"], mongo["MONGO_INITDB_ROOT_PASSWORD"]) == ("dispatcher", "m0ng0pw")
+    redis = [_interpolate(arg, DOTENV) for arg in services["redis"]["command"]]
+    assert redis[redis.index("--appendonly") + 1] == "yes" and redis[redis.index("--requirepass") + 1] == "r3d1spw"
+    # Every volume a service mounts is declared (the data outlives the containers).
+    for name in ("dispatcher", "mongo", "redis"):
+        for volume in services[name]["volumes"]:
+            assert volume.split(":")[0] in compose["volumes"]
+    assert any(volume.endswith(":/var/lib/dispatcher/var") for volume in service["volumes"])
+    # Every secret is required: without .env, nothing starts with an empty password.
+    for key in ("MONGODB_URL", "REDIS_URL", "DISPATCHER_API_KEYS"):
+        assert ":?" in str(service["environment"][key])
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / "compose.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(DOTENV) <= set(example)
 
     # The service's configuration in that container: the image's file and environment, compose's
     # environment on top; secrets end up where they belong.
@@ -273,7 +318,7 @@ def test_compose_wires_the_service_to_mongodb_and_redis() -> None:
     assert settings.store.url.get_secret_value() == environment["MONGODB_URL"]
     assert settings.cluster.redis_url.get_secret_value() == environment["REDIS_URL"]
     assert settings.server.host == "0.0.0.0"
-    assert not settings.auth.keys.get_secret_value()  # DISPATCHER_API_KEYS unset: authentication off
+    assert settings.auth.keys.get_secret_value() == "key-one,key-two"  # API keys on
     # docker stop must wait for the drain.
     grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
     assert grace and int(grace[1]) > settings.dispatcher.drain_timeout_seconds

@@ -269,3 +269,19 @@ def test_the_service_runs_on_the_documented_example_alone(tmp_path: Path) -> Non
     log_text = log_path.read_text()
     assert f"over the Messaging Service's {path}" in log_text
     assert "KAFKA_BROKERS is set but has no meaning here" in log_text
+
+
+def test_the_image_runs_a_predecessor_deployment_as_it_is(tmp_path: Path) -> None:
+    """The image's command and configuration with only CONFIGURATION_PATH added: the JSON's values
+    stand (the image's TOML sets nothing that would hide them)."""
+    from test_container import container_argv, container_like
+
+    config, env = container_like(tmp_path)
+    env["CONFIGURATION_PATH"] = str(write_json(tmp_path, DOC_EXAMPLE))
+    check = [arg if arg != "serve" else "check-config" for arg in container_argv(config)]
+    run = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    assert printed["user_fields"]["id"] == "fiscalCode" and printed["channels"]["active"] == ["email", "push"]
+    assert printed["sender"]["email"] == "email@test.com"
+    assert printed["server"]["host"] == "0.0.0.0"

@@ -142,14 +142,19 @@ def done_count(driver: Any, job_id: str) -> int:
     return int(text.split("/")[0]) if text else -1
 
 
-def screenshot(driver: Any, name: str) -> None:
+def screenshot(driver: Any, name: str, height: int = 860) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        driver.set_window_size(1280, height)
         driver.save_screenshot(str(Path(SCREENSHOTS) / name))
+        driver.set_window_size(1280, 860)
 
 
 async def test_operator_follows_a_campaign_finds_a_failure_and_cancels_it(browser, make_settings, database) -> None:
     async with service(make_settings, database) as (base, fake):
+        async with httpx.AsyncClient(base_url=base) as http:  # an earlier send, finished
+            body = {"channels": ["email"], "recipients": ["user001", "user002", "nobody"], "messageTitle": "T"}
+            assert (await http.post("/send", json={**body, "messageContent": "Hi"})).status_code == 200
         job_id = await start_campaign(base)
 
         def watch_the_list() -> tuple[int, int]:
@@ -179,7 +184,7 @@ async def test_operator_follows_a_campaign_finds_a_failure_and_cancels_it(browse
             wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "table.deliveries tbody tr"))
             row = text_of(browser, "table.deliveries tbody tr")
             assert row.startswith("sms failed"), row
-            screenshot(browser, "ui-job.png")
+            screenshot(browser, "ui-job.png", height=1500)
             return failed
 
         failed_user = await trio.to_thread.run_sync(find_the_failed_user)

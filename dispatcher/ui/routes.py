@@ -93,7 +93,7 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
             return None
         g.viewer = None  # nothing may be shown
         if request.endpoint == "ui.progress":
-            from ..app import error_response
+            from ..web import error_response
 
             return error_response(401, "invalid API key" if presented else "an API key is required")
         root = "../" if request.endpoint == "ui.job" else "./"

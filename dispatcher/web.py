@@ -1,0 +1,34 @@
+"""What every HTTP route shares (`app.py`, `ops.py`, `saga.py`): the error shape of every answer
+that is not a success, `{"statusCode", "error", "message"}` (the predecessor's), and the parsing
+of a JSON body."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+from quart import Response
+
+from .errors import RequestError
+from .models import MAX_DEPTH
+
+
+def error_response(status: int, message: str) -> Response:
+    body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON; `RequestError` for malformed JSON (Quart's get_json would answer
+    it with an HTML 400), NaN/Infinity, or nesting too deep to decode."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise RequestError(f"the body is nested too deeply (at most {MAX_DEPTH} levels)") from None
