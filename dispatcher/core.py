@@ -58,6 +58,7 @@ from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
+from .reconcile import Reconciler
 from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -124,12 +125,7 @@ class Dispatcher:
             max_rendered_chars=limits.max_rendered_chars,
         )
         self.transports = {
-            channel: Transport(
-                provider,
-                _gate(settings, channel, cluster),
-                RetryPolicy.from_settings(settings.channels[channel], settings.channels.on_ambiguous(channel)),
-            )
-            for channel, provider in providers.items()
+            channel: _transport(settings, channel, provider, cluster, ledger) for channel, provider in providers.items()
         }
         self.render_pool = RenderPool(
             self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
@@ -589,6 +585,24 @@ def _resume_note(job_id: str | None) -> str:
 
 def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{channel} {n}" for channel, n in counts.items()) or "none"
+
+
+def _transport(
+    settings: Settings, channel: str, provider: Provider, cluster: Cluster | None, ledger: Ledger | None
+) -> Transport:
+    on_ambiguous = settings.channels.on_ambiguous(channel)
+    gate = _gate(settings, channel, cluster)
+    reconciler = None
+    if on_ambiguous == "reconcile":
+        twilio = settings.providers.twilio
+        reconciler = Reconciler(
+            provider,  # type: ignore[arg-type]  # settings allow reconcile only where it can look up
+            gate,
+            twilio.reconcile_settle_seconds,
+            twilio.reconcile_concurrency,
+            ledger.holds if ledger is not None else None,
+        )
+    return Transport(provider, gate, RetryPolicy.from_settings(settings.channels[channel], on_ambiguous), reconciler)
 
 
 def _gate(settings: Settings, channel: str, cluster: Cluster | None) -> ChannelGate:

@@ -349,6 +349,8 @@ class Ledger:
                     outcome["error"] = d.error
                 if d.provider_id is not None:
                     outcome["provider_id"] = d.provider_id
+                if d.reconciled is not None:
+                    outcome["reconciled"] = d.reconciled
                 # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
                 ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
             else:
@@ -625,6 +627,11 @@ class Ledger:
             if state in counts:
                 counts[state][channel] = group["n"]
         return counts
+
+    async def holds(self, provider_id: str) -> bool:
+        """Whether some delivery already holds this provider id."""
+        doc = await self._run("delivery lookup", self._deliveries.find_one, {"provider_id": provider_id}, {"_id": 1})
+        return doc is not None
 
     async def deliveries_of(self, job_id: str, user_id: str) -> list[dict[str, Any]]:
         """Every delivery of one user in one job (one per channel)."""

@@ -132,9 +132,11 @@ class ChannelSettings(_Section):
     # throttled, instead of stalling the channel for every request.
     max_retry_after_seconds: float = Field(300.0, gt=0)
     # An attempt whose outcome is unknown (the service died during it, or it timed out after the
-    # request may have reached the provider): report it as a failure, or send again. Empty: the
-    # channel's default (report for email, sms, voice; resend for push).
-    on_ambiguous: Literal["report", "resend"] | None = None
+    # request may have reached the provider): report it as a failure, send again, or ask the
+    # provider whether it has the message (Twilio only) and send again only if it provably has
+    # not. Empty: the channel's default (reconcile on Twilio; else report for email, sms, voice,
+    # resend for push).
+    on_ambiguous: Literal["report", "resend", "reconcile"] | None = None
 
 
 class ChannelsSettings(_Section):
@@ -175,6 +177,11 @@ class ChannelsSettings(_Section):
                 raise ValueError(
                     f"channels.{name}.provider: {channel.provider!r} cannot deliver {name} (use one of {allowed})"
                 )
+            if channel.on_ambiguous == "reconcile" and not entry.can_reconcile:
+                raise ValueError(
+                    f"channels.{name}.on_ambiguous: {channel.provider!r} cannot be asked whether a message "
+                    "exists; use report or resend"
+                )
         return self
 
     @model_serializer(mode="wrap")
@@ -186,7 +193,12 @@ class ChannelsSettings(_Section):
         return self.per_channel[channel]
 
     def on_ambiguous(self, channel: str) -> str:
-        return self.per_channel[channel].on_ambiguous or CHANNEL_TABLE[channel].on_ambiguous
+        from .providers import PROVIDERS
+
+        settings = self.per_channel[channel]
+        if settings.on_ambiguous:
+            return settings.on_ambiguous
+        return "reconcile" if PROVIDERS[settings.provider].can_reconcile else CHANNEL_TABLE[channel].on_ambiguous
 
 
 class SmtpSettings(_Section):
