@@ -35,7 +35,7 @@ from actors.ports import RenderJobs
 from .context import RunContext
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
-from .errors import RequestError, StillRunning
+from .errors import ConfigError, RequestError, StillRunning
 from .files import FilesClient
 from .jobs import Book, Jobs, NotRecorded, Recorded, Run
 from .ledger import FINAL_STATES, Ledger, delivery_view
@@ -52,6 +52,7 @@ from .settings import Settings
 from .store import Store
 
 if TYPE_CHECKING:
+    from .job_callbacks import JobCallbacks
     from .cluster import Cluster
     from .fanout import SharedFanOut
 
@@ -125,6 +126,16 @@ class Dispatcher:
     @fanout.setter
     def fanout(self, fanout: SharedFanOut | None) -> None:
         self._jobs.fanout = fanout
+
+    @property
+    def callbacks(self) -> JobCallbacks | None:
+        """Signed status callbacks (job_callbacks.py); None without the ledger."""
+        return self._jobs.book.callbacks if isinstance(self._jobs.book, Recorded) else None
+
+    @callbacks.setter
+    def callbacks(self, callbacks: JobCallbacks | None) -> None:
+        if isinstance(self._jobs.book, Recorded):
+            self._jobs.book.callbacks = callbacks
 
     @property
     def in_flight(self) -> int:
@@ -321,15 +332,30 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds
                     )
                 )
-            try:
-                yield dispatcher
-            finally:
-                timeout = settings.dispatcher.drain_timeout_seconds
-                with trio.CancelScope(shield=True):
-                    drained = await dispatcher.drain(timeout)
-                if not drained:
-                    log.warning("%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout)
-                nursery.cancel_scope.cancel()
+            async with AsyncExitStack() as running:
+                if ledger is not None:
+                    from .auth import ApiKeys, load_api_keys
+                    from .job_callbacks import open_job_callbacks
+
+                    # Inside the drain: callbacks of the jobs that finish while draining go out too.
+                    try:
+                        keys = load_api_keys(settings.auth)
+                    except ConfigError:  # reported where keys are checked: `serve`'s start, the app
+                        keys = ApiKeys([])
+                    dispatcher.callbacks = await running.enter_async_context(
+                        open_job_callbacks(settings, store.client, ledger, keys, dispatcher.owner)
+                    )
+                try:
+                    yield dispatcher
+                finally:
+                    timeout = settings.dispatcher.drain_timeout_seconds
+                    with trio.CancelScope(shield=True):
+                        drained = await dispatcher.drain(timeout)
+                    if not drained:
+                        log.warning(
+                            "%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout
+                        )
+                    nursery.cancel_scope.cancel()
 
 
 __all__ = ["Dispatcher", "open_dispatcher"]

@@ -19,17 +19,19 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import logs, metrics
+from .callback_outbox import Target
 from .cancels import CancelWatch
 from .context import RunContext
 from .errors import Conflict, Interrupted, InternalError, LeaseLost, NotFound, RequestError, ShuttingDown, StoreError
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
-from .listing import EVERYONE, Viewer
+from .listing import EVERYONE, Viewer, job_json
 from .models import SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan
 
 if TYPE_CHECKING:
     from .fanout import SharedFanOut
+    from .job_callbacks import JobCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class Run:
     finished: bool = False
     lease_lost: bool = False
     resumed: bool = False
+    # Where its callbacks go (None: nowhere); the job's owner key and request id.
+    callback: Target | None = None
+    key_id: str | None = None
+    request_id: str | None = None
 
 
 class NotRecorded:
@@ -67,6 +73,9 @@ class NotRecorded:
         if idempotency_key:
             raise RequestError("Idempotency-Key needs the delivery ledger ([store].ledger = true)")
         return Run(None, plan, Unrecorded()), None
+
+    def track(self, run: Run) -> None:
+        return None
 
     async def running(self, run: Run) -> None:
         return None
@@ -98,6 +107,8 @@ class Recorded:
         self.owner = owner
         self._on_ambiguous = on_ambiguous
         self._settle_within = settle_within
+        # Signed status callbacks (job_callbacks.py), once `open_dispatcher` has opened them.
+        self.callbacks: JobCallbacks | None = None
 
     def ledger(self) -> Ledger:
         return self._ledger
@@ -115,8 +126,12 @@ class Recorded:
         self, request: SendRequest, plan: RequestPlan, idempotency_key: str | None, key_scope: str
     ) -> tuple[Run | None, str | None]:
         """Record a new job; `(None, id)` when the idempotency key names an earlier one."""
+        target = await self.callbacks.target_for(request, key_scope or None) if self.callbacks is not None else None
+        if target is None and request.callback_url is not None:
+            raise RequestError("callbackUrl: callbacks need the delivery ledger ([store].ledger = true)")
         job_id = uuid.uuid4().hex
         body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        request_id = logs.request_id_var.get()
         await self._ledger.create_job(
             job_id,
             body,
@@ -124,7 +139,8 @@ class Recorded:
             self._lease,
             idempotency_key,
             key_id=key_scope or None,
-            request_id=logs.request_id_var.get(),
+            request_id=request_id,
+            callback=target.to_doc() if target is not None else None,
         )
         if idempotency_key:
             claim = await self._ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
@@ -136,7 +152,27 @@ class Recorded:
                         f"request (job {claim.job_id}); use a new key for a new request"
                     )
                 return None, claim.job_id
-        return Run(job_id, plan, self.journal(job_id, resumed=False)), job_id
+        run = Run(job_id, plan, self.journal(job_id, resumed=False))
+        run.callback, run.key_id, run.request_id = target, key_scope or None, request_id
+        return run, job_id
+
+    def resumed(self, job_id: str, plan: RequestPlan, doc: dict[str, Any]) -> Run:
+        """The run that resumes the job `doc` (claimed by this instance)."""
+        journal = self.journal(job_id, resumed=True)
+        if doc.get("cancel_requested"):
+            journal.cancel()
+        run = Run(job_id, plan, journal, resumed=True)
+        run.callback, run.key_id, run.request_id = (
+            Target.from_doc(doc.get("callback")),
+            doc.get("key_id"),
+            doc.get("request_id"),
+        )
+        return run
+
+    def track(self, run: Run) -> None:
+        """A run starts here: its callbacks follow it."""
+        if self.callbacks is not None and run.job_id is not None:
+            self.callbacks.outbox.track(run.job_id, run.callback, run.key_id, run.request_id)
 
     async def running(self, run: Run) -> None:
         if run.resumed and run.job_id is not None:
@@ -165,21 +201,29 @@ class Recorded:
         assert run.job_id is not None
         metrics.observe_job(state)
         try:
-            await self._ledger.update_job(
-                run.job_id,
-                state=state,
-                finished_at=now_iso(),
-                summary=run.result.summary.to_json(),
-                lease_expires=0,
-            )
+            await self._end(run, state, summary=run.result.summary.to_json(), lease_expires=0)
         except StoreError as exc:
             # Every outcome is recorded: whoever resumes the job settles it from the ledger.
             log.error("job %s finished but cannot be marked %s: %s", run.job_id, state, exc)
 
     async def failed(self, run: Run) -> None:
-        assert run.job_id is not None
         with trio.CancelScope(shield=True), suppress(StoreError):
-            await self._ledger.update_job(run.job_id, state="failed", finished_at=now_iso(), error="internal error")
+            await self._end(run, "failed", error="internal error")
+
+    async def _end(self, run: Run, state: str, **fields: Any) -> None:
+        """Write a job's final state, with its `job.finished` callback in the same group commit."""
+        assert run.job_id is not None
+        finished = now_iso()
+        callbacks: list[dict[str, Any]] = []
+        if self.callbacks is not None and run.callback is not None:
+            doc = await self._ledger.job(run.job_id) or {"_id": run.job_id}
+            doc = {**doc, "state": state, "finished_at": finished, **fields}
+            body = job_json(doc, fields.get("summary"))
+            body["summary"] = {**body["summary"], **await self._ledger.receipt_counts(run.job_id)}
+            callbacks = self.callbacks.finished_message(doc, run.callback, body)
+        await self._ledger.update_job(run.job_id, state=state, finished_at=finished, callbacks=callbacks, **fields)
+        if callbacks and self.callbacks is not None:
+            self.callbacks.nudge()
 
 
 Book = Recorded | NotRecorded
@@ -240,6 +284,7 @@ class Jobs:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if run.job_id is not None:
             self.runs[run.job_id] = run
+        self.book.track(run)
         with logs.bind(job_id=run.job_id):  # on every line the job's tasks log
             self._nursery.start_soon(self._execute, run)
 
@@ -394,10 +439,7 @@ class Jobs:
             await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        journal = book.journal(job_id, resumed=True)
-        if doc.get("cancel_requested"):
-            journal.cancel()
-        self._start(Run(job_id, plan, journal, resumed=True))
+        self._start(book.resumed(job_id, plan, doc))
 
 
 def _resume_note(job_id: str | None) -> str:
