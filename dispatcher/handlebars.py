@@ -24,7 +24,6 @@ import functools
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Union
 from collections.abc import Callable
 
 from jinja2 import TemplateSyntaxError
@@ -271,7 +270,7 @@ class _SubExpr:
     call: _Call
 
 
-_Expr = Union[_Path, _Literal, _SubExpr]
+_Expr = _Path | _Literal | _SubExpr
 
 
 @dataclass(eq=False, slots=True)
@@ -299,7 +298,7 @@ class _Block:
     close_strip: _Strip | None
 
 
-_Node = Union[_Content, _Comment, _Mustache, _Block]
+_Node = _Content | _Comment | _Mustache | _Block
 
 
 @dataclass(eq=False, slots=True)

@@ -20,7 +20,9 @@ rendering kills a worker fail (`RenderBudgetExceeded`). The parent also stops wa
 the worker) after a generous wall-clock cap, in case a worker stops without using CPU.
 
 Workers are shared by the whole process (trio_parallel's default context, at most one per CPU at a
-time) and outlive sends: a template compiles once per worker (an LRU cache, as in the parent).
+time) and outlive sends: a template compiles once per worker (an LRU cache, as in the parent). They
+start when a send first needs one (about a second of CPU, once): a service whose templates all
+render inline never starts them.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from .templating import Renderer, Text
 
 # Beyond the budget, how much more CPU a single C-level operation may use before the kernel stops
 # the worker (the interrupt cannot reach it in C code).
-HARD_FACTOR = 4.0
-HARD_EXTRA_SECONDS = 0.25
+HARD_FACTOR = 2.0
+HARD_EXTRA_SECONDS = 0.05
 # Wall-clock cap of a chunk, per user, as a multiple of the hard limit, plus a fixed margin: large
 # on purpose, a worker waits for the CPU behind other processes on a loaded machine (the CPU
 # limits above are what stops a template; this only catches a worker that stopped).

@@ -1,17 +1,22 @@
-"""Size limits for untrusted templates: every value a template builds stays near `max_chars`.
+"""Size limits for untrusted templates: what one operation of a template builds stays near
+`max_chars`, checked BEFORE it is computed.
 
 Jinja's sandbox stops attribute escapes, not allocation: one C-level call such as
 `'x'.center(10**9)`, `'%*s' % (10**9, 'x')` or `10 ** 10**9` allocates gigabytes or runs for
-minutes without ever returning to Python code, so neither the output limit nor the rendering time
-budget (`render_budget`) can stop it. `SizeGuard` checks, BEFORE computing, every operation whose
-result grows with an argument: repetition, powers and products of integers, concatenation,
-`%`/`str.format` widths and precisions, the str methods and filters that pad, join, replace or
-repeat, `range`, `lipsum`, and the filters and calls that materialize an iterator.
+minutes without ever returning to Python code. Templates that can do this render in a worker
+process whose memory limit and CPU kill would stop it too (`render_pool`), but only after it has
+cost a worker up to ~0.5 s of CPU and a restart; these checks refuse it in microseconds, through
+the sandbox's public hooks (operators, calls, filters, tests, globals, `str.format`, printed
+values): repetition, powers and products of integers, concatenation with `+`, `%`/`str.format`
+widths and precisions, the str methods and filters that pad, join, replace or repeat, `range`,
+`lipsum`, and the filters and calls that materialize an iterator.
+
+What grows by many cheap steps (`~` in a loop, a macro's or block's output, `loop.length` of an
+iterator, `*args`) is left to the worker's limits: bounding it took a subclass of Jinja's private
+code generator, and the process limits bound it as well.
 
 Strings are measured by `len`; containers by `size_of`, the length of their text form, which
-counts a shared element every time it appears. That keeps the structures a template can build
-trees of bounded size: a list nesting the same list twice per level would double at every level,
-and comparing or printing it is another single C call that never ends.
+counts a shared element every time it appears.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import Any
 from collections.abc import Callable
 
 from jinja2.filters import make_attrgetter, sync_do_join
-from jinja2.runtime import LoopContext, Macro, Undefined, markup_join
-from jinja2.utils import Cycler, Namespace, _PassArg, generate_lorem_ipsum, missing, pass_environment, pass_eval_context
+from jinja2.runtime import Macro, Undefined
+from jinja2.utils import Cycler, Namespace, _PassArg, generate_lorem_ipsum, pass_environment, pass_eval_context
 from jinja2.runtime import Markup  # markupsafe.Markup, re-exported by Jinja (not a direct dependency)
 
 from .errors import RenderError
@@ -189,7 +194,6 @@ class SizeGuard:
         self.max_chars = max_chars
         self.max_int_bits = max_int_bits
         self.max_range = min(max_range, max_chars)
-        self.loop_context_class = self._make_loop_context_class()
 
     # -- generic checks -------------------------------------------------------------------------
 
@@ -228,43 +232,12 @@ class SizeGuard:
     def bounded_list(self, iterable: Iterable[Any]) -> list[Any]:
         return list(self.bounded_iter(iterable))
 
-    def literal(self, value: Any) -> Any:
-        """Check a list, tuple or dict literal built at render time (`[x, x]`)."""
-        if size_of(value, self.max_chars) > self.max_chars:
-            raise _too_big("a list, tuple or dict literal", self.max_chars)
-        return value
-
     def finalize(self, value: Any) -> Any:
         """Environment `finalize`: every `{{ expression }}` is measured before it is stringified."""
         if (len(value) if type(value) is str else size_of(value, self.max_chars)) > self.max_chars:
             # Worded as the output limit it anticipates.
             raise TemplateLimitExceeded(f"rendered text exceeds {self.max_chars} characters")
         return value
-
-    def output_buffer(self) -> _OutputBuffer:
-        return _OutputBuffer(self.max_chars)
-
-    def concat(self, markup: bool, parts: tuple[Any, ...]) -> str:
-        """`a ~ b ~ c`: measure the parts, then join them as Jinja's `str_join`/`markup_join` do."""
-        limit = self.max_chars
-        total = 0
-        for part in parts:
-            total += _text_len(part, limit)
-            if total > limit:
-                raise _too_big("a `~` concatenation", limit)
-        if not markup:
-            return "".join([str(part) for part in parts])
-        return self.check_result(markup_join(parts), "a `~` concatenation")
-
-    def join_buffer(self, parts: Iterable[str]) -> str:
-        """Environment `concat` (macro bodies, `{% set %}` blocks, `{% filter %}` blocks)."""
-        if not isinstance(parts, _OutputBuffer):
-            buffer = _OutputBuffer(self.max_chars)
-            buffer.extend(parts)
-            parts = buffer
-        return "".join(parts)
-
-    # -- operators ------------------------------------------------------------------------------
 
     def binop(self, op: str, left: Any, right: Any) -> Any:
         limit = self.max_chars
@@ -630,50 +603,6 @@ class SizeGuard:
             return out if isinstance(start, list) else tuple(out)
 
         return sum_
-
-    # -- loops ----------------------------------------------------------------------------------
-
-    def _make_loop_context_class(self) -> type[LoopContext]:
-        guard = self
-
-        class BoundedLoopContext(LoopContext):
-            """`loop.length` (and `revindex`, `last`...) of a loop over an iterator collects the
-            rest of it: bounded here, where Jinja would call list() on it."""
-
-            @property
-            def length(self) -> int:
-                if self._length is not None:
-                    return self._length
-                try:
-                    self._length = len(self._iterable)  # type: ignore[arg-type]
-                except TypeError:
-                    rest = guard.bounded_list(self._iterator)
-                    self._iterator = iter(rest)
-                    self._length = len(rest) + self.index + (self._after is not missing)
-                return self._length
-
-        return BoundedLoopContext
-
-
-class _OutputBuffer(list):  # type: ignore[type-arg]
-    """The buffer of a macro, `{% set %}`, `{% filter %}` or call block: bounded as it fills."""
-
-    __slots__ = ("_size", "_limit")
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self._size = 0
-        self._limit = limit
-
-    def append(self, item: str) -> None:
-        self._size += len(item)
-        if self._size > self._limit:
-            raise _too_big("a block's output", self._limit)
-        super().append(item)
-
-    def extend(self, items: Iterable[str]) -> None:
-        for item in items:
-            self.append(item)
 
 
 # Filters that stringify their value (`str(value)` of a huge structure is one C call).

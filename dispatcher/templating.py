@@ -20,8 +20,6 @@ from collections.abc import Callable
 from babel import UnknownLocaleError
 from babel.numbers import format_decimal
 from jinja2 import ChainableUndefined, TemplateError, nodes
-from jinja2.compiler import CodeGenerator, Frame, optimizeconst
-from jinja2.environment import Template
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Markup  # markupsafe.Markup, re-exported by Jinja (not a direct dependency)
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
@@ -36,72 +34,6 @@ logger = logging.getLogger(__name__)
 # (`'a' + 1`, `dateFormat('soon')`, `data.list[99]`, a macro recursing forever): that delivery
 # fails, nothing to log. Any other exception is a bug in our code and is logged.
 _VALUE_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, RecursionError)
-
-
-class _GuardedCodeGenerator(CodeGenerator):
-    """Routes through `environment.guard` the constructs that build values without a call the
-    sandbox sees: `~` (compiled into `str_join`/`markup_join`), block buffers (macros,
-    `{% set %}`/`{% filter %}`/call blocks), list/tuple/dict literals and `*args`."""
-
-    @optimizeconst
-    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
-        if frame.eval_ctx.volatile:
-            # Jinja 3.1.6 tests `volatile` (not `autoescape`) at run time here; kept as is.
-            markup = "context.eval_ctx.volatile"
-        else:
-            markup = "True" if frame.eval_ctx.autoescape else "False"
-        self.write(f"environment.guard.concat({markup}, (")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write("))")
-
-    def buffer(self, frame: Frame) -> None:
-        frame.buffer = self.temporary_identifier()
-        self.writeline(f"{frame.buffer} = environment.guard.output_buffer()")
-
-    def visit_List(self, node: nodes.List, frame: Frame) -> None:
-        self.write("environment.guard.literal(")
-        super().visit_List(node, frame)
-        self.write(")")
-
-    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
-        self.write("environment.guard.literal(")
-        super().visit_Dict(node, frame)
-        self.write(")")
-
-    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
-        if node.ctx != "load":  # an assignment target: `{% for a, b in ... %}`
-            super().visit_Tuple(node, frame)
-            return
-        self.write("environment.guard.literal(")
-        super().visit_Tuple(node, frame)
-        self.write(")")
-
-    def signature(self, node: nodes.Call | nodes.Filter | nodes.Test, frame: Frame, extra_kwargs: Any = None) -> None:
-        dyn_args = node.dyn_args
-        if dyn_args is None:
-            super().signature(node, frame, extra_kwargs)
-            return
-        # Jinja forbids new node types: `*x` becomes `*environment.bounded_iter(x)`, a call the
-        # sandbox makes like any other.
-        bounded = nodes.Call(
-            nodes.EnvironmentAttribute("bounded_iter"), [dyn_args], [], None, None, lineno=dyn_args.lineno
-        )
-        node.dyn_args = bounded
-        try:
-            super().signature(node, frame, extra_kwargs)
-        finally:
-            node.dyn_args = dyn_args
-
-
-class _GuardedTemplate(Template):
-    @classmethod
-    def _from_namespace(cls, environment: Any, namespace: Any, globals: Any) -> Template:
-        # The compiled module imports LoopContext from jinja2.runtime; its functions look the
-        # name up in this namespace at run time.
-        namespace["LoopContext"] = environment.guard.loop_context_class
-        return super()._from_namespace(environment, namespace, globals)
 
 
 class _BoundedFormatterMixin:
@@ -142,8 +74,11 @@ class _BoundedEscapeFormatter(_BoundedFormatterMixin, SandboxedEscapeFormatter):
 
 
 class _LimitedSandbox(ImmutableSandboxedEnvironment):
-    code_generator_class = _GuardedCodeGenerator
-    template_class = _GuardedTemplate
+    """The sandbox with `SizeGuard` on its public hooks: operators, calls, filters, tests,
+    globals, `str.format` and every printed expression. What grows by many small steps (a
+    loop or a macro building a string with `~`, a block's output) is bounded by the worker
+    process's memory limit and CPU budget instead (`render_pool`)."""
+
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, *, max_output: int, **options: Any) -> None:
@@ -151,13 +86,9 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(finalize=guard.finalize, **options)
         self.max_output = max_output
         self.guard = guard
-        self.concat = guard.join_buffer  # type: ignore[assignment]
         self.globals.update(guard.globals())
         self.filters = guard.filters(self.filters)
         self.tests = guard.tests(self.tests)
-
-    def bounded_iter(self, iterable: Any) -> Any:
-        return self.guard.bounded_iter(iterable)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # The default returns an Undefined that ChainableUndefined renders as "": an attempt to
@@ -272,8 +203,7 @@ class Text:
     `inline`: it renders in time bounded by its length and its context, so it is rendered where
     it is called (on the event loop). Otherwise it is meant to be rendered in a worker process
     (`render_pool`) from `source` and `html`, and the results handed back in the context under
-    `PRERENDERED`; called without them it renders in the calling thread, bounded in memory and
-    output but not in time."""
+    `PRERENDERED`; called without them it raises RuntimeError (`render_here` renders it anyway)."""
 
     __slots__ = ("source", "html", "inline", "_render")
 
@@ -291,15 +221,23 @@ class Text:
                 raise outcome
             if outcome is not None:
                 return outcome  # type: ignore[no-any-return]
+        if not self.inline:
+            # In the service process a loop could run for minutes or fill the memory: a bug of
+            # the caller, who skipped `render_pool`, never the template's.
+            raise RuntimeError("a template that can run away renders only in a worker process (render_pool)")
+        return self._render(context)
+
+    def render_here(self, context: dict[str, Any]) -> str:
+        """Render in the calling thread whatever the template: bounded per operation and in
+        output, not in time nor in total memory. For tests; the service uses `__call__`."""
         return self._render(context)
 
 
 class Renderer:
     """Compiles templates once and renders them per user within the configured limits.
 
-    Rendering is bounded in memory and output here; a template that is not `Text.inline` is
-    bounded in time only when rendered through `render_pool` (a worker process with CPU and
-    memory limits).
+    Every operation's result and the output are bounded here; time and total memory are bounded
+    by the worker process a template that is not `Text.inline` renders in (`render_pool`).
     """
 
     def __init__(self, *, default_locale: str, max_template_chars: int, max_rendered_chars: int) -> None:

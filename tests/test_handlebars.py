@@ -32,7 +32,7 @@ def render(
     user: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
 ) -> str:
-    return renderer.compile(to_jinja(source), html=html)({"user": user or {}, "data": data or {}})
+    return renderer.compile(to_jinja(source), html=html).render_here({"user": user or {}, "data": data or {}})
 
 
 WELCOME = """\

@@ -36,7 +36,7 @@ def context() -> dict[str, Any]:
 
 
 def render(renderer: Renderer, source: str, ctx: dict[str, Any] | None = None) -> str:
-    return renderer.compile(source)(context() if ctx is None else ctx)
+    return renderer.compile(source).render_here(context() if ctx is None else ctx)
 
 
 HOSTILE = {
@@ -47,15 +47,7 @@ HOSTILE = {
     "str.format width": "{{ '{:>500000000}'.format('x') }}",
     "lipsum": "{{ lipsum(10**5) }}",
     "power chain": "{{ (10**64**64**64**64)|string|length }}",
-    "macro doubling with ~": (
-        "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}"
-        "{% endif %}{% endmacro %}{{ d('x', 40) }}"
-    ),
     # Same families, other doors.
-    "loop doubling with ~": (
-        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
-        "{% endfor %}{{ ns.s|length }}"
-    ),
     "loop doubling with +": (
         "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
         "{% endfor %}{{ ns.s|length }}"
@@ -91,25 +83,36 @@ HOSTILE = {
     "odd test": "{{ '%999999999s' is odd }}",
     "range": "{{ range(10**9)|length }}",
     "list of a generator": "{{ range(100000)|map('center', 200000)|list|length }}",
-    "loop.length of a generator": (
-        "{% for x in range(100000)|map('center', 200000) %}{% if loop.first %}{{ loop.length }}{% endif %}{% endfor %}"
-    ),
-    "*args from a generator": "{{ lipsum(*(range(100000)|map('center', 200000))) }}",
     "list repetition": "{% set s = 'x' * 200000 %}{{ [s] * 1000 }}",
     "shared list literal": "{% set s = 'x' * 200000 %}{{ [s, s, s, s, s, s] }}",
+    "macro varargs": ("{% macro m() %}{{ varargs|length }}{% endmacro %}{% set s = 'x' * 200000 %}{{ m(s, s, s) }}"),
+    "namespace as a string": (
+        "{% set s = 'x' * 200000 %}{% set ns = namespace() %}{% set ns.a = s %}{% set ns.b = s %}{{ ns|string|length }}"
+    ),
+}
+# What grows by many cheap steps: left to the worker process's memory limit and CPU budget.
+WORKER_ONLY = {
+    "macro doubling with ~": (
+        "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}"
+        "{% endif %}{% endmacro %}{{ d('x', 40) }}"
+    ),
+    "loop doubling with ~": (
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s|length }}"
+    ),
     # Two lists of 2**100 leaves in 100 nodes each: comparing them is a single C call.
     "exponential sharing": (
         "{% set ns = namespace(a=[1], b=[1]) %}{% for i in range(100) %}"
         "{% set ns.a = [ns.a, ns.a] %}{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}"
     ),
-    "macro varargs": ("{% macro m() %}{{ varargs|length }}{% endmacro %}{% set s = 'x' * 200000 %}{{ m(s, s, s) }}"),
     "set block": "{% set x %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endset %}{{ x|length }}",
     "macro output": (
         "{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ m()|length }}"
     ),
-    "namespace as a string": (
-        "{% set s = 'x' * 200000 %}{% set ns = namespace() %}{% set ns.a = s %}{% set ns.b = s %}{{ ns|string|length }}"
+    "loop.length of a generator": (
+        "{% for x in range(100000)|map('center', 200000) %}{% if loop.first %}{{ loop.length }}{% endif %}{% endfor %}"
     ),
+    "*args from a generator": "{{ lipsum(*(range(100000)|map('center', 200000))) }}",
 }
 
 
@@ -129,6 +132,23 @@ def test_hostile_template_fails_fast_without_allocating(renderer: Renderer, sour
     # Unchecked, each of these allocates gigabytes or computes for seconds to minutes.
     assert peak < 64 * 1024 * 1024, f"{peak / 1e6:.0f} MB"
     assert elapsed < 3.0
+
+
+@pytest.mark.parametrize("source", WORKER_ONLY.values(), ids=WORKER_ONLY.keys())
+async def test_hostile_template_is_stopped_by_the_worker_limits(renderer: Renderer, source: str) -> None:
+    # Each of these would fill the memory or compute for minutes in the service process. In a
+    # worker: out of memory, interrupted at the budget, or killed in C code (then: overrun).
+    text = renderer.compile(source)
+    assert not text.inline
+    with pytest.raises(RuntimeError, match="worker process"):
+        text(context())  # never in the service process
+    pool = RenderPool(renderer.config, BUDGET, 256 * 1024 * 1024)
+    [result] = [outcome[text] for outcome in await pool.render([text], {}, [{}])]
+    assert isinstance(result, RenderError), result
+    assert str(result) in (
+        "template error: rendering took longer than 50 ms",
+        "template error: rendering ran out of memory",
+    ) or str(result).startswith(("template error:", f"rendered text exceeds {LIMIT}")), str(result)
 
 
 def test_limit_errors_name_the_operation(renderer: Renderer) -> None:
@@ -171,7 +191,7 @@ FEATURES = """{% set a, b = 1, 2 %}{{ a }}{{ b }}{% for k, v in {'x': 1}.items()
 def test_ordinary_templates_render_as_with_stock_jinja(renderer: Renderer, html: bool) -> None:
     ctx = {"users": [{"n": "a"}, {"n": ""}], "user": {"name": "<Ada>"}, "data": {}}
     stock = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=html).from_string(FEATURES)
-    assert renderer.compile(FEATURES, html=html)(ctx) == stock.render(ctx)
+    assert renderer.compile(FEATURES, html=html).render_here(ctx) == stock.render(ctx)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ def renderer() -> Renderer:
 
 
 def render(renderer: Renderer, source: str, html: bool = False, **context: Any) -> str:
-    return renderer.compile(source, html=html)({"user": context.get("user", {}), "data": context.get("data", {})})
+    ctx = {"user": context.get("user", {}), "data": context.get("data", {})}
+    return renderer.compile(source, html=html).render_here(ctx)
 
 
 def test_handlebars_style_and_spaced_expressions(renderer: Renderer) -> None:

@@ -146,6 +146,28 @@ async def test_prefix_and_switch(make_settings) -> None:
         assert response.status_code == 404 and (await response.get_json())["statusCode"] == 404
 
 
+async def test_service_page_shows_limits_and_the_pauses_a_provider_imposed(make_settings) -> None:
+    settings = make_settings(channels={"sms": {"rate_per_second": 7, "burst": 3, "concurrency": 4}})
+    async with open_dispatcher(settings) as d:
+        gate = d.transports["sms"].gate
+        gate.bucket.pause_until(trio.current_time() + 30)
+        gate.pause("+15551230001", trio.current_time() + 10)
+        gate.pause("+15551230002", trio.current_time() - 1)  # over already
+        async with create_app(d).test_app() as app:
+            status, html, _ = await page(app.test_client(), "/-/ui/service")
+    assert status == 200
+    sms = re.search(r'<tr><th scope="row">sms</th>(.*?)</tr>', html, re.S).group(1)
+    cells = [
+        re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td>(.*?)</td>", sms, re.S)
+    ]
+    assert cells[:5] == ["outbox", "0", "4", "7.0/s", "3"]
+    assert re.fullmatch(
+        r"the channel, (29\.\d|30\.0) s more \(the provider asked to slow down\); 1 destination", cells[5]
+    )
+    assert "+1555" not in html  # which destinations is not shown
+    assert '<dt>State</dt><dd><span class="ok">answers</span>' in html and "Not configured" in html
+
+
 @pytest.mark.parametrize("prefix", ["ui", "/ui/", "/send", "/send/ui", "/a b", ""])
 def test_a_bad_prefix_stops_start_up_naming_the_key(prefix: str) -> None:
     with pytest.raises(ConfigError, match=r"ui\.prefix"):
@@ -226,3 +248,26 @@ async def test_a_key_sees_its_own_jobs_and_an_admin_key_sees_every_job(make_sett
         assert status == 200
         response = await client.get(f"/-/ui/progress?id={a_job}&id={b_job}", headers={"X-API-Key": "a-secret"})
         assert [job["id"] for job in (await response.get_json())["jobs"]] == [a_job]
+
+
+def test_every_file_of_the_page_ships_in_the_package() -> None:
+    import tomllib
+    from pathlib import Path
+
+    import dispatcher.ui
+
+    root = Path(dispatcher.ui.__file__).parent
+    pyproject = tomllib.loads((root.parent.parent / "pyproject.toml").read_text())
+    setuptools = pyproject["tool"]["setuptools"]
+    assert "dispatcher.ui" in setuptools["packages"]
+    files = {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    }
+    shipped = {
+        p.relative_to(root).as_posix()
+        for pattern in setuptools["package-data"]["dispatcher.ui"]
+        for p in root.glob(pattern)
+    }
+    assert files and files == shipped

@@ -174,6 +174,7 @@ class Queries:
                     "rate": cs.rate_per_second,
                     "burst": cs.burst,
                     "paused_for": _paused_for(gate.bucket),
+                    "destinations_paused": _destinations_paused(gate),
                     "on_ambiguous": d.on_ambiguous.get(channel),
                 }
             )
@@ -215,6 +216,16 @@ def _paused_for(bucket: Any) -> float:
     if not isinstance(deadline, float):
         return 0.0
     return max(0.0, deadline - trio.current_time())
+
+
+def _destinations_paused(gate: Any) -> int:
+    """How many single destinations or senders a provider's 429 holds back now (never which:
+    they are phone numbers and addresses)."""
+    paused = getattr(gate, "_paused", None)
+    if not isinstance(paused, dict):
+        return 0
+    now = trio.current_time()
+    return sum(1 for deadline in paused.values() if deadline > now)
 
 
 def _server_of(url: str) -> str:

@@ -1,0 +1,89 @@
+"""The fan-out's service CPU per delivery with a given request text, from one or more checkouts,
+interleaved (A B C A B C ...), medians at the end. The service's CPU includes its descendants
+(render worker processes, through the harness's process sampler).
+
+Run: python benchmarks/render_fanout.py LABEL=CHECKOUT[:TEXT] ... [--rounds 3] [--users 5000]
+  TEXT: `plain` (the harness's own texts), `each` (the same body plus an empty Handlebars `#each`,
+  which renders in worker processes), `jinja-for` (the same body plus an empty Jinja `for`).
+Example:
+  python benchmarks/render_fanout.py old=/tmp/old new=.:plain new-workers=.:each --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TEXTS = {
+    "plain": None,
+    "each": "Hi {{ user.name }}, your load-test code is {{ data.code }}.{{#each user.none}}{{/each}}",
+    "jinja-for": "Hi {{ user.name }}, your load-test code is {{ data.code }}.{% for x in user.none %}{% endfor %}",
+}
+
+DRIVER = """
+import sys
+import dispatcher.loadtest.drivers as drivers
+content = {content!r}
+if content is not None:
+    drivers.CONTENT = content
+from dispatcher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run(checkout: str, text: str, users: int, output: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
+    args = ["loadtest", "--users", str(users), "--channels", "email,sms,push", "--latency", "20ms"]
+    # A slow shared machine: the synchronous answer must not time out into a 202 mid fan-out.
+    base = output / "base.toml"
+    base.write_text("[server]\nsync_timeout_seconds = 3600\n")
+    args += ["--no-progress", "--output", str(output), "--base-config", str(base)]
+    code = DRIVER.format(content=TEXTS[text])
+    subprocess.run([sys.executable, "-c", code, *args], env=env, check=False, stdout=subprocess.DEVNULL, cwd="/tmp")
+    [results] = list(output.glob("*/results.json"))
+    data = json.loads(results.read_text())
+    fanout = data.get("phases", [data])[0] if "phases" in data else data
+    cpu = fanout.get("cpu", {})
+    return {
+        "service_ms_per_delivery": cpu.get("service_ms_per_delivery"),
+        "received": fanout.get("total", {}).get("received"),
+        "failed": sum((fanout.get("failures") or {}).get("by_kind", {}).values())
+        if isinstance(fanout.get("failures"), dict)
+        else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variants", nargs="+", help="LABEL=CHECKOUT[:TEXT]")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--users", type=int, default=5000)
+    options = parser.parse_args()
+    variants = []
+    for spec in options.variants:
+        label, rest = spec.split("=", 1)
+        checkout, _, text = rest.partition(":")
+        variants.append((label, checkout, text or "plain"))
+    figures: dict[str, list[float]] = {label: [] for label, _, _ in variants}
+    for round_ in range(options.rounds):
+        for label, checkout, text in variants:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run(checkout, text, options.users, Path(tmp))
+            print(f"round {round_ + 1} {label}: {result}", flush=True)
+            if result["service_ms_per_delivery"] is not None:
+                figures[label].append(result["service_ms_per_delivery"])
+    print("| variant | service CPU ms per delivery (median) | runs |")
+    print("|---|---|---|")
+    for label, values in figures.items():
+        shown = ", ".join(f"{v:.3f}" for v in values)
+        print(f"| {label} | {statistics.median(values):.3f} | {shown} |" if values else f"| {label} | - | |")
+
+
+if __name__ == "__main__":
+    main()
