@@ -116,6 +116,7 @@ class CallbackOutbox:
         self._outbox.create_index([("role", 1), ("head", 1), ("seq", 1)])
         self._outbox.create_index([("head", 1)])
         self._outbox.create_index([("state", 1), ("seq", -1)])
+        self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
         self._outbox.create_index("expires_at", expireAfterSeconds=0)
 
     def track(self, job_id: str, target: Target | None, key_id: str | None, request_id: str | None) -> None:
