@@ -129,3 +129,8 @@ class TransientDeliveryError(DeliveryError):
         self.throttled = throttled
         self.ambiguous = ambiguous
         self.pause_key = pause_key
+
+
+class LimiterUnavailable(TransientDeliveryError):
+    """The limiter a delivery waits on cannot be reached (cluster mode: Redis): nothing was sent,
+    no attempt is spent; the delivery waits for it, within a bound."""

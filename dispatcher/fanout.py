@@ -139,7 +139,13 @@ class SharedFanOut:
         plan = await self._plan(partition.job_id, doc)
         if plan is None:
             return
-        journal = Journal(self._ledger, partition.job_id, resumed=True, on_ambiguous=self._context.on_ambiguous)
+        journal = Journal(
+            self._ledger,
+            partition.job_id,
+            resumed=True,
+            on_ambiguous=self._context.on_ambiguous,
+            settle_within=self._context.settle_within,
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
