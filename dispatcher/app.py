@@ -233,12 +233,16 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         checks = await dispatcher.readiness()
         if all(checks.values()):
             return {"status": "ready", **checks}
-        down = " and ".join(
-            {"store": "the store", "redis": "Redis (rate-limited channels wait, then fail)"}[name]
+        down = "; ".join(
+            {
+                "store": "the store does not answer",
+                "redis": "Redis (rate-limited channels wait, then fail) does not answer",
+                "outbox": "the outbox directory cannot be written",
+            }.get(name, f"the {name} provider cannot deliver")
             for name, ok in checks.items()
             if not ok
         )
-        return error_response(503, f"not ready: {down} does not answer")
+        return error_response(503, f"not ready: {down}")
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:

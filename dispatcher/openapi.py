@@ -555,17 +555,19 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
         },
         ("get", "/-/healthz"): {
             "operationId": "healthz",
-            "summary": "200 while the process runs",
+            "summary": "Liveness: 200 while the process serves; 503 once the embedded store it started "
+            "has been down for more than 10 s",
             "tags": ["operations"],
             "parameters": [request_id],
-            "responses": {"200": _json("Health", "Alive")},
+            "responses": {"200": _json("Health", "Alive"), "503": _error("Not alive: restart the service")},
         },
         ("get", "/-/ready"): {
             "operationId": "ready",
-            "summary": "200 when the store answers a ping",
+            "summary": "Readiness: 200 when the store answers a ping (and Redis in cluster mode) and the "
+            "outbox directory, when a channel uses it, can be written",
             "tags": ["operations"],
             "parameters": [request_id],
-            "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready (the store does not answer)")},
+            "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready: the message names what is down")},
         },
         ("get", "/-/check-up"): {
             "operationId": "checkUp",
