@@ -23,8 +23,9 @@ from werkzeug.exceptions import HTTPException
 
 from .checkup import install_checkup
 from .core import Dispatcher
+from .callback_outbox import CALLBACK_STATES
 from .dryrun import dry_run
-from .errors import Interrupted, RequestError, StillRunning, StoreError
+from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
 from .web import error_response, parse_json_body
@@ -188,6 +189,28 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
         return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
+
+    @app.get("/callbacks")
+    async def callback_list() -> Any:
+        state = request.args.get("state") or "dead"
+        if state not in CALLBACK_STATES:
+            raise RequestError(f"state: must be one of {', '.join(CALLBACK_STATES)}")
+        try:
+            limit = int(request.args.get("limit") or "50")
+        except ValueError:
+            raise RequestError("limit: must be an integer") from None
+        if not 1 <= limit <= 200:
+            raise RequestError("limit: must be between 1 and 200")
+        return await _callbacks().page(state, _viewer(), limit, request.args.get("cursor") or None)
+
+    @app.post("/callbacks/<id>/retry")
+    async def callback_retry(id: str) -> Any:  # noqa: A002
+        return await _callbacks().retry(id, _viewer())
+
+    def _callbacks() -> Any:
+        if dispatcher.callbacks is None:
+            raise NotFound("callbacks need the delivery ledger ([store].ledger = true)")
+        return dispatcher.callbacks
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002

@@ -205,6 +205,31 @@ def track_delivery(channel: str) -> Iterator[None]:
         gauge.dec()
 
 
+CALLBACKS = Counter(
+    "dispatcher_callbacks",
+    "Tries of callbacks to clients, by event, outcome (delivered, retry, dead) and try number (6+ for later ones)",
+    ["event", "outcome", "attempt"],
+)
+CALLBACK_OUTBOX_DEPTH = Gauge(
+    "dispatcher_callback_outbox_depth",
+    "Callbacks (and delivery.updated chunks) in the outbox not delivered yet",
+    multiprocess_mode="max",
+)
+CALLBACK_DEAD_LETTERS = Gauge(
+    "dispatcher_callback_dead_letters",
+    "Callbacks given up (GET /callbacks?state=dead lists them)",
+    multiprocess_mode="max",
+)
+CALLBACK_EVENTS = ("job.finished", "delivery.updated")
+CALLBACK_OUTCOMES = ("delivered", "retry", "dead")
+
+
+def observe_callback(event: str, outcome: str, attempt: int) -> None:
+    """One try of one callback ended with `outcome`."""
+    label = str(attempt) if attempt <= 5 else "6+"
+    CALLBACKS.labels(_bounded(event, CALLBACK_EVENTS), _bounded(outcome, CALLBACK_OUTCOMES), label).inc()
+
+
 def observe_job(state: str) -> None:
     """A job entered `state` (one of `JOB_STATES`)."""
     JOBS.labels(_bounded(state, JOB_STATES)).inc()

@@ -71,6 +71,8 @@ class StoreSettings(_Section):
     ledger: bool = True
     jobs_collection: str = "dispatch_jobs"
     deliveries_collection: str = "dispatch_deliveries"
+    # The callbacks outbox (callback_outbox.py).
+    callbacks_collection: str = "dispatch_callbacks"
     idempotency_ttl_hours: float = Field(24.0, gt=0)
     retention_days: float = Field(30.0, gt=0)
     # A running job's owner renews its lease this often (a third of it); another instance takes
@@ -376,6 +378,52 @@ class AuthSettings(_Section):
     protect_metrics: bool = False
 
 
+class CallbackSettings(_Section):
+    """Signed status callbacks to clients (callback_delivery.py, callback_outbox.py)."""
+
+    # Applies to requests that name no callbackUrl; empty: no callbacks for them.
+    default_url: str = ""
+    # `delivery.updated` events of one job per POST: at most this many, after at most batch_ms.
+    batch_size: int = Field(100, ge=1, le=10_000)
+    batch_ms: float = Field(1000.0, ge=0)
+    # A callback not delivered after this long (retries included) becomes a dead letter.
+    max_age_hours: float = Field(24.0, gt=0)
+    # Plain http callback URLs, and URLs resolving to loopback/link-local/private/metadata
+    # addresses: refused unless allowed (tests and local runs).
+    allow_http: bool = False
+    allow_private: bool = False
+    timeout_seconds: float = Field(10.0, gt=0)
+    # POSTs in flight per destination host, and in all.
+    per_host_concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(64, ge=1)
+    # Backoff between tries: base * 2^(try-1), with full jitter, capped; a 429's Retry-After is
+    # honoured up to max_retry_after_seconds.
+    backoff_base_seconds: float = Field(1.0, gt=0)
+    max_backoff_seconds: float = Field(3600.0, gt=0)
+    max_retry_after_seconds: float = Field(3600.0, gt=0)
+    # How often each process looks for callbacks to send when none woke it.
+    poll_seconds: float = Field(1.0, gt=0)
+    # The deployment's signing secret (`whsec_<base64>`), from DISPATCHER_CALLBACK_SECRET only; a
+    # key's own secret (keys file, callback_secret_env=) wins.
+    secret: SecretStr = SecretStr("")
+
+    @field_validator("default_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and not value.lower().startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr) -> SecretStr:
+        from .callback_signing import check_secret
+
+        if value.get_secret_value():
+            check_secret(value.get_secret_value())
+        return value
+
+
 class UiSettings(_Section):
     # The operations page (dispatcher/ui): read-only views plus cancel/retry through the API.
     enabled: bool = True
@@ -410,6 +458,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     ui: UiSettings = UiSettings()
     flow_manager: FlowManagerSettings = FlowManagerSettings()
+    callbacks: CallbackSettings = CallbackSettings()
 
     @model_validator(mode="after")
     def _providers_have_what_they_need(self) -> Settings:
@@ -424,6 +473,7 @@ _SECRET_ENV: dict[tuple[str, ...], str] = {
     ("providers", "twilio", "auth_token"): "TWILIO_AUTH_TOKEN",
     ("cluster", "redis_url"): "REDIS_URL",
     ("auth", "keys"): "DISPATCHER_API_KEYS",
+    ("callbacks", "secret"): "DISPATCHER_CALLBACK_SECRET",
 }
 # Of those, the URLs may name their server in the file; their credentials (user:password@, or a
 # `password` query parameter) may not.
