@@ -449,7 +449,13 @@ class Ledger:
         try:
             sids = list({r.sid for _, _, r in items})
             projection = {"state": 1, "provider_id": 1, "job": 1, "user": 1, "channel": 1}
-            found = {d["provider_id"]: d for d in self._deliveries.find({"provider_id": {"$in": sids}}, projection)}
+            # One equality lookup per id: the embedded store uses the index for equality, not
+            # for `$in` (which scans every delivery: ~10x slower at 10,000 deliveries).
+            found = {}
+            for sid in sids:
+                doc = self._deliveries.find_one({"provider_id": sid}, projection)
+                if doc is not None:
+                    found[sid] = doc
             outcomes = {id(call): ReceiptOutcome() for call in calls}
             ops, changes, orphans, done = [], [], [], []
             drops: list[str] = []
