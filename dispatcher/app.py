@@ -112,15 +112,28 @@ class _App(QuartTrio):
         return response
 
 
+# A query flag's values, as the OpenAPI document lists them; anything else is a 400.
+QUERY_FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _query_flag(name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw not in QUERY_FLAG_VALUES:
+        raise RequestError(f"{name}: must be true or false")
+    return QUERY_FLAG_VALUES[raw]
+
+
 def _wants_async() -> bool:
     """RFC 7240 `Prefer: respond-async`, or `?async=true`."""
     prefer = {token.strip().lower() for value in request.headers.getlist("Prefer") for token in value.split(",")}
-    return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
+    return _query_flag("async") or "respond-async" in prefer
 
 
 def _wants_dry_run(payload: Any) -> bool:
     """`?dryRun=true` (or 1), or `"dryRun": true` in the body."""
-    return request.args.get("dryRun", "").lower() in ("true", "1") or payload.get("dryRun") is True
+    return _query_flag("dryRun") or payload.get("dryRun") is True
 
 
 def _viewer() -> Viewer:
@@ -256,12 +269,16 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         checks = await dispatcher.readiness()
         if all(checks.values()):
             return {"status": "ready", **checks}
-        down = " and ".join(
-            {"store": "the store", "redis": "Redis (rate-limited channels wait, then fail)"}[name]
+        down = "; ".join(
+            {
+                "store": "the store does not answer",
+                "redis": "Redis (rate-limited channels wait, then fail) does not answer",
+                "outbox": "the outbox directory cannot be written",
+            }.get(name, f"the {name} provider cannot deliver")
             for name, ok in checks.items()
             if not ok
         )
-        return error_response(503, f"not ready: {down} does not answer")
+        return error_response(503, f"not ready: {down}")
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:

@@ -278,6 +278,11 @@ class Dispatcher:
         checks = {"store": await self.store.ping()}
         if self.cluster is not None:
             checks["redis"] = await self.cluster.ping()
+        # A provider that can tell it cannot deliver (the outbox's directory unwritable).
+        for provider in {id(t.provider): t.provider for t in self.transports.values()}.values():
+            ready = getattr(provider, "ready", None)
+            if ready is not None:
+                checks[provider.name] = await ready()
         return checks
 
     async def drain(self, timeout: float) -> bool:
