@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import trio
 
@@ -86,8 +87,7 @@ async def one_round(url: str, index: int, callbacks: bool, receiver_url: str, re
     }
 
 
-async def main() -> None:
-    server = await trio.to_thread.run_sync(EmbeddedServer, None)
+async def main(server: EmbeddedServer) -> None:
     receiver = WebhookReceiver(SECRET)
     results: dict[bool, list[dict]] = {False: [], True: []}
     try:
@@ -106,6 +106,9 @@ async def main() -> None:
                     )
             nursery.cancel_scope.cancel()
     finally:
+        if server.poll() is not None:  # the store died: say how
+            log = Path(server._scratch.name) / "output.log"
+            print(f"store exited {server.poll()}: {log.read_text(errors='replace')[-3000:]}")
         server.stop()
     off = statistics.median(r["rate"] for r in results[False])
     on = statistics.median(r["rate"] for r in results[True])
@@ -118,4 +121,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    # Started by the main thread: the store dies with the thread that started it (PR_SET_PDEATHSIG),
+    # and trio's worker threads end after a few idle seconds.
+    trio.run(main, EmbeddedServer(None))
