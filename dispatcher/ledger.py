@@ -36,6 +36,7 @@ from .batching import Batcher, Call
 from .callback_outbox import CallbackOutbox
 from .listing import JOB_LISTING_INDEXES, JobQuery, Viewer, encode_cursor, listing_filter, seq_of
 from .messages import Delivery
+from .models import Failure
 from .settings import StoreSettings
 from .states import ACCEPTED_STATES, RANK, RECEIPT_STATES, SETTLED_STATES, Receipt, below
 
@@ -652,6 +653,17 @@ class Ledger:
         return await self._run(
             "failure listing", lambda: list(self._deliveries.find(query).sort("_id", 1).limit(limit))
         )
+
+    async def all_failures(self, job_id: str) -> list[Failure]:
+        """Every failure of a job, a page at a time (the result of a job read back)."""
+        failures: list[Failure] = []
+        after = None
+        while True:
+            page = await self.failures(job_id, after, 1000)
+            failures.extend(Failure(d["user"], d["channel"], d.get("error") or "failed") for d in page)
+            if len(page) < 1000:
+                return failures
+            after = page[-1]["_id"]
 
     async def purge_expired(self) -> None:
         """Remove what retention no longer keeps, for servers without a TTL monitor."""
