@@ -110,7 +110,7 @@ async def service(
             finally:
                 stop.set()
                 # Cancel what the test left running: the drain would wait for it.
-                for job_id in list(d._runs):
+                for job_id in list(d._jobs.runs):
                     await d.cancel(job_id)
         nursery.cancel_scope.cancel()
 
