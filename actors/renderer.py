@@ -67,7 +67,7 @@ async def render(
                 for user, outcome in zip(chunk, outcomes):
                     if isinstance(outcome, RenderOverrun):
                         overruns.append(str(outcome))
-                        outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome), kind="render")
+                        outcome = Delivery(_id_of(user, plan), plan.channel, "failed", str(outcome), kind="render")
                     if isinstance(outcome, Message):
                         await out.send(outcome)  # blocks while the sender is behind: backpressure
                     else:

@@ -598,7 +598,7 @@ class Ledger:
         three-channel job on a store that counts by scanning). Grouped on one string key: the
         embedded store cannot group on a compound key."""
         states = ("sent", "skipped", "failed", "cancelled")
-        pipeline = [
+        pipeline: list[dict[str, Any]] = [
             {"$match": {"job": job_id}},
             {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
             {"$group": {"_id": "$key", "n": {"$sum": 1}}},
@@ -623,7 +623,7 @@ class Ledger:
     async def receipt_counts(self, job_id: str) -> dict[str, dict[str, int]]:
         """How many of a job's deliveries receipts (or their absence) took past `sent`, by state
         and channel: `{"delivered": {"sms": 3}, "undelivered": {}, "unconfirmed": {}}`."""
-        pipeline = [
+        pipeline: list[dict[str, Any]] = [
             {"$match": {"job": job_id, "state": {"$in": list(RECEIPT_STATES)}}},
             {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
             {"$group": {"_id": "$key", "n": {"$sum": 1}}},
