@@ -87,15 +87,19 @@ data_dir = "{tmp / "var"}"
                 # The messages already on their way when the store died still arrive for a moment:
                 # the job counts as resumed when messages arrive again after a pause.
                 ready = resumed = None
+                unready = False  # ready counts once readiness has failed (a ping may beat the kill)
                 seen, settled = len(fake.received), None
                 while ready is None or resumed is None:
                     now = time.monotonic()
                     if ready is None:
                         try:
-                            if (await client.get("/-/ready")).status_code == 200:
-                                ready = now - killed
+                            status = (await client.get("/-/ready", timeout=2)).status_code
                         except httpx.TransportError:
-                            pass
+                            status = 0
+                        if status != 200:
+                            unready = True
+                        elif unready or now - killed > 10:  # 10 s: it never failed (its pings waited)
+                            ready = now - killed
                     count = len(fake.received)
                     if settled is None and count == seen and now - killed > 0.1:
                         settled = count  # nothing arrived for one poll: the pipeline stopped

@@ -328,7 +328,37 @@ def _hypercorn_config(settings: Settings) -> Any:
         error_logger.addFilter(_quiet_startup)
     config.errorlog = error_logger
     config.graceful_timeout = settings.dispatcher.drain_timeout_seconds + RESPONSE_MARGIN_SECONDS
+    config.dispatcher_max_body_bytes = settings.server.max_body_bytes
+    _refuse_100_continue_for_bodies_too_large()
     return config
+
+
+def _refuse_100_continue_for_bodies_too_large() -> None:
+    """A request with `Expect: 100-continue` and a `Content-Length` over the body limit gets its
+    413 at once, never `100 Continue` (which invites the client to send the body).
+
+    hypercorn (0.18) sends `100 Continue` from its connection loop as soon as the request head is
+    parsed, before the application runs, and has no setting for it: for such a request we clear
+    h11's "client is waiting for 100" flag before the stream starts, and the application answers
+    413 from the Content-Length alone. Only servers whose configuration carries
+    `dispatcher_max_body_bytes` (ours) are affected.
+    """
+    from hypercorn.protocol.h11 import H11Protocol
+
+    original = H11Protocol._create_stream
+    if getattr(original, "_dispatcher_patched", False):
+        return
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        limit = getattr(self.config, "dispatcher_max_body_bytes", None)
+        if limit is not None and self.connection.they_are_waiting_for_100_continue:
+            length = next((v for n, v in request.headers if n.lower() == b"content-length"), b"")
+            if length.strip().isdigit() and int(length) > limit:
+                self.connection.client_is_waiting_for_100_continue = False
+        await original(self, request)
+
+    _create_stream._dispatcher_patched = True  # type: ignore[attr-defined]
+    H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
 
 
 def _quiet_startup(record: logging.LogRecord) -> bool:
