@@ -28,7 +28,7 @@ from .dryrun import dry_run
 from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
-from .web import error_response, parse_json_body
+from .web import error_response, parse_json_body, status_of
 from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
@@ -282,24 +282,25 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:
-        return error_response(exc.status_code, str(exc))
+        return error_response(status_of(exc), str(exc))
 
     @app.errorhandler(Interrupted)
     async def interrupted(exc: Interrupted) -> Response:
         # The error shape, plus what was attempted: the client must not resend blindly.
+        status = status_of(exc)
         body = {
-            "statusCode": 503,
-            "error": HTTPStatus(503).phrase,
+            "statusCode": status,
+            "error": HTTPStatus(status).phrase,
             "message": str(exc),
             **exc.partial.to_json(),
             "id": exc.job_id,
         }
-        return Response(json.dumps(body), status=503, content_type="application/json", headers=_located(exc.job_id))
+        return Response(json.dumps(body), status=status, content_type="application/json", headers=_located(exc.job_id))
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
         log.error("store unavailable: %s", exc)
-        return error_response(503, "the user and template store is unavailable")
+        return error_response(status_of(exc), "the user and template store is unavailable")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
