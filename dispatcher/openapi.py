@@ -254,6 +254,7 @@ QUICK_START_RESULT = {
         "skipped": {"email": 1, "sms": 1, "push": 2},
         "failed": {"email": 1, "sms": 1, "push": 1},
     },
+    "id": "0c5a7e43f5c14b8a9b1f6d2e8a3c4b71",
 }
 
 _RESPONSE_MODELS = (
