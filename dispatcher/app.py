@@ -23,10 +23,11 @@ from werkzeug.exceptions import HTTPException
 
 from .checkup import install_checkup
 from .core import Dispatcher
+from .callback_outbox import CALLBACK_STATES
 from .dryrun import dry_run
-from .errors import Interrupted, RequestError, StillRunning, StoreError
+from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
-from .models import SendRequest
+from .models import SendRequest, check_idempotency_key
 from .web import error_response, parse_json_body
 from .ops import install_ops
 from .ui import install_ui
@@ -143,9 +144,9 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
             return await dry_run(dispatcher, send_request)
-        key = request.headers.get("Idempotency-Key") or None
-        if key is not None and not 0 < len(key) <= 256:
-            raise RequestError("Idempotency-Key: must be 1 to 256 characters")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            key = check_idempotency_key(key, "Idempotency-Key")
         # Idempotency keys are scoped per API key: two clients cannot collide.
         scope = g.get("api_key_id") or ""
         if _wants_async():
@@ -188,6 +189,28 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
         return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
+
+    @app.get("/callbacks")
+    async def callback_list() -> Any:
+        state = request.args.get("state") or "dead"
+        if state not in CALLBACK_STATES:
+            raise RequestError(f"state: must be one of {', '.join(CALLBACK_STATES)}")
+        try:
+            limit = int(request.args.get("limit") or "50")
+        except ValueError:
+            raise RequestError("limit: must be an integer") from None
+        if not 1 <= limit <= 200:
+            raise RequestError("limit: must be between 1 and 200")
+        return await _callbacks().page(state, _viewer(), limit, request.args.get("cursor") or None)
+
+    @app.post("/callbacks/<id>/retry")
+    async def callback_retry(id: str) -> Any:  # noqa: A002
+        return await _callbacks().retry(id, _viewer())
+
+    def _callbacks() -> Any:
+        if dispatcher.callbacks is None:
+            raise NotFound("callbacks need the delivery ledger ([store].ledger = true)")
+        return dispatcher.callbacks
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002
@@ -269,7 +292,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             405: f"method {request.method} not allowed on {request.path}",
             413: f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, exc.description or HTTPStatus(status).phrase)
-        return error_response(status, message)
+        response = error_response(status, message)
+        allowed = getattr(exc, "valid_methods", None)
+        if status == 405 and allowed:  # RFC 9110: a 405 lists the methods the resource has
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -39,6 +39,7 @@ from .context import RunContext
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
 from .errors import (
+    ConfigError,
     Conflict,
     Interrupted,
     InternalError,
@@ -51,11 +52,13 @@ from .errors import (
 from .files import FilesClient
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, delivery_view, now_iso
+from .callback_outbox import Target
 from .listing import EVERYONE, JobPage, JobQuery, Viewer, job_json
 from .messages import EmailOptions
 from .models import Failure, SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan, build_plan, template_attachments
 from .receipts import ReceiptKeeper
+from .reconcile import Reconciler
 from .render_pool import RenderPool
 from .providers import Provider, open_providers
 from .ratelimit import ChannelGate
@@ -65,6 +68,7 @@ from .store import Store
 from .templating import Renderer
 
 if TYPE_CHECKING:
+    from .job_callbacks import JobCallbacks
     from .cluster import Cluster
     from .fanout import SharedFanOut
 
@@ -89,6 +93,10 @@ class _Run:
     finished: bool = False
     lease_lost: bool = False
     resumed: bool = False
+    # Where its callbacks go (None: nowhere); the job's owner key and request id.
+    callback: Target | None = None
+    key_id: str | None = None
+    request_id: str | None = None
 
 
 class Dispatcher:
@@ -117,12 +125,7 @@ class Dispatcher:
             max_rendered_chars=limits.max_rendered_chars,
         )
         self.transports = {
-            channel: Transport(
-                provider,
-                _gate(settings, channel, cluster),
-                RetryPolicy.from_settings(settings.channels[channel], settings.channels.on_ambiguous(channel)),
-            )
-            for channel, provider in providers.items()
+            channel: _transport(settings, channel, provider, cluster, ledger) for channel, provider in providers.items()
         }
         self.render_pool = RenderPool(
             self._renderer.config, limits.max_render_ms / 1000, limits.max_render_memory_mb * 1024 * 1024
@@ -141,6 +144,8 @@ class Dispatcher:
         self.fanout: SharedFanOut | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, _Run] = {}
+        # Signed status callbacks (job_callbacks.py); None without the ledger.
+        self.callbacks: JobCallbacks | None = None
         # Jobs of ours that a store outage interrupted: resumed as soon as the store answers again,
         # not when their lease expires (our lease is still on them).
         self._interrupted: set[str] = set()
@@ -306,8 +311,12 @@ class Dispatcher:
             run = _Run(None, plan, Unrecorded())
             self._start(run)
             return run, None
+        target = await self.callbacks.target_for(request, key_scope or None) if self.callbacks is not None else None
+        if target is None and request.callback_url is not None:
+            raise RequestError("callbackUrl: callbacks need the delivery ledger ([store].ledger = true)")
         job_id = uuid.uuid4().hex
         body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        request_id = logs.request_id_var.get()
         await self.ledger.create_job(
             job_id,
             body,
@@ -315,7 +324,8 @@ class Dispatcher:
             self.settings.store.lease_seconds,
             idempotency_key,
             key_id=key_scope or None,
-            request_id=logs.request_id_var.get(),
+            request_id=request_id,
+            callback=target.to_doc() if target is not None else None,
         )
         if idempotency_key:
             claim = await self.ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
@@ -338,6 +348,7 @@ class Dispatcher:
                 settle_within=self.context.settle_within,
             ),
         )
+        run.callback, run.key_id, run.request_id = target, key_scope or None, request_id
         self._start(run)
         return run, job_id
 
@@ -347,6 +358,8 @@ class Dispatcher:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if run.job_id is not None:
             self._runs[run.job_id] = run
+            if self.callbacks is not None:
+                self.callbacks.outbox.track(run.job_id, run.callback, run.key_id, run.request_id)
         with logs.bind(job_id=run.job_id):  # on every line the job's tasks log
             self._nursery.start_soon(self._execute, run)
 
@@ -380,7 +393,7 @@ class Dispatcher:
                 run.error.__cause__ = exc
                 if ledger is not None and job_id is not None:
                     with trio.CancelScope(shield=True), suppress(StoreError):
-                        await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error="internal error")
+                        await self._end_job(run, "failed", error="internal error")
             finally:
                 if not run.finished and run.error is None:  # cancelled: the drain window ended
                     run.error = Interrupted(
@@ -415,12 +428,25 @@ class Dispatcher:
             state = "cancelled" if run.journal.cancelled else "done"
             metrics.observe_job(state)
             try:
-                await self.ledger.update_job(
-                    run.job_id, state=state, finished_at=now_iso(), summary=summary.to_json(), lease_expires=0
-                )
+                await self._end_job(run, state, summary=summary.to_json(), lease_expires=0)
             except StoreError as exc:
                 # Every outcome is recorded: whoever resumes the job settles it from the ledger.
                 log.error("job %s finished but cannot be marked %s: %s", run.job_id, state, exc)
+
+    async def _end_job(self, run: _Run, state: str, **fields: Any) -> None:
+        """Write a job's final state, with its `job.finished` callback in the same group commit."""
+        assert self.ledger is not None and run.job_id is not None
+        finished = now_iso()
+        callbacks: list[dict[str, Any]] = []
+        if self.callbacks is not None and run.callback is not None:
+            doc = await self.ledger.job(run.job_id) or {"_id": run.job_id}
+            doc = {**doc, "state": state, "finished_at": finished, **fields}
+            body = job_json(doc, fields.get("summary"))
+            body["summary"] = {**body["summary"], **await self.ledger.receipt_counts(run.job_id)}
+            callbacks = self.callbacks.finished_message(doc, run.callback, body)
+        await self.ledger.update_job(run.job_id, state=state, finished_at=finished, callbacks=callbacks, **fields)
+        if callbacks and self.callbacks is not None:
+            self.callbacks.nudge()
 
     async def _keep_lease(self, run: _Run, pipeline: trio.CancelScope) -> None:
         assert self.ledger is not None and run.job_id is not None
@@ -530,7 +556,13 @@ class Dispatcher:
         )
         if doc.get("cancel_requested"):
             journal.cancel()
-        self._start(_Run(job_id, plan, journal, resumed=True))
+        run = _Run(job_id, plan, journal, resumed=True)
+        run.callback, run.key_id, run.request_id = (
+            Target.from_doc(doc.get("callback")),
+            doc.get("key_id"),
+            doc.get("request_id"),
+        )
+        self._start(run)
 
     async def _email_options(self, request: SendRequest, template: dict[str, Any] | None) -> EmailOptions:
         names = [*template_attachments(template), *request.email_attachments]
@@ -553,6 +585,24 @@ def _resume_note(job_id: str | None) -> str:
 
 def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{channel} {n}" for channel, n in counts.items()) or "none"
+
+
+def _transport(
+    settings: Settings, channel: str, provider: Provider, cluster: Cluster | None, ledger: Ledger | None
+) -> Transport:
+    on_ambiguous = settings.channels.on_ambiguous(channel)
+    gate = _gate(settings, channel, cluster)
+    reconciler = None
+    if on_ambiguous == "reconcile":
+        twilio = settings.providers.twilio
+        reconciler = Reconciler(
+            provider,  # type: ignore[arg-type]  # settings allow reconcile only where it can look up
+            gate,
+            twilio.reconcile_settle_seconds,
+            twilio.reconcile_concurrency,
+            ledger.holds if ledger is not None else None,
+        )
+    return Transport(provider, gate, RetryPolicy.from_settings(settings.channels[channel], on_ambiguous), reconciler)
 
 
 def _gate(settings: Settings, channel: str, cluster: Cluster | None) -> ChannelGate:
@@ -614,15 +664,30 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                         fanout.queue.serve, fanout.deliver, workers=2, claim_idle_seconds=settings.store.lease_seconds
                     )
                 )
-            try:
-                yield dispatcher
-            finally:
-                timeout = settings.dispatcher.drain_timeout_seconds
-                with trio.CancelScope(shield=True):
-                    drained = await dispatcher.drain(timeout)
-                if not drained:
-                    log.warning("%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout)
-                nursery.cancel_scope.cancel()
+            async with AsyncExitStack() as running:
+                if ledger is not None:
+                    from .auth import ApiKeys, load_api_keys
+                    from .job_callbacks import open_job_callbacks
+
+                    # Inside the drain: callbacks of the jobs that finish while draining go out too.
+                    try:
+                        keys = load_api_keys(settings.auth)
+                    except ConfigError:  # reported where keys are checked: `serve`'s start, the app
+                        keys = ApiKeys([])
+                    dispatcher.callbacks = await running.enter_async_context(
+                        open_job_callbacks(settings, store.client, ledger, keys, dispatcher.owner)
+                    )
+                try:
+                    yield dispatcher
+                finally:
+                    timeout = settings.dispatcher.drain_timeout_seconds
+                    with trio.CancelScope(shield=True):
+                        drained = await dispatcher.drain(timeout)
+                    if not drained:
+                        log.warning(
+                            "%d sends still in flight after %.0fs: cancelling them", dispatcher.in_flight, timeout
+                        )
+                    nursery.cancel_scope.cancel()
 
 
 __all__ = ["Dispatcher", "open_dispatcher"]

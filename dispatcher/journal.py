@@ -56,6 +56,8 @@ class Journal(Unrecorded):
         # Deliveries an earlier run (or this one, between attempts) left `sending` or `retrying`
         # that this run may send: the claim must name that run and state.
         self._resending: dict[tuple[str, str], tuple[str, str]] = {}
+        # Of those left `sending`, the ones to reconcile first, with their claim time.
+        self._reconciling: dict[tuple[str, str], float] = {}
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that must not be attempted again, by user id: those an
@@ -108,11 +110,16 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
             elif state in ("sending", RETRYING):
                 self._resending[(channel, user_id)] = (doc.get("run") or "", state)
+                if state == "sending" and self._on_ambiguous.get(channel) == "reconcile":
+                    self._reconciling[(channel, user_id)] = doc.get("claimed_at") or 0.0
         return settled
 
     async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         claims = [(channel, user, self._resending.pop((channel, user), None)) for channel, user in deliveries]
         return await self._ledger.claim_sending(self.job_id, self.run_id, claims)
+
+    def reconcile_since(self, channel: str, user_id: str) -> float | None:
+        return self._reconciling.pop((channel, user_id), None)
 
     async def retrying(self, delivery: Delivery) -> None:
         await self._ledger.release(self.job_id, self.run_id, delivery)

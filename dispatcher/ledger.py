@@ -33,6 +33,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .batching import Batcher, Call
+from .callback_outbox import CallbackOutbox
 from .listing import JOB_LISTING_INDEXES, JobQuery, Viewer, encode_cursor, listing_filter, seq_of
 from .messages import Delivery
 from .settings import StoreSettings
@@ -94,6 +95,7 @@ class Ledger:
         # Receipts that arrived before the delivery they name was recorded.
         self._orphans: Collection[dict[str, Any]] = db[f"{settings.deliveries_collection}_receipts"]
         self._listeners: list[Callable[[list[StateChange]], None]] = []
+        self._outbox: CallbackOutbox | None = None
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
         self._writes = Batcher(self._flush)
@@ -125,6 +127,9 @@ class Ledger:
                     {"_id": doc["_id"]}, {"$set": {"seq": seq_of(doc.get("created_at") or "", doc["_id"])}}
                 )
 
+            if self._outbox is not None:
+                self._outbox.ensure_indexes()
+
         await self._run("index creation", create)
 
     # -- jobs -----------------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class Ledger:
         *,
         key_id: str | None = None,
         request_id: str | None = None,
+        callback: dict[str, Any] | None = None,
     ) -> None:
         """A job its owner starts at once: `running` from the first write (one round trip less
         per send than queued-then-running). `key_id` is the API key that created it (None: no
@@ -149,6 +155,7 @@ class Ledger:
             "seq": seq_of(created, job_id),
             "key_id": key_id,
             "request_id": request_id,
+            "callback": callback,
             "request": request,
             "state": "running",
             "created_at": created,
@@ -211,8 +218,10 @@ class Ledger:
             "lease renewal", self._jobs.find_one_and_update, query, update, return_document=ReturnDocument.AFTER
         )
 
-    async def update_job(self, job_id: str, **fields: Any) -> None:
-        await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, None))
+    async def update_job(self, job_id: str, *, callbacks: Sequence[dict[str, Any]] = (), **fields: Any) -> None:
+        """Set `fields` on a job; `callbacks` (outbox messages, e.g. its `job.finished`) are
+        written in the same group commit, just before."""
+        await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, list(callbacks)))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
         return await self._run(
@@ -340,6 +349,8 @@ class Ledger:
                     outcome["error"] = d.error
                 if d.provider_id is not None:
                     outcome["provider_id"] = d.provider_id
+                if d.reconciled is not None:
+                    outcome["reconciled"] = d.reconciled
                 # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
                 ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
             else:
@@ -374,7 +385,13 @@ class Ledger:
         store's worker thread, right after the write: keep it short and never raise."""
         self._listeners.append(listener)
 
-    def _changed(self, changes: list[StateChange]) -> None:
+    def attach_outbox(self, outbox: CallbackOutbox) -> None:
+        """Write the `delivery.updated` events of every state change to `outbox` in the same
+        group commit: outcomes just before their delivery writes (a failed event write fails
+        them: nothing changes unannounced), the others (receipts, timeouts) just after theirs."""
+        self._outbox = outbox
+
+    def _changed(self, changes: list[StateChange], *, staged: bool = False) -> None:
         if not changes:
             return
         for listener in self._listeners:
@@ -382,6 +399,11 @@ class Ledger:
                 listener(changes)
             except Exception:  # a listener's bug must not fail the write it follows
                 log.exception("delivery state listener failed")
+        if self._outbox is not None and not staged:
+            try:
+                self._outbox.stage(changes)
+            except PyMongoError as exc:
+                log.error("delivery.updated events of %d state changes not written: %s", len(changes), exc)
 
     async def apply_receipts(self, receipts: Sequence[Receipt]) -> ReceiptOutcome:
         """Move the deliveries these receipts name forward, through the group commit. A receipt
@@ -529,16 +551,38 @@ class Ledger:
             lambda docs: self._jobs.insert_many(docs, ordered=False),
         )
         deliveries = [w for w in batch if w.kind in ("claim", "outcome")]
+        if self._outbox is not None:
+            deliveries = self._stage_outcomes(deliveries)
         _bulk(deliveries, "delivery write", lambda ops: self._deliveries.bulk_write(ops, ordered=False))
-        if self._listeners:
-            self._changed([change for w in deliveries if w.error is None for change in _changes(w)])
+        if self._listeners or self._outbox is not None:
+            self._changed([change for w in deliveries if w.error is None for change in _changes(w)], staged=True)
         # After the outcomes: a receipt that races its delivery's outcome into one group finds it.
         self._write_receipts([w for w in batch if w.kind in ("receipt", "kept receipt")])
-        _bulk(
-            [w for w in batch if w.kind == "job update"],
-            "job update",
-            lambda ops: self._jobs.bulk_write(ops, ordered=False),
-        )
+        updates = [w for w in batch if w.kind == "job update"]
+        if self._outbox is not None and any(w.payload[2] for w in updates):
+            try:
+                self._outbox.insert_messages([doc for w in updates for doc in w.payload[2]])
+            except PyMongoError as exc:
+                for w in updates:
+                    if w.payload[2]:
+                        w.fail(StoreError(f"callback outbox write failed: {exc}"))
+                updates = [w for w in updates if not w.done]
+        _bulk(updates, "job update", lambda ops: self._jobs.bulk_write(ops, ordered=False))
+
+    def _stage_outcomes(self, deliveries: list[Call]) -> list[Call]:
+        """Write the events of the outcomes in `deliveries` before the outcomes themselves; when
+        that fails, fail those outcome writes (the run stops and resumes) and return the rest."""
+        assert self._outbox is not None
+        outcomes = [w for w in deliveries if w.kind == "outcome" and w.payload[2]]
+        if not outcomes:
+            return deliveries
+        try:
+            self._outbox.stage([change for w in outcomes for change in w.payload[2]])
+        except PyMongoError as exc:
+            for w in outcomes:
+                w.fail(StoreError(f"callback outbox write failed: {exc}"))
+            return [w for w in deliveries if not w.done]
+        return deliveries
 
     async def summary(self, job_id: str, channels: Sequence[str]) -> dict[str, Any]:
         """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote):
@@ -583,6 +627,11 @@ class Ledger:
             if state in counts:
                 counts[state][channel] = group["n"]
         return counts
+
+    async def holds(self, provider_id: str) -> bool:
+        """Whether some delivery already holds this provider id."""
+        doc = await self._run("delivery lookup", self._deliveries.find_one, {"provider_id": provider_id}, {"_id": 1})
+        return doc is not None
 
     async def deliveries_of(self, job_id: str, user_id: str) -> list[dict[str, Any]]:
         """Every delivery of one user in one job (one per channel)."""

@@ -23,7 +23,7 @@ from pydantic.json_schema import models_json_schema
 
 from .auth import is_protected
 from .channels import CHANNELS
-from .models import SendRequest
+from .models import CALLBACK_EVENTS, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN, SendRequest
 
 REF = "#/components/schemas/{model}"
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -131,6 +131,29 @@ class JobStatus(_Wire):
     channels: list[str] = Field(default_factory=list, description="The channels the job delivers on")
 
 
+class Callback(_Wire):
+    """A callback (one POST to the client's callbackUrl, tried until delivered or dead)."""
+
+    id: str = Field(description="Its `webhook-id`, the same on every try")
+    type: Literal["job.finished", "delivery.updated"]
+    jobId: str | None = None
+    requestId: str | None = None
+    url: str = Field(description="The callback URL without its query string")
+    state: Literal["pending", "delivered", "dead"]
+    events: int = Field(ge=1, description="Events it carries (delivery.updated is batched)")
+    attempts: int = Field(ge=0)
+    createdAt: datetime
+    nextAttemptAt: datetime | None = None
+    lastError: str | None = None
+
+
+class CallbackPage(_Wire):
+    """One page of callbacks, newest first; pass `next` as `cursor` for the next page."""
+
+    callbacks: list[Callback]
+    next: str | None = None
+
+
 class JobPage(_Wire):
     """One page of jobs, newest first; pass `next` as `cursor` for the next page (null: the last)."""
 
@@ -210,6 +233,9 @@ _FIELD_DOCS = {
     "emailCarbonCopies": "Cc addresses",
     "emailBlindCarbonCopies": "Bcc addresses (envelope only)",
     "emailSender": "From of the e-mails of this request",
+    "callbackUrl": "Where signed status callbacks go (Standard Webhooks); https, public addresses only unless the "
+    "deployment allows otherwise ([callbacks].allow_http, allow_private); [callbacks].default_url otherwise",
+    "callbackEvents": "Events to call back: job.finished (default), delivery.updated (batched)",
 }
 
 QUICK_START_REQUEST = {
@@ -246,6 +272,8 @@ _RESPONSE_MODELS = (
     DeliveryHistory,
     Receipt,
     Health,
+    Callback,
+    CallbackPage,
     CheckUp,
     DependencyCheck,
 )
@@ -261,6 +289,9 @@ def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[st
     channels = request["properties"]["channels"]
     channels.setdefault("uniqueItems", True)
     channels["items"].setdefault("enum", list(active_channels if active_channels is not None else CHANNELS))
+    for variant in request["properties"]["callbackEvents"].get("anyOf", []):
+        if variant.get("type") == "array":
+            variant.update(minItems=1, uniqueItems=True, items={"type": "string", "enum": list(CALLBACK_EVENTS)})
     for name, prop in request["properties"].items():
         prop.pop("title", None)
         if name in _FIELD_DOCS:
@@ -349,7 +380,12 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": IDEMPOTENCY_KEY_MAX,
+                        "pattern": IDEMPOTENCY_KEY_PATTERN,
+                    },
                     "description": "The same key and body within the idempotency window answer the first "
                     "send's result or status; nothing is sent again. Another body: 422",
                 },
@@ -509,6 +545,39 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "500": _error("A bug; logged with a traceback"),
                 "502": _error("The Files Service is down"),
                 "503": _error("Shutting down, or the store is unavailable"),
+            },
+        },
+        ("get", "/callbacks"): {
+            "operationId": "listCallbacks",
+            "summary": "Callbacks in a state, newest first (default: dead letters); a key sees its own",
+            "tags": ["callbacks"],
+            "parameters": [
+                request_id,
+                _query(
+                    "state", {"type": "string", "enum": ["pending", "delivered", "dead"], "default": "dead"}, "State"
+                ),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
+                _query("cursor", {"type": "string"}, "The `next` of the previous page"),
+            ],
+            "responses": {
+                "200": _json("CallbackPage", "One page of callbacks"),
+                "400": _error("Invalid state, limit or cursor"),
+                "401": _UNAUTHORIZED,
+                "404": _error("Callbacks need the delivery ledger"),
+                "503": _error("The store is unavailable"),
+            },
+        },
+        ("post", "/callbacks/{id}/retry"): {
+            "operationId": "retryCallback",
+            "summary": "Try a dead callback again (same webhook-id, fresh retry schedule)",
+            "tags": ["callbacks"],
+            "parameters": [_JOB_ID, request_id],
+            "responses": {
+                "200": _json("Callback", "The callback, pending again"),
+                "400": _error("The callback is not dead"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No such callback, or one another API key's job made"),
+                "503": _error("The store is unavailable"),
             },
         },
         ("get", "/send/{id}/deliveries"): {
@@ -776,6 +845,8 @@ __all__ = [
     "Error",
     "Failure",
     "FailuresPage",
+    "Callback",
+    "CallbackPage",
     "JobAccepted",
     "JobPage",
     "JobStatus",
