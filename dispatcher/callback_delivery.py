@@ -198,8 +198,9 @@ class CallbackSender:
             # Its lease expires and it is tried again: at least once, never lost.
             log.warning("callback %s: outcome not recorded: %s", message["_id"], exc)
         finally:
+            # No wake-up here: a round per finished POST would cost the store two queries each,
+            # taken from the deliveries; the next round comes within poll_seconds.
             self._release(message)
-            self._wake.set()
 
     async def _post(self, message: dict[str, Any]) -> Outcome:
         url = message["url"]

@@ -116,6 +116,7 @@ class CallbackOutbox:
         self._outbox.create_index([("role", 1), ("head", 1), ("seq", 1)])
         self._outbox.create_index([("head", 1)])
         self._outbox.create_index([("state", 1), ("seq", -1)])
+        self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
         self._outbox.create_index("expires_at", expireAfterSeconds=0)
 
     def track(self, job_id: str, target: Target | None, key_id: str | None, request_id: str | None) -> None:
@@ -235,7 +236,8 @@ class CallbackOutbox:
         def form() -> int:
             chunks = list(
                 self._outbox.find(
-                    {"role": {"$eq": "chunk"}, "head": None}, {"_id": 1, "job": 1, "count": 1, "created": 1}
+                    {"role": {"$eq": "chunk"}, "head": None},
+                    {"_id": 1, "job": 1, "count": 1, "created": 1, "seq": 1},
                 )
                 .sort("seq", 1)
                 .limit(20_000)
@@ -248,16 +250,40 @@ class CallbackOutbox:
                 batch: list[dict[str, Any]] = []
                 size = 0
                 for chunk in job_chunks:
-                    if batch and size + chunk["count"] > self.batch_size:
+                    room = self.batch_size - size
+                    if chunk["count"] > room:
+                        # Fill the message to the brim (POSTs = events / batch_size): the chunk's
+                        # first events close it, the rest opens the next.
+                        head, chunk = self._split(chunk, room)
+                        batch.append(head)
                         formed += self._form(batch, now)
                         batch, size = [], 0
                     batch.append(chunk)
                     size += chunk["count"]
+                    if size == self.batch_size:
+                        formed += self._form(batch, now)
+                        batch, size = [], 0
                 if batch and (size >= self.batch_size or batch[0]["created"] <= now - self.batch_seconds):
                     formed += self._form(batch, now)
             return formed
 
         return await self._run("batching", form)
+
+    def _split(self, chunk: dict[str, Any], keep: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Cut a chunk after its first `keep` (> 0) events: the rest becomes a chunk of its own,
+        sorted right after it. The rest is written first: a crash between the two writes repeats
+        events (at least once), it never loses them."""
+        doc = self._outbox.find_one({"_id": chunk["_id"]})
+        assert doc is not None
+        events = doc["events"]
+        rest = {**doc, "_id": f"{doc['_id']}+{keep}", "events": events[keep:], "count": len(events) - keep}
+        rest["seq"] = doc["seq"] + "+"
+        try:
+            self._outbox.insert_one(rest)
+        except DuplicateKeyError:
+            pass
+        self._outbox.update_one({"_id": doc["_id"]}, {"$set": {"events": events[:keep], "count": keep}})
+        return {**chunk, "count": keep}, {**chunk, "_id": rest["_id"], "count": rest["count"], "seq": rest["seq"]}
 
     def _form(self, batch: list[dict[str, Any]], now: float) -> int:
         head = batch[0]["_id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,13 @@ async def test_an_idempotency_key_of_256_characters_is_one_limit_everywhere(clie
     field = next((s for s in field.get("anyOf", [field]) if s.get("type") == "string"), field)
     assert header["schema"]["maxLength"] == field["maxLength"] == 256
     assert header["schema"]["pattern"] == field["pattern"]
+
+
+async def test_an_outbox_that_becomes_unwritable_fails_readiness(client: Any, outbox: Path) -> None:
+    assert (await client.get("/-/ready")).status_code == 200
+    shutil.rmtree(outbox, ignore_errors=True)
+    outbox.write_text("no longer a directory")  # a read-only mount as root would too
+    response = await client.get("/-/ready")
+    assert response.status_code == 503
+    body = await response.get_json()
+    assert body["statusCode"] == 503 and body["message"] == "not ready: the outbox directory cannot be written"
