@@ -103,6 +103,9 @@ class Ledger:
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
         self._writes = Batcher(self._flush)
+        # Receipts have a group commit of their own: a burst of them must not lengthen the
+        # round trips that claims and outcomes of running fan-outs wait on.
+        self._receipt_writes = Batcher(self._write_receipts)
 
     async def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -422,7 +425,7 @@ class Ledger:
         `apply_kept_receipts`."""
         if not receipts:
             return ReceiptOutcome()
-        return await self._writes.submit("receipt", (list(receipts), None, None))
+        return await self._receipt_writes.submit("receipt", (list(receipts), None, None))
 
     async def apply_kept_receipts(self, drop_before: float, limit: int = 1000) -> tuple[ReceiptOutcome, list[str]]:
         """Apply the kept receipts whose delivery has been recorded since; drop (and return the
@@ -445,7 +448,7 @@ class Ledger:
             )
             for doc in docs
         ]
-        return await self._writes.submit("kept receipt", (kept, drop_before, None))
+        return await self._receipt_writes.submit("kept receipt", (kept, drop_before, None))
 
     def _write_receipts(self, calls: list[Call]) -> None:
         """In the store's worker thread: one lookup of the named deliveries, one bulk of
@@ -573,8 +576,6 @@ class Ledger:
         _bulk(deliveries, "delivery write", lambda ops: self._deliveries.bulk_write(ops, ordered=False))
         if self._listeners or self._outbox is not None:
             self._changed([change for w in deliveries if w.error is None for change in _changes(w)], staged=True)
-        # After the outcomes: a receipt that races its delivery's outcome into one group finds it.
-        self._write_receipts([w for w in batch if w.kind in ("receipt", "kept receipt")])
         updates = [w for w in batch if w.kind == "job update"]
         if self._outbox is not None and any(w.payload[2] for w in updates):
             try:
