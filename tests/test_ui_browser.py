@@ -125,7 +125,7 @@ async def start_campaign(base: str, headers: dict[str, str] | None = None) -> st
     return response.json()["id"]
 
 
-def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float = 15, message: str = "") -> Any:
+def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float = 30, message: str = "") -> Any:
     # The script swaps parts of the page: an element found a moment ago may be gone.
     wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     return wait.until(condition, message)
