@@ -96,3 +96,8 @@ class Unrecorded:
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         """Record these outcomes."""
         return None
+
+    def reconcile_since(self, channel: str, user_id: str) -> float | None:
+        """When an earlier run claimed this delivery before stopping during its attempt (epoch
+        seconds), if the provider is to be asked about it before sending; else None."""
+        return None

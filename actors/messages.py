@@ -51,6 +51,8 @@ class Delivery:
     # Why a failure failed, for the metrics: transient, permanent, throttled, ambiguous, render,
     # not_found, internal.
     kind: str | None = None
+    # An ambiguous attempt resolved by asking the provider: "found" (it had it) or "absent".
+    reconciled: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

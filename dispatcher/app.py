@@ -23,11 +23,12 @@ from werkzeug.exceptions import HTTPException
 
 from .checkup import install_checkup
 from .core import Dispatcher
+from .callback_outbox import CALLBACK_STATES
 from .dryrun import dry_run
-from .errors import Interrupted, RequestError, StillRunning, StoreError
+from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
-from .models import SendRequest
-from .web import error_response, parse_json_body
+from .models import SendRequest, check_idempotency_key
+from .web import error_response, parse_json_body, status_of
 from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
@@ -111,15 +112,28 @@ class _App(QuartTrio):
         return response
 
 
+# A query flag's values, as the OpenAPI document lists them; anything else is a 400.
+QUERY_FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _query_flag(name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw not in QUERY_FLAG_VALUES:
+        raise RequestError(f"{name}: must be true or false")
+    return QUERY_FLAG_VALUES[raw]
+
+
 def _wants_async() -> bool:
     """RFC 7240 `Prefer: respond-async`, or `?async=true`."""
     prefer = {token.strip().lower() for value in request.headers.getlist("Prefer") for token in value.split(",")}
-    return "respond-async" in prefer or request.args.get("async", "").lower() in ("true", "1")
+    return _query_flag("async") or "respond-async" in prefer
 
 
 def _wants_dry_run(payload: Any) -> bool:
     """`?dryRun=true` (or 1), or `"dryRun": true` in the body."""
-    return request.args.get("dryRun", "").lower() in ("true", "1") or payload.get("dryRun") is True
+    return _query_flag("dryRun") or payload.get("dryRun") is True
 
 
 def _viewer() -> Viewer:
@@ -143,9 +157,9 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
             return await dry_run(dispatcher, send_request)
-        key = request.headers.get("Idempotency-Key") or None
-        if key is not None and not 0 < len(key) <= 256:
-            raise RequestError("Idempotency-Key: must be 1 to 256 characters")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            key = check_idempotency_key(key, "Idempotency-Key")
         # Idempotency keys are scoped per API key: two clients cannot collide.
         scope = g.get("api_key_id") or ""
         if _wants_async():
@@ -188,6 +202,28 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
         return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
+
+    @app.get("/callbacks")
+    async def callback_list() -> Any:
+        state = request.args.get("state") or "dead"
+        if state not in CALLBACK_STATES:
+            raise RequestError(f"state: must be one of {', '.join(CALLBACK_STATES)}")
+        try:
+            limit = int(request.args.get("limit") or "50")
+        except ValueError:
+            raise RequestError("limit: must be an integer") from None
+        if not 1 <= limit <= 200:
+            raise RequestError("limit: must be between 1 and 200")
+        return await _callbacks().page(state, _viewer(), limit, request.args.get("cursor") or None)
+
+    @app.post("/callbacks/<id>/retry")
+    async def callback_retry(id: str) -> Any:  # noqa: A002
+        return await _callbacks().retry(id, _viewer())
+
+    def _callbacks() -> Any:
+        if dispatcher.callbacks is None:
+            raise NotFound("callbacks need the delivery ledger ([store].ledger = true)")
+        return dispatcher.callbacks
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002
@@ -233,33 +269,38 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         checks = await dispatcher.readiness()
         if all(checks.values()):
             return {"status": "ready", **checks}
-        down = " and ".join(
-            {"store": "the store", "redis": "Redis (rate-limited channels wait, then fail)"}[name]
+        down = "; ".join(
+            {
+                "store": "the store does not answer",
+                "redis": "Redis (rate-limited channels wait, then fail) does not answer",
+                "outbox": "the outbox directory cannot be written",
+            }.get(name, f"the {name} provider cannot deliver")
             for name, ok in checks.items()
             if not ok
         )
-        return error_response(503, f"not ready: {down} does not answer")
+        return error_response(503, f"not ready: {down}")
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:
-        return error_response(exc.status_code, str(exc))
+        return error_response(status_of(exc), str(exc))
 
     @app.errorhandler(Interrupted)
     async def interrupted(exc: Interrupted) -> Response:
         # The error shape, plus what was attempted: the client must not resend blindly.
+        status = status_of(exc)
         body = {
-            "statusCode": 503,
-            "error": HTTPStatus(503).phrase,
+            "statusCode": status,
+            "error": HTTPStatus(status).phrase,
             "message": str(exc),
             **exc.partial.to_json(),
             "id": exc.job_id,
         }
-        return Response(json.dumps(body), status=503, content_type="application/json", headers=_located(exc.job_id))
+        return Response(json.dumps(body), status=status, content_type="application/json", headers=_located(exc.job_id))
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
         log.error("store unavailable: %s", exc)
-        return error_response(503, "the user and template store is unavailable")
+        return error_response(status_of(exc), "the user and template store is unavailable")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -269,7 +310,11 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             405: f"method {request.method} not allowed on {request.path}",
             413: f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, exc.description or HTTPStatus(status).phrase)
-        return error_response(status, message)
+        response = error_response(status, message)
+        allowed = getattr(exc, "valid_methods", None)
+        if status == 405 and allowed:  # RFC 9110: a 405 lists the methods the resource has
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

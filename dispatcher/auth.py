@@ -154,9 +154,11 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 def is_protected(path: str, protect_metrics: bool) -> bool:
-    """`/send` and everything under it, `/saga/send`; `/-/metrics` when asked. Health and docs
+    """`/send` and everything under it, `/saga/send`, `/callbacks…`; `/-/metrics` when asked. Health and docs
     stay open."""
     if path == "/send" or path.startswith("/send/") or path == "/saga/send":
+        return True
+    if path == "/callbacks" or path.startswith("/callbacks/"):
         return True
     return protect_metrics and path == "/-/metrics"
 

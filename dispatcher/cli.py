@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _announce(settings, args.config, report)
             for key, origin in report.sources.items():
                 log.info("%s from %s", key, origin)
-            print(json.dumps(settings.model_dump(mode="json"), indent=2))
+            print(json.dumps(effective_settings(settings), indent=2))
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - unwrapping the nurseries' groups
@@ -237,6 +237,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prefix}: {leaf}", file=sys.stderr)
         return 2 if any(isinstance(leaf, (ConfigError, CannotListen, StoreInUse)) for leaf in leaves) else 1
     return 0
+
+
+def effective_settings(settings: Settings) -> dict[str, Any]:
+    """The configuration as `check-config` prints it: what applies, not what was left unset
+    (a channel's `on_ambiguous` falls back to the channel's own policy)."""
+    dumped = settings.model_dump(mode="json")
+    for channel in settings.channels.per_channel:
+        if isinstance(dumped["channels"].get(channel), dict):
+            dumped["channels"][channel]["on_ambiguous"] = settings.channels.on_ambiguous(channel)
+    return dumped
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -27,6 +27,16 @@ class RunContext:
     # By channel: "report" or "resend" (`[channels.X].on_ambiguous`).
     on_ambiguous: Mapping[str, str]
 
+    @property
+    def settle_within(self) -> dict[str, float]:
+        """By channel, how long a live run takes at most to settle a delivery it claimed: the
+        attempt's timeout (plus the backoff where ambiguous attempts are resent) and 5 s for the
+        outcome's write (`journal.Journal`)."""
+        return {
+            channel: t.policy.timeout + (t.policy.cap if t.policy.on_ambiguous == "resend" else 0.0) + 5.0
+            for channel, t in self.transports.items()
+        }
+
     async def run(
         self, plan: RequestPlan, result: SendResult | None = None, journal: Unrecorded | None = None
     ) -> SendResult:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, replace
 
 import trio
 
 from . import metrics
-from .errors import DeliveryError, StoreError, TransientDeliveryError
-from .journal import Unrecorded
+from .errors import DeliveryError, LimiterUnavailable, StoreError, TransientDeliveryError
+from .journal import STOPPED_DURING_ATTEMPT, Unrecorded
 from .messages import Delivery, Message
 from .providers.base import Provider
 from .ratelimit import ChannelGate
+from .reconcile import ReconcileError, Reconciler
 from .settings import ChannelSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class Transport:
     provider: Provider
     gate: ChannelGate
     policy: RetryPolicy
+    # Asks the provider about ambiguous attempts (`on_ambiguous = "reconcile"`).
+    reconciler: Reconciler | None = None
 
     @property
     def provider_name(self) -> str:
@@ -82,6 +86,8 @@ class _Attempts:
     error: str | None = None
     kind: str | None = None
     provider_id: str | None = None
+    # An ambiguous attempt resolved by asking the provider: "found" or "absent".
+    reconciled: str | None = None
 
 
 class _Door:
@@ -171,13 +177,14 @@ async def deliver(message: Message, transport: Transport, journal: Unrecorded | 
     journal = journal if journal is not None else Unrecorded()
     door = _Door(message, journal, transport.gate)
     try:
-        outcomes = []
-        for address in message.addresses:
-            outcome = await _deliver_one(message, address, transport, door)
-            if outcome is None:
-                return None
-            outcomes.append(outcome)
-        return await door.settle(_delivery(message, outcomes))
+        with metrics.track_delivery(message.channel):
+            outcomes = []
+            for address in message.addresses:
+                outcome = await _deliver_one(message, address, transport, door)
+                if outcome is None:
+                    return None
+                outcomes.append(outcome)
+            return await door.settle(_delivery(message, outcomes))
     finally:
         door.give_permit_back()
 
@@ -185,9 +192,12 @@ async def deliver(message: Message, transport: Transport, journal: Unrecorded | 
 def _delivery(message: Message, outcomes: list[_Attempts]) -> Delivery:
     attempts = sum(o.count for o in outcomes)
     provider_id = " ".join(o.provider_id for o in outcomes if o.provider_id) or None
+    reconciled = next((o.reconciled for o in outcomes if o.reconciled), None)
     failed = [(address, o) for address, o in zip(message.addresses, outcomes) if o.error is not None]
     if not failed:
-        return Delivery(message.user_id, message.channel, "sent", attempts=attempts, provider_id=provider_id)
+        return Delivery(
+            message.user_id, message.channel, "sent", attempts=attempts, provider_id=provider_id, reconciled=reconciled
+        )
     if all(o.kind == "cancelled" for _, o in failed) and len(failed) == len(outcomes) and not attempts:
         return Delivery(message.user_id, message.channel, "cancelled", attempts=0)
     if len(message.addresses) == 1:
@@ -204,6 +214,7 @@ def _delivery(message: Message, outcomes: list[_Attempts]) -> Delivery:
         attempts=attempts,
         provider_id=provider_id,
         kind=failed[0][1].kind,
+        reconciled=reconciled,
     )
 
 
@@ -232,11 +243,29 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
     channel = message.channel
     keys = (f"to:{address}", f"from:{getattr(message.content, 'sender', '')}")
     last: DeliveryError | None = None
+    reconciler = transport.reconciler if policy.on_ambiguous == "reconcile" else None
+    since = journal.reconcile_since(channel, message.user_id) if reconciler is not None else None
+    if reconciler is not None and since is not None:
+        # An earlier run stopped during this attempt: claim it, then ask before sending again.
+        if journal.halted or not await door.claim():
+            return _cancelled(result, journal, last)
+        try:
+            result.provider_id = await reconciler.find(message, address, since)
+        except ReconcileError as exc:
+            result.count, result.kind = 1, "ambiguous"
+            result.error = f"{STOPPED_DURING_ATTEMPT}; {name} could not be asked whether it has it ({exc})"
+            return result
+        if result.provider_id is not None:
+            result.count, result.reconciled = 1, "found"
+            door.sent = True
+            return result
+        result.reconciled = "absent"
     while True:
         started = trio.current_time()
+        claimed_at = time.time()
         try:
             with journal.waiting() as wait:
-                await gate.enter(keys)
+                await _enter(gate, keys, policy.max_retry_after)
             if wait.cancelled_caught:
                 return _cancelled(result, journal, last)
             try:
@@ -258,10 +287,14 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             error: DeliveryError = TransientDeliveryError(
                 f"{name}: no answer within {policy.timeout:g}s", ambiguous=True
             )
+        except LimiterUnavailable as exc:
+            # Waited `max_retry_after_seconds` for the limiter: not attempted, nothing sent.
+            log.warning("%s for user %s: %s", channel, message.user_id, exc.reason)
+            result.error = f"{exc.reason}: not attempted, waited {policy.max_retry_after:g}s for it"
+            result.kind = "transient"
+            return result
         except DeliveryError as exc:
             error = exc
-            if result.count == 0:
-                result.count = 1  # the limiter itself failed (cluster mode): counted as an attempt
         except Exception as exc:
             # A bug in a provider must cost one delivery, not the whole request.
             log.exception("provider %s crashed delivering to user %s", name, message.user_id)
@@ -273,6 +306,27 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             channel, name, trio.current_time() - started, "timeout" if result.kind == "ambiguous" else result.kind
         )
         suffix = f" (after {result.count} attempts)" if result.count > 1 else ""
+        if reconciler is not None and isinstance(error, TransientDeliveryError) and error.ambiguous:
+            door.give_permit_back()  # the lookup may wait for the listing to settle
+            try:
+                result.provider_id = await reconciler.find(message, address, claimed_at)
+            except ReconcileError as exc:
+                result.error = (
+                    f"{UNKNOWN_OUTCOME}: {error.reason}{suffix}; {name} could not be asked whether it has it ({exc})"
+                )
+                return result
+            if result.provider_id is not None:
+                result.error, result.kind, result.reconciled = None, None, "found"
+                door.sent = True
+                return result
+            result.reconciled = "absent"  # provably never sent: sending again duplicates nothing
+            if result.count >= policy.max_attempts:
+                result.error = f"{error.reason}{suffix}; {name} never received it"
+                result.kind = "transient"
+                return result
+            await door.retrying(result.count, f"{error.reason}; {name} never received it")
+            metrics.observe_retry(channel, name)
+            continue
         if not isinstance(error, TransientDeliveryError) or result.count >= policy.max_attempts:
             result.error = error.reason + suffix
             return result
@@ -305,6 +359,25 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             await trio.sleep(delay)
         if wait.cancelled_caught:
             return _cancelled(result, journal, last)
+
+
+async def _enter(gate: ChannelGate, keys: tuple[str, ...], bound: float) -> None:
+    """`gate.enter`, waiting out an unreachable limiter (Redis restarting) for up to `bound`
+    seconds instead of failing at once: an outage shorter than that costs time, not deliveries.
+    The cluster's own retries pace the attempts; this adds a capped backoff between them."""
+    deadline = None
+    backoff = 0.1
+    while True:
+        try:
+            await gate.enter(keys)
+            return
+        except LimiterUnavailable:
+            now = trio.current_time()
+            deadline = now + bound if deadline is None else deadline
+            if now >= deadline:
+                raise
+            await trio.sleep(min(backoff, deadline - now))
+            backoff = min(2 * backoff, 2.0)
 
 
 def _kind(error: DeliveryError) -> str:

@@ -1,7 +1,7 @@
 """The service's exceptions.
 
-`DispatcherError` is the root. Subclasses of `RequestError` carry the HTTP status the app answers
-with; the app maps them in one place. Provider failures are `DeliveryError`s, classified once by
+`DispatcherError` is the root. None of them knows HTTP: `web.STATUS` maps each class to the
+status the app answers with, in one place. Provider failures are `DeliveryError`s, classified once by
 the provider into transient (worth retrying) or permanent.
 """
 
@@ -26,39 +26,31 @@ class StoreInUse(DispatcherError):
 class RequestError(DispatcherError):
     """The request cannot be accepted; nothing was sent."""
 
-    status_code = 400
-
 
 class PayloadTooLarge(RequestError):
-    status_code = 413
+    """The body is larger than `[server].max_body_bytes`."""
 
 
 class UpstreamError(RequestError):
     """A service we depend on before sending (the Files Service) is down."""
 
-    status_code = 502
-
 
 class ShuttingDown(RequestError):
-    status_code = 503
+    """The service is draining: it takes no new sends."""
 
 
 class NotFound(RequestError):
-    status_code = 404
+    """No such job (or not one the caller may see)."""
 
 
 class Conflict(RequestError):
     """An idempotency key already used with a different request."""
-
-    status_code = 422
 
 
 class Interrupted(DispatcherError):
     """A store outage or a shutdown stopped an accepted send before every delivery was
     attempted. `partial` holds what was attempted; `job_id` names the job that will be resumed
     (None without the ledger)."""
-
-    status_code = 503
 
     def __init__(self, message: str, partial: SendResult, job_id: str | None = None) -> None:
         super().__init__(message)
@@ -77,6 +69,11 @@ class StillRunning(DispatcherError):
 
 class InternalError(DispatcherError):
     """A bug stopped a send; it is logged with its traceback."""
+
+
+class LeaseLost(DispatcherError):
+    """Another instance took over the job's lease (this one was too slow to renew it): this run
+    stops, the other delivers the rest. Not a store outage: the store answered."""
 
 
 class StoreError(DispatcherError, StoreFault):
@@ -129,3 +126,8 @@ class TransientDeliveryError(DeliveryError):
         self.throttled = throttled
         self.ambiguous = ambiguous
         self.pause_key = pause_key
+
+
+class LimiterUnavailable(TransientDeliveryError):
+    """The limiter a delivery waits on cannot be reached (cluster mode: Redis): nothing was sent,
+    no attempt is spent; the delivery waits for it, within a bound."""

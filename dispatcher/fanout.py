@@ -24,7 +24,7 @@ from .errors import RequestError
 from .journal import Journal
 from .ledger import FINAL_STATES, Ledger
 from .messages import Delivery
-from .models import Failure, SendRequest, SendResult, Summary
+from .models import SendRequest, SendResult, Summary
 from .cancels import CancelWatch
 from .context import RunContext
 from .plan import RequestPlan
@@ -90,13 +90,7 @@ class SharedFanOut:
             # more than the deliveries do. The job's lease keeper relays a cancellation.
             await trio.sleep(_POLL_SECONDS)
         result.summary = Summary.from_json(await self._ledger.summary(job_id, channels))
-        after = None
-        while True:
-            page = await self._ledger.failures(job_id, after, 1000)
-            result.failures.extend(Failure(d["user"], d["channel"], d.get("error") or "failed") for d in page)
-            if len(page) < 1000:
-                return
-            after = page[-1]["_id"]
+        result.failures.extend(await self._ledger.all_failures(job_id))
 
     async def _publish(self, job_id: str, plan: RequestPlan) -> int:
         """Publish every partition (again, after Redis lost them: duplicates are harmless), retrying
@@ -139,7 +133,13 @@ class SharedFanOut:
         plan = await self._plan(partition.job_id, doc)
         if plan is None:
             return
-        journal = Journal(self._ledger, partition.job_id, resumed=True, on_ambiguous=self._context.on_ambiguous)
+        journal = Journal(
+            self._ledger,
+            partition.job_id,
+            resumed=True,
+            on_ambiguous=self._context.on_ambiguous,
+            settle_within=self._context.settle_within,
+        )
         if doc.get("cancel_requested"):
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})

@@ -7,29 +7,47 @@ interface for `[store].ledger = false` (nothing written, nothing resumable).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping, Sequence
+
+import trio
+
 from actors.journal import Unrecorded, Waiting
 
 from .ledger import FINAL_DELIVERY_STATES, Ledger
 from .messages import Delivery
 from .states import ACCEPTED_STATES
 
-__all__ = ["ABANDONED_DURING_ATTEMPT", "RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
+__all__ = ["RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
 
-STOPPED_DURING_ATTEMPT = "outcome unknown: the service stopped during the attempt"
-# A delivery claimed by another run that is no longer alive, whose process may not have stopped
-# (its lease or partition was taken over): the reason must not claim a crash it did not see.
-ABANDONED_DURING_ATTEMPT = (
-    "outcome unknown: the run that was sending it stopped answering (crash, or lease or partition taken over)"
+# A delivery another run claimed and never settled, although a live run settles a claim within its
+# attempt's timeout: that run's process died, or stalled past the timeout (a lease or partition
+# then taken over). The reason says no more than that: no process may have stopped.
+STOPPED_DURING_ATTEMPT = (
+    "outcome unknown: the run sending it did not settle it (its process stopped, or stalled past the attempt's timeout)"
 )
+# How often a run waiting for another run's claim to settle reads it again.
+_SETTLE_POLL_SECONDS = 0.5
 # Left by a run between a failed attempt (nothing was sent) and its next: not ambiguous.
 RETRYING = "retrying"
 
 
 class Journal(Unrecorded):
-    def __init__(self, ledger: Ledger, job_id: str, *, resumed: bool, on_ambiguous: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        job_id: str,
+        *,
+        resumed: bool,
+        on_ambiguous: Mapping[str, str],
+        settle_within: Mapping[str, float] | None = None,
+    ) -> None:
+        """`settle_within`: per channel, how long after its claim a live run has settled a
+        delivery (its attempt's timeout, and its backoff where ambiguous attempts are resent,
+        plus a margin for the outcome's write)."""
         super().__init__()
+        self._settle_within = settle_within or {}
         self.job_id = job_id
         self.run_id = uuid.uuid4().hex
         self._ledger = ledger
@@ -38,14 +56,44 @@ class Journal(Unrecorded):
         # Deliveries an earlier run (or this one, between attempts) left `sending` or `retrying`
         # that this run may send: the claim must name that run and state.
         self._resending: dict[tuple[str, str], tuple[str, str]] = {}
+        # Of those left `sending`, the ones to reconcile first, with their claim time.
+        self._reconciling: dict[tuple[str, str], float] = {}
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that must not be attempted again, by user id: those an
-        earlier run finished, and (unless the channel resends) those it left `sending`."""
+        earlier run finished, and (unless the channel resends) those it left `sending`.
+
+        A delivery another run claimed less than `settle_within` ago may be on the wire in a run
+        that is alive (a lease taken over from a stalled process, a partition republished after
+        Redis lost it, or reclaimed from a slow worker): this waits until it is settled or its
+        claim is older than that, and only then treats it as abandoned. So a second run of the
+        same users never reports a live run's delivery as unknown, nor resends it."""
         if not self._resumed or not user_ids:
             return {}  # a new job has no history: no round trip
+        prior = await self._ledger.prior(self.job_id, channel, user_ids)
+        bound = self._settle_within.get(channel, 0.0)
+        while bound > 0 and not self.halted:
+            now = time.time()
+            fresh = [
+                user
+                for user, doc in prior.items()
+                if doc.get("state") == "sending"
+                and doc.get("run") != self.run_id
+                and now - (doc.get("claimed_at") or 0) < bound
+            ]
+            if not fresh:
+                break
+            with self.waiting():
+                await trio.sleep(_SETTLE_POLL_SECONDS)
+            prior.update(await self._ledger.prior(self.job_id, channel, fresh))
         settled = {}
-        for user_id, doc in (await self._ledger.prior(self.job_id, channel, user_ids)).items():
+        if self.halted:
+            # Cancelled while another run held some: that run writes their outcome, not this one.
+            for user, doc in list(prior.items()):
+                if doc.get("state") == "sending" and doc.get("run") != self.run_id:
+                    del prior[user]
+                    settled[user] = Delivery(user, channel, "cancelled", recorded=True)
+        for user_id, doc in prior.items():
             state = doc.get("state")
             if state in FINAL_DELIVERY_STATES:
                 settled[user_id] = Delivery(
@@ -62,11 +110,16 @@ class Journal(Unrecorded):
                 settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
             elif state in ("sending", RETRYING):
                 self._resending[(channel, user_id)] = (doc.get("run") or "", state)
+                if state == "sending" and self._on_ambiguous.get(channel) == "reconcile":
+                    self._reconciling[(channel, user_id)] = doc.get("claimed_at") or 0.0
         return settled
 
     async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         claims = [(channel, user, self._resending.pop((channel, user), None)) for channel, user in deliveries]
         return await self._ledger.claim_sending(self.job_id, self.run_id, claims)
+
+    def reconcile_since(self, channel: str, user_id: str) -> float | None:
+        return self._reconciling.pop((channel, user_id), None)
 
     async def retrying(self, delivery: Delivery) -> None:
         await self._ledger.release(self.job_id, self.run_id, delivery)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,18 +66,25 @@ def iso_ms(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", re.ASCII)
+# Unpadded base64url, as `encode_cursor` writes it (the OpenAPI document gives the same pattern).
+CURSOR_PATTERN = r"^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2,3})?$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(seq: str) -> str:
     return base64.urlsafe_b64encode(seq.encode("utf-8")).decode("ascii").rstrip("=")
 
 
 def decode_cursor(cursor: str) -> str:
+    """The position a cursor stands for. Any well-formed cursor is a position (the page starts
+    below it), so a forged one shows no more than paging would: the owner filter still applies."""
+    if not _CURSOR.match(cursor):
+        raise RequestError("cursor: not a cursor this service gave (pass `next` of the previous page)")
     try:
-        seq = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8", errors="replace")
     except (binascii.Error, ValueError):
         raise RequestError("cursor: not a cursor this service gave (pass `next` of the previous page)") from None
-    if "|" not in seq:
-        raise RequestError("cursor: not a cursor this service gave (pass `next` of the previous page)")
-    return seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +113,14 @@ class JobQuery:
     def from_args(cls, args: Mapping[str, str]) -> JobQuery:
         """From query parameters (`status`, `channel`, `createdAfter`, `createdBefore`, `limit`,
         `cursor`); a bad value raises `RequestError` naming it."""
+        # A parameter given empty is a value, and not a valid one (as the OpenAPI document says).
         try:
-            limit = int(args.get("limit") or DEFAULT_LIMIT)
+            limit = int(args.get("limit", DEFAULT_LIMIT))
         except ValueError:
             raise RequestError("limit: must be an integer") from None
         return cls(
-            status=args.get("status") or None,
-            channel=args.get("channel") or None,
+            status=args.get("status"),
+            channel=args.get("channel"),
             created_after=_time(args, "createdAfter"),
             created_before=_time(args, "createdBefore"),
             limit=limit,
@@ -162,12 +171,15 @@ def listing_filter(query: JobQuery, viewer: Viewer) -> dict[str, Any]:
 
 def _time(args: Mapping[str, str], name: str) -> dt.datetime | None:
     raw = args.get(name)
-    if not raw:
+    if raw is None:
         return None
+    # RFC 3339, as the OpenAPI document's `date-time` says: an empty value or a bare date is refused.
     try:
-        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00") if raw.endswith("Z") else raw)
+        if not _RFC3339.match(raw):
+            raise ValueError(raw)
+        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise RequestError(f"{name}: must be an ISO-8601 date-time (e.g. 2026-12-04T09:00:00Z)") from None
+        raise RequestError(f"{name}: must be an RFC 3339 date-time (e.g. 2026-12-04T09:00:00Z)") from None
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 

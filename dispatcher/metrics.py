@@ -19,17 +19,31 @@ when a worker exits.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 from prometheus_client.exposition import choose_encoder
 
 from .channels import CHANNELS
+
+# A `_created` series beside every counter and histogram doubles the series for a timestamp that
+# Prometheus does not use (process start is in `process_start_time_seconds`).
+disable_created_metrics()
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # The metrics below without labels open their sample file as soon as they are created.
@@ -93,13 +107,27 @@ QUEUE_DEPTH = Gauge(
     multiprocess_mode="livesum",
 )
 JOBS = Counter("dispatcher_jobs", "Jobs that entered each state", ["state"])
-# Set at each scrape from the cluster's own count: divided by dispatcher_deliveries_total, the
-# Redis cost of the shared rate limits per delivery.
-REDIS_LIMIT_ROUND_TRIPS = Gauge(
-    "dispatcher_redis_limit_round_trips",
-    "Redis round trips made by the cluster-wide rate limits since start",
-    multiprocess_mode="livesum",
+# Divided by dispatcher_deliveries_total: the Redis cost of the shared rate limits per delivery.
+REDIS_LIMIT_ROUND_TRIPS = Counter(
+    "dispatcher_redis_limit_round_trips", "Redis round trips answered for the cluster-wide rate limits"
 )
+
+
+def _version() -> str:
+    # Not `dispatcher.__version__`: the package imports this module while it initialises.
+    try:
+        return importlib.metadata.version("trio-dispatcher")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+BUILD_INFO = Gauge(
+    "dispatcher_build_info",
+    "Always 1; the labels say which service runs (version, Python)",
+    ["version", "python"],
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(_version(), platform.python_version()).set(1)
 HTTP_REQUESTS = Counter(
     "dispatcher_http_requests", "HTTP requests answered, by route template and status", ["method", "route", "status"]
 )
@@ -175,6 +203,31 @@ def track_delivery(channel: str) -> Iterator[None]:
         yield
     finally:
         gauge.dec()
+
+
+CALLBACKS = Counter(
+    "dispatcher_callbacks",
+    "Tries of callbacks to clients, by event, outcome (delivered, retry, dead) and try number (6+ for later ones)",
+    ["event", "outcome", "attempt"],
+)
+CALLBACK_OUTBOX_DEPTH = Gauge(
+    "dispatcher_callback_outbox_depth",
+    "Callbacks (and delivery.updated chunks) in the outbox not delivered yet",
+    multiprocess_mode="max",
+)
+CALLBACK_DEAD_LETTERS = Gauge(
+    "dispatcher_callback_dead_letters",
+    "Callbacks given up (GET /callbacks?state=dead lists them)",
+    multiprocess_mode="max",
+)
+CALLBACK_EVENTS = ("job.finished", "delivery.updated")
+CALLBACK_OUTCOMES = ("delivered", "retry", "dead")
+
+
+def observe_callback(event: str, outcome: str, attempt: int) -> None:
+    """One try of one callback ended with `outcome`."""
+    label = str(attempt) if attempt <= 5 else "6+"
+    CALLBACKS.labels(_bounded(event, CALLBACK_EVENTS), _bounded(outcome, CALLBACK_OUTCOMES), label).inc()
 
 
 def observe_job(state: str) -> None:

@@ -23,7 +23,24 @@ from .errors import RequestError
 # sense). Deeper structures are rejected up front instead of failing later in whatever recurses
 # over them (the JSON parser, a template, a provider's JSON encoder).
 MAX_DEPTH = 32
+# An idempotency key (the `Idempotency-Key` header or the `idempotencyKey` field): 1 to 256
+# characters, no control character (NUL included: it separates the key's scope in the ledger),
+# not only whitespace (which an HTTP header cannot even carry).
+IDEMPOTENCY_KEY_MAX = 256
+IDEMPOTENCY_KEY_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
+
+def check_idempotency_key(key: str, name: str) -> str:
+    """`key` when it is a valid idempotency key, else `RequestError` naming `name`."""
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise RequestError(f"{name}: must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise RequestError(f"{name}: must not be blank or hold control characters")
+    return key
+
+
+CALLBACK_EVENTS = ("job.finished", "delivery.updated")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Characters that break a header line or a file name, or hide what it says: controls (CR, LF,
@@ -118,7 +135,13 @@ class SendRequest(BaseModel):
     email_blind_carbon_copies: tuple[str, ...] = ()
     email_sender: str | None = None
     # Also accepted as the `Idempotency-Key` header (the header wins).
-    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX, pattern=IDEMPOTENCY_KEY_PATTERN
+    )
+    # Signed status callbacks (callback_delivery.py); the URL is checked against SSRF when the
+    # request is accepted, with the deployment's settings.
+    callback_url: str | None = Field(None, min_length=1, max_length=2048)
+    callback_events: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +173,20 @@ class SendRequest(BaseModel):
         duplicates = sorted({c for c in value if value.count(c) > 1})
         if duplicates:
             raise ValueError(f"{shown(duplicates[0])} is listed more than once")
+        return value
+
+    @field_validator("callback_events")
+    @classmethod
+    def _known_events(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must name at least one event (job.finished, delivery.updated)")
+        for event in value:
+            if event not in CALLBACK_EVENTS:
+                raise ValueError(f"{shown(event)} is not an event (job.finished, delivery.updated)")
+        if len(set(value)) != len(value):
+            raise ValueError("an event is listed more than once")
         return value
 
     @field_validator("email_carbon_copies", "email_blind_carbon_copies")
@@ -209,7 +246,15 @@ def _check_address(address: str) -> None:
 
 
 _STRING_ARRAYS = frozenset(
-    {"channels", "recipients", "clusters", "emailAttachments", "emailCarbonCopies", "emailBlindCarbonCopies"}
+    {
+        "channels",
+        "recipients",
+        "clusters",
+        "emailAttachments",
+        "emailCarbonCopies",
+        "emailBlindCarbonCopies",
+        "callbackEvents",
+    }
 )
 # pydantic's error types in words for the client; `_FIELD_PHRASES` first.
 _FIELD_PHRASES = {

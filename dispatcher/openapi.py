@@ -23,7 +23,8 @@ from pydantic.json_schema import models_json_schema
 
 from .auth import is_protected
 from .channels import CHANNELS
-from .models import SendRequest
+from .listing import CURSOR_PATTERN
+from .models import CALLBACK_EVENTS, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN, SendRequest
 
 REF = "#/components/schemas/{model}"
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -131,6 +132,29 @@ class JobStatus(_Wire):
     channels: list[str] = Field(default_factory=list, description="The channels the job delivers on")
 
 
+class Callback(_Wire):
+    """A callback (one POST to the client's callbackUrl, tried until delivered or dead)."""
+
+    id: str = Field(description="Its `webhook-id`, the same on every try")
+    type: Literal["job.finished", "delivery.updated"]
+    jobId: str | None = None
+    requestId: str | None = None
+    url: str = Field(description="The callback URL without its query string")
+    state: Literal["pending", "delivered", "dead"]
+    events: int = Field(ge=1, description="Events it carries (delivery.updated is batched)")
+    attempts: int = Field(ge=0)
+    createdAt: datetime
+    nextAttemptAt: datetime | None = None
+    lastError: str | None = None
+
+
+class CallbackPage(_Wire):
+    """One page of callbacks, newest first; pass `next` as `cursor` for the next page."""
+
+    callbacks: list[Callback]
+    next: str | None = None
+
+
 class JobPage(_Wire):
     """One page of jobs, newest first; pass `next` as `cursor` for the next page (null: the last)."""
 
@@ -210,6 +234,9 @@ _FIELD_DOCS = {
     "emailCarbonCopies": "Cc addresses",
     "emailBlindCarbonCopies": "Bcc addresses (envelope only)",
     "emailSender": "From of the e-mails of this request",
+    "callbackUrl": "Where signed status callbacks go (Standard Webhooks); https, public addresses only unless the "
+    "deployment allows otherwise ([callbacks].allow_http, allow_private); [callbacks].default_url otherwise",
+    "callbackEvents": "Events to call back: job.finished (default), delivery.updated (batched)",
 }
 
 QUICK_START_REQUEST = {
@@ -227,6 +254,7 @@ QUICK_START_RESULT = {
         "skipped": {"email": 1, "sms": 1, "push": 2},
         "failed": {"email": 1, "sms": 1, "push": 1},
     },
+    "id": "0c5a7e43f5c14b8a9b1f6d2e8a3c4b71",
 }
 
 _RESPONSE_MODELS = (
@@ -246,6 +274,8 @@ _RESPONSE_MODELS = (
     DeliveryHistory,
     Receipt,
     Health,
+    Callback,
+    CallbackPage,
     CheckUp,
     DependencyCheck,
 )
@@ -261,15 +291,52 @@ def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[st
     channels = request["properties"]["channels"]
     channels.setdefault("uniqueItems", True)
     channels["items"].setdefault("enum", list(active_channels if active_channels is not None else CHANNELS))
+    for variant in request["properties"]["callbackEvents"].get("anyOf", []):
+        if variant.get("type") == "array":
+            variant.update(minItems=1, uniqueItems=True, items={"type": "string", "enum": list(CALLBACK_EVENTS)})
     for name, prop in request["properties"].items():
         prop.pop("title", None)
         if name in _FIELD_DOCS:
             prop.setdefault("description", _FIELD_DOCS[name])
     request.setdefault("description", "One message to many users over several channels. Unknown fields are ignored.")
+    request["allOf"] = _cross_field_rules(channels["items"]["enum"])
     for schema in schemas.values():
         for prop in schema.get("properties", {}).values():
             prop.pop("title", None)
     return schemas
+
+
+def _cross_field_rules(channels: list[str]) -> list[dict[str, Any]]:
+    """What `SendRequest._who_and_what` checks across fields, in JSON Schema, so that the document
+    refuses what the service refuses: someone to send to, and without a template a non-blank
+    content and, for the channels that need one, a title."""
+    template = {"required": ["templateId"], "properties": {"templateId": {"type": "string"}}}
+    titled = [c for c in channels if CHANNELS[c].needs_title]
+    titled_rule = {
+        "anyOf": [
+            template,
+            {"required": ["messageTitle"], "properties": {"messageTitle": {"type": "string"}}},
+            {"properties": {"channels": {"not": {"contains": {"enum": titled}}}}},
+        ]
+    }
+    return [
+        {
+            "anyOf": [
+                {"required": ["recipients"], "properties": {"recipients": {"type": "array", "minItems": 1}}},
+                {"required": ["clusters"], "properties": {"clusters": {"type": "array", "minItems": 1}}},
+            ]
+        },
+        {
+            "anyOf": [
+                template,
+                {
+                    "required": ["messageContent"],
+                    "properties": {"messageContent": {"type": "string", "pattern": r"\S"}},
+                },
+            ]
+        },
+        *([titled_rule] if titled else []),
+    ]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -328,14 +395,14 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "name": "async",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "boolean"},
+                    "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
                     "description": "Answer 202 at once and run the send as a job",
                 },
                 {
                     "name": "dryRun",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "boolean"},
+                    "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
                     "description": 'Validate, select and render (the first users), send and record nothing (also `"dryRun": true` in the body)',
                 },
                 {
@@ -349,7 +416,12 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": IDEMPOTENCY_KEY_MAX,
+                        "pattern": IDEMPOTENCY_KEY_PATTERN,
+                    },
                     "description": "The same key and body within the idempotency window answer the first "
                     "send's result or status; nothing is sent again. Another body: 422",
                 },
@@ -399,11 +471,11 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "parameters": [
                 request_id,
                 _query("status", {"type": "string", "enum": list(JobState.__args__)}, "Only jobs in this state"),
-                _query("channel", {"type": "string"}, "Only jobs delivering on this channel"),
+                _query("channel", {"type": "string", "enum": list(CHANNELS)}, "Only jobs delivering on this channel"),
                 _query("createdAfter", {"type": "string", "format": "date-time"}, "Created at or after"),
                 _query("createdBefore", {"type": "string", "format": "date-time"}, "Created before"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
-                _query("cursor", {"type": "string"}, "The `next` of the previous page"),
+                _query("cursor", {"type": "string", "pattern": CURSOR_PATTERN}, "The `next` of the previous page"),
             ],
             "responses": {
                 "200": _json("JobPage", "One page of jobs"),
@@ -511,6 +583,39 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "503": _error("Shutting down, or the store is unavailable"),
             },
         },
+        ("get", "/callbacks"): {
+            "operationId": "listCallbacks",
+            "summary": "Callbacks in a state, newest first (default: dead letters); a key sees its own",
+            "tags": ["callbacks"],
+            "parameters": [
+                request_id,
+                _query(
+                    "state", {"type": "string", "enum": ["pending", "delivered", "dead"], "default": "dead"}, "State"
+                ),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "Page size"),
+                _query("cursor", {"type": "string"}, "The `next` of the previous page"),
+            ],
+            "responses": {
+                "200": _json("CallbackPage", "One page of callbacks"),
+                "400": _error("Invalid state, limit or cursor"),
+                "401": _UNAUTHORIZED,
+                "404": _error("Callbacks need the delivery ledger"),
+                "503": _error("The store is unavailable"),
+            },
+        },
+        ("post", "/callbacks/{id}/retry"): {
+            "operationId": "retryCallback",
+            "summary": "Try a dead callback again (same webhook-id, fresh retry schedule)",
+            "tags": ["callbacks"],
+            "parameters": [_JOB_ID, request_id],
+            "responses": {
+                "200": _json("Callback", "The callback, pending again"),
+                "400": _error("The callback is not dead"),
+                "401": _UNAUTHORIZED,
+                "404": _error("No such callback, or one another API key's job made"),
+                "503": _error("The store is unavailable"),
+            },
+        },
         ("get", "/send/{id}/deliveries"): {
             "operationId": "getUserDeliveries",
             "summary": "One user's deliveries in a job, with their history",
@@ -550,17 +655,19 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
         },
         ("get", "/-/healthz"): {
             "operationId": "healthz",
-            "summary": "200 while the process runs",
+            "summary": "Liveness: 200 while the process serves; 503 once the embedded store it started "
+            "has been down for more than 10 s",
             "tags": ["operations"],
             "parameters": [request_id],
-            "responses": {"200": _json("Health", "Alive")},
+            "responses": {"200": _json("Health", "Alive"), "503": _error("Not alive: restart the service")},
         },
         ("get", "/-/ready"): {
             "operationId": "ready",
-            "summary": "200 when the store answers a ping",
+            "summary": "Readiness: 200 when the store answers a ping (and Redis in cluster mode) and the "
+            "outbox directory, when a channel uses it, can be written",
             "tags": ["operations"],
             "parameters": [request_id],
-            "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready (the store does not answer)")},
+            "responses": {"200": _json("Health", "Ready"), "503": _error("Not ready: the message names what is down")},
         },
         ("get", "/-/check-up"): {
             "operationId": "checkUp",
@@ -648,8 +755,9 @@ def build_openapi(
                     "name": "X-Request-ID",
                     "in": "header",
                     "required": False,
-                    "description": "Reused when 1-128 of `[A-Za-z0-9._-]`, generated otherwise; echoed in the answer",
-                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+                    "description": "Reused when 1-128 of `[A-Za-z0-9._-]`, replaced by a new one otherwise (any "
+                    "value is accepted); echoed in the answer",
+                    "schema": {"type": "string"},
                 }
             },
             "headers": {
@@ -776,6 +884,8 @@ __all__ = [
     "Error",
     "Failure",
     "FailuresPage",
+    "Callback",
+    "CallbackPage",
     "JobAccepted",
     "JobPage",
     "JobStatus",

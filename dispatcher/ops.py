@@ -92,8 +92,6 @@ def install_ops(app: QuartTrio, dispatcher: Dispatcher, api_keys: ApiKeys | None
 
     @app.get("/-/metrics")
     async def prometheus_metrics() -> Response:
-        if dispatcher.cluster is not None:
-            metrics.REDIS_LIMIT_ROUND_TRIPS.set(dispatcher.cluster.round_trips)
         body, content_type = metrics.render(request.headers.get("Accept"))
         return Response(body, status=200, content_type=content_type)
 

@@ -1,7 +1,8 @@
 """A validated request, ready to run: which channels, compiled templates, request-wide options.
 
 Everything that can make a request invalid is checked while building the plan, before a single
-task starts, so request errors never travel inside an `ExceptionGroup`.
+task starts, so request errors never travel inside an `ExceptionGroup`. `Planner` is what plans
+a request: it reads the template from the store and the attachments from the Files Service.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 from .channels import CHANNELS, BuildContext, BuildFn, RenderFn
 from .errors import RenderError, RequestError
+from .files import FilesClient
 from .handlebars import HandlebarsSyntaxError, translate
 from .messages import EmailOptions, Message, User
 from .models import SendRequest, shown
 from .settings import Settings
+from .store import Store
 from .templating import PRERENDERED, Renderer, Text
+
+log = logging.getLogger(__name__)
 
 
 def has_text_for(template: dict[str, Any], channel: str) -> bool:
@@ -104,6 +111,52 @@ def addresses_of(value: Any) -> tuple[str, ...]:
 class RequestPlan:
     request: SendRequest
     channels: tuple[ChannelPlan, ...]
+
+
+class Planner:
+    """Plans requests for one dispatcher: every check that can reject a request (channels,
+    template, compilation, attachments) happens in `prepare`."""
+
+    def __init__(self, settings: Settings, store: Store, files: FilesClient | None) -> None:
+        self._settings = settings
+        self._store = store
+        self._files = files
+        limits = settings.templates
+        self.renderer = Renderer(
+            default_locale=limits.default_locale,
+            max_template_chars=limits.max_template_chars,
+            max_rendered_chars=limits.max_rendered_chars,
+        )
+
+    async def prepare(self, request: SendRequest) -> RequestPlan:
+        template = None
+        if request.template_id is not None:
+            template = await self._store.find_template(request.template_id)
+            if template is None:
+                log.info(
+                    "no template %s in %s (load templates with `dispatcher seed`)",
+                    shown(request.template_id),
+                    self._settings.store.templates_collection,
+                )
+                raise RequestError(f"templateId: no template {shown(request.template_id)}")
+        email_options = None
+        if any(CHANNELS[channel].uses_email_options for channel in request.channels):
+            email_options = await self._email_options(request, template)
+        return build_plan(request, template, self._settings, self.renderer, email_options, self._store.user_id)
+
+    async def _email_options(self, request: SendRequest, template: dict[str, Any] | None) -> EmailOptions:
+        names = [*template_attachments(template), *request.email_attachments]
+        attachments: tuple = ()
+        if names:
+            if self._files is None:
+                raise RequestError("emailAttachments: no Files Service is configured ([files].url)")
+            attachments = await self._files.fetch_all(names)
+        return EmailOptions(
+            sender=request.email_sender or self._settings.sender.email,
+            cc=request.email_carbon_copies,
+            bcc=request.email_blind_carbon_copies,
+            attachments=attachments,
+        )
 
 
 def build_plan(

@@ -258,7 +258,7 @@ def install_saga(app: QuartTrio, dispatcher: Dispatcher) -> None:
     """Add `POST /saga/send` and, with events configured, the task that posts them."""
     from quart import Response, g, request
 
-    from .web import parse_json_body
+    from .web import parse_json_body, status_of
 
     settings = dispatcher.settings.flow_manager
     events = None
@@ -301,7 +301,7 @@ def install_saga(app: QuartTrio, dispatcher: Dispatcher) -> None:
             )
         except RequestError as exc:
             # A refusal answers the saga; a 5xx (store down, shutting down) may be retried.
-            if events is not None and exc.status_code < 500:
+            if events is not None and status_of(exc) < 500:
                 await events.fail(saga_id, label, str(exc))
             raise
         if events is not None:

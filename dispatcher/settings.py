@@ -71,6 +71,8 @@ class StoreSettings(_Section):
     ledger: bool = True
     jobs_collection: str = "dispatch_jobs"
     deliveries_collection: str = "dispatch_deliveries"
+    # The callbacks outbox (callback_outbox.py).
+    callbacks_collection: str = "dispatch_callbacks"
     idempotency_ttl_hours: float = Field(24.0, gt=0)
     retention_days: float = Field(30.0, gt=0)
     # A running job's owner renews its lease this often (a third of it); another instance takes
@@ -130,9 +132,11 @@ class ChannelSettings(_Section):
     # throttled, instead of stalling the channel for every request.
     max_retry_after_seconds: float = Field(300.0, gt=0)
     # An attempt whose outcome is unknown (the service died during it, or it timed out after the
-    # request may have reached the provider): report it as a failure, or send again. Empty: the
-    # channel's default (report for email, sms, voice; resend for push).
-    on_ambiguous: Literal["report", "resend"] | None = None
+    # request may have reached the provider): report it as a failure, send again, or ask the
+    # provider whether it has the message (Twilio only) and send again only if it provably has
+    # not. Empty: the channel's default (reconcile on Twilio; else report for email, sms, voice,
+    # resend for push).
+    on_ambiguous: Literal["report", "resend", "reconcile"] | None = None
 
 
 class ChannelsSettings(_Section):
@@ -173,6 +177,11 @@ class ChannelsSettings(_Section):
                 raise ValueError(
                     f"channels.{name}.provider: {channel.provider!r} cannot deliver {name} (use one of {allowed})"
                 )
+            if channel.on_ambiguous == "reconcile" and not entry.can_reconcile:
+                raise ValueError(
+                    f"channels.{name}.on_ambiguous: {channel.provider!r} cannot be asked whether a message "
+                    "exists; use report or resend"
+                )
         return self
 
     @model_serializer(mode="wrap")
@@ -184,7 +193,12 @@ class ChannelsSettings(_Section):
         return self.per_channel[channel]
 
     def on_ambiguous(self, channel: str) -> str:
-        return self.per_channel[channel].on_ambiguous or CHANNEL_TABLE[channel].on_ambiguous
+        from .providers import PROVIDERS
+
+        settings = self.per_channel[channel]
+        if settings.on_ambiguous:
+            return settings.on_ambiguous
+        return "reconcile" if PROVIDERS[settings.provider].can_reconcile else CHANNEL_TABLE[channel].on_ambiguous
 
 
 class SmtpSettings(_Section):
@@ -364,6 +378,52 @@ class AuthSettings(_Section):
     protect_metrics: bool = False
 
 
+class CallbackSettings(_Section):
+    """Signed status callbacks to clients (callback_delivery.py, callback_outbox.py)."""
+
+    # Applies to requests that name no callbackUrl; empty: no callbacks for them.
+    default_url: str = ""
+    # `delivery.updated` events of one job per POST: at most this many, after at most batch_ms.
+    batch_size: int = Field(100, ge=1, le=10_000)
+    batch_ms: float = Field(1000.0, ge=0)
+    # A callback not delivered after this long (retries included) becomes a dead letter.
+    max_age_hours: float = Field(24.0, gt=0)
+    # Plain http callback URLs, and URLs resolving to loopback/link-local/private/metadata
+    # addresses: refused unless allowed (tests and local runs).
+    allow_http: bool = False
+    allow_private: bool = False
+    timeout_seconds: float = Field(10.0, gt=0)
+    # POSTs in flight per destination host, and in all.
+    per_host_concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(64, ge=1)
+    # Backoff between tries: base * 2^(try-1), with full jitter, capped; a 429's Retry-After is
+    # honoured up to max_retry_after_seconds.
+    backoff_base_seconds: float = Field(1.0, gt=0)
+    max_backoff_seconds: float = Field(3600.0, gt=0)
+    max_retry_after_seconds: float = Field(3600.0, gt=0)
+    # How often each process looks for callbacks to send when none woke it.
+    poll_seconds: float = Field(1.0, gt=0)
+    # The deployment's signing secret (`whsec_<base64>`), from DISPATCHER_CALLBACK_SECRET only; a
+    # key's own secret (keys file, callback_secret_env=) wins.
+    secret: SecretStr = SecretStr("")
+
+    @field_validator("default_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and not value.lower().startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr) -> SecretStr:
+        from .callback_signing import check_secret
+
+        if value.get_secret_value():
+            check_secret(value.get_secret_value())
+        return value
+
+
 class UiSettings(_Section):
     # The operations page (dispatcher/ui): read-only views plus cancel/retry through the API.
     enabled: bool = True
@@ -398,6 +458,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     ui: UiSettings = UiSettings()
     flow_manager: FlowManagerSettings = FlowManagerSettings()
+    callbacks: CallbackSettings = CallbackSettings()
 
     @model_validator(mode="after")
     def _providers_have_what_they_need(self) -> Settings:
@@ -412,6 +473,7 @@ _SECRET_ENV: dict[tuple[str, ...], str] = {
     ("providers", "twilio", "auth_token"): "TWILIO_AUTH_TOKEN",
     ("cluster", "redis_url"): "REDIS_URL",
     ("auth", "keys"): "DISPATCHER_API_KEYS",
+    ("callbacks", "secret"): "DISPATCHER_CALLBACK_SECRET",
 }
 # Of those, the URLs may name their server in the file; their credentials (user:password@, or a
 # `password` query parameter) may not.

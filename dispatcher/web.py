@@ -1,6 +1,7 @@
-"""What every HTTP route shares (`app.py`, `ops.py`, `saga.py`): the error shape of every answer
-that is not a success, `{"statusCode", "error", "message"}` (the predecessor's), and the parsing
-of a JSON body."""
+"""What every HTTP route shares (`app.py`, `ops.py`, `saga.py`, `ui/`): the status each of the
+service's exceptions answers with (`STATUS`, the one place that maps them), the error shape of every
+answer that is not a success, `{"statusCode", "error", "message"}` (the predecessor's), and the
+parsing of a JSON body."""
 
 from __future__ import annotations
 
@@ -10,8 +11,38 @@ from typing import Any
 
 from quart import Response
 
-from .errors import RequestError
+from .errors import (
+    Conflict,
+    DispatcherError,
+    Interrupted,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    ShuttingDown,
+    StoreError,
+    UpstreamError,
+)
 from .models import MAX_DEPTH
+
+# By exception class; a subclass not listed answers as its nearest listed base.
+STATUS: dict[type[DispatcherError], int] = {
+    RequestError: 400,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    Conflict: 422,
+    UpstreamError: 502,
+    ShuttingDown: 503,
+    StoreError: 503,
+    Interrupted: 503,
+}
+
+
+def status_of(exc: DispatcherError) -> int:
+    """The HTTP status `exc` answers with (500 for what `STATUS` does not know: a bug)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
 
 
 def error_response(status: int, message: str) -> Response:

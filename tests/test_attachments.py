@@ -20,6 +20,7 @@ from dispatcher.app import create_app
 from dispatcher.errors import RequestError, UpstreamError
 from dispatcher.fakes import serve_asgi
 from dispatcher.fakes.files import FakeFilesService
+from dispatcher.web import status_of
 
 PDF = bytes(range(256)) * 8  # every byte value: a lossy transfer encoding would show
 NOTES = "Grüße, notes\r\nline two\n".encode()
@@ -149,7 +150,7 @@ async def test_missing_file_is_a_400_naming_it_and_nothing_is_sent_on_any_channe
                 {**EMAIL_REQUEST, "channels": ["email", "sms"], "emailAttachments": ["report.pdf", "ghost.pdf"]}
             )
 
-    assert caught.value.status_code == 400 and "ghost.pdf" in str(caught.value)
+    assert status_of(caught.value) == 400 and "ghost.pdf" in str(caught.value)
     assert fake.received == ["report.pdf", "ghost.pdf"]
     assert written(outbox) == []
 
@@ -175,7 +176,7 @@ async def test_attachments_over_the_total_cap_are_a_400_and_nothing_is_sent(
         with pytest.raises(RequestError) as caught:
             await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf", "notes.txt"]})
 
-    assert caught.value.status_code == 400 and str(cap) in str(caught.value)
+    assert status_of(caught.value) == 400 and str(cap) in str(caught.value)
     assert written(outbox) == []
 
 
@@ -211,7 +212,7 @@ async def test_files_service_down_is_a_502_and_nothing_is_sent(
         with pytest.raises(UpstreamError) as caught:
             await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf"]})
 
-    assert caught.value.status_code == 502
+    assert status_of(caught.value) == 502
     assert written(outbox) == []
 
 
@@ -224,7 +225,7 @@ async def test_stalled_files_service_times_out_as_a_502(
         with pytest.raises(UpstreamError) as caught:
             await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf"]})
 
-    assert caught.value.status_code == 502 and fake.received == ["report.pdf"]
+    assert status_of(caught.value) == 502 and fake.received == ["report.pdf"]
     assert written(outbox) == []
 
 
@@ -235,7 +236,7 @@ async def test_attachments_without_a_files_service_are_a_400(
         with pytest.raises(RequestError) as caught:
             await d.send({**EMAIL_REQUEST, "emailAttachments": ["report.pdf"]})
 
-    assert caught.value.status_code == 400 and "[files].url" in str(caught.value)
+    assert status_of(caught.value) == 400 and "[files].url" in str(caught.value)
     assert written(outbox) == []
 
 
@@ -279,7 +280,7 @@ async def test_template_dot_segment_names_never_leave_the_download_route(
         with pytest.raises(RequestError) as caught:
             await d.send({"channels": ["email"], "clusters": ["c"], "templateId": "dots"})
 
-    assert caught.value.status_code == 400
+    assert status_of(caught.value) == 400
     assert fake.stray == []
     assert written(outbox) == []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
 import os
 import signal
 import socket
@@ -220,6 +221,9 @@ def test_start_up_says_what_it_uses_in_one_line_each(mongo_url: str, database: A
 def test_without_a_file_start_up_says_defaults_apply(tmp_path: Path) -> None:
     result = run_cli("check-config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # The ambiguity policy that applies, not `null` for "the channel's default".
+    channels = json.loads(result.stdout)["channels"]
+    assert channels["email"]["on_ambiguous"] == "report" and channels["push"]["on_ambiguous"] == "resend"
     assert "dispatcher: configuration: no ./config.toml, built-in defaults apply" in result.stderr
     assert f"dispatcher: store: embedded, data in {Path('var') / 'store.db'}" in result.stderr
 

@@ -15,6 +15,7 @@ from dispatcher import open_dispatcher
 from dispatcher.errors import Conflict, NotFound
 from dispatcher.journal import STOPPED_DURING_ATTEMPT
 from dispatcher.ledger import delivery_key
+from dispatcher.web import status_of
 
 REQUEST = {
     "channels": ["sms", "push"],
@@ -82,7 +83,7 @@ async def test_same_key_with_another_body_is_a_conflict_naming_it(make_settings:
         await d.send(REQUEST, idempotency_key="k-2")
         with pytest.raises(Conflict, match="k-2.*different request") as conflict:
             await d.send({**REQUEST, "messageContent": "other"}, idempotency_key="k-2")
-    assert conflict.value.status_code == 422
+    assert status_of(conflict.value) == 422
 
 
 async def test_keys_are_scoped(make_settings: Any, database: Any, outbox: Path) -> None:
@@ -267,3 +268,32 @@ async def test_two_runs_of_one_job_never_both_send_a_delivery(make_settings: Any
             nursery.start_soon(run)
     assert len(outbox_messages(outbox, "sms")) == 50
     assert sum(r.summary.sent.get("sms", 0) for r in results) == 50
+
+
+async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
+    make_settings: Any, database: Any, outbox: Path
+) -> None:
+    # Another instance claimed the job (this one was too slow to renew its lease): the store
+    # answered, so the client is told who delivers the rest, not that the store went away.
+    seed(database, 40)
+    settings = make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+    async with open_dispatcher(settings) as d:
+        async with trio.open_nursery() as nursery:
+            caught: list[BaseException] = []
+
+            async def send() -> None:
+                try:
+                    await d.send({**REQUEST, "channels": ["sms"]})
+                except Exception as exc:
+                    caught.append(exc)
+
+            nursery.start_soon(send)
+            with trio.fail_after(10):
+                while (job := database.dispatch_jobs.find_one({})) is None or len(outbox_messages(outbox, "sms")) < 2:
+                    await trio.sleep(0.01)
+            database.dispatch_jobs.update_one({"_id": job["_id"]}, {"$set": {"lease_owner": "other-host:1"}})
+    [error] = caught
+    assert type(error).__name__ == "Interrupted"
+    assert f"another instance took over job {job['_id']}" in str(error)
+    assert "store" not in str(error)
+    assert len(outbox_messages(outbox, "sms")) < 40

@@ -161,13 +161,17 @@ async def test_metrics_report_the_redis_cost_of_the_shared_limits(
         cluster={"redis_url": redis_url, "namespace": f"m{time.time_ns()}"},
         channels={"sms": {"rate_per_second": 1000, "burst": 10}},
     )
+    name = "dispatcher_redis_limit_round_trips_total "
     async with open_dispatcher(settings) as d, create_app(d).test_app() as app:
         client = app.test_client()
+        text = (await (await client.get("/-/metrics")).get_data()).decode()
+        [before] = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name)]
         response = await client.post(
             "/send", json={"channels": ["sms"], "recipients": [f"u{i:04d}" for i in range(40)], "messageContent": "hi"}
         )
         assert response.status_code == 200
         text = (await (await client.get("/-/metrics")).get_data()).decode()
-    [line] = [l for l in text.splitlines() if l.startswith("dispatcher_redis_limit_round_trips ")]
-    round_trips = float(line.split()[1])
+    assert "# TYPE dispatcher_redis_limit_round_trips_total counter" in text
+    [after] = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name)]
+    round_trips = after - before
     assert 1 <= round_trips < 40  # tokens are reserved in batches, not one round trip per SMS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,9 @@ async def test_template_over_size_limit_is_400(make_settings: Any) -> None:
 async def test_unknown_route_or_method_is_json(client: Any, method: str, path: str, status: int) -> None:
     response = await client.open(path, method=method)
     await _assert_error(response, status)
+    if status == 405:
+        allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+        assert method not in allowed and ("POST" if path == "/send" else "GET") in allowed
 
 
 async def test_health_and_ready(client: Any) -> None:
@@ -194,3 +198,37 @@ async def test_bug_in_an_actor_is_a_logged_500(
     # The service keeps working after the bug.
     monkeypatch.undo()
     assert (await client.post("/send", json=_valid())).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t", "a\x00b", "line\nbreak", "x" * 257])
+async def test_a_blank_or_control_or_overlong_idempotency_key_is_400(client: Any, database: Any, key: str) -> None:
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})
+    response = await client.post("/send", json=_valid(idempotencyKey=key))
+    await _assert_error(response, 400, "idempotencyKey")
+    if key.isprintable() or key.strip() == "":  # what a header can carry
+        response = await client.post("/send", json=_valid(), headers={"Idempotency-Key": key})
+        await _assert_error(response, 400, "Idempotency-Key")
+    assert database.dispatch_jobs.count_documents({}) == 0
+
+
+async def test_an_idempotency_key_of_256_characters_is_one_limit_everywhere(client: Any, database: Any) -> None:
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})
+    key = "k" * 256
+    assert (await client.post("/send", json=_valid(), headers={"Idempotency-Key": key})).status_code == 200
+    assert (await client.post("/send", json=_valid(idempotencyKey="j" * 256))).status_code == 200
+    document = await (await client.get("/-/openapi.json")).get_json()
+    [header] = [p for p in document["paths"]["/send"]["post"]["parameters"] if p.get("name") == "Idempotency-Key"]
+    field = document["components"]["schemas"]["SendRequest"]["properties"]["idempotencyKey"]
+    field = next((s for s in field.get("anyOf", [field]) if s.get("type") == "string"), field)
+    assert header["schema"]["maxLength"] == field["maxLength"] == 256
+    assert header["schema"]["pattern"] == field["pattern"]
+
+
+async def test_an_outbox_that_becomes_unwritable_fails_readiness(client: Any, outbox: Path) -> None:
+    assert (await client.get("/-/ready")).status_code == 200
+    shutil.rmtree(outbox, ignore_errors=True)
+    outbox.write_text("no longer a directory")  # a read-only mount as root would too
+    response = await client.get("/-/ready")
+    assert response.status_code == 503
+    body = await response.get_json()
+    assert body["statusCode"] == 503 and body["message"] == "not ready: the outbox directory cannot be written"

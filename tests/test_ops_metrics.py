@@ -181,3 +181,43 @@ def test_several_processes_aggregate_through_the_multiprocess_dir(tmp_path: Path
         timeout=60,
     )
     assert not list(directory.glob("*.db"))
+
+
+async def test_deliveries_in_flight_moves_during_a_running_send(
+    make_settings: Any, database: Any, nursery: trio.Nursery
+) -> None:
+    from dispatcher import open_dispatcher
+    from dispatcher.fakes.faults import Faults
+    from dispatcher.fakes.server import serve_asgi
+    from dispatcher.fakes.twilio import FakeTwilio
+
+    fake = FakeTwilio("AC1", "tok", Faults(latency=0.5))
+    url = await nursery.start(serve_asgi, fake)
+    settings = make_settings(
+        channels={"sms": {"provider": "twilio", "concurrency": 3}},
+        providers={"twilio": {"account_sid": "AC1", "auth_token": "tok", "api_base_url": url}},
+    )
+    database.users.insert_many([{"_id": f"u{i}", "phoneNumber": f"+1555000{i:04d}"} for i in range(6)])
+    base = value(scrape(), "dispatcher_deliveries_in_flight", channel="sms")
+    async with open_dispatcher(settings) as d:
+        job = await d.submit({"channels": ["sms"], "recipients": [f"u{i}" for i in range(6)], "messageContent": "x"})
+        with trio.fail_after(10):
+            while not fake.attempts:
+                await trio.sleep(0.01)
+        during = value(scrape(), "dispatcher_deliveries_in_flight", channel="sms")
+        with trio.fail_after(30):
+            while (await d.status(job))["status"] != "done":
+                await trio.sleep(0.05)
+    assert during - base >= 1
+    assert value(scrape(), "dispatcher_deliveries_in_flight", channel="sms") == base
+
+
+def test_counters_have_no_created_series_and_the_build_is_named() -> None:
+    from dispatcher import __version__
+
+    metrics.observe_delivery("email", "smtp", "sent")
+    text = scrape()
+    assert "_created" not in text
+    assert "# TYPE dispatcher_redis_limit_round_trips_total counter" in text
+    [build] = [s for s in samples(text) if s[0] == "dispatcher_build_info"]
+    assert dict(build[1])["version"] == __version__ and value(text, build[0], **dict(build[1])) == 1

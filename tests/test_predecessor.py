@@ -285,3 +285,21 @@ def test_the_image_runs_a_predecessor_deployment_as_it_is(tmp_path: Path) -> Non
     assert printed["user_fields"]["id"] == "fiscalCode" and printed["channels"]["active"] == ["email", "push"]
     assert printed["sender"]["email"] == "email@test.com"
     assert printed["server"]["host"] == "0.0.0.0"
+
+
+def test_check_config_and_migrate_config_from_the_command_line(tmp_path: Path) -> None:
+    path = write_json(tmp_path, FULL)
+    env = clean_env(USERS_CRUD_NAME="citizens", KALEYRA_SID="sid")
+    checked = run_cli("check-config", "--predecessor-config", str(path), cwd=tmp_path, env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["user_fields"]["id"] == "fiscalCode"
+    assert f"user_fields.id from {path}: userFields.id" in checked.stderr
+    assert "store.users_collection from USERS_CRUD_NAME" in checked.stderr
+    assert "KALEYRA_SID is set but has no meaning here" in checked.stderr
+    migrated = run_cli("migrate-config", str(path), cwd=tmp_path, env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    toml = tmp_path / "migrated.toml"
+    toml.write_text(migrated.stdout)
+    assert load_settings(toml, {}) == load_settings(
+        None, {"CONFIGURATION_PATH": str(path), "USERS_CRUD_NAME": "citizens"}
+    )

@@ -161,3 +161,23 @@ def test_workers_exit_when_their_supervisor_is_killed(tmp_path: Path, redis_url:
     finally:
         if supervisor.poll() is None:
             supervisor.kill()
+
+
+def test_an_unwritable_outbox_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.write_text("a file where the outbox directory should be")
+    result = subprocess.run(
+        [*CLI, "serve", "--port", str(free_port())],
+        env=_env(tmp_path, DISPATCHER__PROVIDERS__OUTBOX__DIR=str(outbox)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"configuration error: providers.outbox.dir: cannot write to {outbox}")
+    )

@@ -174,7 +174,9 @@ async def test_429_waits_for_retry_after(fake: FakeTwilio, twilio_settings, data
 async def test_stalled_api_is_reported_as_unknown_not_resent(fake: FakeTwilio, twilio_settings, database) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15551230001"})
     script(fake, "stall", "stall")
-    async with open_dispatcher(twilio_settings({"timeout_seconds": 0.5, "max_attempts": 2})) as d:
+    async with open_dispatcher(
+        twilio_settings({"timeout_seconds": 0.5, "max_attempts": 2, "on_ambiguous": "report"})
+    ) as d:
         result = await d.send({"channels": ["sms"], "recipients": ["u1"], "messageContent": "x"})
     [failure] = result.failures
     assert failure.error.startswith("outcome unknown: twilio: no answer within 0.5s")

@@ -110,7 +110,7 @@ async def service(
             finally:
                 stop.set()
                 # Cancel what the test left running: the drain would wait for it.
-                for job_id in list(d._runs):
+                for job_id in list(d._jobs.runs):
                     await d.cancel(job_id)
         nursery.cancel_scope.cancel()
 
@@ -125,7 +125,7 @@ async def start_campaign(base: str, headers: dict[str, str] | None = None) -> st
     return response.json()["id"]
 
 
-def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float = 15, message: str = "") -> Any:
+def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float = 30, message: str = "") -> Any:
     # The script swaps parts of the page: an element found a moment ago may be gone.
     wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
     return wait.until(condition, message)
@@ -250,3 +250,43 @@ async def test_with_keys_on_a_wrong_key_sees_nothing_and_the_key_never_goes_in_a
     logged = [record.getMessage() for record in caplog.records if record.name == "dispatcher.access"]
     assert any("/-/ui/jobs/" in line and " 200 " in line for line in logged)  # pages were loaded with the key
     assert not any("good-key" in part or "wrong-key" in part for part in urls + logged)
+
+
+async def test_a_dead_callback_is_retried_from_the_service_page(browser, make_settings, database, monkeypatch) -> None:
+    import base64
+
+    from dispatcher.fakes.webhooks import WebhookReceiver
+
+    secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+    monkeypatch.setenv("DISPATCHER_CALLBACK_SECRET", secret)
+    receiver = WebhookReceiver(secret, script=[400])
+    fast = {"allow_http": True, "allow_private": True, "poll_seconds": 0.05, "timeout_seconds": 2, "secret": secret}
+    async with trio.open_nursery() as nursery:
+        hooks = await nursery.start(serve_asgi, receiver)
+        async with service(make_settings, database, callbacks=fast) as (base, _):
+            async with httpx.AsyncClient(base_url=base) as http:
+                body = {"channels": ["email"], "recipients": ["user001"], "messageTitle": "T", "messageContent": "Hi"}
+                response = await http.post("/send", json={**body, "callbackUrl": f"{hooks}/hooks"})
+                job_id = response.json()["id"]
+
+            def retry_it() -> None:
+                browser.get(f"{base}/-/ui/service")
+                wait_for(
+                    browser, lambda d: d.find_elements(By.CSS_SELECTOR, "button[data-retry]"), message="a dead letter"
+                )
+                assert job_id[:12] in text_of(browser, "table.callbacks tbody")
+                browser.find_element(By.CSS_SELECTOR, "button[data-retry]").click()
+                wait_for(browser, lambda d: "No dead letters." in text_of(d, "main"), message="the letter leaving")
+
+            with trio.fail_after(30):
+                while True:  # the first try's 400 makes it dead
+                    async with httpx.AsyncClient(base_url=base) as http:
+                        if (await http.get("/callbacks?state=dead")).json()["callbacks"]:
+                            break
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(retry_it)
+            with trio.fail_after(15):
+                while not receiver.received:
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert receiver.received[0].body["jobId"] == job_id

@@ -34,7 +34,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import TransientDeliveryError
+from ..errors import LimiterUnavailable
 
 # Clock rates: how fast the offset between this host's monotonic clock and Redis's wall clock may
 # change (NTP-disciplined clocks stay well within it), and how long a round trip's bounds are kept.
@@ -52,7 +52,7 @@ PAUSE_POLL_SECONDS = 0.1
 _UNLIMITED_RETRY_SECONDS = 1.0
 
 
-class RateLimitUnavailable(TransientDeliveryError):
+class RateLimitUnavailable(LimiterUnavailable):
     """The cluster's rate limiter (Redis) cannot be reached: nothing was sent, and nothing will
     be until it answers again. Transient, so the delivery is retried later."""
 

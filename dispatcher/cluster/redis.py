@@ -19,6 +19,8 @@ from typing import Any
 import anyio
 import coredis
 import trio
+
+from .. import metrics
 from coredis.exceptions import ConnectionError as RedisConnectionError, RedisError
 from coredis.retry import NoRetryPolicy
 
@@ -196,6 +198,7 @@ class Cluster:
                 backoff = min(_BACKOFF_MAX, 2 * backoff)
                 continue
             self.round_trips += 1
+            metrics.REDIS_LIMIT_ROUND_TRIPS.inc()
             self._mark_up()
             return list(reply)
 

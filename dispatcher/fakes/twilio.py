@@ -107,6 +107,8 @@ class FakeTwilio:
     # Status callbacks posted (form, HTTP status of the answer, or None when it failed).
     callbacks: list[tuple[dict[str, str], int | None]] = field(default_factory=list)
     lists: int = 0
+    # Answer list requests with 503 (code 20503) instead, to test a provider that cannot be asked.
+    lists_fail: bool = False
 
     def attempts_to(self, number: str) -> list[TwilioRequest]:
         """Every request addressed to `number`."""
@@ -139,6 +141,9 @@ class FakeTwilio:
             return
         if scope["method"] == "GET":
             self.lists += 1
+            if self.lists_fail:
+                await _error(send, 503, 20503, "Service Unavailable")
+                return
             query = dict(parse_qsl(scope.get("query_string", b"").decode(), keep_blank_values=True))
             await respond(send, 200, json.dumps(self._listing(match["resource"], path, query)).encode())
             return

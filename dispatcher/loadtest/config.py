@@ -83,7 +83,12 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
             smtp["pool_size"] = pool_size
         providers["smtp"] = smtp
     if fakes.twilio is not None:
-        providers["twilio"] = {"account_sid": fakes.twilio_sid, "api_base_url": fakes.twilio_url}
+        # The fake lists a message as soon as it created it: no settling wait to speak of.
+        providers["twilio"] = {
+            "account_sid": fakes.twilio_sid,
+            "api_base_url": fakes.twilio_url,
+            "reconcile_settle_seconds": 1.0,
+        }
     if fakes.fcm is not None:
         providers["fcm"] = {"project_id": fakes.fcm_project, "api_base_url": fakes.fcm_url}
     store: dict[str, Any] = {"database": DATABASE, "users_collection": USERS_COLLECTION}

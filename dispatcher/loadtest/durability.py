@@ -14,7 +14,10 @@ Then, per (user, channel), from what the fakes received and what the job reports
 - loss: some address received nothing although the job does not report the delivery failed
   (this includes a delivery reported sent that never arrived);
 - outcome unknown: failures reported as `outcome unknown: ...` (a delivery the kill left
-  `sending`, on a `report` channel), and how many of those did reach the fake.
+  `sending`, on a `report` channel), and how many of those did reach the fake;
+- before and after reconciliation: the deliveries the kill left `sending` (read from the ledger
+  between the kill and the restart) against the `outcome unknown` reported at the end; on a
+  `reconcile` channel (Twilio) each was `found` at the provider or provably `absent` (sent then).
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ async def run_fanout_killed(
     killed_pid = service.pid
     await service.processes[0].kill()
     received_at_kill = _received(env, phase.mark, channels)
+    # Ambiguous at the kill: what the dead run left `sending` (before any reconciliation).
+    at_kill = await trio.to_thread.run_sync(env.ambiguity, job_id)
     status.name = "fanout, restarting the service"
     await service.restart()
     restarted_at = trio.current_time()
@@ -101,6 +106,7 @@ async def run_fanout_killed(
             f"the resumed job {job_id} did not finish within {options.request_timeout:g}s (see service.log)"
         )
     failures = await _failures(service, job_id)
+    after = await trio.to_thread.run_sync(env.ambiguity, job_id)
     phase.end = trio.current_time()
     body = {"summary": job["summary"], "failures": failures}
     phase.exchanges.append(Exchange(None, None, phase.start, phase.start, phase.end, Reply(200, body)))
@@ -121,6 +127,9 @@ async def run_fanout_killed(
         "resumed_after_s": round(min(first_after) - restarted_at, 3) if first_after else None,
         "finished_after_s": round(phase.end - phase.start, 3),
         "lease_seconds": options.kill_lease_seconds,
+        "ambiguous_at_kill": {c: at_kill.get(c, {}).get("sending", 0) for c in channels},
+        "reconciled": {c: {k: after.get(c, {}).get(k, 0) for k in ("found", "absent")} for c in channels},
+        "receipts": {k: job["summary"].get(k, {}) for k in ("delivered", "undelivered", "unconfirmed")},
     }
     return phase, timeline
 

@@ -82,6 +82,25 @@ class Environment:
         finally:
             client.close()
 
+    def ambiguity(self, job_id: str) -> dict[str, dict[str, int]]:
+        """Per channel, the job's deliveries left `sending` (ambiguous until resolved) and those
+        reconciliation resolved, `found` at the provider or `absent` from it (blocking)."""
+        settings = StoreSettings()
+        client: MongoClient[dict[str, Any]] = MongoClient(self.store_url, serverSelectionTimeoutMS=10_000)
+        try:
+            deliveries = client[DATABASE][settings.deliveries_collection]
+            counts: dict[str, dict[str, int]] = {}
+            query = {"job": job_id, "$or": [{"state": "sending"}, {"reconciled": {"$in": ["found", "absent"]}}]}
+            for doc in deliveries.find(query, {"channel": 1, "state": 1, "reconciled": 1}):
+                channel = counts.setdefault(doc["channel"], {"sending": 0, "found": 0, "absent": 0})
+                if doc.get("state") == "sending":
+                    channel["sending"] += 1
+                if doc.get("reconciled") in ("found", "absent"):
+                    channel[doc["reconciled"]] += 1
+            return counts
+        finally:
+            client.close()
+
 
 def _faults(options: LoadTestOptions, channel: str, offset: int) -> Faults:
     mix = options.errors_for(channel)

@@ -158,8 +158,21 @@ def print_report(results: dict[str, Any], console: Console) -> None:
             f"({timeline['killed_after_s']:.1f} s), restarted in {timeline['restart_s']:.1f} s, "
             f"resumed {_fmt(timeline['resumed_after_s'])} s later, job {timeline['status']}"
         )
-        for column in ("channel", "on_ambiguous", "duplicates", "lost", "outcome unknown", "of which received", "ok"):
+        columns = (
+            "channel",
+            "on_ambiguous",
+            "duplicates",
+            "lost",
+            "ambiguous at kill",
+            "reconciled found/absent",
+            "outcome unknown",
+            "of which received",
+            "ok",
+        )
+        for column in columns:
             table.add_column(column, justify="left" if column in ("channel", "on_ambiguous") else "right")
+        at_kill = timeline.get("ambiguous_at_kill", {})
+        reconciled = timeline.get("reconciled", {})
         for channel, c in durability["channels"].items():
             dup = _fmt(c["duplicates"]) + (
                 " (resent by policy)" if c["duplicates"] and c["on_ambiguous"] == "resend" else ""
@@ -169,6 +182,8 @@ def print_report(results: dict[str, Any], console: Console) -> None:
                 c["on_ambiguous"],
                 dup,
                 _fmt(c["lost"]),
+                _fmt(at_kill.get(channel)),
+                "{found}/{absent}".format(**reconciled[channel]) if channel in reconciled else "–",
                 _fmt(c["outcome_unknown"]),
                 _fmt(c["outcome_unknown_received"]),
                 _fmt(c["ok"]),

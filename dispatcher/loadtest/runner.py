@@ -187,7 +187,7 @@ async def _killed_fanout(
     return results
 
 
-ROUND_TRIPS_METRIC = "dispatcher_redis_limit_round_trips"
+ROUND_TRIPS_METRIC = "dispatcher_redis_limit_round_trips_total"
 
 
 class _Meter:

@@ -26,6 +26,7 @@ import dispatcher
 
 from ..embedded_store import free_port
 from ..errors import DispatcherError, RequestError
+from ..web import status_of
 from .connection import Connection, ExchangeError
 from .config import child_environment, embedded_settings, service_config
 from .environment import Environment
@@ -202,7 +203,7 @@ class EmbeddedService:
         try:
             result = await self._dispatcher.send(payload)
         except RequestError as exc:
-            return Reply(exc.status_code, None, str(exc))
+            return Reply(status_of(exc), None, str(exc))
         except DispatcherError as exc:
             return Reply(500, None, f"{type(exc).__name__}: {exc}")
         return Reply(200, result.to_json())

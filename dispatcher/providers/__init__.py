@@ -24,6 +24,8 @@ class ProviderEntry:
     # None: any channel (the outbox writes whatever it is given).
     channels: frozenset[str] | None
     create: Callable[[Settings], Provider]
+    # The provider can be asked whether a message exists (`on_ambiguous = "reconcile"`).
+    can_reconcile: bool = False
 
     def serves(self, channel: str) -> bool:
         return self.channels is None or channel in self.channels
@@ -58,7 +60,7 @@ PROVIDERS: dict[str, ProviderEntry] = {
     for entry in (
         ProviderEntry("outbox", None, _outbox),
         ProviderEntry("smtp", frozenset({"email"}), _smtp),
-        ProviderEntry("twilio", frozenset({"sms", "voice"}), _twilio),
+        ProviderEntry("twilio", frozenset({"sms", "voice"}), _twilio, can_reconcile=True),
         ProviderEntry("fcm", frozenset({"push"}), _fcm),
     )
 }

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import trio
 
+from ..errors import ConfigError
 from ..messages import EmailContent, Message
 from ..mime import build_email
 
@@ -23,6 +25,33 @@ class OutboxProvider:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # An outbox that cannot be written would fail every delivery as a provider bug: stop here.
+        problem = self.unwritable()
+        if problem:
+            raise ConfigError(f"providers.outbox.dir: {problem}")
+
+    def unwritable(self) -> str | None:
+        """Why messages cannot be written into the outbox (None when they can): a real write,
+        since permission bits say nothing to root or on read-only mounts."""
+        # Nothing is created here: a directory still missing is judged by the nearest existing
+        # folder above it, in which it will be created.
+        existing = self.directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        folders = [existing]
+        if existing == self.directory:
+            folders += [p for p in self.directory.glob("*") if p.is_dir()]
+        for folder in folders:
+            try:
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".writable-"):
+                    pass
+            except OSError as exc:
+                return f"cannot write to {folder}: {(exc.strerror or str(exc)).lower()}"
+        return None
+
+    async def ready(self) -> bool:
+        """For `/-/ready`."""
+        return await trio.to_thread.run_sync(self.unwritable) is None
 
     async def send(self, message: Message, address: str) -> str:
         """Write the message and return its file name."""

@@ -7,6 +7,7 @@ its bundled async HTTP client is aiohttp, which cannot run under Trio, so the SD
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -155,6 +156,26 @@ class TwilioProvider:
         finally:
             _exchange.reset(token)
         return getattr(record, "sid", None)
+
+    async def find_sent(self, message: Message, address: str, since: float) -> list[str]:
+        """The SIDs of what this account created for `message` to `address` since `since` (epoch
+        seconds), newest first: messages from its sender with its exact body; calls from its
+        sender (a call's TwiML is not in the listing: the number, the sender and the time are
+        all there is to match)."""
+        content = message.content
+        if not isinstance(content, TextContent):
+            raise TypeError(f"twilio cannot send {type(content).__name__}")
+        after = dt.datetime.fromtimestamp(since, dt.UTC)
+        try:
+            if message.channel == "voice":
+                calls = await self._client.calls.list_async(to=address, from_=content.sender, start_time_after=after)
+                return [c.sid for c in calls if c.sid]
+            messages = await self._client.messages.list_async(to=address, from_=content.sender, date_sent_after=after)
+        except TwilioException as exc:
+            raise _classify(exc, None) from exc
+        except httpx.TransportError as exc:
+            raise TransientDeliveryError(f"Twilio connection error: {type(exc).__name__}") from exc
+        return [m.sid for m in messages if m.sid and m.body == content.body]
 
     async def aclose(self) -> None:
         await self._http.aclose()

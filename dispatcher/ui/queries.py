@@ -147,6 +147,34 @@ class Queries:
         totals = await self._totals([s["id"] for s in statuses if s["status"] not in FINAL_STATES])
         return [job_row(status, totals.get(status["id"])) for status in statuses]
 
+    async def job_callbacks(self, job_id: str, limit: int = 50) -> list[dict[str, Any]] | None:
+        """The callbacks of a job the page showed (as `GET /callbacks` shows them: type, state,
+        events, attempts, next attempt, last error), oldest first; None without callbacks."""
+        callbacks = getattr(self.dispatcher, "callbacks", None)
+        if callbacks is None:
+            return None
+        from ..callback_outbox import message_json
+
+        outbox = self.dispatcher.store.client[self.dispatcher.settings.store.database][
+            self.dispatcher.settings.store.callbacks_collection
+        ]
+        query = {"job": {"$eq": job_id}, "role": {"$eq": "message"}}
+        docs = await self._run(
+            "callback lookup",
+            lambda: list(outbox.find(query, {"events": 0, "data": 0}).sort("created", 1).limit(limit)),
+        )
+        return [message_json(doc) for doc in docs]
+
+    async def dead_callbacks(self, viewer: Viewer, cursor: str | None, limit: int = 20) -> dict[str, Any] | None:
+        """One page of the dead callbacks `viewer` may see (`GET /callbacks?state=dead`), and the
+        outbox's depth for a viewer who sees everything; None without callbacks."""
+        callbacks = getattr(self.dispatcher, "callbacks", None)
+        if callbacks is None:
+            return None
+        page = await callbacks.page("dead", viewer, limit, cursor)
+        depth = await callbacks.outbox.depth() if viewer.key_id is None else None
+        return {**page, "pending": depth[0] if depth else None, "dead": depth[1] if depth else None}
+
     async def delivery_times(self, job_id: str, limit: int = 200_000) -> list[tuple[float, str]]:
         """(epoch seconds, state) of each settled delivery of a job that the ledger timed."""
         query = {"job": job_id, _TIME_FIELD: {"$exists": True}}

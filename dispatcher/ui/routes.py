@@ -161,6 +161,7 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
         start = parse_time(status.get("startedAt") or status.get("createdAt")) or time.time()
         end = parse_time(status.get("finishedAt")) or time.time()
         chart = deliveries_chart(await queries.delivery_times(id), start, end)
+        callbacks = await queries.job_callbacks(id)
         return render(
             "job.html",
             "../",
@@ -172,13 +173,22 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
             user=user,
             deliveries=deliveries,
             chart=chart,
+            callbacks=callbacks,
             final=status["status"] in FINAL_STATES,
             now=time.time(),
         )
 
     @bp.get("/service")
     async def service() -> Response:
-        return render("service.html", "./", page="service", service=await queries.service())
+        dead = await queries.dead_callbacks(g.viewer, request.args.get("cursor") or None)
+        return render(
+            "service.html",
+            "./",
+            page="service",
+            service=await queries.service(),
+            dead=dead,
+            cursor=request.args.get("cursor"),
+        )
 
     @bp.get("/progress")
     async def progress() -> Response:
