@@ -93,6 +93,9 @@ class Ledger:
         self._jobs: Collection[dict[str, Any]] = db[settings.jobs_collection]
         self._deliveries: Collection[dict[str, Any]] = db[settings.deliveries_collection]
         self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
+        # One small document per cancel request, by time: what every process's cancel watch polls
+        # (dispatcher/cancels.py), instead of looking up every job it runs.
+        self._cancels: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_cancels"]
         # Receipts that arrived before the delivery they name was recorded.
         self._orphans: Collection[dict[str, Any]] = db[f"{settings.deliveries_collection}_receipts"]
         self._listeners: list[Callable[[list[StateChange]], None]] = []
@@ -119,8 +122,9 @@ class Ledger:
             self._deliveries.create_index([("job", 1), ("state", 1)])
             self._deliveries.create_index("provider_id")  # receipts name a delivery by it
             self._deliveries.create_index([("state", 1), ("settled_at", 1)])  # the receipt timeout
-            for collection in (self._jobs, self._deliveries, self._keys, self._orphans):
+            for collection in (self._jobs, self._deliveries, self._keys, self._orphans, self._cancels):
                 collection.create_index("expires_at", expireAfterSeconds=0)
+            self._cancels.create_index("at")
             self._jobs.create_index([("state", 1), ("lease_expires", 1)])
             # The listing (listing.py): newest first by `seq`, after an equality on each filter.
             for keys in JOB_LISTING_INDEXES:
@@ -228,19 +232,25 @@ class Ledger:
         await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, list(callbacks)))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
-        return await self._run(
-            "job cancellation",
-            self._jobs.find_one_and_update,
-            {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
-            {"$set": {"cancel_requested": True}},
-            return_document=ReturnDocument.AFTER,
-        )
+        def cancel() -> dict[str, Any] | None:
+            doc = self._jobs.find_one_and_update(
+                {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
+                {"$set": {"cancel_requested": True}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+                self._cancels.replace_one(
+                    {"_id": job_id}, {"_id": job_id, "at": time.time(), "expires_at": expires}, upsert=True
+                )
+            return doc
 
-    async def cancel_requested(self, job_ids: Sequence[str]) -> list[str]:
-        """Which of these jobs a client asked to cancel (one query for all of them)."""
-        query = {"_id": {"$in": list(job_ids)}, "cancel_requested": True}
-        docs = await self._run("cancel lookup", lambda: list(self._jobs.find(query, {"_id": 1})))
-        return [doc["_id"] for doc in docs]
+        return await self._run("job cancellation", cancel)
+
+    async def cancels_since(self, since: float) -> list[tuple[str, float]]:
+        """The jobs whose cancel was requested after `since` (epoch seconds), with its time."""
+        docs = await self._run("cancel lookup", lambda: list(self._cancels.find({"at": {"$gt": since}})))
+        return [(doc["_id"], doc["at"]) for doc in docs]
 
     # -- idempotency keys -----------------------------------------------------------------------
 
@@ -441,64 +451,52 @@ class Ledger:
         return await self._receipt_writes.submit("kept receipt", (kept, drop_before, None))
 
     def _write_receipts(self, calls: list[Call]) -> None:
-        """In the store's worker thread: one lookup of the named deliveries, one bulk of
-        conditional updates (the filter names the states the receipt may replace, so receipts
-        that race never move a delivery backwards), one insert of the receipts to keep."""
+        """In the store's worker thread: each receipt is one conditional update of the delivery
+        holding its SID (the filter names the states the receipt may replace, so receipts that
+        race, in this process or another, never move a delivery backwards); only one that
+        changed nothing costs a second lookup, to tell a delivery already further along from one
+        not recorded yet (whose receipt is kept). Equality on `provider_id` only: the embedded
+        store uses the index for it, not for `$in` (a scan of every delivery)."""
         if not calls:
             return
         fresh = [(call, None, r) for call in calls if call.kind == "receipt" for r in call.payload[0]]
         kept = [(call, kept_id, r) for call in calls if call.kind == "kept receipt" for kept_id, r in call.payload[0]]
         items = sorted(fresh + kept, key=lambda item: RANK[item[2].state])
+        projection = {"job": 1, "user": 1, "channel": 1}
         try:
-            sids = list({r.sid for _, _, r in items})
-            projection = {"state": 1, "provider_id": 1, "job": 1, "user": 1, "channel": 1}
-            # One equality lookup per id: the embedded store uses the index for equality, not
-            # for `$in` (which scans every delivery: ~10x slower at 10,000 deliveries).
-            found = {}
-            for sid in sids:
-                doc = self._deliveries.find_one({"provider_id": sid}, projection)
-                if doc is not None:
-                    found[sid] = doc
             outcomes = {id(call): ReceiptOutcome() for call in calls}
-            ops, changes, orphans, done = [], [], [], []
+            changes, orphans, done = [], [], []
             drops: list[str] = []
-            expected: dict[str, str] = {}  # the state each delivery is predicted to end in
             for call, kept_id, r in items:
                 outcome = outcomes[id(call)]
-                doc = found.get(r.sid)
-                if doc is None:
-                    if kept_id is None:
-                        orphans.append(r)
-                        outcome.kept += 1
-                    elif r.at < call.payload[1]:
-                        drops.append(kept_id)
-                    else:
-                        outcome.kept += 1
-                    continue
-                if kept_id is not None:
-                    done.append(kept_id)
-                current = expected.get(r.sid, doc["state"])
-                if current not in RANK or RANK[current] >= RANK[r.state]:
-                    outcome.unchanged += 1
-                    continue
-                expected[r.sid] = r.state
-                outcome.applied += 1
                 update: dict[str, Any] = {"state": r.state, "receipt_at": r.at, "provider_status": r.status}
                 if r.state == "undelivered":
                     update.update(error=r.error(), failure="permanent" if r.permanent else "temporary")
                     if r.code:
                         update["provider_code"] = r.code
-                ops.append(
-                    UpdateOne(
-                        {"_id": doc["_id"], "state": {"$in": below(r.state)}},
-                        # Keyed by state, not pushed: each state is reached once, and the
-                        # embedded store keeps pushed documents as strings.
-                        {"$set": {**update, f"receipts.{r.state}": r.entry()}},
-                    )
+                # Keyed by state, not pushed: each state is reached once, and the embedded store
+                # keeps pushed documents as strings.
+                update[f"receipts.{r.state}"] = r.entry()
+                doc = self._deliveries.find_one_and_update(
+                    {"provider_id": r.sid, "state": {"$in": below(r.state)}}, {"$set": update}, projection=projection
                 )
-                changes.append(StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error()))
-            if ops:
-                self._deliveries.bulk_write(ops, ordered=False)
+                if doc is not None:
+                    outcome.applied += 1
+                    changes.append(StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error()))
+                elif self._deliveries.find_one({"provider_id": r.sid}, {"_id": 1}) is not None:
+                    outcome.unchanged += 1  # a duplicate, or behind the delivery
+                elif kept_id is None:
+                    orphans.append(r)
+                    outcome.kept += 1
+                    continue
+                elif r.at < call.payload[1]:
+                    drops.append(kept_id)
+                    continue
+                else:
+                    outcome.kept += 1
+                    continue
+                if kept_id is not None:
+                    done.append(kept_id)
             if orphans:
                 expires = self._expires_at()
                 with_ids = [
@@ -670,7 +668,7 @@ class Ledger:
         cutoff = {"expires_at": {"$lt": dt.datetime.now(dt.UTC)}}
 
         def purge() -> None:
-            for collection in (self._deliveries, self._jobs, self._keys):
+            for collection in (self._deliveries, self._jobs, self._keys, self._cancels):
                 collection.delete_many(cutoff)
 
         await self._run("purge", purge)
