@@ -46,4 +46,6 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
 # the container at least that long to stop (`docker stop -t 40`, compose's stop_grace_period).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["dispatcher"]
-CMD ["serve", "--config", "/etc/dispatcher/config.toml"]
+# One process per CPU given to the container when REDIS_URL (or [cluster].redis_url) is set, which
+# the processes need to share the channels' limits; one process otherwise (README, "Cluster mode").
+CMD ["serve", "--workers", "auto", "--config", "/etc/dispatcher/config.toml"]

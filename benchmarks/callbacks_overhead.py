@@ -7,7 +7,10 @@ without, interleaved (off, on, off, on, ...), through the embedding API on the e
 Prints each round's throughput (deliveries per second, from the send's start to its result),
 the medians, their ratio (on / off), and for the rounds with callbacks the POSTs the receiver got
 once the outbox is empty, against the bound USERS / batch_size + 1 (the job.finished), and that
-every delivery's event arrived.
+every delivery's event arrived. On a shared machine wall-clock throughput swings by tens of per
+cent between rounds; the CPU per delivery of the service and of its store (the callbacks'
+delivery included) is the steadier measure of what callbacks cost, and its ratio the throughput
+ratio of a CPU-bound deployment.
 """
 
 import base64
@@ -25,6 +28,7 @@ from dispatcher.embedded_store import EmbeddedServer
 from dispatcher.fakes.server import serve_asgi
 from dispatcher.fakes.webhooks import WebhookReceiver
 from dispatcher.settings import settings_from_dict
+from process_cpu import cpu_seconds
 
 USERS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -49,7 +53,9 @@ def settings(url: str, database: str, outbox: str):  # noqa: ANN201
     )
 
 
-async def one_round(url: str, index: int, callbacks: bool, receiver_url: str, receiver: WebhookReceiver) -> dict:
+async def one_round(
+    url: str, store_pid: int, index: int, callbacks: bool, receiver_url: str, receiver: WebhookReceiver
+) -> dict:
     import pymongo
 
     database = f"bench_callbacks_{index}"
@@ -65,6 +71,7 @@ async def one_round(url: str, index: int, callbacks: bool, receiver_url: str, re
         async with open_dispatcher(settings(url, database, outbox)) as d:
             await d.ledger.ensure_indexes()
             started = time.perf_counter()
+            cpu_started = time.process_time(), cpu_seconds(store_pid)
             result = await d.send(request)
             seconds = time.perf_counter() - started
             assert result.summary.sent == {"sms": USERS}, result.summary
@@ -72,6 +79,9 @@ async def one_round(url: str, index: int, callbacks: bool, receiver_url: str, re
                 with trio.fail_after(120):
                     while client[database].dispatch_callbacks.count_documents({"state": "pending"}):
                         await trio.sleep(0.2)
+            # CPU of the service and of its store for the whole send, callbacks delivered included
+            # (the receiver runs in this process too: its share is counted against callbacks).
+            cpu = time.process_time() - cpu_started[0], cpu_seconds(store_pid) - cpu_started[1]
     events = [
         e
         for r in receiver.unique().values()
@@ -82,6 +92,8 @@ async def one_round(url: str, index: int, callbacks: bool, receiver_url: str, re
     client.close()
     return {
         "rate": USERS / seconds,
+        "service_us": cpu[0] / USERS * 1e6,
+        "store_us": cpu[1] / USERS * 1e6,
         "posts": receiver.posts - posts_before,
         "events": len(events),
     }
@@ -97,12 +109,14 @@ async def main(server: EmbeddedServer) -> None:
             for round_ in range(ROUNDS):
                 for callbacks in (False, True):
                     index += 1
-                    outcome = await one_round(server.url, index, callbacks, receiver_url, receiver)
+                    outcome = await one_round(server.url, server.pid, index, callbacks, receiver_url, receiver)
                     results[callbacks].append(outcome)
                     label = "on " if callbacks else "off"
                     extra = f", {outcome['posts']} POSTs, {outcome['events']} events" if callbacks else ""
                     print(
-                        f"round {round_ + 1} callbacks {label}: {outcome['rate']:.0f} deliveries/s{extra}", flush=True
+                        f"round {round_ + 1} callbacks {label}: {outcome['rate']:.0f} deliveries/s, CPU per delivery "
+                        f"{outcome['service_us']:.0f} µs service + {outcome['store_us']:.0f} µs store{extra}",
+                        flush=True,
                     )
             nursery.cancel_scope.cancel()
     finally:
@@ -114,6 +128,12 @@ async def main(server: EmbeddedServer) -> None:
     on = statistics.median(r["rate"] for r in results[True])
     bound = USERS // BATCH_SIZE + 1
     print(f"median off {off:.0f}/s, on {on:.0f}/s, ratio {on / off:.2f}")
+    cpu_off = statistics.median(r["service_us"] + r["store_us"] for r in results[False])
+    cpu_on = statistics.median(r["service_us"] + r["store_us"] for r in results[True])
+    print(
+        f"median CPU per delivery (service + store) off {cpu_off:.0f} µs, on {cpu_on:.0f} µs: "
+        f"a CPU-bound throughput ratio of {cpu_off / cpu_on:.2f}"
+    )
     print(
         f"POSTs with callbacks: {[r['posts'] for r in results[True]]} (bound {bound}); rejected signatures {receiver.rejected}"
     )

@@ -6,13 +6,15 @@ the events themselves reach the store together, not in a separate step a crash c
 - `job.finished`: one document, written in the same store round trip as the job's final state,
   before it; its id is derived from the job's (`<job>.finished`), so a job resumed after a crash
   between the two writes writes the same document again and the duplicate is refused.
-- `delivery.updated`: every delivery state change of a job that asked for them (outcomes before
-  their delivery writes; receipts, receipt timeouts and reconciliation right after theirs), as
+- `delivery.updated`: every delivery state change of a job that asked for them (outcomes, those of
+  reconciliations included, before their delivery writes; receipts and receipt timeouts right
+  after theirs), as
   *chunks*: one document per job per group commit, with at most `batch_size` events. A chunk
   is not a callback yet: `form_batches` joins the chunks of one job, oldest first, into one
   message of at most `batch_size` events once it is full or its oldest event waited `batch_ms`
-  (the message is its first chunk; the others point to it with `head`). So a 10,000-user
-  campaign makes about 10,000 / batch_size POSTs, and a chunk's events are never split.
+  (the message is its first chunk; the others become its members, pointing to it with `head`; a
+  chunk that would overflow it is split). So a 10,000-user campaign makes 10,000 / batch_size
+  POSTs for its deliveries.
 
 A message (`role: "message"`) is `pending` until a POST of it succeeds (`delivered`) or it is
 given up (`dead`, with the last error). Processes claim due messages with a lease (compare and
@@ -113,7 +115,9 @@ class CallbackOutbox:
     def ensure_indexes(self) -> None:
         """In a worker thread, with the ledger's."""
         self._outbox.create_index([("role", 1), ("state", 1), ("next_at", 1)])
-        self._outbox.create_index([("role", 1), ("head", 1), ("seq", 1)])
+        # Equalities are written `$eq` below: the embedded store answers those from its indexes
+        # (a bare value, or null, makes it decode every document: 10,000 events per poll).
+        self._outbox.create_index([("role", 1), ("seq", 1)])
         self._outbox.create_index([("head", 1)])
         self._outbox.create_index([("state", 1), ("seq", -1)])
         self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
@@ -236,7 +240,7 @@ class CallbackOutbox:
         def form() -> int:
             chunks = list(
                 self._outbox.find(
-                    {"role": {"$eq": "chunk"}, "head": None},
+                    {"role": {"$eq": "chunk"}},
                     {"_id": 1, "job": 1, "count": 1, "created": 1, "seq": 1},
                 )
                 .sort("seq", 1)
@@ -291,9 +295,11 @@ class CallbackOutbox:
         # The others first, then the head: once the head is a message (and may be sent), nothing
         # joins it any more, so every try of it carries the same events.
         if others:
-            self._outbox.update_many({"_id": {"$in": others}, "head": None}, {"$set": {"head": head}})
+            self._outbox.update_many(
+                {"_id": {"$in": others}, "role": "chunk"}, {"$set": {"head": head, "role": "member"}}
+            )
         result = self._outbox.update_one(
-            {"_id": head, "role": "chunk", "head": None},
+            {"_id": head, "role": "chunk"},
             {"$set": {"role": "message", "head": head, "next_at": now, "lease_expires": 0.0}},
         )
         return result.modified_count
@@ -328,7 +334,7 @@ class CallbackOutbox:
                 if won is None:
                     continue
                 if won["type"] == DELIVERY_UPDATED:
-                    members = self._outbox.find({"head": won["_id"]}, {"events": 1, "seq": 1}).sort("seq", 1)
+                    members = self._outbox.find({"head": {"$eq": won["_id"]}}, {"events": 1, "seq": 1}).sort("seq", 1)
                     won["events"] = [event for member in members for event in member.get("events") or ()]
                 claimed.append(won)
             return claimed
@@ -341,7 +347,7 @@ class CallbackOutbox:
 
         def write() -> None:
             if fields.get("state") == "delivered":
-                self._outbox.update_many({"head": message["_id"]}, {"$set": {"state": "delivered"}})
+                self._outbox.update_many({"head": {"$eq": message["_id"]}}, {"$set": {"state": "delivered"}})
             self._outbox.update_one({"_id": message["_id"]}, {"$set": fields})
 
         await self._run("settle", write)

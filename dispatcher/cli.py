@@ -49,11 +49,16 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
+AUTO_WORKERS = 0  # `--workers auto`
+
+
 def _workers(value: str) -> int:
+    if value == "auto":
+        return AUTO_WORKERS
     try:
         workers = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes (or auto)") from None
     if workers < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return workers
@@ -126,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_workers,
         default=1,
         help="service processes sharing the listening socket (default 1; more than 1 needs "
-        "[cluster].redis_url, so that the channel limits hold across them)",
+        "[cluster].redis_url, so that the channel limits hold across them); 'auto': one per CPU "
+        "available with Redis, else 1",
     )
     _add_predecessor_option(serve_parser)
     seed = command("seed", "load users and templates from a JSON file into the store")
@@ -191,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sockets = [socket.socket(fileno=int(fd)) for fd in os.environ[WORKER_FDS_ENV].split(",")]
             trio.run(partial(serve, settings, sockets=sockets))
         elif args.command == "serve":
+            if args.workers == AUTO_WORKERS:
+                args.workers = auto_workers(settings)
             if args.workers > 1 and not settings.cluster.redis_url.get_secret_value():
                 raise ConfigError(
                     f"--workers {args.workers}: needs [cluster].redis_url (or REDIS_URL): without a "
@@ -237,6 +245,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prefix}: {leaf}", file=sys.stderr)
         return 2 if any(isinstance(leaf, (ConfigError, CannotListen, StoreInUse)) for leaf in leaves) else 1
     return 0
+
+
+def auto_workers(settings: Settings) -> int:
+    """`--workers auto`: one process per CPU this process may run on, when Redis lets them share
+    the channel limits; one process without Redis (said in the log, not refused: the container
+    image runs `--workers auto` whether or not Redis is configured)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not settings.cluster.redis_url.get_secret_value():
+        if cpus > 1:
+            log.info("--workers auto: 1 process (%d CPUs, but several processes need [cluster].redis_url)", cpus)
+        return 1
+    log.info("--workers auto: %d processes (one per CPU available)", cpus)
+    return cpus
 
 
 def effective_settings(settings: Settings) -> dict[str, Any]:
@@ -328,7 +349,37 @@ def _hypercorn_config(settings: Settings) -> Any:
         error_logger.addFilter(_quiet_startup)
     config.errorlog = error_logger
     config.graceful_timeout = settings.dispatcher.drain_timeout_seconds + RESPONSE_MARGIN_SECONDS
+    config.dispatcher_max_body_bytes = settings.server.max_body_bytes
+    _refuse_100_continue_for_bodies_too_large()
     return config
+
+
+def _refuse_100_continue_for_bodies_too_large() -> None:
+    """A request with `Expect: 100-continue` and a `Content-Length` over the body limit gets its
+    413 at once, never `100 Continue` (which invites the client to send the body).
+
+    hypercorn (0.18) sends `100 Continue` from its connection loop as soon as the request head is
+    parsed, before the application runs, and has no setting for it: for such a request we clear
+    h11's "client is waiting for 100" flag before the stream starts, and the application answers
+    413 from the Content-Length alone. Only servers whose configuration carries
+    `dispatcher_max_body_bytes` (ours) are affected.
+    """
+    from hypercorn.protocol.h11 import H11Protocol
+
+    original = H11Protocol._create_stream
+    if getattr(original, "_dispatcher_patched", False):
+        return
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        limit = getattr(self.config, "dispatcher_max_body_bytes", None)
+        if limit is not None and self.connection.they_are_waiting_for_100_continue:
+            length = next((v for n, v in request.headers if n.lower() == b"content-length"), b"")
+            if length.strip().isdigit() and int(length) > limit:
+                self.connection.client_is_waiting_for_100_continue = False
+        await original(self, request)
+
+    _create_stream._dispatcher_patched = True  # type: ignore[attr-defined]
+    H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
 
 
 def _quiet_startup(record: logging.LogRecord) -> bool:

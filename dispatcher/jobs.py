@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -113,13 +113,14 @@ class Recorded:
     def ledger(self) -> Ledger:
         return self._ledger
 
-    def journal(self, job_id: str, *, resumed: bool) -> Journal:
+    def journal(self, job_id: str, *, resumed: bool, ended_runs: Collection[str] = ()) -> Journal:
         return Journal(
             self._ledger,
             job_id,
             resumed=resumed,
             on_ambiguous=self._on_ambiguous,
             settle_within=self._settle_within,
+            ended_runs=ended_runs,
         )
 
     async def open(
@@ -156,9 +157,10 @@ class Recorded:
         run.callback, run.key_id, run.request_id = target, key_scope or None, request_id
         return run, job_id
 
-    def resumed(self, job_id: str, plan: RequestPlan, doc: dict[str, Any]) -> Run:
-        """The run that resumes the job `doc` (claimed by this instance)."""
-        journal = self.journal(job_id, resumed=True)
+    def resumed(self, job_id: str, plan: RequestPlan, doc: dict[str, Any], ended_runs: Collection[str] = ()) -> Run:
+        """The run that resumes the job `doc` (claimed by this instance); `ended_runs` are earlier
+        runs known to have ended (`journal.Journal`)."""
+        journal = self.journal(job_id, resumed=True, ended_runs=ended_runs)
         if doc.get("cancel_requested"):
             journal.cancel()
         run = Run(job_id, plan, journal, resumed=True)
@@ -252,8 +254,8 @@ class Jobs:
         self.fanout: SharedFanOut | None = None
         self.runs: dict[str, Run] = {}
         # Jobs of ours that a store outage interrupted: resumed as soon as the store answers again,
-        # not when their lease expires (our lease is still on them).
-        self._interrupted: set[str] = set()
+        # not when their lease expires (our lease is still on them); the id of the run it stopped.
+        self._interrupted: dict[str, str] = {}
         self.in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -315,7 +317,8 @@ class Jobs:
             except StoreError as exc:
                 log.error("job %s: store unavailable: %s", job_id, exc)
                 if job_id is not None and not run.lease_lost:
-                    self._interrupted.add(job_id)
+                    # Its pipeline has ended: the resumed run need not wait for its claims.
+                    self._interrupted[job_id] = getattr(run.journal, "run_id", "")
                 run.error = Interrupted(
                     "the store became unavailable during the send" + _resume_note(job_id), run.result, job_id
                 )
@@ -410,10 +413,10 @@ class Jobs:
                 if not indexed:  # here, not at start-up: the service starts while the store is down
                     await ledger.ensure_indexes()
                     indexed = True
-                for job_id in sorted(self._interrupted):
+                for job_id, ended in sorted(self._interrupted.items()):
                     if job_id not in self.runs and not self.closing:
-                        await self._resume(book, job_id)
-                    self._interrupted.discard(job_id)
+                        await self._resume(book, job_id, ended_runs=(ended,))
+                    self._interrupted.pop(job_id, None)
                 for job_id in await ledger.orphaned_jobs():
                     if job_id not in self.runs and not self.closing:
                         await self._resume(book, job_id)
@@ -427,7 +430,7 @@ class Jobs:
                     await trio.sleep(_RETRY_INTERRUPTED_SECONDS)
                 await trio.sleep(_RETRY_INTERRUPTED_SECONDS)
 
-    async def _resume(self, book: Recorded, job_id: str) -> None:
+    async def _resume(self, book: Recorded, job_id: str, ended_runs: Collection[str] = ()) -> None:
         ledger = book.ledger()
         doc = await ledger.claim(job_id, book.owner, self._lease)
         if doc is None:
@@ -439,7 +442,7 @@ class Jobs:
             await ledger.update_job(job_id, state="failed", finished_at=now_iso(), error=str(exc))
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
-        self._start(book.resumed(job_id, plan, doc))
+        self._start(book.resumed(job_id, plan, doc, ended_runs))
 
 
 def _resume_note(job_id: str | None) -> str:

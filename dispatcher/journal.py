@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import trio
 
@@ -34,6 +34,8 @@ RETRYING = "retrying"
 
 
 class Journal(Unrecorded):
+    job_id: str
+
     def __init__(
         self,
         ledger: Ledger,
@@ -42,12 +44,15 @@ class Journal(Unrecorded):
         resumed: bool,
         on_ambiguous: Mapping[str, str],
         settle_within: Mapping[str, float] | None = None,
+        ended_runs: Collection[str] = (),
     ) -> None:
         """`settle_within`: per channel, how long after its claim a live run has settled a
         delivery (its attempt's timeout, and its backoff where ambiguous attempts are resent,
-        plus a margin for the outcome's write)."""
+        plus a margin for the outcome's write). `ended_runs`: earlier runs known to have ended
+        (a run of this process that a store outage stopped): nothing of theirs is waited for."""
         super().__init__()
         self._settle_within = settle_within or {}
+        self._ended_runs = frozenset(ended_runs)
         self.job_id = job_id
         self.run_id = uuid.uuid4().hex
         self._ledger = ledger
@@ -79,6 +84,7 @@ class Journal(Unrecorded):
                 for user, doc in prior.items()
                 if doc.get("state") == "sending"
                 and doc.get("run") != self.run_id
+                and doc.get("run") not in self._ended_runs
                 and now - (doc.get("claimed_at") or 0) < bound
             ]
             if not fresh:

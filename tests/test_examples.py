@@ -44,7 +44,8 @@ def test_seed_then_embedding_example(mongo_url: str, database: Any, tmp_path: Pa
     result, end = decoder.raw_decode(run.stdout)
     job, _ = decoder.raw_decode(run.stdout[end:].lstrip())
     assert job["status"] == "done" and job["summary"]["sent"] == {"sms": 2}
-    # beta: Ada (e-mail, phone), Grace (e-mail, phone), Linus (e-mail only).
+    # beta: Ada (e-mail, phone), Grace (e-mail, phone), Linus (e-mail only). Every answer names its job.
+    assert isinstance(result.pop("id"), str)
     assert result == {
         "failures": [],
         "summary": {"users": 3, "sent": {"email": 3, "sms": 2}, "skipped": {"sms": 1}, "failed": {}},

@@ -361,3 +361,33 @@ async def test_options_is_204_with_allow(server_url: str, path: str, methods: se
 
 async def test_options_on_an_unknown_route_is_json_404(client: Any) -> None:
     assert await _error(await client.options("/nowhere"), 404) == "no route OPTIONS /nowhere"
+
+
+async def test_expect_100_continue_with_a_body_too_large_is_413_at_once(make_settings: Any) -> None:
+    """No `100 Continue` for a body over the limit: the 413 comes before the client sends it."""
+    from dispatcher.cli import serve
+    from dispatcher.embedded_store import free_port
+
+    settings = make_settings(server={"max_body_bytes": 1000, "port": free_port()})
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, settings))
+        port = int(url.rsplit(":", 1)[1])
+        head = (
+            "POST /send HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            "Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(head.encode())
+            received = b""
+            with trio.fail_after(5):
+                while b"\r\n\r\n" not in received:
+                    chunk = await stream.receive_some()
+                    assert chunk, received
+                    received += chunk
+        assert received.startswith(b"HTTP/1.1 413"), received[:200]
+        # A small body with the same header still gets its 100 Continue and an answer.
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            response = await http.post("/send", json={"channels": ["fax"]}, headers={"Expect": "100-continue"})
+            assert response.status_code == 400
+        nursery.cancel_scope.cancel()

@@ -181,3 +181,31 @@ def test_an_unwritable_outbox_stops_start_up_with_one_line(tmp_path: Path) -> No
         .splitlines()[-1]
         .startswith(f"configuration error: providers.outbox.dir: cannot write to {outbox}")
     )
+
+
+def test_workers_auto_is_one_per_cpu_with_redis_and_one_without(tmp_path: Path, redis_url: str) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    port = free_port()
+    supervisor = subprocess.Popen(
+        [*CLI, "serve", "--workers", "auto", "--port", str(port)],
+        env=_env(tmp_path, REDIS_URL=redis_url),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait(lambda: _answers(port))
+        workers = [c for c in psutil.Process(supervisor.pid).children() if "nx_27017" not in " ".join(c.cmdline())]
+        assert len(workers) == (cpus if cpus > 1 else 0)  # one CPU: a single process, no supervisor
+    finally:
+        supervisor.terminate()
+        _, err = supervisor.communicate(timeout=60)
+    assert f"--workers auto: {cpus} processes" in err
+    alone = _serve(tmp_path, port, "--workers", "auto")  # no Redis: one process, said in the log
+    try:
+        _wait(lambda: _answers(port))
+        assert not [c for c in psutil.Process(alone.pid).children() if "nx_27017" not in " ".join(c.cmdline())]
+    finally:
+        alone.terminate()
+        assert alone.wait(30) == 0
