@@ -100,7 +100,9 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
         # The restarted service resumes the job once the killed one's lease has expired.
         store["lease_seconds"] = options.kill_lease_seconds
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port},
+        # The harness measures a send to its end: a synchronous answer must not turn into a 202
+        # after [server].sync_timeout_seconds (30 s by default) while a long fan-out still runs.
+        "server": {"host": "127.0.0.1", "port": port, "sync_timeout_seconds": options.request_timeout},
         "dispatcher": dispatcher_section,
         "store": store,
         "sender": {"email": SENDER_EMAIL, "sms": SENDER_PHONE, "voice": SENDER_PHONE},

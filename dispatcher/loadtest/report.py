@@ -228,7 +228,7 @@ def print_report(results: dict[str, Any], console: Console) -> None:
                 _fmt(results["channels"]["email"]["deliveries_per_s"]),
                 "",
             )
-        for kind, run in compare["runs"].items():
+        for run in compare["runs"].values():
             table.add_row(
                 run["label"],
                 _fmt(run["users"]),
