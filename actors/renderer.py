@@ -20,7 +20,7 @@ from .faults import RenderOverrun, StoreFault
 from .journal import Unrecorded
 from .messages import Delivery, Message, User
 from .ports import Lane, RenderJobs
-from .resolver import UnknownRecipient
+from .resolver import UnknownRecipient, not_found
 
 CHUNK = 32
 POISONED_AFTER = 3
@@ -67,7 +67,7 @@ async def render(
                 for user, outcome in zip(chunk, outcomes):
                     if isinstance(outcome, RenderOverrun):
                         overruns.append(str(outcome))
-                        outcome = Delivery(plan.id_of(user), plan.channel, "failed", str(outcome), kind="render")
+                        outcome = Delivery(_id_of(user, plan), plan.channel, "failed", str(outcome), kind="render")
                     if isinstance(outcome, Message):
                         await out.send(outcome)  # blocks while the sender is behind: backpressure
                     else:
@@ -87,7 +87,7 @@ async def _render(
 
 
 def _not_found(user: UnknownRecipient, plan: Lane) -> Delivery:
-    return Delivery(user.user_id, plan.channel, "failed", "user not found", user_found=False, kind="not_found")
+    return not_found(user.user_id, plan.channel)
 
 
 def _poisoned(user: User | UnknownRecipient, plan: Lane, reason: str) -> Delivery:

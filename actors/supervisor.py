@@ -1,8 +1,11 @@
-"""Wires one send: a lane (resolver -> renderer -> sender) per channel, and one collector.
+"""Wires one send: one resolver, a lane (renderer -> sender) per channel, and one collector.
 
-Each channel gets its own lane so that a slow channel (SMS at 1/s) paces only itself; the lanes
-share nothing but the collector's inbox and the run's journal. Every channel between actors is
-bounded, so a slow sender pushes back on its renderer and resolver instead of filling memory.
+The resolver reads each selected user once and hands the batch to every lane's backlog. Each
+channel gets its own lane so that a slow channel (SMS at 1/s) paces only itself: the lanes share
+nothing but the resolver's batches, the collector's inbox and the run's journal. Every channel
+between actors is bounded and a lane's backlog keeps one batch in memory (the rest on disk), so a
+slow sender pushes back on its renderer, and the resolver follows the fastest lane, without
+filling memory.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from collections.abc import Mapping
 
 import trio
 
+from .backlog import Backlog
 from .collector import collect
 from .journal import Unrecorded
-from .messages import Delivery, Message, SendResult, User
+from .messages import Delivery, Message, SendResult
 from .ports import Metrics, Plan, RenderJobs, Transport, Unobserved, UserSource, render_inline
 from .renderer import render
-from .resolver import UnknownRecipient, resolve
+from .resolver import Batch, resolve
 from .sender import send
 
 
@@ -46,15 +50,29 @@ async def run_pipeline(
         nursery.start_soon(collect, results_receive, result, providers, journal, metrics)
         metrics.track_queue("collect", results_receive)
         with results_send:
+            backlogs = []
             for lane in plan.channels:
-                # Users travel in store batches, so a couple of batches in flight are plenty.
-                users_send, users_receive = trio.open_memory_channel[list[User | UnknownRecipient]](2)
+                # Users travel in store batches: one in the backlog's memory, one handed over.
+                backlog = Backlog[Batch](in_memory=1)
+                backlogs.append(backlog)
+                users_send, users_receive = trio.open_memory_channel[Batch](0)
                 messages_send, messages_receive = trio.open_memory_channel[Message](queue_size)
                 metrics.track_queue("send", messages_receive)
-                metrics.track_queue("render", users_receive)
-                nursery.start_soon(resolve, users_send, store, request.recipients, request.clusters, journal)
+                metrics.track_queue("render", backlog)
+                nursery.start_soon(_hand_over, backlog, users_send)
                 nursery.start_soon(
                     render, users_receive, messages_send, results_send.clone(), lane, request.data, journal, render_jobs
                 )
                 nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal)
+            nursery.start_soon(resolve, backlogs, store, request.recipients, request.clusters, journal)
     return result
+
+
+async def _hand_over(backlog: Backlog[Batch], out: trio.MemorySendChannel[Batch]) -> None:
+    """Feed a lane's renderer from its backlog, oldest batch first."""
+    try:
+        with out:
+            while (batch := await backlog.get()) is not None:
+                await out.send(batch)
+    finally:
+        backlog.discard()

@@ -20,10 +20,14 @@ import trio
 
 from . import __version__
 from .errors import ConfigError, DispatcherError, StoreInUse
-from .loadtest.cli import add_parser as add_loadtest_parser
 from .logs import configure_logging, python_level
 from .settings import ENV_PREFIX, ConfigReport, Settings, find_config_file, load_settings_report
 from .workers import WORKER_FDS_ENV
+
+try:
+    from .loadtest.cli import add_parser as add_loadtest_parser
+except ImportError:  # an installed wheel: the harness ships with the source tree only (README, "Layout")
+    add_loadtest_parser = None
 
 log = logging.getLogger("dispatcher")
 
@@ -154,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .remote import add_parsers as add_remote_parsers
 
     add_remote_parsers(commands, command)
+    if add_loadtest_parser is None:
+        loadtest = command("loadtest", "not in this installation (the load-test harness ships with the source tree)")
+        loadtest.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return parser
     loadtest = add_loadtest_parser(commands)
     # The harness logs at its own --service-log-level; --config is its default --base-config.
     _add_config_option(loadtest, in_subcommand=True)
@@ -163,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "loadtest":
+        if add_loadtest_parser is None:
+            print(
+                "dispatcher loadtest: the load-test harness and its fake providers ship with the source "
+                "tree, not the installed package: from a checkout, pip install -e '.[loadtest]'",
+                file=sys.stderr,
+            )
+            return 2
         # The harness generates the service's configuration itself: no load_settings here.
         from .loadtest.cli import run as run_loadtest
 

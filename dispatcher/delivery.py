@@ -14,7 +14,7 @@ import trio
 from . import metrics
 from .errors import DeliveryError, LimiterUnavailable, StoreError, TransientDeliveryError
 from .journal import STOPPED_DURING_ATTEMPT, Unrecorded
-from .messages import Delivery, Message
+from .messages import Delivery, Message, Status
 from .providers.base import Provider
 from .ratelimit import ChannelGate
 from .reconcile import ReconcileError, Reconciler
@@ -205,7 +205,7 @@ def _delivery(message: Message, outcomes: list[_Attempts]) -> Delivery:
     else:
         detail = "; ".join(f"{_shorten(address)}: {o.error}" for address, o in failed)
         error = f"{len(failed)} of {len(message.addresses)} devices failed: {detail}"
-    status = "cancelled" if all(o.kind == "cancelled" for _, o in failed) and not provider_id else "failed"
+    status: Status = "cancelled" if all(o.kind == "cancelled" for _, o in failed) and not provider_id else "failed"
     return Delivery(
         message.user_id,
         message.channel,

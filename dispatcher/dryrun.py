@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
+from actors.resolver import Unmatched
+
 from .messages import Delivery, EmailContent, Message, PushContent, TextContent, User
 from .plan import ChannelPlan, addresses_of, has_text_for
 
@@ -86,10 +88,9 @@ async def dry_run(dispatcher: Dispatcher, request: SendRequest, preview_users: i
     store = dispatcher.store
     tally = _Tally()
     previews: list[dict[str, Any]] = []
-    missing = dict.fromkeys(request.recipients)
+    missing = Unmatched(request.recipients)
     async for batch in store.stream_users(request.recipients, request.clusters):
-        for user in batch:
-            missing.pop(store.user_id(user), None)
+        missing.saw(store.user_id(user) for user in batch)
         shown_now = batch[: max(0, preview_users - tally.users)]
         tally.users += len(batch)
         for lane in plan.channels:
@@ -106,7 +107,7 @@ async def dry_run(dispatcher: Dispatcher, request: SendRequest, preview_users: i
                     tally.fail(lane.id_of(user), lane.channel, str(outcome))
             for user in batch[len(shown_now) :]:
                 _count(lane, user, tally)
-    for user_id in missing:
+    for user_id in missing.ids():
         for lane in plan.channels:
             tally.fail(user_id, lane.channel, "user not found")
     return {

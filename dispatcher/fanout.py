@@ -19,11 +19,12 @@ from typing import Any
 
 import trio
 
+from actors.resolver import Unmatched, not_found
+
 from .cluster.partitions import Partition, PartitionQueue, PartitionQueueUnavailable
 from .errors import RequestError
 from .journal import Journal
 from .ledger import FINAL_STATES, Ledger
-from .messages import Delivery
 from .models import SendRequest, SendResult, Summary
 from .cancels import CancelWatch
 from .context import RunContext
@@ -104,21 +105,15 @@ class SharedFanOut:
 
     async def _publish_once(self, job_id: str, plan: RequestPlan) -> int:
         request, store = plan.request, self._context.store
-        missing = dict.fromkeys(request.recipients)
+        missing = Unmatched(request.recipients)
         index = 0
         async for batch in store.stream_users(request.recipients, request.clusters, only_ids=True):
             ids = tuple(store.user_id(user) for user in batch)
-            for user_id in ids:
-                missing.pop(user_id, None)
+            missing.saw(ids)
             await self.queue.publish(job_id, [Partition(job_id, None, ids[-1], index, ids)])
             index += 1
         await self._ledger.record(
-            job_id,
-            [
-                Delivery(user_id, lane.channel, "failed", "user not found", user_found=False)
-                for user_id in missing
-                for lane in plan.channels
-            ],
+            job_id, [not_found(user_id, lane.channel) for user_id in missing.ids() for lane in plan.channels]
         )
         await self.queue.expect(job_id, index)
         await self._ledger.update_job(job_id, partitions=index)

@@ -22,11 +22,15 @@ from __future__ import annotations
 import bisect
 import functools
 import keyword
+import numbers
 import re
+from collections import abc
 from dataclasses import dataclass, field
 from collections.abc import Callable
+from typing import Any
 
-from jinja2 import TemplateSyntaxError
+import markupsafe
+from jinja2 import TemplateSyntaxError, Undefined, pass_eval_context
 from jinja2.defaults import DEFAULT_NAMESPACE
 
 __all__ = ["HandlebarsSyntaxError", "Translation", "to_jinja", "translate"]
@@ -67,8 +71,8 @@ def translate(source: str) -> Translation:
 
     The result expects the context `{"user": ..., "data": ...}` and the Renderer's helpers as
     globals. Raises `HandlebarsSyntaxError` (a `jinja2.TemplateSyntaxError`) for templates that
-    do not parse or use what is not supported. The result is longer than `source` (by a few
-    hundred characters of macros, and per tag): check size limits on `source`.
+    do not parse or use what is not supported. The result is longer than `source` (per tag):
+    check size limits on `source`.
     """
     parser = _Parser(source)
     program = parser.parse()
@@ -744,32 +748,55 @@ _ROOT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _ROOT_THIS = "{" + ", ".join(f'"{key}": {key}' for key in ("user", "data")) + "}"
 
 
-def _value_macro(name: str, safe: str) -> str:
+def _printed(value: Any, escape: bool) -> str:
     # How Handlebars' escapeExpression turns values into text: null/undefined print nothing,
     # booleans in lower case, arrays joined with commas, objects as JavaScript prints them.
     # Callables only come from Python methods found where a key is missing: print nothing.
-    return (
-        "{% macro " + name + "(v) %}"
-        "{% if v is string %}{{ v" + safe + " }}"
-        "{% elif v is none or v is undefined or v is callable %}"
-        "{% elif v is boolean %}{{ 'true' if v else 'false' }}"
-        "{% elif v is float and v.is_integer() and v|abs < 1e21 %}{{ v|int }}"
-        "{% elif v is mapping %}[object Object]"
-        "{% elif v is iterable %}{% for x in v %}{% if not loop.first %},{% endif %}{{ " + name + "(x) }}{% endfor %}"
-        "{% else %}{{ v" + safe + " }}{% endif %}{% endmacro %}"
-    )
+    if isinstance(value, str):
+        return str(markupsafe.escape(value)) if escape else str(value)
+    if value is None or isinstance(value, Undefined) or callable(value):
+        return ""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    if isinstance(value, abc.Mapping):
+        return "[object Object]"
+    try:
+        items = iter(value)
+    except TypeError:
+        return str(markupsafe.escape(value)) if escape else str(value)
+    return ",".join(_printed(item, escape) for item in items)
 
 
-_MACROS = {
-    "_hb_e": _value_macro("_hb_e", ""),
-    "_hb_r": _value_macro("_hb_r", "|safe"),
-    # Handlebars' truthiness for #if/#unless/#with: [] is false, {} is true, 0 is false unless
-    # includeZero (and always true for #with). Returns "1" or "".
-    "_hb_t": (
-        "{% macro _hb_t(v, z) %}{% if v is not callable and (v or v is mapping"
-        " or (z and v is number and v is not boolean and v == 0)) %}1{% endif %}{% endmacro %}"
-    ),
-}
+@pass_eval_context
+def _print_escaped(eval_ctx: Any, value: Any) -> str:
+    """`{{path}}`: escaped in HTML bodies (the result is then marked safe, not escaped twice)."""
+    if eval_ctx.autoescape:
+        return markupsafe.Markup(_printed(value, True))
+    return _printed(value, False)
+
+
+@pass_eval_context
+def _print_raw(eval_ctx: Any, value: Any) -> str:
+    """`{{{path}}}`, `{{& path}}`: never escaped."""
+    text = _printed(value, False)
+    return markupsafe.Markup(text) if eval_ctx.autoescape else text
+
+
+def _truthy(value: Any, include_zero: bool) -> bool:
+    """Handlebars' truthiness for #if/#unless/#with: [] is false, {} is true, 0 is false unless
+    includeZero (and always true for #with)."""
+    if callable(value):
+        return False
+    if value or isinstance(value, abc.Mapping):
+        return True
+    return bool(include_zero and isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0)
+
+
+# Globals the translations call, for templating.Renderer's environments. Python functions rather
+# than Jinja macros: a macro call per mustache cost more than the rest of a plain rendering.
+RUNTIME: dict[str, Any] = {"_hb_e": _print_escaped, "_hb_r": _print_raw, "_hb_t": _truthy}
 
 
 @dataclass(slots=True)
@@ -791,7 +818,6 @@ class _Generator:
     def __init__(self, line: Callable[[int], int]) -> None:
         self._line = line
         self._count = 0
-        self._macros: set[str] = set()
         self._contexts: list[str | None] = [None]  # `this` of each context depth; None: the root
         self._params: list[dict[str, str]] = []
         self._frames: list[_Frame] = []
@@ -801,7 +827,7 @@ class _Generator:
         body = "".join(self._program(program))
         if body.endswith("\n"):  # Jinja drops a template's final newline; Handlebars does not
             body = body[:-1] + '{{ "\\n" }}'
-        return "".join(_MACROS[name] for name in sorted(self._macros)) + body
+        return body
 
     def _error(self, message: str, pos: int) -> HandlebarsSyntaxError:
         return HandlebarsSyntaxError(message, self._line(pos))
@@ -810,9 +836,8 @@ class _Generator:
         self._count += 1
         return self._count
 
-    def _use(self, macro: str) -> str:
-        self._macros.add(macro)
-        return macro
+    def _use(self, helper: str) -> str:
+        return helper  # a global of the Renderer (RUNTIME)
 
     def _program(self, program: _Program) -> list[str]:
         out: list[str] = []

@@ -34,6 +34,8 @@ RETRYING = "retrying"
 
 
 class Journal(Unrecorded):
+    job_id: str
+
     def __init__(
         self,
         ledger: Ledger,

@@ -93,6 +93,9 @@ class Ledger:
         self._jobs: Collection[dict[str, Any]] = db[settings.jobs_collection]
         self._deliveries: Collection[dict[str, Any]] = db[settings.deliveries_collection]
         self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
+        # One small document per cancel request, by time: what every process's cancel watch polls
+        # (dispatcher/cancels.py), instead of looking up every job it runs.
+        self._cancels: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_cancels"]
         # Receipts that arrived before the delivery they name was recorded.
         self._orphans: Collection[dict[str, Any]] = db[f"{settings.deliveries_collection}_receipts"]
         self._listeners: list[Callable[[list[StateChange]], None]] = []
@@ -119,8 +122,9 @@ class Ledger:
             self._deliveries.create_index([("job", 1), ("state", 1)])
             self._deliveries.create_index("provider_id")  # receipts name a delivery by it
             self._deliveries.create_index([("state", 1), ("settled_at", 1)])  # the receipt timeout
-            for collection in (self._jobs, self._deliveries, self._keys, self._orphans):
+            for collection in (self._jobs, self._deliveries, self._keys, self._orphans, self._cancels):
                 collection.create_index("expires_at", expireAfterSeconds=0)
+            self._cancels.create_index("at")
             self._jobs.create_index([("state", 1), ("lease_expires", 1)])
             # The listing (listing.py): newest first by `seq`, after an equality on each filter.
             for keys in JOB_LISTING_INDEXES:
@@ -228,19 +232,25 @@ class Ledger:
         await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, list(callbacks)))
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
-        return await self._run(
-            "job cancellation",
-            self._jobs.find_one_and_update,
-            {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
-            {"$set": {"cancel_requested": True}},
-            return_document=ReturnDocument.AFTER,
-        )
+        def cancel() -> dict[str, Any] | None:
+            doc = self._jobs.find_one_and_update(
+                {"_id": job_id, "state": {"$in": list(ACTIVE_STATES)}},
+                {"$set": {"cancel_requested": True}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+                self._cancels.replace_one(
+                    {"_id": job_id}, {"_id": job_id, "at": time.time(), "expires_at": expires}, upsert=True
+                )
+            return doc
 
-    async def cancel_requested(self, job_ids: Sequence[str]) -> list[str]:
-        """Which of these jobs a client asked to cancel (one query for all of them)."""
-        query = {"_id": {"$in": list(job_ids)}, "cancel_requested": True}
-        docs = await self._run("cancel lookup", lambda: list(self._jobs.find(query, {"_id": 1})))
-        return [doc["_id"] for doc in docs]
+        return await self._run("job cancellation", cancel)
+
+    async def cancels_since(self, since: float) -> list[tuple[str, float]]:
+        """The jobs whose cancel was requested after `since` (epoch seconds), with its time."""
+        docs = await self._run("cancel lookup", lambda: list(self._cancels.find({"at": {"$gt": since}})))
+        return [(doc["_id"], doc["at"]) for doc in docs]
 
     # -- idempotency keys -----------------------------------------------------------------------
 
@@ -586,7 +596,7 @@ class Ledger:
         three-channel job on a store that counts by scanning). Grouped on one string key: the
         embedded store cannot group on a compound key."""
         states = ("sent", "skipped", "failed", "cancelled")
-        pipeline = [
+        pipeline: list[dict[str, Any]] = [
             {"$match": {"job": job_id}},
             {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
             {"$group": {"_id": "$key", "n": {"$sum": 1}}},
@@ -611,7 +621,7 @@ class Ledger:
     async def receipt_counts(self, job_id: str) -> dict[str, dict[str, int]]:
         """How many of a job's deliveries receipts (or their absence) took past `sent`, by state
         and channel: `{"delivered": {"sms": 3}, "undelivered": {}, "unconfirmed": {}}`."""
-        pipeline = [
+        pipeline: list[dict[str, Any]] = [
             {"$match": {"job": job_id, "state": {"$in": list(RECEIPT_STATES)}}},
             {"$project": {"key": {"$concat": ["$channel", "|", "$state"]}}},
             {"$group": {"_id": "$key", "n": {"$sum": 1}}},
@@ -658,7 +668,7 @@ class Ledger:
         cutoff = {"expires_at": {"$lt": dt.datetime.now(dt.UTC)}}
 
         def purge() -> None:
-            for collection in (self._deliveries, self._jobs, self._keys):
+            for collection in (self._deliveries, self._jobs, self._keys, self._cancels):
                 collection.delete_many(cutoff)
 
         await self._run("purge", purge)

@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatt
 
 from . import dateformat
 from .errors import RenderError, RequestError
+from .handlebars import RUNTIME
 from .template_limits import SizeGuard, TemplateLimitExceeded
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class Renderer:
         self.max_template_chars = max_template_chars
         self.max_rendered_chars = max_rendered_chars
         self._default_locale = dateformat.parse_locale(default_locale)
-        helpers = {"dateNow": date_now, "dateFormat": self._date_format, "toLocale": self._to_locale}
+        helpers = {"dateNow": date_now, "dateFormat": self._date_format, "toLocale": self._to_locale, **RUNTIME}
         self._plain = _LimitedSandbox(max_output=max_rendered_chars, undefined=ChainableUndefined, autoescape=False)
         self._html = _LimitedSandbox(max_output=max_rendered_chars, undefined=ChainableUndefined, autoescape=True)
         for env in (self._plain, self._html):

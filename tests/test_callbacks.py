@@ -141,6 +141,13 @@ async def test_delivery_updated_batches_add_up_to_what_the_provider_received(
 async def test_receiver_answering_503_twice_gets_the_third_try_with_the_same_webhook_id(
     make_settings: Any, database: Any, secret_env: None
 ) -> None:
+    from prometheus_client import REGISTRY
+
+    def tries(outcome: str, attempt: str) -> float:
+        labels = {"event": "job.finished", "outcome": outcome, "attempt": attempt}
+        return REGISTRY.get_sample_value("dispatcher_callbacks_total", labels) or 0.0
+
+    before = {key: tries(*key) for key in (("retry", "1"), ("retry", "2"), ("delivered", "3"))}
     seed(database, 1)
     receiver = WebhookReceiver(SECRET, script=[503, 503])
     async with service(make_settings, receiver) as (client, _, url):
@@ -153,6 +160,12 @@ async def test_receiver_answering_503_twice_gets_the_third_try_with_the_same_web
     assert len(set(receiver.tries)) == 1 and receiver.tries[0] == receiver.received[0].webhook_id
     doc = database.dispatch_callbacks.find_one({"_id": receiver.tries[0]})
     assert doc["state"] == "delivered" and doc["attempts"] == 3
+    # The metrics count each try by event, outcome and try number.
+    assert {key: tries(*key) - count for key, count in before.items()} == {
+        ("retry", "1"): 1,
+        ("retry", "2"): 1,
+        ("delivered", "3"): 1,
+    }
 
 
 async def test_a_400_makes_a_dead_letter_at_once_and_a_retry_by_the_api_delivers_it(

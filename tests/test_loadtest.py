@@ -286,8 +286,12 @@ async def test_stream_with_timeouts_counts_each_request_not_each_address(tmp_pat
     several requests; one request's attempt timed out after the fake took it (reported `outcome
     unknown`), another's was sent. Two receipts for one address are then no duplicate, and the
     check must not say so (it did: it compared receipts with the sent count of the address)."""
+    # A service process of its own: the harness process's earlier runs (the baselines) must not
+    # change its timing. `report`: on Twilio the default (`reconcile`) would resolve the timeouts.
+    base = tmp_path / "base.toml"
+    base.write_text('[channels.sms]\non_ambiguous = "report"\n')
     results, _ = await _run(
-        mode="embedded",
+        base_config=base,
         scenario="stream",
         channels=("sms",),
         users=10,
@@ -313,3 +317,14 @@ def test_exactly_once_check_allows_one_receipt_per_ambiguous_delivery() -> None:
     # One more than both account for is one.
     report = check_exactly_once(expected, Counter({"a": 3}), 1, Counter({"a": 1}))
     assert not report["ok"] and report["duplicated"] == 1
+
+
+async def test_receipts_option_has_the_fake_post_signed_callbacks_that_the_service_takes() -> None:
+    users = 60
+    results, printed = await _run(users=users, channels=("sms",), latency=0.01, receipts_delay=0.05)
+    receipts = results["receipts"]
+    sent = results["channels"]["sms"]["sent"]
+    # Each SMS: a `sent` callback, then a final one; every one verified and taken by the service.
+    assert receipts["posted"] == receipts["answered"] == 2 * sent
+    assert receipts["delivered"] + receipts["undelivered"] == sent
+    assert "receipts (Twilio status callbacks)" in printed

@@ -244,7 +244,7 @@ async def test_send_logs_carry_the_request_id_of_the_request_that_started_them(
     pipeline = [line for line in lines if line["logger"] != "dispatcher.access"]
     assert pipeline, lines
     assert all(line.get("request_id") == "campaign-42" for line in pipeline), pipeline
-    assert any(line["logger"].startswith(("dispatcher.core", "actors")) for line in pipeline), pipeline
+    assert any(line["logger"].startswith(("dispatcher.core", "dispatcher.jobs", "actors")) for line in pipeline), pipeline
     # No address in clear anywhere.
     assert "ada@example.com" not in json.dumps(lines) and "+391234567123" not in json.dumps(lines)
 

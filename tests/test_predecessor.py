@@ -279,6 +279,7 @@ def test_the_image_runs_a_predecessor_deployment_as_it_is(tmp_path: Path) -> Non
     config, env = container_like(tmp_path)
     env["CONFIGURATION_PATH"] = str(write_json(tmp_path, DOC_EXAMPLE))
     argv = container_argv(config)
+    # The same options, same order, but the serve-only --workers.
     serve_only = {argv.index("--workers"), argv.index("--workers") + 1} if "--workers" in argv else set()
     check = [arg if arg != "serve" else "check-config" for i, arg in enumerate(argv) if i not in serve_only]
     run = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)

@@ -311,11 +311,13 @@ async def test_a_worker_killed_mid_render_is_replaced(renderer: Renderer) -> Non
         import psutil
 
         while not killed:
-            for pid in _worker_pids():
-                if psutil.Process(pid).cpu_percent(interval=0.02) > 20:
+            pids = _worker_pids()
+            if any(psutil.Process(pid).cpu_percent(interval=0.02) > 20 for pid in pids):
+                # Every worker: the one rendering is among them, whichever that is.
+                for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
-                    return
+                return
             await trio.sleep(0.01)
 
     async with trio.open_nursery() as nursery:
@@ -325,7 +327,7 @@ async def test_a_worker_killed_mid_render_is_replaced(renderer: Renderer) -> Non
     # The chunk whose worker died is rendered again, one user per (new) worker.
     assert killed and results == ["A", "B"]
     assert pool.chunks >= 3
-    assert killed[0] not in _worker_pids()
+    assert not set(killed) & _worker_pids()
 
 
 async def test_event_loop_stays_responsive_during_a_hostile_chunk(renderer: Renderer) -> None:

@@ -4,6 +4,7 @@ escapes what it shows, its headers, its relative links, its key prompt and its s
 from __future__ import annotations
 
 import re
+from urllib.parse import urljoin, urlsplit
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -271,3 +272,21 @@ def test_every_file_of_the_page_ships_in_the_package() -> None:
         for p in root.glob(pattern)
     }
     assert files and files == shipped
+
+
+async def test_behind_a_path_prefix_proxy_every_link_resolves_under_the_prefix(make_settings, database) -> None:
+    """What a proxy serving the service at /ops/ shows the browser: each page's links, resolved
+    from the page's public address, stay under /ops/ and answer once the proxy strips it."""
+    database.users.insert_one({"_id": "u1", "emailAddress": "u1@example.com"})
+    async with client_for(make_settings) as client:
+        job_id = (await send(client, ["u1", "nobody"]))["id"]
+        pages = ["/-/ui/", f"/-/ui/jobs/{job_id}", "/-/ui/service"]
+        for path in pages:
+            _, html, _ = await page(client, path)
+            public = "https://proxy.example/ops" + path
+            for target in re.findall(r'(?:href|src)="([^"#][^"]*)"', html):
+                resolved = urlsplit(urljoin(public, target.replace("&amp;", "&")))
+                assert resolved.netloc == "proxy.example" and resolved.path.startswith("/ops/"), (path, target)
+                inner = resolved.path.removeprefix("/ops") + (f"?{resolved.query}" if resolved.query else "")
+                response = await client.get(inner)
+                assert response.status_code == 200, (path, target, inner)

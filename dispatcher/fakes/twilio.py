@@ -106,6 +106,7 @@ class FakeTwilio:
     created: list[dict[str, Any]] = field(default_factory=list)
     # Status callbacks posted (form, HTTP status of the answer, or None when it failed).
     callbacks: list[tuple[dict[str, str], int | None]] = field(default_factory=list)
+    callback_times: list[float] = field(default_factory=list)  # trio.current_time() of each answer
     lists: int = 0
     # Answer list requests with 503 (code 20503) instead, to test a provider that cannot be asked.
     lists_fail: bool = False
@@ -222,6 +223,7 @@ class FakeTwilio:
                         self.callbacks.append((form, answer.status_code))
                     except httpx.HTTPError:
                         self.callbacks.append((form, None))
+                    self.callback_times.append(trio.current_time())
         except Exception:  # a system task must not crash the run: the callback is just lost
             return
 

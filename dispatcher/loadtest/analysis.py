@@ -23,6 +23,7 @@ from .accounting import (
 )
 from .config import embedded_settings
 from .drivers import Exchange, Phase
+from ..fakes.twilio import FakeTwilio
 from .environment import Environment
 from .metrics import busy_rate, latency_summary, max_in_window, mean_rate, per_second, percentile
 from .options import LoadTestOptions
@@ -166,6 +167,26 @@ def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: flo
     return requests
 
 
+def receipt_figures(fake: FakeTwilio) -> dict[str, Any]:
+    """The status callbacks the fake Twilio posted (`--receipts`) as the service answered them:
+    how many, how many it took (204), at what rate, and the final statuses they carried."""
+    finals = Counter(
+        form.get("MessageStatus") or form.get("CallStatus")
+        for form, _ in fake.callbacks
+        if (form.get("MessageStatus") or form.get("CallStatus")) != "sent"
+    )
+    times = fake.callback_times
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    answered = sum(1 for _, status in fake.callbacks if status == 204)
+    return {
+        "posted": len(fake.callbacks),
+        "answered": answered,
+        "per_s": round(answered / span, 1) if span > 0 else None,
+        "delivered": finals.get("delivered", 0) + finals.get("completed", 0),
+        "undelivered": sum(n for status, n in finals.items() if status not in ("delivered", "completed")),
+    }
+
+
 def analyse(options: LoadTestOptions, env: Environment, service: RunningService, phase: Phase) -> dict[str, Any]:
     population = env.population
     ok = [e for e in phase.exchanges if e.ok]
@@ -192,6 +213,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
         }
         series[channel] = per_second(receipts.times, phase.start, phase.end)
     requests = _requests(options, phase.exchanges, duration)
+    receipts = receipt_figures(env.fakes.twilio) if options.receipts_delay is not None and env.fakes.twilio else None
     accounting_ok = bool(ok) and all(c["accounting_ok"] for c in channels.values())
     if options.scenario == "fanout":
         accounting_ok = accounting_ok and requests.get("users_selected") == population.size
@@ -237,6 +259,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
             "busy_window_s": busy["window_s"],
         },
         "replicas": _per_replica(options, phase.exchanges, service.replicas),
+        **({"receipts": receipts} if receipts is not None else {}),
         "failures_by_kind": failures_by_kind(failures),
         "failure_samples": failure_samples(failures),
         "checks": {

@@ -117,6 +117,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "on_ambiguous is 'report'",
     )
     scenario.add_argument(
+        "--receipts",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the fake Twilio posts signed status callbacks (sent, then delivered, 2%% undelivered) "
+        "SECONDS after each create to the service's /providers/twilio/status "
+        "([providers.twilio].status_callback_base_url set to the service); the report counts them",
+    )
+    scenario.add_argument(
         "--kill-lease",
         type=float,
         default=2.0,
@@ -294,6 +303,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         repeat=args.repeat,
         kill_at=args.kill_at,
         kill_lease_seconds=args.kill_lease,
+        receipts_delay=args.receipts,
         base_config=base,
         rps=args.rps,
         duration=parsed("--duration", parse_duration),

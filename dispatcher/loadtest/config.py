@@ -89,6 +89,8 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
             "api_base_url": fakes.twilio_url,
             "reconcile_settle_seconds": 1.0,
         }
+        if options.receipts_delay is not None and port:
+            providers["twilio"]["status_callback_base_url"] = f"http://127.0.0.1:{port}"
     if fakes.fcm is not None:
         providers["fcm"] = {"project_id": fakes.fcm_project, "api_base_url": fakes.fcm_url}
     store: dict[str, Any] = {"database": DATABASE, "users_collection": USERS_COLLECTION}

@@ -29,7 +29,7 @@ from ..embedded_store import open_embedded_store
 from ..fakes import Faults, serve_asgi
 from ..fakes.fcm import FakeFcm, FakeOAuthToken, write_service_account_key
 from ..fakes.smtp import SmtpSink
-from ..fakes.twilio import FakeTwilio
+from ..fakes.twilio import FakeTwilio, ReceiptPlan
 from ..settings import StoreSettings
 from .options import LoadTestOptions
 from .population import Population, seed_users
@@ -135,6 +135,9 @@ async def open_fakes(options: LoadTestOptions, scratch: Path) -> AsyncIterator[F
                     fakes.twilio_sid,
                     fakes.twilio_token,
                     faults=_faults(options, "sms" if "sms" in channels else "voice", 2),
+                    receipts=ReceiptPlan(
+                        delay=options.receipts_delay or 0.0, mix={"undelivered": 0.02}, seed=options.seed
+                    ),
                 )
                 fakes.twilio_url = await nursery.start(serve_asgi, fakes.twilio)
             if "push" in channels:

@@ -80,6 +80,8 @@ class LoadTestOptions:
     # Durability: SIGKILL the service once this fraction of the expected deliveries reached the
     # fakes, start it again, and check that the resumed job lost nothing and sent nothing twice.
     kill_at: float | None = None
+    # Twilio status callbacks from the fake to the service (its delay in seconds), or None: off.
+    receipts_delay: float | None = None
     kill_lease_seconds: float = 2.0
     # Harness.
     output: Path = Path("loadtest-results")

@@ -150,6 +150,14 @@ def print_report(results: dict[str, Any], console: Console) -> None:
             )
         console.print(table)
 
+    receipts = results.get("receipts")
+    if receipts:
+        console.print(
+            f"receipts (Twilio status callbacks): {receipts['answered']:,} of {receipts['posted']:,} taken, "
+            f"{_fmt(receipts['per_s'])}/s; final: delivered {receipts['delivered']:,}, "
+            f"undelivered {receipts['undelivered']:,}"
+        )
+
     durability = results.get("durability")
     if durability:
         timeline = durability["timeline"]

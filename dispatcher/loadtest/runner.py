@@ -146,9 +146,23 @@ async def _pipeline_phase(
     else:
         phase = await run_stream(service, env, options, status)
     await meter.stop()
+    if options.receipts_delay is not None:
+        await _receipts_settled(env, options.receipts_delay)
     results = analyse(options, env, service, phase)
     meter.report(results)
     return results
+
+
+async def _receipts_settled(env: Environment, delay: float) -> None:
+    """Wait (a bounded time) for the fake Twilio's callbacks of what it created: two per message
+    (`sent`, then the final status), one per call."""
+    fake = env.fakes.twilio
+    if fake is None:
+        return
+    expected = sum(2 if entry["resource"] == "Messages" else 1 for entry in fake.created)
+    with trio.move_on_after(delay + 30):
+        while len(fake.callbacks) < expected:
+            await trio.sleep(0.05)
 
 
 async def _killed_fanout(
