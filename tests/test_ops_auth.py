@@ -163,3 +163,20 @@ async def test_without_keys_sends_need_no_key(make_settings: Callable[..., Any],
     async with serving(make_settings) as client:
         assert (await client.post("/send", json=SEND)).status_code == 200
         assert await (await client.get("/send/whoami")).get_json() == {"apiKeyId": None}
+
+
+async def test_an_idempotency_key_is_scoped_to_the_api_key_that_sent_it(
+    make_settings: Callable[..., Any], database: Any, outbox: Path, keys_file: Path
+) -> None:
+    # Two clients that happen to choose the same Idempotency-Key must not collide: the second is
+    # a new send (not the first one's replay, nor a 422 for a different body).
+    database.users.insert_one({"_id": "u1", "emailAddress": "ada@example.com"})
+    other = {**SEND, "messageContent": "another body"}
+    async with serving(make_settings, keys_file=str(keys_file), keys=ENV_KEY) as client:
+        first = await client.post("/send", json=SEND, headers={"X-API-Key": FILE_KEY, "Idempotency-Key": "k"})
+        second = await client.post("/send", json=other, headers={"X-API-Key": ENV_KEY, "Idempotency-Key": "k"})
+        replay = await client.post("/send", json=SEND, headers={"X-API-Key": FILE_KEY, "Idempotency-Key": "k"})
+        assert (first.status_code, second.status_code, replay.status_code) == (200, 200, 200)
+        ids = [(await r.get_json())["id"] for r in (first, second, replay)]
+        assert ids[0] != ids[1] and ids[2] == ids[0]
+        assert _sent(outbox) == 2
