@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
+from kill_runs import post_send, seed_users, sms_email_config, wait_until_done
 from test_crash_resume import Service
 
 from dispatcher.fakes.faults import Faults
@@ -25,71 +25,20 @@ CONCURRENCY = {"sms": 16, "email": 16}
 LATENCY = 0.03
 
 
-def _config(path: Path, twilio_url: str, smtp_port: int) -> Path:
-    path.write_text(f"""
-[channels]
-active = ["sms", "email"]
-[channels.sms]
-provider = "twilio"
-concurrency = {CONCURRENCY["sms"]}
-[channels.email]
-provider = "smtp"
-concurrency = {CONCURRENCY["email"]}
-[providers.twilio]
-account_sid = "AC123"
-api_base_url = "{twilio_url}"
-[providers.smtp]
-host = "127.0.0.1"
-port = {smtp_port}
-security = "none"
-[sender]
-sms = "+15550009999"
-email = "noreply@example.com"
-[store]
-lease_seconds = 1.5
-""")
-    return path
-
-
 async def test_sigkill_at_ten_percent_leaves_at_most_the_calls_in_flight_ambiguous(
     mongo_url: str, database: Any, tmp_path: Path
 ) -> None:
-    database.users.insert_many(
-        [
-            {
-                "_id": f"u{i:04d}",
-                "phoneNumber": f"+1555{i:07d}",
-                "emailAddress": f"u{i:04d}@example.com",
-                "clusters": ["all"],
-            }
-            for i in range(USERS)
-        ]
-    )
+    seed_users(database, USERS)
     fake = FakeTwilio("AC123", "secret", Faults(latency=LATENCY))
     with SmtpSink(faults=Faults(latency=LATENCY), record_data=False) as sink:
         async with trio.open_nursery() as nursery:
             twilio_url = await nursery.start(serve_asgi, fake)
-            config = _config(tmp_path / "config.toml", twilio_url, sink.port)
+            config = sms_email_config(tmp_path / "config.toml", twilio_url, sink.port, CONCURRENCY["sms"])
             service = Service(config, mongo_url, database.name, tmp_path / "service.log")
             try:
                 await service.start()
 
-                async def post() -> None:
-                    async with httpx.AsyncClient(timeout=120) as client:
-                        try:
-                            await client.post(
-                                f"http://127.0.0.1:{service.port}/send",
-                                json={
-                                    "channels": ["sms", "email"],
-                                    "clusters": ["all"],
-                                    "messageTitle": "Hello",
-                                    "messageContent": "hi",
-                                },
-                            )
-                        except httpx.TransportError:
-                            pass  # killed under it
-
-                nursery.start_soon(post)
+                nursery.start_soon(post_send, service.port, ["sms", "email"])
                 with trio.fail_after(60):
                     while len(fake.received) + len(sink.received) < 0.1 * 2 * USERS:
                         await trio.sleep(0.005)
@@ -98,12 +47,7 @@ async def test_sigkill_at_ten_percent_leaves_at_most_the_calls_in_flight_ambiguo
                     lambda: Counter(d["channel"] for d in database.dispatch_deliveries.find({"state": "sending"}))
                 )
                 await service.start()
-                with trio.fail_after(120):
-                    while True:
-                        job = await trio.to_thread.run_sync(database.dispatch_jobs.find_one, {})
-                        if job["state"] == "done":
-                            break
-                        await trio.sleep(0.2)
+                job = await wait_until_done(database, 120)
             finally:
                 service.stop()
                 nursery.cancel_scope.cancel()

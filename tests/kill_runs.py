@@ -1,0 +1,75 @@
+"""What the SIGKILL tests of an SMS + e-mail send share: the users, the service's configuration
+(fake Twilio and a real SMTP server, both at `latency` per call), the send posted under the kill,
+and waiting for the resumed job to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+
+def seed_users(database: Any, count: int) -> None:
+    """`count` users in cluster `all`, each with a phone and an e-mail address derived from its id."""
+    database.users.insert_many(
+        [
+            {
+                "_id": f"u{i:04d}",
+                "phoneNumber": f"+1555{i:07d}",
+                "emailAddress": f"u{i:04d}@example.com",
+                "clusters": ["all"],
+            }
+            for i in range(count)
+        ]
+    )
+
+
+def sms_email_config(path: Path, twilio_url: str, smtp_port: int, concurrency: int, twilio_extra: str = "") -> Path:
+    path.write_text(f"""
+[channels]
+active = ["sms", "email"]
+[channels.sms]
+provider = "twilio"
+concurrency = {concurrency}
+[channels.email]
+provider = "smtp"
+concurrency = {concurrency}
+[providers.twilio]
+account_sid = "AC123"
+api_base_url = "{twilio_url}"
+{twilio_extra}
+[providers.smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+security = "none"
+[sender]
+sms = "+15550009999"
+email = "noreply@example.com"
+[store]
+lease_seconds = 1.5
+""")
+    return path
+
+
+async def post_send(port: int, channels: list[str]) -> None:
+    """The send to cluster `all`; the service may be killed under it."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        try:
+            await client.post(
+                f"http://127.0.0.1:{port}/send",
+                json={"channels": channels, "clusters": ["all"], "messageTitle": "hello", "messageContent": "hi"},
+            )
+        except httpx.TransportError:
+            pass
+
+
+async def wait_until_done(database: Any, seconds: float) -> dict[str, Any]:
+    """The (only) job, once the resumed run has finished it."""
+    with trio.fail_after(seconds):
+        while True:
+            job = await trio.to_thread.run_sync(database.dispatch_jobs.find_one, {})
+            if job["state"] == "done":
+                return job
+            await trio.sleep(0.1)
