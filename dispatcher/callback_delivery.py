@@ -1,11 +1,11 @@
 """Delivering callbacks from the outbox: every process runs `deliver_callbacks`.
 
-Each round it joins waiting `delivery.updated` chunks into messages, claims due messages with a
-lease and POSTs each in a task of its own, so a slow or dead receiver holds only its own
+Each round it turns the deliveries stamped since the last round into `delivery.updated`
+messages (callback_outbox.py), claims due messages with a lease and POSTs each in a task of its own, so a slow or dead receiver holds only its own
 messages: at most `[callbacks].per_host_concurrency` POSTs per destination (scheme, host, port)
 and `[callbacks].concurrency` in all are in flight, and a message for a host at its bound is not
 claimed (it stays due for whoever has room). Deliveries to providers never wait for callbacks:
-they only write events to the outbox.
+their writes are the events.
 
 A try: the URL is checked again against the SSRF rules (callback_urls.py), the body is signed
 (callback_signing.py) and POSTed without following redirects, within `timeout_seconds`.
@@ -153,7 +153,7 @@ class CallbackSender:
                 self._wake = trio.Event()
                 now = time.time()
                 try:
-                    await self.outbox.form_batches(now)
+                    await self.outbox.collect(now)
                     claimed = await self._claim(now)
                     for doc in claimed:
                         nursery.start_soon(self._try, doc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+import logging
 import time
 from typing import Any
 
@@ -18,11 +19,13 @@ from .auth import ApiKeys
 from .callback_delivery import CallbackSender
 from .callback_outbox import DEFAULT_EVENTS, JOB_FINISHED, CallbackOutbox, Target
 from .callback_urls import RefusedUrl, check_callback_url
-from .errors import NotFound, RequestError
+from .errors import NotFound, RequestError, StoreError
 from .ledger import Ledger
 from .listing import Viewer
 from .models import SendRequest
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class JobCallbacks:
@@ -117,6 +120,9 @@ async def open_job_callbacks(
         store.database,
         store.callbacks_collection,
         store.jobs_collection,
+        store.deliveries_collection,
+        owner=owner,
+        lease_seconds=store.lease_seconds,
         batch_size=settings.callbacks.batch_size,
         batch_ms=settings.callbacks.batch_ms,
         max_age_hours=settings.callbacks.max_age_hours,
@@ -136,6 +142,11 @@ async def open_job_callbacks(
             yield callbacks
         finally:
             nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(settings.callbacks.timeout_seconds):
+                try:
+                    await outbox.release()
+                except StoreError as exc:  # its lease expires instead
+                    log.warning("callbacks: the event cursor was not released: %s", exc)
 
 
 __all__ = ["JobCallbacks", "open_job_callbacks"]
