@@ -297,10 +297,11 @@ class PartitionQueue:
     async def mark_finished(self, partition: Partition) -> tuple[bool, int, int | None]:
         """Count the partition as finished: (newly counted, finished count, total or None)."""
         with trio.fail_after(2 * self._timeout):
-            new, count, total = await self._finish_script(
+            reply: list[Any] = await self._finish_script(
                 keys=[self.finished_key(partition.job_id), self.expected_key(partition.job_id)],
                 args=[str(partition.index), self._ttl],
             )
+        new, count, total = reply
         return bool(new), int(count), int(total) if int(total) >= 0 else None
 
     # -- consumer side ------------------------------------------------------------------------
@@ -478,7 +479,7 @@ class PartitionQueue:
             await trio.sleep(every)
             try:
                 with trio.fail_after(2 * self._timeout):
-                    touched = await self._touch(keys=[self.stream], args=[self.group, consumer, entry_id, 0])
+                    touched: int = await self._touch(keys=[self.stream], args=[self.group, consumer, entry_id, 0])
             except _FAILURES as exc:
                 self._redis_failed(exc)
                 continue
