@@ -82,8 +82,8 @@ class FakesSpec:
         latency = raw["latency"]
         return cls(
             channels=tuple(raw["channels"]),
-            latency=tuple(latency) if isinstance(latency, list) else latency,  # type: ignore[arg-type]
-            errors={c: tuple(rates) for c, rates in raw["errors"].items()},  # type: ignore[misc]
+            latency=tuple(latency) if isinstance(latency, list) else latency,
+            errors={c: tuple(rates) for c, rates in raw["errors"].items()},
             retry_after=raw["retry_after"],
             seed=raw["seed"],
             receipts_delay=raw["receipts_delay"],

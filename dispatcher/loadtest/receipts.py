@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 CHANNELS = ("email", "sms", "voice", "push")
 
 
-class StampedList(list):  # type: ignore[type-arg]
+class StampedList(list[Any]):
     """A list that remembers when each item was appended (`time.perf_counter()`).
 
     `SmtpSink.received` entries carry no arrival time; the sink appends them from its own

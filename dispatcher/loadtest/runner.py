@@ -277,9 +277,9 @@ class _Meter:
             else "embedded mode: the service runs in the harness process, with the load generator"
         )
         results["cpu"] = cpu
-        for row, root, cpu in zip(results["replicas"], service.roots(), self.per_root):
+        for row, root, seconds in zip(results["replicas"], service.roots(), self.per_root):
             row["pid"] = root
-            row["cpu_s"] = round(cpu, 3)
+            row["cpu_s"] = round(seconds, 3)
             row["peak_rss_mb"] = round(sampler.peak_of(root) / 2**20, 1)
         results["processes"] = sampler.processes()
         if self.env.redis is not None:
