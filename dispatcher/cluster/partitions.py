@@ -433,6 +433,16 @@ class PartitionQueue:
                 nursery.start_soon(self._keep_alive, consumer, entry_id, partition, claim_idle / 3)
                 try:
                     await handler(partition)
+                except DispatcherError as exc:  # the store or the limiter is away: expected, no traceback
+                    failed = True
+                    log.warning(
+                        "partition %d of job %s (entry %s) stopped: %s; left pending, retried after %gs",
+                        partition.index,
+                        partition.job_id,
+                        entry_id,
+                        exc,
+                        claim_idle,
+                    )
                 except Exception:
                     failed = True
                     log.exception(
@@ -478,7 +488,7 @@ class PartitionQueue:
                 self.stats.lost += 1
                 log.warning(
                     "partition %d of job %s (entry %s) is no longer %s's (reclaimed, or redis "
-                    "lost it) while it is being delivered: it may be delivered twice",
+                    "lost it) while it is being delivered: a copy may be handed to another worker",
                     partition.index,
                     partition.job_id,
                     entry_id,
