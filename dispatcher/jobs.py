@@ -33,9 +33,10 @@ from .errors import (
     ShuttingDown,
     StoreError,
 )
+from .job_views import JobStatus
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
-from .listing import EVERYONE, Viewer, job_json
+from .listing import EVERYONE, Viewer
 from .models import SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan
 
@@ -230,9 +231,8 @@ class Recorded:
         if self.callbacks is not None and run.callback is not None:
             doc = await self._ledger.job(run.job_id) or {"_id": run.job_id}
             doc = {**doc, "state": state, "finished_at": finished, **fields}
-            body = job_json(doc, fields.get("summary"))
-            body["summary"] = {**body["summary"], **await self._ledger.receipt_counts(run.job_id)}
-            callbacks = self.callbacks.finished_message(doc, run.callback, body)
+            status = JobStatus.from_doc(doc, receipts=await self._ledger.receipt_counts(run.job_id))
+            callbacks = self.callbacks.finished_message(doc, run.callback, status)
         await self._ledger.update_job(run.job_id, state=state, finished_at=finished, callbacks=callbacks, **fields)
         if callbacks and self.callbacks is not None:
             self.callbacks.nudge()

@@ -773,36 +773,6 @@ def _bulk(writes: list[Call], what: str, command: Any) -> None:
             write.succeed(taken if write.kind == "claim" else None)
 
 
-def _iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def delivery_view(doc: dict[str, Any]) -> dict[str, Any]:
-    """A delivery document as `GET /send/{id}/deliveries` shows it: state, attempts, the
-    provider's id, times, and each receipt that moved it."""
-    view: dict[str, Any] = {
-        "channel": doc.get("channel"),
-        "state": doc.get("state"),
-        "attempts": doc.get("attempts", 0),
-        "providerId": doc.get("provider_id"),
-        "error": doc.get("error"),
-        "claimedAt": _iso(doc.get("claimed_at")),
-        "settledAt": _iso(doc.get("settled_at")),
-        "receiptAt": _iso(doc.get("receipt_at")),
-        "receipts": [
-            {"status": r.get("status"), "state": r.get("state"), "code": r.get("code"), "at": _iso(r.get("at"))}
-            for r in sorted((doc.get("receipts") or {}).values(), key=lambda r: r.get("at") or 0)
-        ],
-    }
-    if doc.get("failure"):
-        view["failure"] = doc["failure"]
-    if doc.get("reconciled"):
-        view["reconciled"] = doc["reconciled"]
-    return view
-
-
 def body_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -817,6 +787,5 @@ __all__ = [
     "StateChange",
     "body_hash",
     "delivery_key",
-    "delivery_view",
     "now_iso",
 ]

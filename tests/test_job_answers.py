@@ -1,6 +1,7 @@
 """Every answer about a job, exactly as the wire carries it: `GET /send/{id}`, `DELETE /send/{id}`,
 `GET /send`, `/failures` and `/deliveries`, and the `job.finished` callback, whose data is the body
-of `GET /send/{id}`. The embedding API answers the same as typed values."""
+of `GET /send/{id}`. The embedding API answers the same as typed values (`job_views.py`), which
+the HTTP layer writes as JSON (`wire.py`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import trio
 
 from dispatcher import open_dispatcher
 from dispatcher.app import create_app
+from dispatcher.listing import JobQuery
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 REQUEST = {"channels": ["sms"], "clusters": ["all"], "recipients": ["ghost"], "messageContent": "hi"}
@@ -151,6 +153,26 @@ async def test_every_job_answer_and_the_finished_callback(settings: Any, databas
                 }
             ],
         }
+        # The embedding API: the same answers, typed.
+        status = await d.status(job_id)
+        assert (status.state, status.created_at, status.request_id, status.channels) == (
+            "done",
+            CREATED,
+            "r-9",
+            ("sms",),
+        )
+        assert status.summary.users == 2 and status.summary.failed == {"sms": 1}
+        assert status.receipts is not None and status.receipts.undelivered == {"sms": 1}
+        page = await d.failures(job_id, limit=1)
+        assert [(f.user_id, f.error) for f in page.failures] == [("ghost", "user not found")]
+        assert page.next == f"{job_id}|sms|ghost"
+        [record] = (await d.deliveries(job_id, "u1")).deliveries
+        assert record.claimed_at == dt.datetime.fromtimestamp(CLAIMED, dt.UTC) and record.failure == "permanent"
+        assert [(r.status, r.code) for r in record.receipts] == [("sent", None), ("undelivered", "30003")]
+        listing = await d.jobs(JobQuery())
+        assert [job.id for job in listing.jobs] == [job_id] and listing.jobs[0].receipts is None
+        assert listing.next is None
+
         skipped = await answer(await client.get(f"/send/{job_id}/deliveries?userId=u2"))
         assert skipped["deliveries"] == [
             {
