@@ -153,7 +153,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.post("/send")
     async def send() -> Any:
         # Parse the body ourselves: Quart's get_json answers malformed JSON with an HTML 400.
-        payload = parse_json_body(await request.get_data(cache=False))
+        payload = parse_json_body(await request.get_data(cache=False, as_text=False, parse_form_data=False))
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
             return await dry_run(dispatcher, send_request)

@@ -322,7 +322,7 @@ class CallbackOutbox:
                 .sort("next_at", 1)
                 .limit(limit * 4)
             )
-            claimed = []
+            claimed: list[dict[str, Any]] = []
             for doc in due:
                 if len(claimed) >= limit or not accept(doc):
                     continue

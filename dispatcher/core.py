@@ -333,6 +333,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
                     PartitionQueue.from_cluster(cluster),
                     settings.dispatcher.store_batch_size,
                     dispatcher.cancels,
+                    settings.store.lease_seconds,
                 )
                 await nursery.start(
                     partial(

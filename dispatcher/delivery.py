@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from . import metrics
-from .errors import DeliveryError, LimiterUnavailable, StoreError, TransientDeliveryError
+from .errors import DeliveryError, LimiterDown, LimiterUnavailable, StoreError, TransientDeliveryError
 from .journal import STOPPED_DURING_ATTEMPT, Unrecorded
 from .messages import Delivery, Message, Status
 from .providers.base import Provider
@@ -288,11 +288,7 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
                 f"{name}: no answer within {policy.timeout:g}s", ambiguous=True
             )
         except LimiterUnavailable as exc:
-            # Waited `max_retry_after_seconds` for the limiter: not attempted, nothing sent.
-            log.warning("%s for user %s: %s", channel, message.user_id, exc.reason)
-            result.error = f"{exc.reason}: not attempted, waited {policy.max_retry_after:g}s for it"
-            result.kind = "transient"
-            return result
+            return await _limiter_down(exc, result, door, policy.max_retry_after)
         except DeliveryError as exc:
             error = exc
         except Exception as exc:
@@ -359,6 +355,22 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             await trio.sleep(delay)
         if wait.cancelled_caught:
             return _cancelled(result, journal, last)
+
+
+async def _limiter_down(exc: LimiterUnavailable, result: _Attempts, door: _Door, waited: float) -> _Attempts | None:
+    """The limiter did not answer for the whole wait (`max_retry_after_seconds`): this attempt was
+    not made. The run stops starting deliveries and the job resumes it (a shared partition is
+    taken again), so the delivery is sent then instead of failing for good: None."""
+    message = door.message
+    log.warning("%s for user %s: %s", message.channel, message.user_id, exc.reason)
+    if door.sent:
+        # Another device of the user took it: handing the delivery back would send that one again.
+        result.error = f"{exc.reason}: not attempted, waited {waited:g}s for it"
+        result.kind = "transient"
+        return result
+    await door.retrying(result.count, f"{exc.reason}: not attempted")  # an earlier attempt's claim, if any
+    door.journal.stop(LimiterDown(f"{exc.reason}, for {waited:g}s"))
+    return None
 
 
 async def _enter(gate: ChannelGate, keys: tuple[str, ...], bound: float) -> None:

@@ -22,7 +22,17 @@ from . import logs, metrics
 from .callback_outbox import Target
 from .cancels import CancelWatch
 from .context import RunContext
-from .errors import Conflict, Interrupted, InternalError, LeaseLost, NotFound, RequestError, ShuttingDown, StoreError
+from .errors import (
+    Conflict,
+    Interrupted,
+    InternalError,
+    LeaseLost,
+    LimiterDown,
+    NotFound,
+    RequestError,
+    ShuttingDown,
+    StoreError,
+)
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
 from .listing import EVERYONE, Viewer, job_json
@@ -379,16 +389,14 @@ class Jobs:
                 run.error = Interrupted(
                     f"another instance took over job {job_id}: it delivers the rest of the send", run.result, job_id
                 )
-            except StoreError as exc:
-                log.error("job %s: store unavailable: %s", job_id, exc)
+            except (StoreError, LimiterDown) as exc:
+                log.error("job %s: %s", job_id, exc)
                 # A job never written has nothing to resume, and no id to follow.
                 written = job_id if not isinstance(run.journal, Journal) or run.journal.created else None
                 if written is not None and not run.lease_lost:
                     # Its pipeline has ended: the resumed run need not wait for its claims.
                     self._interrupted[written] = getattr(run.journal, "run_id", "")
-                run.error = Interrupted(
-                    "the store became unavailable during the send" + _resume_note(written), run.result, written
-                )
+                run.error = Interrupted(_interruption(exc, written), run.result, written)
             except Exception as exc:
                 log.exception("send failed (job %s)", job_id)
                 run.error = InternalError("the send failed unexpectedly; see the service log")
@@ -518,6 +526,15 @@ async def _carrying(run: Run, write: Callable[[dict[str, Any] | None], Awaitable
         await run.journal.carrying(write)
     else:
         await write(None)
+
+
+def _interruption(exc: StoreError | LimiterDown, job_id: str | None) -> str:
+    if isinstance(exc, StoreError):
+        return "the store became unavailable during the send" + _resume_note(job_id)
+    # Resumed at once, not when the store answers: the job waits for Redis again.
+    if job_id is None:
+        return f"{exc}: the deliveries that waited for it were not attempted"
+    return f"{exc}; job {job_id} goes on and sends the rest once Redis answers"
 
 
 def _resume_note(job_id: str | None) -> str:

@@ -256,6 +256,46 @@ class Ledger:
             "lease renewal", self._jobs.find_one_and_update, query, update, return_document=ReturnDocument.AFTER
         )
 
+    # -- runs of shared partitions (cluster mode) ------------------------------------------------
+    # `held.<index>` of the job: the run delivering partition `index`, until when (epoch seconds,
+    # renewed while it runs) and whether it finished. In the store, not in Redis: a partition
+    # republished after Redis lost its data is recognised while its first run is still going.
+
+    async def hold_partition(self, job_id: str, index: int, run_id: str, lease: float) -> dict[str, Any] | None:
+        """Take partition `index` for `run_id` unless a run holds it (lease not expired) or
+        finished it; None when taken, else what holds it (`run`, `until`, `done`)."""
+        now = time.time()
+        held = f"held.{index}"
+        query = {
+            "_id": job_id,
+            "$or": [{held: {"$exists": False}}, {f"{held}.done": False, f"{held}.until": {"$lt": now}}],
+        }
+        update = {"$set": {held: {"run": run_id, "until": now + lease, "done": False}}}
+
+        def hold() -> dict[str, Any] | None:
+            if self._jobs.find_one_and_update(query, update, {"_id": 1}) is not None:
+                return None
+            doc = self._jobs.find_one({"_id": job_id}, {"held": 1}) or {}
+            # Released between the two reads (or the job is gone): nothing holds it now.
+            return (doc.get("held") or {}).get(str(index)) or {"run": None, "until": 0, "done": False}
+
+        return await self._run("partition hold", hold)
+
+    async def renew_partition(self, job_id: str, index: int, run_id: str, lease: float) -> bool:
+        """Extend our hold; False when another run took the partition over (ours had expired)."""
+        held = f"held.{index}"
+        query = {"_id": job_id, f"{held}.run": run_id}
+        result = await self._run(
+            "partition renewal", self._jobs.update_one, query, {"$set": {f"{held}.until": time.time() + lease}}
+        )
+        return bool(result.matched_count)
+
+    async def release_partition(self, job_id: str, index: int, run_id: str, *, done: bool) -> None:
+        """End our hold: `done` (delivered: a copy of it is skipped), or not (another run takes it)."""
+        held = f"held.{index}"
+        update = {"$set": {f"{held}.until": 0, f"{held}.done": done}}
+        await self._run("partition release", self._jobs.update_one, {"_id": job_id, f"{held}.run": run_id}, update)
+
     async def update_job(
         self,
         job_id: str,

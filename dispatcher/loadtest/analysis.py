@@ -213,7 +213,9 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
         }
         series[channel] = per_second(receipts.times, phase.start, phase.end)
     requests = _requests(options, phase.exchanges, duration)
-    receipts = receipt_figures(env.fakes.twilio) if options.receipts_delay is not None and env.fakes.twilio else None
+    receipt_summary = (
+        receipt_figures(env.fakes.twilio) if options.receipts_delay is not None and env.fakes.twilio else None
+    )
     accounting_ok = bool(ok) and all(c["accounting_ok"] for c in channels.values())
     if options.scenario == "fanout":
         accounting_ok = accounting_ok and requests.get("users_selected") == population.size
@@ -259,7 +261,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
             "busy_window_s": busy["window_s"],
         },
         "replicas": _per_replica(options, phase.exchanges, service.replicas),
-        **({"receipts": receipts} if receipts is not None else {}),
+        **({"receipts": receipt_summary} if receipt_summary is not None else {}),
         "failures_by_kind": failures_by_kind(failures),
         "failure_samples": failure_samples(failures),
         "checks": {

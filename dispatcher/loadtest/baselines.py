@@ -208,7 +208,7 @@ def apprise_emails(settings: Settings, population: Population, sample: int) -> B
 
     logging.getLogger("apprise").setLevel(logging.CRITICAL)
     texts = _Texts(settings)
-    users = []
+    users: list[dict[str, Any]] = []
     for index in range(population.size):
         if len(users) >= sample:
             break

@@ -35,7 +35,7 @@ def _base_sections(path: Path | None) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--base-config {path}: {exc}") from None
     kept: dict[str, Any] = {key: raw[key] for key in ("dispatcher", "templates") if isinstance(raw.get(key), dict)}
-    channels = raw.get("channels") if isinstance(raw.get("channels"), dict) else {}
+    channels: dict[str, Any] = raw["channels"] if isinstance(raw.get("channels"), dict) else {}
     kept["channels"] = {
         name: {k: v for k, v in section.items() if k != "provider"}
         for name, section in channels.items()

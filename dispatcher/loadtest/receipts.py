@@ -19,7 +19,7 @@ from ..fakes.smtp import SmtpSink
 from ..fakes.twilio import FakeTwilio
 
 
-class StampedList(list):  # type: ignore[type-arg]
+class StampedList(list[Any]):
     """A list that remembers when each item was appended (`time.perf_counter()`).
 
     `SmtpSink.received` entries carry no arrival time; the sink appends them from its own

@@ -54,10 +54,14 @@ class Reply:
 class RunningService(Protocol):
     mode: str
     generator: str
-    pid: int  # the (first) service process
     memory_note: str
     config: dict[str, Any]
     replicas: int  # processes the harness addresses directly (each may have workers)
+
+    @property
+    def pid(self) -> int:
+        """The (first) service process."""
+        ...
 
     def roots(self) -> list[int]:
         """The service processes now (their workers are their children)."""

@@ -133,7 +133,7 @@ class _Session:
             if not data:
                 raise _ConnectionLost("the server closed the connection")
             try:
-                reply = self.protocol.feed_bytes(data)
+                reply = self.protocol.feed_bytes(bytes(data))
             except SMTPProtocolViolation as exc:
                 match = _UNEXPECTED_REPLY.match(str(exc))
                 if match:

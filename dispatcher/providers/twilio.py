@@ -80,10 +80,11 @@ class TrioHttpClient(AsyncHttpClient):
         response = await self.http.request(
             method.upper(),
             url,
-            params=params,
+            # The SDK's interface types its query values as `object`; they are str, int or bool.
+            params=params,  # type: ignore[arg-type]
             data=data,
             headers=headers,
-            auth=auth,  # type: ignore[arg-type]
+            auth=auth,
             follow_redirects=allow_redirects,
             **extra,
         )

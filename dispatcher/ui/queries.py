@@ -117,7 +117,7 @@ class Queries:
         one aggregation (the listing's summaries do not hold them: receipts arrive after a job ends)."""
         if not job_ids:
             return {}
-        pipeline = [
+        pipeline: list[dict[str, Any]] = [
             {"$match": {"job": {"$in": job_ids}, "state": {"$in": list(RECEIPT_STATES)}}},
             {"$project": {"key": {"$concat": ["$job", "|", "$channel", "|", "$state"]}}},
             {"$group": {"_id": "$key", "n": {"$sum": 1}}},
@@ -175,11 +175,12 @@ class Queries:
         depth = await callbacks.outbox.depth() if viewer.key_id is None else None
         return {**page, "pending": depth[0] if depth else None, "dead": depth[1] if depth else None}
 
-    async def delivery_times(self, job_id: str, limit: int = 200_000) -> list[tuple[float, str]]:
-        """(epoch seconds, state) of each settled delivery of a job that the ledger timed."""
+    async def delivery_times(self, job_id: str, limit: int = 200_000) -> list[tuple[float | None, str]]:
+        """(epoch seconds, state) of each settled delivery of a job that the ledger timed (None
+        for a time it cannot read)."""
         query = {"job": job_id, _TIME_FIELD: {"$exists": True}}
 
-        def find() -> list[tuple[float, str]]:
+        def find() -> list[tuple[float | None, str]]:
             found = self._deliveries.find(query, {_TIME_FIELD: 1, "state": 1, "_id": 0}).limit(limit)
             return [(_epoch(doc.get(_TIME_FIELD)), doc.get("state", "?")) for doc in found]
 
