@@ -34,6 +34,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s": results["duration_s"],
         "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
         "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
+        "fakes_cpu_ms_per_delivery": cpu.get("fakes_ms_per_delivery"),
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "peak_rss_mb": results["memory"]["peak_rss_mb"],
         "checks_ok": results["checks"]["ok"],
@@ -45,6 +46,10 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
             p99_ms=requests["latency"]["p99_ms"],
             errors=requests["errors"],
         )
+        # Per request, each process apart (the harness process is the load generator).
+        for name in ("service", "store", "fakes", "redis", "harness"):
+            if f"{name}_ms_per_request" in cpu:
+                row[f"{name}_cpu_ms_per_request"] = cpu[f"{name}_ms_per_request"]
     if limits:
         row.update(
             rate_achieved=limits[0]["achieved"],

@@ -307,7 +307,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             from .cluster import open_cluster
 
             cluster = await stack.enter_async_context(open_cluster(settings))
-        providers = await stack.enter_async_context(open_providers(settings))
+        providers = await stack.enter_async_context(open_providers(settings.providers, settings.channels.providers()))
         files = None
         if settings.files.url:
             http = await stack.enter_async_context(

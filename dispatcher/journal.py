@@ -23,13 +23,20 @@ from .states import ACCEPTED_STATES
 
 T = TypeVar("T")
 
-__all__ = ["RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
+__all__ = ["OUTCOME_NOT_WRITTEN", "RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
 
 # A delivery another run claimed and never settled, although a live run settles a claim within its
 # attempt's timeout: that run's process died, or stalled past the timeout (a lease or partition
 # then taken over). The reason says no more than that: no process may have stopped.
 STOPPED_DURING_ATTEMPT = (
     "outcome unknown: the run sending it did not settle it (its process stopped, or stalled past the attempt's timeout)"
+)
+# A claim of a run known to have ended (stopped by a store outage, or by Redis unreachable for a
+# delivery's whole wait): its calls in flight finished before it ended, so the attempt was made and
+# only the write of its outcome failed. No process stopped.
+OUTCOME_NOT_WRITTEN = (
+    "outcome unknown: attempted, but its outcome could not be written (the store was unavailable; "
+    "the run stopped, the service did not)"
 )
 # How often a run waiting for another run's claim to settle reads it again.
 _SETTLE_POLL_SECONDS = 0.5
@@ -70,7 +77,7 @@ class Journal(Unrecorded):
         # The job's final state, when the write of its only outcome ended it.
         self.finish_written: str | None = None
         self._settle_within = settle_within or {}
-        self._ended_runs = frozenset(ended_runs)
+        self._ended_runs = set(ended_runs)
         self.job_id = job_id
         self.run_id = uuid.uuid4().hex
         self._ledger = ledger
@@ -81,6 +88,13 @@ class Journal(Unrecorded):
         self._resending: dict[tuple[str, str], tuple[str, str]] = {}
         # Of those left `sending`, the ones to reconcile first, with their claim time.
         self._reconciling: dict[tuple[str, str], float] = {}
+        # Why the claims left `sending` were not settled, by delivery.
+        self._unsettled: dict[tuple[str, str], str] = {}
+
+    def run_ended(self, run_id: str) -> None:
+        """Run `run_id` of this job is known to have ended (a shared partition's run that
+        released it): nothing of it is waited for, and what it left `sending` says so."""
+        self._ended_runs.add(run_id)
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that must not be attempted again, by user id: those an
@@ -131,12 +145,20 @@ class Journal(Unrecorded):
                     recorded=True,
                 )
             elif state == "sending" and self._on_ambiguous.get(channel, "report") == "report":
-                settled[user_id] = Delivery(user_id, channel, "failed", STOPPED_DURING_ATTEMPT, kind="ambiguous")
+                reason = self._why_unsettled(doc)
+                settled[user_id] = Delivery(user_id, channel, "failed", reason, kind="ambiguous")
             elif state in ("sending", RETRYING):
                 self._resending[(channel, user_id)] = (doc.get("run") or "", state)
                 if state == "sending" and self._on_ambiguous.get(channel) == "reconcile":
                     self._reconciling[(channel, user_id)] = doc.get("claimed_at") or 0.0
+                    self._unsettled[(channel, user_id)] = self._why_unsettled(doc)
         return settled
+
+    def _why_unsettled(self, doc: Mapping[str, object]) -> str:
+        return OUTCOME_NOT_WRITTEN if doc.get("run") in self._ended_runs else STOPPED_DURING_ATTEMPT
+
+    def unsettled_reason(self, channel: str, user_id: str) -> str:
+        return self._unsettled.get((channel, user_id), STOPPED_DURING_ATTEMPT)
 
     @property
     def created(self) -> bool:

@@ -261,9 +261,10 @@ class Ledger:
     # renewed while it runs) and whether it finished. In the store, not in Redis: a partition
     # republished after Redis lost its data is recognised while its first run is still going.
 
-    async def hold_partition(self, job_id: str, index: int, run_id: str, lease: float) -> dict[str, Any] | None:
+    async def hold_partition(self, job_id: str, index: int, run_id: str, lease: float) -> tuple[bool, dict[str, Any]]:
         """Take partition `index` for `run_id` unless a run holds it (lease not expired) or
-        finished it; None when taken, else what holds it (`run`, `until`, `done`)."""
+        finished it: `(True, the hold before ours, {} if none)`, else `(False, the holder's)`;
+        a hold is `{"run", "until", "done"}` (`until` 0: released)."""
         now = time.time()
         held = f"held.{index}"
         query = {
@@ -272,12 +273,14 @@ class Ledger:
         }
         update = {"$set": {held: {"run": run_id, "until": now + lease, "done": False}}}
 
-        def hold() -> dict[str, Any] | None:
-            if self._jobs.find_one_and_update(query, update, {"_id": 1}) is not None:
-                return None
+        def hold() -> tuple[bool, dict[str, Any]]:
+            # Whole `held` projected: a dotted projection is not answered alike by every store.
+            before = self._jobs.find_one_and_update(query, update, {"held": 1}, return_document=ReturnDocument.BEFORE)
+            if before is not None:
+                return True, (before.get("held") or {}).get(str(index)) or {}
             doc = self._jobs.find_one({"_id": job_id}, {"held": 1}) or {}
             # Released between the two reads (or the job is gone): nothing holds it now.
-            return (doc.get("held") or {}).get(str(index)) or {"run": None, "until": 0, "done": False}
+            return False, (doc.get("held") or {}).get(str(index)) or {"run": None, "until": 0, "done": False}
 
         return await self._run("partition hold", hold)
 

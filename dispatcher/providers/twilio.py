@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from xml.sax.saxutils import escape
 
 import httpx
@@ -22,11 +22,10 @@ from twilio.rest import Client
 
 from ..errors import ConfigError, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import Message, TextContent
+from ..sections import TwilioSettings
 from .base import may_have_arrived
 from .retry_after import parse_retry_after
 
-if TYPE_CHECKING:  # annotations only: settings import the provider registry
-    from ..settings import TwilioSettings
 
 log = logging.getLogger(__name__)
 
