@@ -98,6 +98,11 @@ class Unrecorded:
         """Record these outcomes."""
         return None
 
+    def unsettled_reason(self, channel: str, user_id: str) -> str:
+        """What is known of an earlier run's claim of this delivery that was never settled (the
+        reason reported if its outcome stays unknown)."""
+        return "outcome unknown: an earlier run did not settle it"
+
     def reconcile_since(self, channel: str, user_id: str) -> float | None:
         """When an earlier run claimed this delivery before stopping during its attempt (epoch
         seconds), if the provider is to be asked about it before sending; else None."""

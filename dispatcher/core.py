@@ -166,11 +166,13 @@ class Dispatcher:
         With `wait_seconds`, a recorded send still running after that long raises `StillRunning`
         (the job goes on; without the ledger there is no job to follow, so the call waits).
         """
-        run, job_id = await self._jobs.accept(request, idempotency_key, key_scope)
+        run, job_id = await self._jobs.accept(request, idempotency_key, key_scope, awaited=True)
         if wait_seconds is None or job_id is None:
             return await self._outcome(run, job_id)
         with trio.move_on_after(wait_seconds):
             return await self._outcome(run, job_id)
+        if run is not None:
+            await self._jobs.book.created(run)  # its id is handed out: it must be there to follow
         raise StillRunning(job_id)
 
     async def _outcome(self, run: Run | None, job_id: str | None) -> SendResult:

@@ -13,7 +13,7 @@ import trio
 
 from . import metrics
 from .errors import DeliveryError, LimiterDown, LimiterUnavailable, StoreError, TransientDeliveryError
-from .journal import STOPPED_DURING_ATTEMPT, Unrecorded
+from .journal import Unrecorded
 from .messages import Delivery, Message, Status
 from .providers.base import Provider
 from .ratelimit import ChannelGate
@@ -253,7 +253,8 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             result.provider_id = await reconciler.find(message, address, since)
         except ReconcileError as exc:
             result.count, result.kind = 1, "ambiguous"
-            result.error = f"{STOPPED_DURING_ATTEMPT}; {name} could not be asked whether it has it ({exc})"
+            reason = journal.unsettled_reason(channel, message.user_id)
+            result.error = f"{reason}; {name} could not be asked whether it has it ({exc})"
             return result
         if result.provider_id is not None:
             result.count, result.reconciled = 1, "found"

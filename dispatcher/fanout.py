@@ -170,10 +170,12 @@ class SharedFanOut:
         run to end or its hold to expire. False when there is nothing left to run: another run
         finished it, or the job was cancelled meanwhile (the holder reports its deliveries)."""
         while True:
-            holder = await self._ledger.hold_partition(
+            ours, holder = await self._ledger.hold_partition(
                 partition.job_id, partition.index, journal.run_id, self._lease_seconds
             )
-            if holder is None:
+            if ours:
+                if holder.get("run") and not holder.get("until"):
+                    journal.run_ended(holder["run"])  # it released the partition: it has ended
                 return True
             if holder.get("done"):
                 log.info("job %s: partition %d was delivered by another run", partition.job_id, partition.index)

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from dispatcher import open_dispatcher
-from dispatcher.errors import Conflict, NotFound
+from dispatcher.errors import Conflict, NotFound, StillRunning
 from dispatcher.journal import STOPPED_DURING_ATTEMPT
 from dispatcher.ledger import delivery_key
 from dispatcher.web import status_of
@@ -297,3 +297,63 @@ async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
     assert f"another instance took over job {job['_id']}" in str(error)
     assert "store" not in str(error)
     assert len(outbox_messages(outbox, "sms")) < 40
+
+
+ONE_SMS = {"channels": ["sms"], "messageContent": "hi {{ user.name }}"}
+
+
+async def test_a_small_send_writes_its_job_with_its_first_claim_and_its_end_with_its_only_outcome(
+    make_settings: Any, database: Any
+) -> None:
+    """Two group commits for a send of one delivery instead of four (issue 20); a send whose
+    only delivery is written without a claim (an unknown user) carries its job's creation and
+    end too; a send of several users carries only the creation."""
+    seed(database, 3)
+    async with open_dispatcher(make_settings()) as d:
+        assert d.ledger is not None
+        groups: list[list[str]] = []
+        flush = d.ledger._writes._run
+
+        def counted(batch: list[Any]) -> None:
+            groups.append(sorted(call.kind for call in batch))
+            flush(batch)
+
+        d.ledger._writes._run = counted
+        results = [
+            await d.send({**ONE_SMS, "recipients": ["u0"]}),
+            await d.send({**ONE_SMS, "recipients": ["ghost"]}),
+            await d.send({**ONE_SMS, "recipients": ["u1", "u2"]}),
+        ]
+    assert groups[:2] == [["claim", "job"], ["job update", "outcome"]]
+    assert groups[2] == ["job", "job update", "outcome"]
+    assert sorted(kind for group in groups[3:] for kind in group) == [
+        "claim",
+        "claim",
+        "job",
+        "job update",
+        "outcome",
+        "outcome",
+    ]
+    for result in results:
+        job = database.dispatch_jobs.find_one({"_id": result.job_id})
+        assert job is not None and job["state"] == "done" and job["lease_expires"] == 0
+        assert job["summary"] == result.summary.to_json()
+    assert results[1].summary.to_json()["failed"] == {"sms": 1}
+    states = {doc["user"]: doc["state"] for doc in database.dispatch_deliveries.find()}
+    assert states == {"u0": "sent", "ghost": "failed", "u1": "sent", "u2": "sent"}
+
+
+async def test_a_send_still_running_when_its_wait_ends_is_written_before_its_id_is_given(
+    make_settings: Any, database: Any
+) -> None:
+    seed(database, 1)
+    async with open_dispatcher(make_settings()) as d:
+        with pytest.raises(StillRunning) as running:
+            await d.send({**ONE_SMS, "recipients": ["u0"]}, wait_seconds=0)
+        job_id = running.value.job_id
+        assert (await d.status(job_id)).state in ("running", "done")
+        with trio.fail_after(10):
+            while (status := await d.status(job_id)).state != "done":
+                await trio.sleep(0.02)
+    assert status.summary.sent == {"sms": 1}
+    assert database.dispatch_jobs.count_documents({}) == 1
