@@ -75,6 +75,14 @@ class Summary:
     # synchronous send answers exactly the predecessor's shape.
     cancelled: dict[str, int] = field(default_factory=dict)
 
+    def count(self, delivery: Delivery, *, counting_users: bool) -> None:
+        """Count one delivery; `counting_users`: it is of the channel users are counted on
+        (every lane sees every selected user once, so one lane's count is the users')."""
+        counts = getattr(self, delivery.status)
+        counts[delivery.channel] = counts.get(delivery.channel, 0) + 1
+        if counting_users and delivery.user_found:
+            self.users += 1
+
     def to_json(self) -> dict[str, Any]:
         body = {"users": self.users, "sent": self.sent, "skipped": self.skipped, "failed": self.failed}
         if self.cancelled:

@@ -16,6 +16,7 @@ import json
 import trio
 
 import dispatcher
+from dispatcher.wire import job_json
 
 
 async def main() -> None:
@@ -44,9 +45,10 @@ async def main() -> None:
             },
             idempotency_key="example-1",
         )
-        while (status := await d.status(job_id))["status"] in ("queued", "running"):
+        while (status := await d.status(job_id)).state in ("queued", "running"):
             await trio.sleep(0.1)
-        print(json.dumps(status, indent=2))
+        # A typed `JobStatus` (dispatcher/job_views.py), printed as GET /send/{id} would answer it.
+        print(json.dumps(job_json(status), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""What the SIGKILL tests of an SMS + e-mail send share: the users, the service's configuration
-(fake Twilio and a real SMTP server, both at `latency` per call), the send posted under the kill,
-and waiting for the resumed job to end."""
+"""What the SIGKILL tests of a send share: the users, the service's configuration (the fake
+Twilio, and a real SMTP server for e-mail), the send posted under the kill, and waiting for the
+resumed job to end."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +27,39 @@ def seed_users(database: Any, count: int) -> None:
     )
 
 
-def sms_email_config(path: Path, twilio_url: str, smtp_port: int, concurrency: int, twilio_extra: str = "") -> Path:
-    path.write_text(f"""
-[channels]
-active = ["sms", "email"]
-[channels.sms]
-provider = "twilio"
-concurrency = {concurrency}
+def kill_config(path: Path, twilio_url: str, concurrency: int, smtp_port: int | None = None, extra: str = "") -> Path:
+    """SMS on the fake Twilio, and e-mail on the SMTP server at `smtp_port` when there is one,
+    `concurrency` each; `extra`: more TOML sections.
+
+    The fake Twilio lists a message as soon as it has taken it, so the reconciliation's settling
+    wait (there for the real Twilio's listing delay, 30 s by default) is cut to 0.5 s: it would
+    only hold the resumed run back, and what it waits for is the same."""
+    channels = ["sms"] if smtp_port is None else ["sms", "email"]
+    email = f"""
 [channels.email]
 provider = "smtp"
 concurrency = {concurrency}
-[providers.twilio]
-account_sid = "AC123"
-api_base_url = "{twilio_url}"
-{twilio_extra}
 [providers.smtp]
 host = "127.0.0.1"
 port = {smtp_port}
 security = "none"
+"""
+    path.write_text(f"""
+[channels]
+active = {json.dumps(channels)}
+[channels.sms]
+provider = "twilio"
+concurrency = {concurrency}
+[providers.twilio]
+account_sid = "AC123"
+api_base_url = "{twilio_url}"
+reconcile_settle_seconds = 0.5
 [sender]
 sms = "+15550009999"
 email = "noreply@example.com"
 [store]
 lease_seconds = 1.5
-""")
+{email if smtp_port is not None else ""}{extra}""")
     return path
 
 

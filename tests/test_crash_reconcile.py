@@ -17,8 +17,8 @@ from dispatcher.fakes.faults import Faults
 from dispatcher.fakes.server import serve_asgi
 from dispatcher.fakes.smtp import SmtpSink
 from dispatcher.fakes.twilio import FakeTwilio
-from kill_runs import post_send, seed_users, sms_email_config, wait_until_done
-from test_crash_resume import Service
+from kill_runs import post_send, seed_users, kill_config, wait_until_done
+from service_process import Service
 
 USERS = 1000
 SMS_CONCURRENCY = 16
@@ -37,9 +37,7 @@ async def test_sigkill_then_restart_reconciles_every_sms(
     with SmtpSink(faults=Faults(latency=LATENCY), record_data=False) as sink:
         async with trio.open_nursery() as nursery:
             twilio_url = await nursery.start(serve_asgi, fake)
-            config = sms_email_config(
-                tmp_path / "config.toml", twilio_url, sink.port, SMS_CONCURRENCY, "reconcile_settle_seconds = 0.5"
-            )
+            config = kill_config(tmp_path / "config.toml", twilio_url, SMS_CONCURRENCY, sink.port)
             service = Service(config, mongo_url, database.name, tmp_path / "service.log")
             try:
                 await service.start()

@@ -83,7 +83,7 @@ async def test_embedding_api_returns_the_job_id(dispatcher: Any, database: Any) 
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15550000001"})
     result = await dispatcher.send(SMS)
     assert result.job_id is not None and result.to_json()["id"] == result.job_id
-    assert (await dispatcher.status(result.job_id))["summary"]["sent"] == {"sms": 1}
+    assert (await dispatcher.status(result.job_id)).summary.sent == {"sms": 1}
     # Replaying an idempotency key names the first job.
     first = await dispatcher.send(SMS, idempotency_key="k1")
     again = await dispatcher.send(SMS, idempotency_key="k1")
@@ -143,7 +143,7 @@ async def test_another_keys_job_is_404_and_admin_sees_every_job(
 async def test_embedding_api_sees_every_job_whoever_created_it(dispatcher: Any, database: Any) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15550000001"})
     job_id = (await dispatcher.send(SMS, key_scope="alice")).job_id
-    assert (await dispatcher.status(job_id))["id"] == job_id
+    assert (await dispatcher.status(job_id)).id == job_id
     with pytest.raises(RequestError, match="no send"):
         await dispatcher.status(job_id, Viewer("bob"))
 

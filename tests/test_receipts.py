@@ -114,7 +114,7 @@ async def test_signed_receipts_move_deliveries_forward(make_settings, database) 
             lambda: database.dispatch_deliveries.count_documents({"state": {"$in": ["sending", "sent"]}}) == 0
         )
         status = await d.status(job)
-        failures = (await d.failures(job))["failures"]
+        failures = (await d.failures(job)).failures
         deliveries = list(database.dispatch_deliveries.find({"job": job}))
     final = {form.get("MessageSid") or form["CallSid"]: form for form, _ in fake.callbacks}
     for doc in deliveries:
@@ -126,12 +126,12 @@ async def test_signed_receipts_move_deliveries_forward(make_settings, database) 
             assert doc["error"].startswith("undelivered (")
     delivered = sum(1 for doc in deliveries if doc["state"] == "delivered")
     undelivered = len(deliveries) - delivered
-    summary = status["summary"]
-    assert summary["sent"] == {"sms": 6, "voice": 6}  # accepted, whatever the receipts said
-    assert sum(summary["delivered"].values()) == delivered
-    assert sum(summary["undelivered"].values()) == undelivered > 0
+    assert status.summary.sent == {"sms": 6, "voice": 6}  # accepted, whatever the receipts said
+    assert status.receipts is not None
+    assert sum(status.receipts.delivered.values()) == delivered
+    assert sum(status.receipts.undelivered.values()) == undelivered > 0
     assert len(failures) == undelivered
-    assert any("Twilio 30003: Unreachable destination handset" in f["error"] for f in failures)
+    assert any("Twilio 30003: Unreachable destination handset" in f.error for f in failures)
 
 
 async def test_forged_or_missing_signature_is_refused_and_changes_nothing(make_settings, database) -> None:
@@ -181,9 +181,9 @@ async def test_out_of_order_and_duplicate_receipts_only_move_forward(make_settin
         doc = database.dispatch_deliveries.find_one({})
         assert doc["state"] == "delivered" and "error" not in doc
         assert [r["status"] for r in doc["receipts"].values()] == ["delivered"]  # the rest changed nothing
-        [view] = (await d.deliveries(doc["job"], "u0"))["deliveries"]
-        assert view["state"] == "delivered" and view["providerId"] == sid and view["attempts"] == 1
-        assert view["receipts"][0]["status"] == "delivered" and view["claimedAt"] and view["settledAt"]
+        [view] = (await d.deliveries(doc["job"], "u0")).deliveries
+        assert view.state == "delivered" and view.provider_id == sid and view.attempts == 1
+        assert view.receipts[0].status == "delivered" and view.claimed_at and view.settled_at
 
 
 async def test_concurrent_receipts_for_one_delivery_end_at_the_furthest_state(make_settings, database) -> None:
@@ -303,14 +303,13 @@ async def test_no_receipt_within_the_timeout_marks_unconfirmed(make_settings, da
         assert await keeper.time_out() == 0  # 72 hours have not passed
         now[0] += 72 * 3600 + 1
         assert await keeper.time_out() == 2
-        status = await d.status(job)
-        assert status["summary"]["unconfirmed"] == {"sms": 2}
-        assert status["summary"]["delivered"] == {"sms": 1}
+        receipts = (await d.status(job)).receipts
+        assert receipts is not None and receipts.unconfirmed == {"sms": 2} and receipts.delivered == {"sms": 1}
         # A late receipt still moves an unconfirmed delivery on.
         late = docs[1]["provider_id"]
         assert (await post_receipt(base, {"MessageSid": late, "MessageStatus": "delivered"})).status_code == 204
-        status = await d.status(job)
-        assert status["summary"]["unconfirmed"] == {"sms": 1} and status["summary"]["delivered"] == {"sms": 2}
+        receipts = (await d.status(job)).receipts
+        assert receipts is not None and receipts.unconfirmed == {"sms": 1} and receipts.delivered == {"sms": 2}
 
 
 def test_twilio_statuses_map_to_states() -> None:
