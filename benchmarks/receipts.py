@@ -6,8 +6,9 @@ One service process (the dispatcher and its HTTP app on hypercorn, in this proce
 embedded store (nx-27017, on disk in a temporary directory) sends SMS through the fake Twilio
 (no latency, concurrency 64). A poster in another process (so that its CPU is not the service's)
 posts signed status callbacks to `POST /providers/twilio/status` (the SDK's RequestValidator
-checks each) for the SIDs of an earlier send, as Twilio does: `sent`, then `delivered`, message
-after message; each poster goes on where the previous one stopped (the SIDs wrap around: a seed
+checks each) for the SIDs of an earlier send, as Twilio does: to the StatusCallback URL each
+message was created with (it names the delivery since the receipts change), `sent`, then
+`delivered`, message after message; each poster goes on where the previous one stopped (the SIDs wrap around: a seed
 send of 5,000 covers the default run), so the `delivered` receipts move deliveries forward.
 
 First the receipts alone: 10 s at 10,000 a minute (167/s) without a fan-out, and what each
@@ -40,8 +41,9 @@ ALONE_SECONDS = 10.0
 RATE = 10_000 / 60
 
 
-def post(url: str, rate: float, sids_file: str, offset: int) -> None:
-    """The poster (a child process): `sent` then `delivered` for each SID from `offset` on, at
+def post(rate: float, sids_file: str, offset: int) -> None:
+    """The poster (a child process): `sent` then `delivered` for each (SID, callback URL) of
+    `sids_file` from `offset` on, at
     `rate` per second (0: unpaced), until stdin closes; prints how many it posted and how many
     were answered 204, and over how long."""
     import httpx
@@ -50,8 +52,8 @@ def post(url: str, rate: float, sids_file: str, offset: int) -> None:
     validator = RequestValidator(TOKEN)
     sids = json.loads(Path(sids_file).read_text())
     forms = [
-        {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID}
-        for sid in sids
+        (url, {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID})
+        for sid, url in sids
         for status in ("sent", "delivered")
     ]
     stop = threading.Event()
@@ -68,7 +70,7 @@ def post(url: str, rate: float, sids_file: str, offset: int) -> None:
                 with lock:
                     i = cursor[0]
                     cursor[0] += 1
-                form = forms[i % len(forms)]
+                url, form = forms[i % len(forms)]
                 signature = validator.compute_signature(url, form)
                 answer = client.post(url, data=form, headers={"X-Twilio-Signature": signature})
                 if answer.status_code == 204:
@@ -121,10 +123,8 @@ async def main(rounds: int, users: int) -> None:
     offset = 0
 
     def start_poster(rate: float) -> subprocess.Popen[str]:
-        command = [sys.executable, __file__, "--post", base + "/providers/twilio/status", str(rate)]
-        return subprocess.Popen(
-            [*command, str(sids_file), str(offset)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        command = [sys.executable, __file__, "--post", str(rate), str(sids_file), str(offset)]
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     async def stop_poster(poster: subprocess.Popen[str]) -> dict[str, float]:
         nonlocal offset
@@ -159,7 +159,8 @@ async def main(rounds: int, users: int) -> None:
                 stop = trio.Event()
                 await nursery.start(partial(serve, create_app(d), config, shutdown_trigger=stop.wait))
                 await d.send({"channels": ["sms"], "clusters": ["seed"], "messageContent": "seed"})
-                sids = [doc["provider_id"] for doc in db.dispatch_deliveries.find({"provider_id": {"$ne": None}})]
+                # Each SID with the callback URL its message was created with, as Twilio keeps it.
+                sids = [(r.sid, r.form["StatusCallback"]) for r in fake.received if r.sid]
                 sids_file = data / "sids.json"
                 sids_file.write_text(json.dumps(sids))
 
@@ -216,7 +217,7 @@ async def main(rounds: int, users: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--post":
-        post(sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        post(float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     else:
         import trio
 
