@@ -33,7 +33,7 @@ from .web import error_response, parse_json_body, status_of
 from .wire import deliveries_json, failure_page_json, job_json, job_page_json, send_result_json
 from .ops import install_ops
 from .ui import install_ui
-from .providers.twilio import STATUS_CALLBACK_PATH
+from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
 
@@ -250,7 +250,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not signature.valid(query, form, request.headers.get("X-Twilio-Signature")):
             return error_response(403, "X-Twilio-Signature is missing or does not match")
         try:
-            receipt = twilio_receipt(form)
+            receipt = twilio_receipt(form, delivery=request.args.get(DELIVERY_PARAM) or None)
         except BadReceipt as exc:
             raise RequestError(f"not a Twilio status callback: {exc}") from None
         if receipt is not None:

@@ -565,6 +565,7 @@ class Ledger:
                     doc.get("code"),
                     doc.get("reason"),
                     doc.get("permanent", False),
+                    doc.get("delivery"),
                 ),
             )
             for doc in docs
@@ -572,39 +573,32 @@ class Ledger:
         return await self._receipt_writes.submit("kept receipt", (kept, drop_before, None))
 
     def _write_receipts(self, calls: list[Call]) -> None:
-        """In the store's worker thread: each receipt is one conditional update of the delivery
-        holding its SID (the filter names the states the receipt may replace, so receipts that
-        race, in this process or another, never move a delivery backwards); only one that
-        changed nothing costs a second lookup, to tell a delivery already further along from one
-        not recorded yet (whose receipt is kept). Equality on `provider_id` only: the embedded
-        store uses the index for it, not for `$in` (a scan of every delivery)."""
+        """In the store's worker thread. A receipt that names its delivery (the callback URL
+        carries its id) is one conditional update in one ordered bulk for the whole group, by
+        primary key; only when the bulk changed fewer deliveries than it had receipts does one
+        read (by `_id`) tell which changed, which were behind (duplicates) and which name a
+        delivery whose outcome is not written yet (kept). A receipt that names only its SID is one
+        conditional `find_one_and_update` by `provider_id` (equality: the embedded store uses the
+        index for it, not for `$in`, a scan of every delivery), plus a lookup when it changed
+        nothing. Every filter names the states the receipt may replace, so receipts that race,
+        in this process or another, never move a delivery backwards."""
         if not calls:
             return
         fresh = [(call, None, r) for call in calls if call.kind == "receipt" for r in call.payload[0]]
         kept = [(call, kept_id, r) for call in calls if call.kind == "kept receipt" for kept_id, r in call.payload[0]]
         items = sorted(fresh + kept, key=lambda item: RANK[item[2].state])
-        projection = {"job": 1, "user": 1, "channel": 1}
         try:
             outcomes = {id(call): ReceiptOutcome() for call in calls}
             changes, orphans, done = [], [], []
             drops: list[str] = []
+            named = self._apply_named([r for _, _, r in items if r.delivery])
             for call, kept_id, r in items:
                 outcome = outcomes[id(call)]
-                update: dict[str, Any] = {"state": r.state, "receipt_at": r.at, "provider_status": r.status}
-                if r.state == "undelivered":
-                    update.update(error=r.error(), failure="permanent" if r.permanent else "temporary")
-                    if r.code:
-                        update["provider_code"] = r.code
-                # Keyed by state, not pushed: each state is reached once, and the embedded store
-                # keeps pushed documents as strings.
-                update[f"receipts.{r.state}"] = r.entry()
-                doc = self._deliveries.find_one_and_update(
-                    {"provider_id": r.sid, "state": {"$in": below(r.state)}}, {"$set": update}, projection=projection
-                )
-                if doc is not None:
+                verdict = named[id(r)] if r.delivery else self._apply_by_sid(r)
+                if isinstance(verdict, StateChange):
                     outcome.applied += 1
-                    changes.append(StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error()))
-                elif self._deliveries.find_one({"provider_id": r.sid}, {"_id": 1}) is not None:
+                    changes.append(verdict)
+                elif verdict == "unchanged":
                     outcome.unchanged += 1  # a duplicate, or behind the delivery
                 elif kept_id is None:
                     orphans.append(r)
@@ -630,6 +624,7 @@ class Ledger:
                         "code": r.code,
                         "reason": r.reason,
                         "permanent": r.permanent,
+                        "delivery": r.delivery,
                         "expires_at": expires,
                     }
                     for r in orphans
@@ -648,6 +643,64 @@ class Ledger:
         for call in calls:
             call.succeed((outcomes[id(call)], drops) if call.kind == "kept receipt" else outcomes[id(call)])
         self._changed(changes)
+
+    def _apply_named(self, receipts: list[Receipt]) -> dict[int, StateChange | str]:
+        """Receipts naming their delivery, in rank order: each one's change, "unchanged", or
+        "missing" (no delivery holds its SID yet), by `id()` of the receipt."""
+        verdicts: dict[int, StateChange | str] = {}
+        if not receipts:
+            return verdicts
+        firsts: dict[tuple[str | None, str, str], Receipt] = {}
+        written: list[Receipt] = []
+        for r in receipts:
+            # The same status twice (Twilio retries a callback): the second changes nothing.
+            if firsts.setdefault((r.delivery, r.sid, r.state), r) is r:
+                written.append(r)
+        ops = [
+            UpdateOne(
+                {"_id": r.delivery, "provider_id": r.sid, "state": {"$in": below(r.state)}}, {"$set": _receipt_set(r)}
+            )
+            for r in written
+        ]
+        modified = self._deliveries.bulk_write(ops, ordered=True).modified_count
+        docs: dict[str, dict[str, Any]] = {}
+        if modified < len(ops):
+            keys = list({r.delivery for r in written})
+            docs = {
+                d["_id"]: d for d in self._deliveries.find({"_id": {"$in": keys}}, {"provider_id": 1, "receipts": 1})
+            }
+        for r in receipts:
+            first = firsts[(r.delivery, r.sid, r.state)]
+            if first is not r:
+                verdict = verdicts[id(first)]
+                verdicts[id(r)] = "unchanged" if isinstance(verdict, StateChange) else verdict
+                continue
+            doc = docs.get(r.delivery or "") if modified < len(ops) else None
+            if modified == len(ops) or (
+                doc is not None
+                and doc.get("provider_id") == r.sid
+                and ((doc.get("receipts") or {}).get(r.state) or {}).get("at") == r.at
+            ):
+                job, channel, user = (r.delivery or "").split("|", 2)
+                verdicts[id(r)] = StateChange(job, user, channel, r.state, r.sid, r.error())
+            elif doc is not None and doc.get("provider_id") == r.sid:
+                verdicts[id(r)] = "unchanged"
+            else:
+                verdicts[id(r)] = "missing"
+        return verdicts
+
+    def _apply_by_sid(self, r: Receipt) -> StateChange | str:
+        """A receipt naming only its SID: its change, "unchanged" or "missing" (see above)."""
+        doc = self._deliveries.find_one_and_update(
+            {"provider_id": r.sid, "state": {"$in": below(r.state)}},
+            {"$set": _receipt_set(r)},
+            projection={"job": 1, "user": 1, "channel": 1},
+        )
+        if doc is not None:
+            return StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error())
+        if self._deliveries.find_one({"provider_id": r.sid}, {"_id": 1}) is not None:
+            return "unchanged"
+        return "missing"
 
     async def mark_unconfirmed(self, channels: Sequence[str], settled_before: float) -> int:
         """Deliveries on `channels` still `sent` since before `settled_before` (epoch seconds):
@@ -806,6 +859,19 @@ _LISTED_FIELDS = (
     "request_id",
     "key_id",
 )
+
+
+def _receipt_set(r: Receipt) -> dict[str, Any]:
+    """The fields a receipt sets on its delivery."""
+    update: dict[str, Any] = {"state": r.state, "receipt_at": r.at, "provider_status": r.status}
+    if r.state == "undelivered":
+        update.update(error=r.error(), failure="permanent" if r.permanent else "temporary")
+        if r.code:
+            update["provider_code"] = r.code
+    # Keyed by state, not pushed: each state is reached once, and the embedded store keeps pushed
+    # documents as strings.
+    update[f"receipts.{r.state}"] = r.entry()
+    return update
 
 
 def _changes(write: Call) -> list[StateChange]:
