@@ -30,7 +30,7 @@ from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreErro
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
 from .web import error_response, parse_json_body, status_of
-from .wire import deliveries_json, failure_page_json, job_json, job_page_json
+from .wire import deliveries_json, failure_page_json, job_json, job_page_json, send_result_json
 from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
@@ -179,7 +179,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         except StillRunning as exc:
             # [server].sync_timeout_seconds ran out: the job goes on; say where to follow it.
             return job_json(await dispatcher.status(exc.job_id, _viewer())), 202, _located(exc.job_id)
-        return result.to_json(), 200, _located(result.job_id)
+        return send_result_json(result), 200, _located(result.job_id)
 
     @app.get("/send")
     async def job_list() -> Any:
@@ -293,7 +293,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             "statusCode": status,
             "error": HTTPStatus(status).phrase,
             "message": str(exc),
-            **exc.partial.to_json(),
+            **send_result_json(exc.partial),
             "id": exc.job_id,
         }
         return Response(json.dumps(body), status=status, content_type="application/json", headers=_located(exc.job_id))

@@ -269,8 +269,8 @@ async def test_one_group_of_receipts_naming_their_deliveries(make_settings, data
         assert d.receipts is not None
         assert (await d.receipts.apply_kept()).applied == 1
         assert database.dispatch_deliveries.find_one({"_id": docs["u2"]["_id"]})["state"] == "delivered"
-        status = await d.status(job)
-        assert status["summary"]["delivered"] == {"sms": 2} and status["summary"]["undelivered"] == {"sms": 1}
+        receipts = (await d.status(job)).receipts
+        assert receipts is not None and receipts.delivered == {"sms": 2} and receipts.undelivered == {"sms": 1}
 
 
 async def test_kept_receipt_without_delivery_is_dropped_after_its_time(make_settings, database, caplog) -> None:
