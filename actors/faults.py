@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 
-class StoreFault(Exception):
-    """The store (users or the ledger) cannot be reached: the run stops starting deliveries."""
+class RunFault(Exception):
+    """Something every delivery of the run needs is gone: the run stops starting deliveries (those
+    in flight finish) and leaves the rest to a resumed run, which sends what is not settled."""
+
+
+class StoreFault(RunFault):
+    """The store (users or the ledger) cannot be reached."""
+
+
+class LimiterFault(RunFault):
+    """A channel's limiter (the cluster's Redis) stayed unreachable for a delivery's whole wait."""
 
 
 class RenderFault(Exception):

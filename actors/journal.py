@@ -13,7 +13,7 @@ from types import TracebackType
 import trio
 
 from .messages import Delivery
-from .faults import StoreFault
+from .faults import RunFault
 
 
 class Waiting:
@@ -47,13 +47,14 @@ class Waiting:
 
 class Unrecorded:
     """Also the state every actor of one run shares: cancelled by the client, or stopped by a
-    store failure (the actors stop starting deliveries; those in flight finish)."""
+    fault (the store, or a channel's limiter, gone: the actors stop starting deliveries; those in
+    flight finish)."""
 
     job_id: str | None = None
 
     def __init__(self) -> None:
         self.cancelled = False
-        self.fault: StoreFault | None = None
+        self.fault: RunFault | None = None
         self._waits: set[trio.CancelScope] = set()
 
     @property
@@ -66,7 +67,7 @@ class Unrecorded:
         self.cancelled = True
         self._end_waits()
 
-    def stop(self, fault: StoreFault) -> None:
+    def stop(self, fault: RunFault) -> None:
         if self.fault is None:
             self.fault = fault
         self._end_waits()
@@ -96,6 +97,11 @@ class Unrecorded:
     async def record(self, deliveries: Sequence[Delivery]) -> None:
         """Record these outcomes."""
         return None
+
+    def unsettled_reason(self, channel: str, user_id: str) -> str:
+        """What is known of an earlier run's claim of this delivery that was never settled (the
+        reason reported if its outcome stays unknown)."""
+        return "outcome unknown: an earlier run did not settle it"
 
     def reconcile_since(self, channel: str, user_id: str) -> float | None:
         """When an earlier run claimed this delivery before stopping during its attempt (epoch

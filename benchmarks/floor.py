@@ -7,8 +7,8 @@ real service, on the same store, fakes and load generator, interleaved round by 
 
 Arguments after `--` are `dispatcher loadtest` options (the stream scenario is implied). Variants:
 `floor`, `floor-ledger` (the floor with its claim and outcome writes), `service` (ledger off),
-`service-ledger`. For each: the process's CPU per request, the store's, the harness's (generator and
-fakes), p50/p99 latency from each request's due time, and errors; then medians over the rounds and
+`service-ledger`. For each: the process's CPU per request, the store's, the fakes' (a process of
+their own), the harness's (the load generator), p50/p99 latency from each request's due time, and errors; then medians over the rounds and
 each variant's ratio to the first one.
 """
 
@@ -49,9 +49,9 @@ async def measure(variant: str, options: Any, env: Any, output: Path) -> dict[st
     async with open_service(options, env, output, command) as service:
         assert isinstance(service, ProcessService)
         pid = service.pid
-        before = (_cpu_of(pid), _cpu_of(env.store_pid), time.process_time())
+        before = (_cpu_of(pid), _cpu_of(env.store_pid), time.process_time(), _cpu_of(env.fakes.pid))
         phase = await run_stream(service, env, options, PhaseStatus(variant))
-        after = (_cpu_of(pid), _cpu_of(env.store_pid), time.process_time())
+        after = (_cpu_of(pid), _cpu_of(env.store_pid), time.process_time(), _cpu_of(env.fakes.pid))
     n = len(phase.exchanges)
     ok = [e for e in phase.exchanges if e.ok]
     latencies = [e.latency * 1000 for e in ok]
@@ -67,6 +67,7 @@ async def measure(variant: str, options: Any, env: Any, output: Path) -> dict[st
         "service_cpu_ms": per_request(0),
         "store_cpu_ms": per_request(1),
         "harness_cpu_ms": per_request(2),
+        "fakes_cpu_ms": per_request(3),
         "p50_ms": _percentile(latencies, 0.5),
         "p99_ms": _percentile(latencies, 0.99),
     }
@@ -103,7 +104,7 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     output = Path(tempfile.mkdtemp(prefix="floor-output-"))
     results = trio.run(run, variants, args.rounds, options, output)
-    keys = ("service_cpu_ms", "store_cpu_ms", "harness_cpu_ms", "p50_ms", "p99_ms", "errors")
+    keys = ("service_cpu_ms", "store_cpu_ms", "harness_cpu_ms", "fakes_cpu_ms", "p50_ms", "p99_ms", "errors")
     print(f"\nmedians over {args.rounds} round(s); ratio: to {variants[0]} within each round, then the median")
     print(f"{'variant':16}" + "".join(f"{k:>16}" for k in keys) + f"{'cpu ratio':>12}{'p50 ratio':>12}")
     for i, variant in enumerate(variants):

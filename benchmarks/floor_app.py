@@ -77,7 +77,7 @@ def main() -> None:
         return {"failures": [], "summary": {"users": 1, "sent": {channel: 1}, "skipped": {}, "failed": {}}}
 
     async def run() -> None:
-        async with open_providers(settings) as opened:
+        async with open_providers(settings.providers, settings.channels.providers()) as opened:
             providers.update(opened)
             config = Config()
             config.bind = [f"127.0.0.1:{port}"]

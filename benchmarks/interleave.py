@@ -8,13 +8,19 @@ alternate and ratios taken within a round are what hold up.
         --variant "ledger on=--ledger on" --variant "ledger off=--ledger off"
 
 Each variant is NAME=ARGS (ARGS added to --common). Results: one folder per run under --output,
-and summary.json there.
+and summary.json there. Each run records the load average (1 min) at its start: on a shared
+machine, read the figures beside it. `--lock FILE` holds an exclusive `flock` on FILE for each
+round (its variants back to back) and lets go between rounds, so that other users of the machine
+can run in between while no one runs beside a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -34,8 +40,10 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s": results["duration_s"],
         "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
         "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
+        "fakes_cpu_ms_per_delivery": cpu.get("fakes_ms_per_delivery"),
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "peak_rss_mb": results["memory"]["peak_rss_mb"],
+        "idle_cores": results.get("machine", {}).get("idle_cores"),
         "checks_ok": results["checks"]["ok"],
     }
     if results["scenario"] == "stream":
@@ -45,6 +53,10 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
             p99_ms=requests["latency"]["p99_ms"],
             errors=requests["errors"],
         )
+        # Per request, each process apart (the harness process is the load generator).
+        for name in ("service", "store", "fakes", "redis", "harness"):
+            if f"{name}_ms_per_request" in cpu:
+                row[f"{name}_cpu_ms_per_request"] = cpu[f"{name}_ms_per_request"]
     if limits:
         row.update(
             rate_achieved=limits[0]["achieved"],
@@ -61,6 +73,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
 def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "dispatcher", "loadtest", *arguments, "--no-progress", "--output", str(output)]
+    load = os.getloadavg()[0]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False)  # 1: a check failed
     found = sorted(output.glob("*/results.json"))
@@ -70,7 +83,22 @@ def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
     row = figures(results)
     row["exit_code"] = done.returncode
     row["wall_s"] = round(time.monotonic() - started, 1)
+    row["load_1m"] = round(load, 2)
     return row
+
+
+@contextlib.contextmanager
+def exclusive(path: Path | None) -> Any:
+    """An exclusive flock on `path` for the block (nothing when None)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _median(values: list[Any]) -> Any:
@@ -84,6 +112,7 @@ def main() -> int:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=ARGS")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("loadtest-results/interleaved"))
+    parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file for each round")
     args = parser.parse_args()
     variants = [(name.strip(), shlex.split(rest)) for name, _, rest in (v.partition("=") for v in args.variant)]
     common = shlex.split(args.common)
@@ -92,10 +121,11 @@ def main() -> int:
     rounds: list[dict[str, dict[str, Any]]] = []
     for number in range(1, args.repeat + 1):
         entry = {}
-        for index, (name, extra) in enumerate(variants):
-            row = run_once(common + extra, root / f"round{number}-{index + 1}")
-            entry[name] = row
-            print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        with exclusive(args.lock):
+            for index, (name, extra) in enumerate(variants):
+                row = run_once(common + extra, root / f"round{number}-{index + 1}")
+                entry[name] = row
+                print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rounds.append(entry)
 
     keys = list(rounds[0][variants[0][0]])

@@ -21,10 +21,9 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ConfigError
 
@@ -142,7 +141,13 @@ def _read_keys_file(path: Path) -> list[ApiKey]:
     return keys
 
 
-def presented_key(headers: Mapping[str, str]) -> str | None:
+class Headers(Protocol):
+    """What `presented_key` reads of a request's headers (a mapping, or Werkzeug's `Headers`)."""
+
+    def get(self, key: str) -> str | None: ...
+
+
+def presented_key(headers: Headers) -> str | None:
     """The key of a request: `Authorization: Bearer <key>`, else `X-API-Key: <key>`."""
     authorization = headers.get("Authorization")
     if authorization:

@@ -226,8 +226,9 @@ class CallbackOutbox:
     def _load_targets(self, jobs: list[str]) -> None:
         # One lookup per job: equality on `_id` is indexed, `$in` would scan every job.
         for job in jobs:
-            doc = self._jobs.find_one({"_id": job}, {"callback": 1, "key_id": 1, "request_id": 1}) or {}
-            self.track(job, Target.from_doc(doc.get("callback")), doc.get("key_id"), doc.get("request_id"))
+            doc = self._jobs.find_one({"_id": job}, {"callback": 1, "key_id": 1, "request_id": 1})
+            if doc is not None:  # (not yet written: asked again next time)
+                self.track(job, Target.from_doc(doc.get("callback")), doc.get("key_id"), doc.get("request_id"))
 
     # -- turning stamped deliveries into messages ----------------------------------------------------
 
@@ -303,14 +304,10 @@ class CallbackOutbox:
             self._outbox.delete_one({"_id": cursor["_id"], "holder": self._owner})
             del self._cursors[prefix]
         elif cursor is None:
-            self._cursors[prefix] = {
-                "_id": f"cursor|{prefix}",
-                "role": "cursor",
-                "prefix": prefix,
-                **fields,
-                "expires_at": self._expires(now),
-            }
-            self._outbox.insert_one(self._cursors[prefix])
+            # No `expires_at`: a cursor goes when it has been read to its end, never by age.
+            created = {"_id": f"cursor|{prefix}", "role": "cursor", "prefix": prefix, **fields}
+            self._outbox.insert_one(created)
+            self._cursors[prefix] = created
         elif self._outbox.update_one({"_id": cursor["_id"], "holder": self._owner}, {"$set": fields}).matched_count:
             cursor.update(fields)
         else:
@@ -428,7 +425,7 @@ class CallbackOutbox:
                 .sort("next_at", 1)
                 .limit(limit * 4)
             )
-            claimed = []
+            claimed: list[dict[str, Any]] = []
             for doc in due:
                 if len(claimed) >= limit or not accept(doc):
                     continue

@@ -6,8 +6,9 @@ with an attempt whose outcome is unknown, and how its message is built from the 
 request. Adding a channel is one entry here (and a provider that can deliver it, see
 `providers/__init__.py`).
 
-This module imports nothing of the service above `messages`, so that settings, models, plan and
-the actors can all read the table.
+This module imports nothing of the service above `messages` and `sections`, so that settings,
+models, plan and the actors can all read the table; what a channel reads of the configuration is
+`ChannelConfig` (which `settings.Settings` is).
 """
 
 from __future__ import annotations
@@ -18,17 +19,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.headerregistry import Address
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .errors import RenderError
 from .messages import Content, EmailContent, EmailOptions, PushContent, TextContent
-
-if TYPE_CHECKING:
-    from .settings import Settings
+from .sections import ProvidersSettings, UserFields
 
 RenderFn = Callable[[dict[str, Any]], str]
 BuildFn = Callable[[dict[str, Any]], Content]
 Ambiguity = Literal["report", "resend"]
+
+
+class Senders(Protocol):
+    def of(self, channel: str) -> str: ...
+
+
+class ChannelConfig(Protocol):
+    """What a channel reads of the configuration: `settings.Settings` is one."""
+
+    @property
+    def user_fields(self) -> UserFields: ...
+
+    @property
+    def sender(self) -> Senders: ...
+
+    @property
+    def providers(self) -> ProvidersSettings: ...
 
 
 class TextSource(Protocol):
@@ -43,7 +59,7 @@ class TextSource(Protocol):
 class BuildContext:
     """Request-wide inputs of a channel's builder besides the texts."""
 
-    settings: Settings
+    settings: ChannelConfig
     email_options: EmailOptions | None = None
 
 
@@ -51,7 +67,7 @@ class BuildContext:
 class ChannelSpec:
     name: str
     # The user document field holding this channel's address(es), from the configuration.
-    address_field: Callable[[Settings], str]
+    address_field: Callable[[ChannelConfig], str]
     # What a stored template must hold: every group, one non-empty field of each.
     template_fields: tuple[tuple[str, ...], ...]
     # Without a template, `messageTitle` is required (it is the subject or title).

@@ -16,7 +16,8 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 # Loaded here, in the parent: between fork and exec only async-signal-safe work is prudent.
@@ -40,4 +41,11 @@ def die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-__all__ = ["die_with_parent"]
+def python_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """`base` with this package importable from where this process imported it (a checkout not
+    installed, or another worktree than the installed one), for a `python -m dispatcher...` child."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**base, "PYTHONPATH": os.pathsep.join(filter(None, [root, base.get("PYTHONPATH")]))}
+
+
+__all__ = ["die_with_parent", "python_environment"]

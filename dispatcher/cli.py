@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,6 +24,7 @@ from .logs import configure_logging, python_level
 from .settings import ENV_PREFIX, ConfigReport, Settings, find_config_file, load_settings_report
 from .workers import WORKER_FDS_ENV
 
+add_loadtest_parser: Callable[[Any], argparse.ArgumentParser] | None
 try:
     from .loadtest.cli import add_parser as add_loadtest_parser
 except ImportError:  # an installed wheel: the harness ships with the source tree only (README, "Layout")
@@ -354,7 +355,11 @@ def _describe_provider(settings: Settings, channel: str) -> str:
 def _hypercorn_config(settings: Settings) -> Any:
     from hypercorn.config import Config
 
-    config = Config()
+    class ServerConfig(Config):
+        # Read by the patched stream start below (`_refuse_100_continue_for_bodies_too_large`).
+        dispatcher_max_body_bytes: int | None = None
+
+    config = ServerConfig()
     config.bind = [f"{settings.server.host}:{settings.server.port}"]
     config.accesslog = None
     # Through the root logger (one format, one line), without its own "Running on" line: the

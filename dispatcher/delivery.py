@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 import trio
 
 from . import metrics
-from .errors import DeliveryError, LimiterUnavailable, StoreError, TransientDeliveryError
-from .journal import STOPPED_DURING_ATTEMPT, Unrecorded
+from .errors import DeliveryError, LimiterDown, LimiterUnavailable, StoreError, TransientDeliveryError
+from .journal import Unrecorded
 from .messages import Delivery, Message, Status
-from .providers.base import Provider
+from .ledger import delivery_key
+from .providers.base import Provider, current_delivery
 from .ratelimit import ChannelGate
 from .reconcile import ReconcileError, Reconciler
 from .settings import ChannelSettings
@@ -253,7 +254,8 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             result.provider_id = await reconciler.find(message, address, since)
         except ReconcileError as exc:
             result.count, result.kind = 1, "ambiguous"
-            result.error = f"{STOPPED_DURING_ATTEMPT}; {name} could not be asked whether it has it ({exc})"
+            reason = journal.unsettled_reason(channel, message.user_id)
+            result.error = f"{reason}; {name} could not be asked whether it has it ({exc})"
             return result
         if result.provider_id is not None:
             result.count, result.reconciled = 1, "found"
@@ -276,7 +278,13 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
                 result.count += 1
                 # A bare CancelScope rather than fail_after: this runs once per message.
                 with trio.CancelScope(deadline=called + policy.timeout) as attempt_scope:
-                    result.provider_id = await transport.provider.send(message, address)
+                    ref = current_delivery.set(
+                        delivery_key(journal.job_id, channel, message.user_id) if journal.job_id else None
+                    )
+                    try:
+                        result.provider_id = await transport.provider.send(message, address)
+                    finally:
+                        current_delivery.reset(ref)
             finally:
                 gate.exit()
             if not attempt_scope.cancelled_caught:
@@ -288,11 +296,7 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
                 f"{name}: no answer within {policy.timeout:g}s", ambiguous=True
             )
         except LimiterUnavailable as exc:
-            # Waited `max_retry_after_seconds` for the limiter: not attempted, nothing sent.
-            log.warning("%s for user %s: %s", channel, message.user_id, exc.reason)
-            result.error = f"{exc.reason}: not attempted, waited {policy.max_retry_after:g}s for it"
-            result.kind = "transient"
-            return result
+            return await _limiter_down(exc, result, door, policy.max_retry_after)
         except DeliveryError as exc:
             error = exc
         except Exception as exc:
@@ -359,6 +363,22 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
             await trio.sleep(delay)
         if wait.cancelled_caught:
             return _cancelled(result, journal, last)
+
+
+async def _limiter_down(exc: LimiterUnavailable, result: _Attempts, door: _Door, waited: float) -> _Attempts | None:
+    """The limiter did not answer for the whole wait (`max_retry_after_seconds`): this attempt was
+    not made. The run stops starting deliveries and the job resumes it (a shared partition is
+    taken again), so the delivery is sent then instead of failing for good: None."""
+    message = door.message
+    log.warning("%s for user %s: %s", message.channel, message.user_id, exc.reason)
+    if door.sent:
+        # Another device of the user took it: handing the delivery back would send that one again.
+        result.error = f"{exc.reason}: not attempted, waited {waited:g}s for it"
+        result.kind = "transient"
+        return result
+    await door.retrying(result.count, f"{exc.reason}: not attempted")  # an earlier attempt's claim, if any
+    door.journal.stop(LimiterDown(f"{exc.reason}, for {waited:g}s"))
+    return None
 
 
 async def _enter(gate: ChannelGate, keys: tuple[str, ...], bound: float) -> None:

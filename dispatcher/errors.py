@@ -8,7 +8,7 @@ the provider into transient (worth retrying) or permanent.
 from __future__ import annotations
 
 from actors.messages import SendResult
-from actors.faults import RenderFault, StoreFault
+from actors.faults import LimiterFault, RenderFault, RunFault, StoreFault
 
 
 class DispatcherError(Exception):
@@ -71,13 +71,19 @@ class InternalError(DispatcherError):
     """A bug stopped a send; it is logged with its traceback."""
 
 
-class LeaseLost(DispatcherError):
-    """Another instance took over the job's lease (this one was too slow to renew it): this run
-    stops, the other delivers the rest. Not a store outage: the store answered."""
+class LeaseLost(DispatcherError, RunFault):
+    """Another instance took over the job's (or a shared partition's) lease: this one was too slow
+    to renew it. This run stops, the other delivers the rest. Not a store outage: the store answered."""
 
 
 class StoreError(DispatcherError, StoreFault):
     """The user/template store cannot be reached."""
+
+
+class LimiterDown(DispatcherError, LimiterFault):
+    """A delivery waited its channel's whole `max_retry_after_seconds` for the cluster's rate
+    limiter (Redis) without an answer: the run stops starting deliveries, nothing of what waited
+    was attempted, and the job resumes the run (a shared partition is taken again)."""
 
 
 class RenderError(DispatcherError, RenderFault):

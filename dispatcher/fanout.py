@@ -7,7 +7,10 @@ partition is finished. Every process's partition workers take partitions (XREADG
 them through the normal actor lanes and record them in the ledger; a dead worker's partitions are
 reclaimed after `[store].lease_seconds`. Each delivery is claimed in the ledger by
 compare-and-set before its provider call, so a partition delivered twice (reclaimed from a
-worker that was only slow) sends nothing twice. The result is assembled from the ledger.
+worker that was only slow) sends nothing twice. A partition's run also holds the partition in the
+ledger (renewed while it runs), so a copy of it — republished after Redis lost its data, or
+reclaimed from a worker that was only slow — waits for that run instead of running beside it, and
+is skipped once that run has delivered it. The result is assembled from the ledger.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -22,7 +26,7 @@ import trio
 from actors.resolver import Unmatched, not_found
 
 from .cluster.partitions import Partition, PartitionQueue, PartitionQueueUnavailable
-from .errors import RequestError
+from .errors import LeaseLost, RequestError, StoreError
 from .journal import Journal
 from .ledger import FINAL_STATES, Ledger
 from .models import SendRequest, SendResult, Summary
@@ -33,6 +37,9 @@ from .plan import RequestPlan
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.2
+# How often a copy of a partition that another run holds looks again.
+_HOLD_POLL_SECONDS = 0.5
+_RELEASE_SECONDS = 5.0
 _PLANS_CACHED = 32
 
 
@@ -45,15 +52,18 @@ class SharedFanOut:
         queue: PartitionQueue,
         batch_size: int,
         cancels: CancelWatch,
+        lease_seconds: float,
     ) -> None:
         """`prepare` plans a job's request again in a process that did not accept it; `batch_size`
-        users make a partition; `cancels` relays a cancel of the job to the partitions delivered here."""
+        users make a partition; `cancels` relays a cancel of the job to the partitions delivered
+        here; a partition's run holds it in the ledger for `lease_seconds`, renewed while it runs."""
         self._context = context
         self._prepare = prepare
         self._ledger = ledger
         self.queue = queue
         self._batch_size = batch_size
         self._cancels = cancels
+        self._lease_seconds = lease_seconds
         # Plans by job id: a worker takes many partitions of one job; compiling once is enough.
         self._plans: OrderedDict[str, RequestPlan] = OrderedDict()
 
@@ -139,9 +149,59 @@ class SharedFanOut:
             journal.cancel()
         request = plan.request.model_copy(update={"recipients": partition.users, "clusters": ()})
         with self._cancels.watching(partition.job_id, journal):
-            await self._context.run(RequestPlan(request, plan.channels), journal=journal)
+            if not await self._hold(partition, journal):
+                return
+            done = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_holding, partition, journal)
+                    await self._context.run(RequestPlan(request, plan.channels), journal=journal)
+                    nursery.cancel_scope.cancel()
+                done = journal.fault is None
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_SECONDS), suppress(StoreError):
+                    await self._ledger.release_partition(partition.job_id, partition.index, journal.run_id, done=done)
         if journal.fault is not None:
             raise journal.fault  # left pending: the partition is taken again after the idle time
+
+    async def _hold(self, partition: Partition, journal: Journal) -> bool:
+        """Hold the partition for this run in the ledger; while another run holds it (a copy
+        republished after Redis lost the stream, or reclaimed from a slow worker), wait for that
+        run to end or its hold to expire. False when there is nothing left to run: another run
+        finished it, or the job was cancelled meanwhile (the holder reports its deliveries)."""
+        while True:
+            ours, holder = await self._ledger.hold_partition(
+                partition.job_id, partition.index, journal.run_id, self._lease_seconds
+            )
+            if ours:
+                if holder.get("run") and not holder.get("until"):
+                    journal.run_ended(holder["run"])  # it released the partition: it has ended
+                return True
+            if holder.get("done"):
+                log.info("job %s: partition %d was delivered by another run", partition.job_id, partition.index)
+                return False
+            with journal.waiting() as wait:
+                await trio.sleep(_HOLD_POLL_SECONDS)
+            if wait.cancelled_caught:
+                return False
+
+    async def _keep_holding(self, partition: Partition, journal: Journal) -> None:
+        """Renew the partition's hold every third of its lease; if another run took it over (this
+        one stalled past the lease), stop starting deliveries: that run sends the rest."""
+        while True:
+            await trio.sleep(self._lease_seconds / 3)
+            try:
+                ours = await self._ledger.renew_partition(
+                    partition.job_id, partition.index, journal.run_id, self._lease_seconds
+                )
+            except StoreError as exc:
+                log.warning("job %s: cannot renew partition %d: %s", partition.job_id, partition.index, exc)
+                continue
+            if not ours:
+                journal.stop(
+                    LeaseLost(f"partition {partition.index} of job {partition.job_id} taken over by another run")
+                )
+                return
 
     async def _plan(self, job_id: str, doc: dict[str, Any]) -> RequestPlan | None:
         plan = self._plans.get(job_id)

@@ -521,7 +521,8 @@ class _Parser:
         if len(segments) > MAX_PATH:  # Jinja's compiler recurses once per segment
             raise self.error(f"path longer than {MAX_PATH} segments", first.pos)
         # helpers.js preparePath: leading `this`, `.` and `..` are operators, not names.
-        original, parts, depth = "@" if data else "", [], 0
+        original, depth = "@" if data else "", 0
+        parts: list[str] = []
         for raw, separator in segments:
             part = _id(raw)
             original += separator + part
@@ -623,7 +624,7 @@ class _WhitespaceControl:
         first_inverse = last_inverse = inverse
         if inverse is not None and inverse.chained:
             first_inverse = _chained_block(inverse).program
-            while last_inverse.chained:
+            while last_inverse is not None and last_inverse.chained:
                 last_inverse = _chained_block(last_inverse).program
         close_strip = block.close_strip or _Strip()
         strip = {

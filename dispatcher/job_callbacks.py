@@ -20,10 +20,12 @@ from .callback_delivery import CallbackSender
 from .callback_outbox import DEFAULT_EVENTS, JOB_FINISHED, CallbackOutbox, Target
 from .callback_urls import RefusedUrl, check_callback_url
 from .errors import NotFound, RequestError, StoreError
+from .job_views import JobStatus
 from .ledger import Ledger
 from .listing import Viewer
 from .models import SendRequest
 from .settings import Settings
+from .wire import job_json
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,14 @@ class JobCallbacks:
             )
         return Target(url, request.callback_events or DEFAULT_EVENTS)
 
-    def finished_message(
-        self, job: dict[str, Any], target: Target | None, body: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        """The `job.finished` message for a job ending with status `body` (its GET body), if it
-        asked for one."""
+    def finished_message(self, job: dict[str, Any], target: Target | None, status: JobStatus) -> list[dict[str, Any]]:
+        """The `job.finished` message for a job ending with `status`, if it asked for one: its
+        data is the body of `GET /send/{id}`."""
         if target is None or JOB_FINISHED not in target.events:
             return []
-        return [self.outbox.job_finished(job["_id"], target, body, job.get("key_id"), job.get("request_id"))]
+        return [
+            self.outbox.job_finished(job["_id"], target, job_json(status), job.get("key_id"), job.get("request_id"))
+        ]
 
     def nudge(self) -> None:
         if self.sender is not None:

@@ -95,7 +95,8 @@ def _body(text: str | None, html: str | None) -> Message:
 
 def _text(body: str, subtype: str) -> MIMEText:
     plain = body.isascii() and "\0" not in body and not _LONG_LINE.search(body)
-    return MIMEText(body, subtype, "us-ascii" if plain else _UTF8, policy=POLICY)
+    # typeshed lists only `str` for the charset; MIMEText passes it to `set_payload`, which takes a Charset.
+    return MIMEText(body, subtype, "us-ascii" if plain else _UTF8, policy=POLICY)  # type: ignore[arg-type]
 
 
 def _attachment(attachment: Attachment) -> MIMEBase:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import copy
 import html
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from .auth import is_protected
 from .channels import CHANNELS
@@ -28,7 +28,12 @@ from .models import CALLBACK_EVENTS, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTER
 
 REF = "#/components/schemas/{model}"
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
-_COUNTS = dict[Literal[tuple(CHANNELS)], NonNegativeInt]  # type: ignore[valid-type]
+if TYPE_CHECKING:
+    ChannelName = str
+else:
+    # The registered channels, known only once `channels` has run: an enum in the schemas.
+    ChannelName = Literal[tuple(CHANNELS)]
+_COUNTS = dict[ChannelName, NonNegativeInt]
 
 
 class _Wire(BaseModel):
@@ -39,7 +44,7 @@ class Failure(_Wire):
     """One (user, channel) delivery that did not succeed."""
 
     userId: str
-    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    channel: ChannelName
     error: str = Field(description="Short reason; names the provider's error code when there is one")
 
 
@@ -87,7 +92,7 @@ class DryRunSummary(_Wire):
 
 class SkippedDelivery(_Wire):
     userId: str
-    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    channel: ChannelName
     reason: str
 
 
@@ -181,7 +186,7 @@ class Receipt(_Wire):
 class DeliveryHistory(_Wire):
     """One delivery of one user: where it stands and how it got there."""
 
-    channel: Literal[tuple(CHANNELS)]  # type: ignore[valid-type]
+    channel: ChannelName
     state: Literal["sending", "sent", "delivered", "undelivered", "unconfirmed", "failed", "skipped", "cancelled"]
     attempts: int = Field(ge=0)
     providerId: str | None = Field(None, description="The provider's id (Twilio SID, FCM name, Message-ID)")
@@ -284,7 +289,10 @@ _RESPONSE_MODELS = (
 def component_schemas(active_channels: tuple[str, ...] | None = None) -> dict[str, Any]:
     """`components.schemas`: the request model in validation mode, the answers in serialization
     mode, `$ref`s pointing into `#/components/schemas`."""
-    models = [(SendRequest, "validation"), *((model, "serialization") for model in _RESPONSE_MODELS)]
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (SendRequest, "validation"),
+        *((model, "serialization") for model in _RESPONSE_MODELS),
+    ]
     _, top = models_json_schema(models, by_alias=True, ref_template=REF)
     schemas = copy.deepcopy(top["$defs"])
     request = schemas["SendRequest"]
@@ -470,7 +478,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "tags": ["send"],
             "parameters": [
                 request_id,
-                _query("status", {"type": "string", "enum": list(JobState.__args__)}, "Only jobs in this state"),
+                _query("status", {"type": "string", "enum": list(get_args(JobState))}, "Only jobs in this state"),
                 _query("channel", {"type": "string", "enum": list(CHANNELS)}, "Only jobs delivering on this channel"),
                 _query("createdAfter", {"type": "string", "format": "date-time"}, "Created at or after"),
                 _query("createdBefore", {"type": "string", "format": "date-time"}, "Created before"),

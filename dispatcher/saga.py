@@ -290,7 +290,7 @@ def install_saga(app: QuartTrio, dispatcher: Dispatcher) -> None:
                 "POST /saga/send is not configured: set flowManagerConfiguration.metadataSchema "
                 "([flow_manager].metadata_schema)"
             )
-        payload = parse_json_body(await request.get_data(cache=False))
+        payload = parse_json_body(await request.get_data(cache=False, as_text=False, parse_form_data=False))
         saga_id, label = command_identity(payload)
         if dispatcher.ledger is None:
             raise RequestError("POST /saga/send needs the delivery ledger ([store].ledger = true)")

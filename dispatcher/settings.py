@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     SecretStr,
@@ -31,16 +30,14 @@ from pydantic import (
 
 from .channels import CHANNELS as CHANNEL_TABLE
 from .errors import ConfigError
+from .providers import PROVIDERS
+from .sections import ProvidersSettings, Section, UserFields
 
 ENV_PREFIX = "DISPATCHER__"
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSettings(_Section):
+class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
@@ -49,7 +46,7 @@ class ServerSettings(_Section):
     sync_timeout_seconds: float = Field(30.0, gt=0)
 
 
-class DispatcherSettings(_Section):
+class DispatcherSettings(Section):
     # How long a shutdown waits for sends in flight before cancelling them.
     drain_timeout_seconds: float = Field(30.0, ge=0)
     # Buffer of each bounded channel between actors: large enough to keep senders busy,
@@ -61,7 +58,7 @@ class DispatcherSettings(_Section):
     preview_users: int = Field(3, ge=0, le=100)
 
 
-class StoreSettings(_Section):
+class StoreSettings(Section):
     url: SecretStr = SecretStr("")
     database: str = "messaging"
     users_collection: str = "users"
@@ -84,21 +81,13 @@ class StoreSettings(_Section):
     crud_states: tuple[Literal["PUBLIC", "DRAFT", "TRASH", "DELETED"], ...] = ("PUBLIC",)
 
 
-class LedgerSettings(_Section):
+class LedgerSettings(Section):
     # A delivery still `sent` this long after it was accepted, on a channel whose provider sends
     # receipts, becomes `unconfirmed`.
     receipt_timeout_hours: float = Field(72.0, gt=0)
 
 
-class UserFields(_Section):
-    id: str = "_id"
-    email_address: str = "emailAddress"
-    phone_number: str = "phoneNumber"
-    device_token: str = "deviceToken"
-    clusters: str = "clusters"
-
-
-class SenderSettings(_Section):
+class SenderSettings(Section):
     """The From of each channel; a channel added to the table may have one too."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -119,7 +108,7 @@ class SenderSettings(_Section):
         return str(getattr(self, channel, "") or "")
 
 
-class ChannelSettings(_Section):
+class ChannelSettings(Section):
     provider: str = "outbox"
     concurrency: int = Field(16, ge=1)
     rate_per_second: float = Field(0.0, ge=0)  # 0 = unlimited
@@ -139,7 +128,7 @@ class ChannelSettings(_Section):
     on_ambiguous: Literal["report", "resend", "reconcile"] | None = None
 
 
-class ChannelsSettings(_Section):
+class ChannelsSettings(Section):
     """`active` and one `[channels.<name>]` table per channel of the channel table."""
 
     active: tuple[str, ...] = Field(default_factory=lambda: tuple(CHANNEL_TABLE))
@@ -168,8 +157,6 @@ class ChannelsSettings(_Section):
 
     @model_validator(mode="after")
     def _providers_fit_channels(self) -> ChannelsSettings:
-        from .providers import PROVIDERS
-
         for name, channel in self.per_channel.items():
             entry = PROVIDERS.get(channel.provider)
             if entry is None or not entry.serves(name):
@@ -192,74 +179,24 @@ class ChannelsSettings(_Section):
     def __getitem__(self, channel: str) -> ChannelSettings:
         return self.per_channel[channel]
 
-    def on_ambiguous(self, channel: str) -> str:
-        from .providers import PROVIDERS
+    def providers(self) -> dict[str, str]:
+        """The provider's name of each active channel."""
+        return {channel: self.per_channel[channel].provider for channel in self.active}
 
+    def on_ambiguous(self, channel: str) -> str:
         settings = self.per_channel[channel]
         if settings.on_ambiguous:
             return settings.on_ambiguous
         return "reconcile" if PROVIDERS[settings.provider].can_reconcile else CHANNEL_TABLE[channel].on_ambiguous
 
 
-class SmtpSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(587, ge=1, le=65535)
-    security: Literal["starttls", "tls", "none"] = "starttls"
-    username: str = ""
-    password: SecretStr = SecretStr("")  # from SMTP_PASSWORD only
-    # Idle connections kept open between sends (the e-mail channel's concurrency bounds those in use).
-    pool_size: int = Field(8, ge=1)
-
-
-class TwilioSettings(_Section):
-    account_sid: str = ""
-    auth_token: SecretStr = SecretStr("")  # from TWILIO_AUTH_TOKEN only
-    api_base_url: str = "https://api.twilio.com"
-    # The service's public URL as Twilio reaches it (scheme, host, port, path prefix): messages and
-    # calls are created with StatusCallback = this + /providers/twilio/status, and receipts are
-    # verified against it. Empty: no receipts.
-    status_callback_base_url: str = ""
-    # A receipt for a message the ledger does not hold yet is kept this long, then dropped.
-    orphan_receipt_minutes: float = Field(10.0, gt=0)
-    # Reconciliation: how long after an ambiguous attempt's claim Twilio's message and call lists
-    # are trusted to show it (a message absent from a listing made sooner proves nothing).
-    reconcile_settle_seconds: float = Field(30.0, ge=0)
-    # Listings in flight at once per channel (they also take the channel's rate tokens).
-    reconcile_concurrency: int = Field(4, ge=1)
-
-    @field_validator("status_callback_base_url")
-    @classmethod
-    def _absolute_url(cls, value: str) -> str:
-        if value and urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError("must be an absolute http(s) URL (the service's public URL), or empty")
-        return value.rstrip("/")
-
-
-class FcmSettings(_Section):
-    project_id: str = ""
-    credentials_file: str = ""  # or GOOGLE_APPLICATION_CREDENTIALS
-    api_base_url: str = "https://fcm.googleapis.com"
-    android_intent_action: str = ""
-
-
-class OutboxSettings(_Section):
-    dir: Path = Path("var/outbox")
-
-
-class ProvidersSettings(_Section):
-    smtp: SmtpSettings = SmtpSettings()
-    twilio: TwilioSettings = TwilioSettings()
-    fcm: FcmSettings = FcmSettings()
-    outbox: OutboxSettings = OutboxSettings()
-
-
-class FilesSettings(_Section):
+class FilesSettings(Section):
     url: str = ""
     max_attachment_bytes: int = Field(15 * 1024 * 1024, gt=0)
     timeout_seconds: float = Field(10.0, gt=0)
 
 
-class TemplateSettings(_Section):
+class TemplateSettings(Section):
     default_locale: str = "en-US"
     max_template_chars: int = Field(64 * 1024, gt=0)
     max_rendered_chars: int = Field(256 * 1024, gt=0)
@@ -285,13 +222,13 @@ class TemplateSettings(_Section):
         return value
 
 
-class ClusterSettings(_Section):
+class ClusterSettings(Section):
     # Empty: a single process, limits and fan-outs in memory. Set from REDIS_URL.
     redis_url: SecretStr = SecretStr("")
     namespace: str = Field("dispatcher", min_length=1)
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(Section):
     # "pino": the platform's JSON log shape (numeric level, time in ms, msg, reqId).
     format: Literal["text", "json", "pino"] = "text"
     # Empty: the command line's --log-level (INFO). Python's names or pino's (trace ... fatal).
@@ -322,7 +259,7 @@ SAGA_FIELDS = (
 )
 
 
-class FlowManagerSettings(_Section):
+class FlowManagerSettings(Section):
     """`POST /saga/send`: the predecessor's `flowManagerConfiguration`, plus declarative
     replacements of its JavaScript hooks (`getTemplateId`, `getData`)."""
 
@@ -370,7 +307,7 @@ class FlowManagerSettings(_Section):
         return bool(self.service_url and self.success_event_label and self.fail_event_label)
 
 
-class AuthSettings(_Section):
+class AuthSettings(Section):
     # A file of API key hashes (one per line); keys may also come from DISPATCHER_API_KEYS.
     keys_file: str = ""
     keys: SecretStr = SecretStr("")  # from DISPATCHER_API_KEYS only
@@ -378,7 +315,7 @@ class AuthSettings(_Section):
     protect_metrics: bool = False
 
 
-class CallbackSettings(_Section):
+class CallbackSettings(Section):
     """Signed status callbacks to clients (callback_delivery.py, callback_outbox.py)."""
 
     # Applies to requests that name no callbackUrl; empty: no callbacks for them.
@@ -424,7 +361,7 @@ class CallbackSettings(_Section):
         return value
 
 
-class UiSettings(_Section):
+class UiSettings(Section):
     # The operations page (dispatcher/ui): read-only views plus cancel/retry through the API.
     enabled: bool = True
     # Where it is served; every link inside it is relative, so a path-prefix proxy in front works.
@@ -442,7 +379,7 @@ class UiSettings(_Section):
         return value
 
 
-class Settings(_Section):
+class Settings(Section):
     server: ServerSettings = ServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
     store: StoreSettings = StoreSettings()

@@ -26,7 +26,7 @@ import functools
 import re
 import types
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from collections.abc import Callable
 
@@ -47,8 +47,8 @@ _LIPSUM_CHARS_PER_WORD = 16
 # Escaping for HTML turns one character into at most six (`&#34;`).
 _ESCAPE_FACTOR = 6
 
-_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
-_FLAT_SEQUENCES = (list, tuple, set, frozenset, deque) + _VIEWS
+_VIEWS: tuple[type[Collection[Any]], ...] = (type({}.keys()), type({}.values()), type({}.items()))
+_FLAT_SEQUENCES: tuple[type[Collection[Any]], ...] = (list, tuple, set, frozenset, deque) + _VIEWS
 
 
 class TemplateLimitExceeded(RenderError):
@@ -60,7 +60,7 @@ def _too_big(what: str, limit: int, unit: str = "characters") -> TemplateLimitEx
 
 
 def _namespace_attrs(ns: Namespace) -> dict[str, Any]:
-    return object.__getattribute__(ns, "_Namespace__attrs")  # type: ignore[no-any-return]
+    return object.__getattribute__(ns, "_Namespace__attrs")
 
 
 def shape_of(obj: Any, budget: int) -> tuple[int, int, int]:
@@ -330,8 +330,8 @@ class SizeGuard:
                 raise _too_big(what, limit)
         elif name == "expandtabs":
             tabsize = args[0] if args else kwargs.get("tabsize", 8)
-            tab = "\t" if isinstance(s, str) else b"\t"
-            if isinstance(tabsize, int) and len(s) + s.count(tab) * max(tabsize, 0) > limit:  # type: ignore[arg-type]
+            tabs = s.count("\t") if isinstance(s, str) else s.count(b"\t")
+            if isinstance(tabsize, int) and len(s) + tabs * max(tabsize, 0) > limit:
                 raise _too_big(what, limit)
         elif name == "replace" and len(args) >= 2:
             old, new = args[0], args[1]
@@ -420,7 +420,9 @@ class SizeGuard:
             checked[name] = custom.get(name) or self._wrap_filter(name, func)
         return checked
 
-    def tests(self, originals: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    def tests(self, originals: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
+        """Checked versions of Jinja's builtin tests (every name in `originals`; Jinja's table is
+        typed loosely, as plain functions)."""
         checked = dict(originals)
 
         def numeric(test: Callable[..., bool]) -> Callable[..., bool]:

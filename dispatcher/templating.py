@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 _VALUE_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, RecursionError)
 
 
-class _BoundedFormatterMixin:
+class _BoundedFormatterMixin(SandboxedFormatter):
     """`str.format` from templates: widths, precisions and the total output are bounded."""
 
     _guard: SizeGuard
@@ -45,17 +45,17 @@ class _BoundedFormatterMixin:
 
     def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
         self._produced = len(format_string)
-        return super().vformat(format_string, args, kwargs)  # type: ignore[misc, no-any-return]
+        return super().vformat(format_string, args, kwargs)
 
     def convert_field(self, value: Any, conversion: str | None) -> Any:
         if conversion is not None:
             self._guard.check_size(value, "a formatted value")
-        return super().convert_field(value, conversion)  # type: ignore[misc]
+        return super().convert_field(value, conversion)
 
     def format_field(self, value: Any, format_spec: str) -> Any:
         self._guard.check_format_spec(format_spec)
         self._guard.check_size(value, "a formatted value")
-        result = super().format_field(value, format_spec)  # type: ignore[misc]
+        result = super().format_field(value, format_spec)
         self._produced += len(result)
         if self._produced > self._guard.max_chars:
             raise TemplateLimitExceeded(f"template error: str.format() exceeds {self._guard.max_chars} characters")
@@ -89,7 +89,7 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         self.guard = guard
         self.globals.update(guard.globals())
         self.filters = guard.filters(self.filters)
-        self.tests = guard.tests(self.tests)
+        self.tests.update(guard.tests(self.tests))
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # The default returns an Undefined that ChainableUndefined renders as "": an attempt to
@@ -221,7 +221,7 @@ class Text:
             if isinstance(outcome, RenderError):
                 raise outcome
             if outcome is not None:
-                return outcome  # type: ignore[no-any-return]
+                return outcome
         if not self.inline:
             # In the service process a loop could run for minutes or fill the memory: a bug of
             # the caller, who skipped `render_pool`, never the template's.

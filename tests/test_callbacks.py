@@ -293,7 +293,7 @@ async def test_slow_receiver_does_not_delay_another(make_settings: Any, database
 async def test_sigkill_with_callbacks_pending_then_restart_delivers_every_event(
     mongo_url: str, database: Any, tmp_path: Path
 ) -> None:
-    from test_crash_resume import Service
+    from service_process import Service
 
     users = 300
     seed(database, users)

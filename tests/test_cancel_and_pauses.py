@@ -18,7 +18,7 @@ from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message, TextContent
 from dispatcher.providers.twilio import TwilioProvider
 from dispatcher.ratelimit import ChannelGate
-from dispatcher.settings import TwilioSettings
+from dispatcher.sections import TwilioSettings
 
 
 async def _run(

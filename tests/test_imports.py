@@ -2,11 +2,11 @@
 library, trio and itself, never `dispatcher`, which implements the actors' ports and wires them.
 No two modules of `actors` and `dispatcher` import each other, directly or around a circle.
 
-The graph is read from the source (every `import` statement, at module level or inside a
-function: an import deferred to call time is still a dependency), except imports under
-`if TYPE_CHECKING:`, which exist for annotations only and are never executed. A submodule's import
-of its own parent packages is implicit in Python and not counted; an explicit `from dispatcher
-import X` is."""
+The graph is read from the source: every `import` statement, at module level or inside a
+function (an import deferred to call time is still a dependency), and under `if TYPE_CHECKING:`
+(an import for annotations only is never executed, but two modules whose types name each other
+still depend on each other). A submodule's import of its own parent packages is implicit in Python
+and not counted; an explicit `from dispatcher import X` is."""
 
 from __future__ import annotations
 
@@ -34,23 +34,13 @@ def module_files() -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def imported_names(path: Path, module: str, *, annotations: bool = False) -> set[str]:
+def imported_names(path: Path, module: str) -> set[str]:
     """Every module name `path` imports (absolute, dotted; `from m import x` gives `m` and
     `m.x`, since `x` may be a submodule)."""
     is_package = path.name == "__init__.py"
     names: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test) and not annotations:
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -126,8 +116,7 @@ def test_actors_import_only_the_standard_library_trio_and_themselves() -> None:
     for module, path in module_files().items():
         if module.split(".")[0] != "actors":
             continue
-        # Annotation-only imports count here: the actors' types are theirs too.
-        outside = {name for name in imported_names(path, module, annotations=True) if name.split(".")[0] not in allowed}
+        outside = {name for name in imported_names(path, module) if name.split(".")[0] not in allowed}
         assert not outside, f"{module} imports {sorted(outside)}"
 
 

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from rich.console import Console
 
+from dispatcher.children import python_environment
 from dispatcher.loadtest import ErrorMix, LoadTestOptions, OptionError, run_loadtest
 from dispatcher.loadtest.accounting import check_exactly_once, failure_kind
 from dispatcher.loadtest.durability import check_durability, expected_receipts
@@ -92,6 +99,12 @@ async def test_process_mode_stream_accounts_for_every_request(tmp_path: Path) ->
         assert figures["exactly_once"]["ok"], (channel, figures["exactly_once"])
     assert sum(c["selected"] for c in results["channels"].values()) == 40
     assert results["service"]["mode"] == "process" and results["memory"]["measured"] == "service process"
+    # Each process's CPU apart: the fakes run in a process of their own, not in the harness's.
+    cpu = results["cpu"]
+    for name in ("service", "store", "fakes", "harness"):
+        assert cpu[f"{name}_ms_per_request"] > 0, name
+    machine = results["machine"]
+    assert 0 <= machine["idle_cores"] <= machine["cpus"] and machine["load_1m_at_start"] >= 0
     assert Path(results["files"]["service_log"]).exists()
     _assert_files_written(results)
 
@@ -328,3 +341,41 @@ async def test_receipts_option_has_the_fake_post_signed_callbacks_that_the_servi
     assert receipts["posted"] == receipts["answered"] == 2 * sent
     assert receipts["delivered"] + receipts["undelivered"] == sent
     assert "receipts (Twilio status callbacks)" in printed
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_fakes_process_dies_with_a_harness_killed_outright(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "dispatcher", "loadtest", "--scenario", "stream", "--users", "10"]
+    command += ["--rps", "1", "--duration", "600s", "--no-progress", "--output", str(tmp_path)]
+    harness = subprocess.Popen(
+        command, env=python_environment(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    left: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        fakes: list[psutil.Process] = []
+        while not fakes:
+            assert harness.poll() is None and time.monotonic() < deadline, "the harness did not start its fakes"
+            time.sleep(0.1)
+            left = psutil.Process(harness.pid).children(recursive=True)
+            fakes = [c for c in left if "dispatcher.loadtest.fake_providers" in " ".join(c.cmdline())]
+        harness.send_signal(signal.SIGKILL)  # no clean-up code of the harness runs
+        harness.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(fakes[0]):
+            assert time.monotonic() < deadline, "the fakes' process outlived the harness"
+            time.sleep(0.1)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+        for process in left:  # whatever else the harness had started: not this test's subject
+            try:
+                process.kill()
+            except psutil.Error:
+                pass

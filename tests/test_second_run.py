@@ -9,7 +9,7 @@ from __future__ import annotations
 import pymongo
 import trio
 
-from dispatcher.journal import STOPPED_DURING_ATTEMPT, Journal
+from dispatcher.journal import OUTCOME_NOT_WRITTEN, STOPPED_DURING_ATTEMPT, Journal
 from dispatcher.ledger import Ledger
 from dispatcher.messages import Delivery
 from dispatcher.settings import StoreSettings
@@ -50,3 +50,39 @@ async def test_a_claim_older_than_the_bound_is_abandoned(database: pymongo.datab
         settled = await second.settled("sms", ["u1"])
     assert settled["u1"].status == "failed" and settled["u1"].error == STOPPED_DURING_ATTEMPT
     assert "service stopped" not in STOPPED_DURING_ATTEMPT
+
+
+async def test_a_claim_of_a_run_known_to_have_ended_is_not_waited_for_and_says_what_happened(
+    database: pymongo.database.Database,
+) -> None:
+    """A run stopped by a store outage (its outcome could not be written) or by Redis, in a
+    process that goes on: the resumed run knows it ended, and the reason claims no crash."""
+    first, second = _journals(database, "report", bound=30.0)
+    await first.sending([("sms", "u1")])
+    second.run_ended(first.run_id)
+    with trio.fail_after(5):  # no wait for the claim's bound (30 s)
+        settled = await second.settled("sms", ["u1"])
+    assert settled["u1"].error == OUTCOME_NOT_WRITTEN
+    assert "stopped" in OUTCOME_NOT_WRITTEN and "the service did not" in OUTCOME_NOT_WRITTEN
+
+
+async def test_a_partition_is_held_by_one_run_at_a_time(database: pymongo.database.Database) -> None:
+    """The ledger's hold on a shared partition (what a copy republished after Redis lost the
+    stream meets): refused while its run holds it, taken once that run released it (and told who
+    that was), refused for good once a run finished it."""
+    ledger = Ledger(database.client, StoreSettings(database=database.name))
+    database.dispatch_jobs.insert_one({"_id": "job", "state": "running"})
+    assert await ledger.hold_partition("job", 3, "a", 30.0) == (True, {})
+    ours, holder = await ledger.hold_partition("job", 3, "b", 30.0)
+    assert not ours and holder["run"] == "a" and not holder["done"]
+    assert (await ledger.hold_partition("job", 4, "b", 30.0))[0]  # another partition is free
+    assert not await ledger.renew_partition("job", 3, "b", 30.0) and await ledger.renew_partition("job", 3, "a", 30.0)
+    await ledger.release_partition("job", 3, "a", done=False)  # stopped (Redis, the store): not delivered
+    ours, before = await ledger.hold_partition("job", 3, "b", 30.0)
+    assert ours and before["run"] == "a" and not before["until"]
+    await ledger.release_partition("job", 3, "b", done=True)
+    ours, holder = await ledger.hold_partition("job", 3, "c", 30.0)
+    assert not ours and holder["done"]
+    database.dispatch_jobs.update_one({"_id": "job"}, {"$set": {"held.4.until": 1.0}})  # b's hold expired
+    ours, before = await ledger.hold_partition("job", 4, "c", 30.0)
+    assert ours and before["run"] == "b" and before["until"] == 1.0  # expired, not known to have ended

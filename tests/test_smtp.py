@@ -23,7 +23,7 @@ from dispatcher.errors import PermanentDeliveryError, TransientDeliveryError
 from dispatcher.fakes.smtp import SmtpSink
 from dispatcher.messages import Attachment, EmailContent, EmailOptions, Message
 from dispatcher.providers.smtp import SmtpProvider
-from dispatcher.settings import SmtpSettings
+from dispatcher.sections import SmtpSettings
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from dispatcher.errors import ConfigError
 from dispatcher.fakes import serve_asgi
 from dispatcher.fakes.twilio import FakeTwilio
 from dispatcher.providers.twilio import TwilioProvider
-from dispatcher.settings import TwilioSettings
+from dispatcher.sections import TwilioSettings
 
 SID = "AC" + "0" * 31 + "1"
 TOKEN = "tok"

@@ -297,10 +297,11 @@ class PartitionQueue:
     async def mark_finished(self, partition: Partition) -> tuple[bool, int, int | None]:
         """Count the partition as finished: (newly counted, finished count, total or None)."""
         with trio.fail_after(2 * self._timeout):
-            new, count, total = await self._finish_script(
+            reply: list[Any] = await self._finish_script(
                 keys=[self.finished_key(partition.job_id), self.expected_key(partition.job_id)],
                 args=[str(partition.index), self._ttl],
             )
+        new, count, total = reply
         return bool(new), int(count), int(total) if int(total) >= 0 else None
 
     # -- consumer side ------------------------------------------------------------------------
@@ -432,6 +433,16 @@ class PartitionQueue:
                 nursery.start_soon(self._keep_alive, consumer, entry_id, partition, claim_idle / 3)
                 try:
                     await handler(partition)
+                except DispatcherError as exc:  # the store or the limiter is away: expected, no traceback
+                    failed = True
+                    log.warning(
+                        "partition %d of job %s (entry %s) stopped: %s; left pending, retried after %gs",
+                        partition.index,
+                        partition.job_id,
+                        entry_id,
+                        exc,
+                        claim_idle,
+                    )
                 except Exception:
                     failed = True
                     log.exception(
@@ -468,7 +479,7 @@ class PartitionQueue:
             await trio.sleep(every)
             try:
                 with trio.fail_after(2 * self._timeout):
-                    touched = await self._touch(keys=[self.stream], args=[self.group, consumer, entry_id, 0])
+                    touched: int = await self._touch(keys=[self.stream], args=[self.group, consumer, entry_id, 0])
             except _FAILURES as exc:
                 self._redis_failed(exc)
                 continue
@@ -477,7 +488,7 @@ class PartitionQueue:
                 self.stats.lost += 1
                 log.warning(
                     "partition %d of job %s (entry %s) is no longer %s's (reclaimed, or redis "
-                    "lost it) while it is being delivered: it may be delivered twice",
+                    "lost it) while it is being delivered: a copy may be handed to another worker",
                     partition.index,
                     partition.job_id,
                     entry_id,

@@ -186,7 +186,7 @@ class Cluster:
             try:
                 # coredis has its own timeouts; this bounds the whole call, pool wait included.
                 with trio.fail_after(2 * self._timeout):
-                    reply = await self._script(keys=list(keys), args=args)
+                    reply: list[Any] = await self._script(keys=list(keys), args=args)
             except _FAILURES as exc:
                 self.failed_round_trips += 1
                 self._mark_down(exc)

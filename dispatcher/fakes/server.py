@@ -9,6 +9,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 ASGIApp = Callable[..., Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -25,7 +26,7 @@ async def serve_asgi(
     config.errorlog = None
     config.graceful_timeout = 0
 
-    async def with_lifespan(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def with_lifespan(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         # The fakes have nothing to start or stop: answer the lifespan protocol for them.
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":

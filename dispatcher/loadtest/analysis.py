@@ -23,11 +23,11 @@ from .accounting import (
 )
 from .config import embedded_settings
 from .drivers import Exchange, Phase
-from ..fakes.twilio import FakeTwilio
 from .environment import Environment
 from .metrics import busy_rate, latency_summary, max_in_window, mean_rate, per_second, percentile
 from .options import LoadTestOptions
 from .population import Population
+from .receipts import ReceiptTap
 from .service import RunningService
 
 
@@ -63,7 +63,7 @@ def _channel_figures(env: Environment, phase: Phase, channel: str, config: dict[
             "max_in_1s": figures["max_in_1s"],
             "max_allowed_in_1s": limit + burst,
             "window_ok": figures["max_in_1s"] <= limit + burst,
-            # Arrivals are stamped by the harness's event loop: gaps far below 1/rate mean
+            # Arrivals are stamped by the fakes' event loop: gaps far below 1/rate mean
             # arrivals bunched up on the way (scheduling jitter), which can tip a window over.
             "gap_ms": _gaps(times),
         }
@@ -167,19 +167,15 @@ def _requests(options: LoadTestOptions, exchanges: list[Exchange], duration: flo
     return requests
 
 
-def receipt_figures(fake: FakeTwilio) -> dict[str, Any]:
+def receipt_figures(tap: ReceiptTap) -> dict[str, Any]:
     """The status callbacks the fake Twilio posted (`--receipts`) as the service answered them:
     how many, how many it took (204), at what rate, and the final statuses they carried."""
-    finals = Counter(
-        form.get("MessageStatus") or form.get("CallStatus")
-        for form, _ in fake.callbacks
-        if (form.get("MessageStatus") or form.get("CallStatus")) != "sent"
-    )
-    times = fake.callback_times
+    finals = Counter(c.status for c in tap.callbacks if c.status != "sent")
+    times = [c.time for c in tap.callbacks]
     span = times[-1] - times[0] if len(times) > 1 else 0.0
-    answered = sum(1 for _, status in fake.callbacks if status == 204)
+    answered = sum(1 for c in tap.callbacks if c.answer == 204)
     return {
-        "posted": len(fake.callbacks),
+        "posted": len(tap.callbacks),
         "answered": answered,
         "per_s": round(answered / span, 1) if span > 0 else None,
         "delivered": finals.get("delivered", 0) + finals.get("completed", 0),
@@ -213,7 +209,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
         }
         series[channel] = per_second(receipts.times, phase.start, phase.end)
     requests = _requests(options, phase.exchanges, duration)
-    receipts = receipt_figures(env.fakes.twilio) if options.receipts_delay is not None and env.fakes.twilio else None
+    receipt_summary = receipt_figures(env.tap) if options.receipts_delay is not None and env.fakes.twilio_url else None
     accounting_ok = bool(ok) and all(c["accounting_ok"] for c in channels.values())
     if options.scenario == "fanout":
         accounting_ok = accounting_ok and requests.get("users_selected") == population.size
@@ -227,7 +223,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
     busy = busy_rate({c: sorted(env.tap.since(phase.mark, c).times) for c in options.channels})
     notes = []
     if options.mode == "embedded":
-        notes.append("embedded mode: peak RSS is the harness process, which also runs the fakes")
+        notes.append("embedded mode: peak RSS is the harness process, which also runs the load generator")
     if options.processes > 1:
         shared = (
             ", and the fan-out (sent to replica 1) is shared by every process" if options.scenario == "fanout" else ""
@@ -259,7 +255,7 @@ def analyse(options: LoadTestOptions, env: Environment, service: RunningService,
             "busy_window_s": busy["window_s"],
         },
         "replicas": _per_replica(options, phase.exchanges, service.replicas),
-        **({"receipts": receipts} if receipts is not None else {}),
+        **({"receipts": receipt_summary} if receipt_summary is not None else {}),
         "failures_by_kind": failures_by_kind(failures),
         "failure_samples": failure_samples(failures),
         "checks": {

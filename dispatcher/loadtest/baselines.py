@@ -112,7 +112,7 @@ async def transport_ceiling(settings: Settings, population: Population, channels
     # them again and again, which would bill the transport for our preparation.
     gc.collect()
     gc.freeze()
-    async with open_providers(settings) as providers:
+    async with open_providers(settings.providers, settings.channels.providers()) as providers:
         started, cpu = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as nursery:
             for channel in channels:
@@ -155,7 +155,7 @@ async def naive_loop(settings: Settings, population: Population, channels: Seque
     users_wanted = min(sample, population.size)
     texts = _Texts(settings)
     attempted = sent = 0
-    async with open_providers(settings) as providers:
+    async with open_providers(settings.providers, settings.channels.providers()) as providers:
         client: MongoClient[dict[str, Any]] = MongoClient(settings.store.url.get_secret_value())
         try:
             started, cpu = time.perf_counter(), time.process_time()
@@ -208,7 +208,7 @@ def apprise_emails(settings: Settings, population: Population, sample: int) -> B
 
     logging.getLogger("apprise").setLevel(logging.CRITICAL)
     texts = _Texts(settings)
-    users = []
+    users: list[dict[str, Any]] = []
     for index in range(population.size):
         if len(users) >= sample:
             break

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import dispatcher
-
+from ..children import python_environment
 from ..errors import ConfigError
 from ..settings import Settings, settings_from_dict
 from .environment import DATABASE, USERS_COLLECTION, Environment
@@ -35,7 +34,7 @@ def _base_sections(path: Path | None) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--base-config {path}: {exc}") from None
     kept: dict[str, Any] = {key: raw[key] for key in ("dispatcher", "templates") if isinstance(raw.get(key), dict)}
-    channels = raw.get("channels") if isinstance(raw.get("channels"), dict) else {}
+    channels: dict[str, Any] = raw["channels"] if isinstance(raw.get("channels"), dict) else {}
     kept["channels"] = {
         name: {k: v for k, v in section.items() if k != "provider"}
         for name, section in channels.items()
@@ -76,13 +75,13 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
                 section[key] = value
         channels[channel] = section
     providers: dict[str, Any] = {}
-    if fakes.sink is not None:
-        smtp: dict[str, Any] = {"host": fakes.sink.host, "port": fakes.sink.port, "security": "none"}
+    if fakes.smtp_port is not None:
+        smtp: dict[str, Any] = {"host": fakes.smtp_host, "port": fakes.smtp_port, "security": "none"}
         pool_size = options.smtp_pool_size if options.smtp_pool_size is not None else base.get("smtp_pool_size")
         if pool_size is not None:
             smtp["pool_size"] = pool_size
         providers["smtp"] = smtp
-    if fakes.twilio is not None:
+    if fakes.twilio_url:
         # The fake lists a message as soon as it created it: no settling wait to speak of.
         providers["twilio"] = {
             "account_sid": fakes.twilio_sid,
@@ -91,7 +90,7 @@ def service_config(options: LoadTestOptions, env: Environment, port: int) -> dic
         }
         if options.receipts_delay is not None and port:
             providers["twilio"]["status_callback_base_url"] = f"http://127.0.0.1:{port}"
-    if fakes.fcm is not None:
+    if fakes.fcm_url:
         providers["fcm"] = {"project_id": fakes.fcm_project, "api_base_url": fakes.fcm_url}
     store: dict[str, Any] = {"database": DATABASE, "users_collection": USERS_COLLECTION}
     if options.ledger is not None:
@@ -119,7 +118,7 @@ def secret_environment(env: Environment) -> dict[str, str]:
     secrets = {"MONGODB_URL": env.store_url}
     if env.redis is not None:
         secrets["REDIS_URL"] = env.redis.url
-    if env.fakes.twilio is not None:
+    if env.fakes.twilio_url:
         secrets["TWILIO_AUTH_TOKEN"] = env.fakes.twilio_token
     if env.fakes.key_file is not None:
         secrets["GOOGLE_APPLICATION_CREDENTIALS"] = str(env.fakes.key_file)
@@ -132,7 +131,7 @@ def embedded_settings(config: Mapping[str, Any], env: Environment) -> Settings:
     raw["store"]["url"] = env.store_url
     if env.redis is not None:
         raw.setdefault("cluster", {})["redis_url"] = env.redis.url
-    if env.fakes.twilio is not None:
+    if env.fakes.twilio_url:
         raw["providers"]["twilio"]["auth_token"] = env.fakes.twilio_token
     if env.fakes.key_file is not None:
         raw["providers"]["fcm"]["credentials_file"] = str(env.fakes.key_file)
@@ -150,6 +149,4 @@ def child_environment(env: Environment) -> dict[str, str]:
         not in ("MONGODB_URL", "REDIS_URL", "SMTP_PASSWORD", "TWILIO_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
     }
     child.update(secret_environment(env))
-    root = str(Path(dispatcher.__file__).resolve().parent.parent)
-    child["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    return child
+    return python_environment(child)

@@ -92,7 +92,8 @@ class Phase:
 
 async def run_fanout(service: RunningService, env: Environment, status: PhaseStatus) -> Phase:
     status.requests_total = 1
-    phase = Phase("fanout", trio.current_time(), mark=env.tap.mark())
+    mark = await env.tap.mark()
+    phase = Phase("fanout", trio.current_time(), mark=mark)
     status.started = phase.start
     reply = await service.send(fanout_payload(env.options.channels))
     phase.end = trio.current_time()
@@ -122,7 +123,8 @@ async def run_stream(service: RunningService, env: Environment, options: LoadTes
     status.requests_total = total
     clients = trio.CapacityLimiter(options.clients)
     targets = stream_targets(env.population, options.channels)
-    phase = Phase("stream", trio.current_time(), mark=env.tap.mark())
+    mark = await env.tap.mark()
+    phase = Phase("stream", trio.current_time(), mark=mark)
     status.started = phase.start
 
     async def one(channel: str, index: int, due: float, replica: int) -> None:

@@ -108,15 +108,22 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     summary.add_row(f"peak RSS ({memory['measured']})", _mb(memory["peak_rss_bytes"]))
     cpu = results.get("cpu")
     if cpu:
+        # Each process apart: the service, the store, the fakes, Redis, the harness (the generator).
+        names = [n for n in ("service", "store", "fakes", "redis", "harness") if f"{n}_s" in cpu]
+        label = " / ".join("load generator" if n == "harness" else n for n in names)
+        for unit in ("request", "delivery"):
+            if f"service_ms_per_{unit}" in cpu:
+                summary.add_row(
+                    f"CPU per {unit}: {label}",
+                    " / ".join(_fmt(cpu[f"{n}_ms_per_{unit}"], 3) for n in names) + " ms",
+                )
+    summary.add_row("load generator (the harness process)", results["service"].get("generator", "-"))
+    machine = results.get("machine")
+    if machine:
         summary.add_row(
-            "CPU per delivery: service / store / harness",
-            " / ".join(
-                f"{_fmt(cpu[k], 3)}"
-                for k in ("service_ms_per_delivery", "store_ms_per_delivery", "harness_ms_per_delivery")
-            )
-            + " ms",
+            "machine: cores idle during the run / load average at its start",
+            f"{_fmt(machine['idle_cores'], 2)} of {machine['cpus']} / {_fmt(machine['load_1m_at_start'], 2)}",
         )
-    summary.add_row("load generator (in the harness, with the fakes)", results["service"].get("generator", "-"))
     summary.add_row(
         "deliveries/s while every channel is busy",
         f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -146,6 +147,7 @@ async def _pipeline_phase(
     else:
         phase = await run_stream(service, env, options, status)
     await meter.stop()
+    await env.tap.refresh()
     if options.receipts_delay is not None:
         await _receipts_settled(env, options.receipts_delay)
     results = analyse(options, env, service, phase)
@@ -156,13 +158,12 @@ async def _pipeline_phase(
 async def _receipts_settled(env: Environment, delay: float) -> None:
     """Wait (a bounded time) for the fake Twilio's callbacks of what it created: two per message
     (`sent`, then the final status), one per call."""
-    fake = env.fakes.twilio
-    if fake is None:
+    if not env.fakes.twilio_url:
         return
-    expected = sum(2 if entry["resource"] == "Messages" else 1 for entry in fake.created)
     with trio.move_on_after(delay + 30):
-        while len(fake.callbacks) < expected:
+        while len(env.tap.callbacks) < env.tap.callbacks_due:
             await trio.sleep(0.05)
+            await env.tap.refresh()
 
 
 async def _killed_fanout(
@@ -205,10 +206,10 @@ ROUND_TRIPS_METRIC = "dispatcher_redis_limit_round_trips_total"
 
 
 class _Meter:
-    """CPU time of the service (its processes), the store and the harness, and the Redis round
-    trips (as Redis counts its commands, and as each replica reports its own), over one measured
-    phase: `start` before it, `stop` right after it (before the harness analyses anything),
-    `report` into the phase's results."""
+    """CPU time of each process over one measured phase: the service (its processes), the store,
+    the fakes, Redis, and the harness (the load generator); and the Redis round trips (as Redis
+    counts its commands, and as each replica reports its own). `start` before the phase, `stop`
+    right after it (before the harness analyses anything), `report` into the phase's results."""
 
     def __init__(self, env: Environment, sampler: ProcessSampler, service: RunningService) -> None:
         self.env, self.sampler, self.service = env, sampler, service
@@ -216,8 +217,12 @@ class _Meter:
         self.service_s = self.system_s = 0.0
         self.service_system: dict[int, float] = {}
         self.per_root: list[float] = []
-        self.store: float | None = None
+        # Other processes by name: CPU-seconds at the start, then used during the phase.
+        self.others: dict[str, float | None] = {}
         self.harness = 0.0
+        # The whole machine: its load average when the phase starts, its idle CPU over the phase.
+        self.load_1m = 0.0
+        self.idle = self.wall = 0.0
         self.redis_calls: dict[str, int] = {}
         self.reported: list[float | None] = []
 
@@ -229,18 +234,26 @@ class _Meter:
             meter.reported = await _reported_round_trips(service)
         meter.service_cpu = sampler.cpu_snapshot()
         meter.service_system = sampler.system_snapshot()
-        meter.store = _cpu_of(env.store_pid)
+        meter.others = {name: _cpu_of(pid) for name, pid in meter._other_pids().items()}
         meter.harness = own_cpu_seconds()
+        meter.load_1m = os.getloadavg()[0]
+        meter.idle, meter.wall = _idle_seconds(), trio.current_time()
         return meter
+
+    def _other_pids(self) -> dict[str, int | None]:
+        env = self.env
+        return {"store": env.store_pid, "fakes": env.fakes.pid, "redis": env.redis.pid if env.redis else None}
 
     async def stop(self) -> None:
         snapshot = self.service_cpu
         self.service_s = self.sampler.cpu_since(snapshot)
         self.system_s = self.sampler.system_since(self.service_system)
         self.per_root = [self.sampler.cpu_since(snapshot, root) for root in self.service.roots()]
-        store_end = _cpu_of(self.env.store_pid)
-        self.store = None if store_end is None or self.store is None else store_end - self.store
         self.harness = own_cpu_seconds() - self.harness
+        self.idle, self.wall = _idle_seconds() - self.idle, trio.current_time() - self.wall
+        for name, pid in self._other_pids().items():
+            start, end = self.others.get(name), _cpu_of(pid)
+            self.others[name] = None if start is None or end is None else end - start
         if self.env.redis is not None:
             now = await trio.to_thread.run_sync(self.env.redis.command_calls)
             self.redis_calls = {name: n - self.redis_calls.get(name, 0) for name, n in now.items()}
@@ -250,27 +263,37 @@ class _Meter:
     def report(self, results: dict[str, Any]) -> None:
         sampler, service = self.sampler, self.service
         received = results["total"]["received"]
+        requests = results["requests"]["count"] if results["scenario"] == "stream" else 0
 
-        def per_delivery_ms(seconds: float | None) -> float | None:
-            return round(seconds / received * 1000, 4) if seconds is not None and received else None
+        def per_ms(seconds: float | None, count: int) -> float | None:
+            return round(seconds / count * 1000, 4) if seconds is not None and count else None
 
-        results["cpu"] = {
-            "service_s": round(self.service_s, 3),
-            "service_ms_per_delivery": per_delivery_ms(self.service_s),
-            "service_system_s": round(self.system_s, 3),
-            "store_s": None if self.store is None else round(self.store, 3),
-            "store_ms_per_delivery": per_delivery_ms(self.store),
-            "harness_s": round(self.harness, 3),
-            "harness_ms_per_delivery": per_delivery_ms(self.harness),
-            "measured": (
-                "the service's processes (user + system, psutil)"
-                if service.mode == "process"
-                else "embedded mode: the harness process, which also runs the fakes"
-            ),
+        cpu: dict[str, Any] = {"service_system_s": round(self.system_s, 3)}
+        # The harness process is the load generator (and, in embedded mode, the service too).
+        for name, seconds in [("service", self.service_s), *self.others.items(), ("harness", self.harness)]:
+            if name == "redis" and self.env.redis is None:
+                continue
+            cpu[f"{name}_s"] = None if seconds is None else round(seconds, 3)
+            cpu[f"{name}_ms_per_delivery"] = per_ms(seconds, received)
+            if requests:
+                cpu[f"{name}_ms_per_request"] = per_ms(seconds, requests)
+        cpu["measured"] = (
+            "user + system CPU time per process (psutil): the service's processes, the store, the "
+            "fakes (a process of their own), the harness (the load generator)"
+            if service.mode == "process"
+            else "embedded mode: the service runs in the harness process, with the load generator"
+        )
+        results["cpu"] = cpu
+        results["machine"] = {
+            "cpus": os.cpu_count(),
+            "load_1m_at_start": round(self.load_1m, 2),
+            # Cores that stood idle on average during the phase: what no process could use.
+            # (Clamped: /proc/stat counts in ticks, the phase's span is measured on another clock.)
+            "idle_cores": round(min(self.idle / self.wall, os.cpu_count() or 1), 2) if self.wall > 0 else None,
         }
-        for row, root, cpu in zip(results["replicas"], service.roots(), self.per_root):
+        for row, root, seconds in zip(results["replicas"], service.roots(), self.per_root):
             row["pid"] = root
-            row["cpu_s"] = round(cpu, 3)
+            row["cpu_s"] = round(seconds, 3)
             row["peak_rss_mb"] = round(sampler.peak_of(root) / 2**20, 1)
         results["processes"] = sampler.processes()
         if self.env.redis is not None:
@@ -311,6 +334,12 @@ async def _reported_round_trips(service: RunningService) -> list[float | None]:
     return [await service.metric(ROUND_TRIPS_METRIC, replica) for replica in range(service.replicas)]
 
 
+def _idle_seconds() -> float:
+    """Idle CPU-seconds of the whole machine so far, every core together."""
+    times = psutil.cpu_times()
+    return times.idle + getattr(times, "iowait", 0.0)
+
+
 def _cpu_of(pid: int | None) -> float | None:
     if pid is None:
         return None
@@ -332,7 +361,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": cpu.get("service_s"),
         "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
         "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
+        "fakes_cpu_ms_per_delivery": cpu.get("fakes_ms_per_delivery"),
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
+        "idle_cores": results.get("machine", {}).get("idle_cores"),
     }
     if "email" in results["channels"]:
         figures["email_deliveries_per_s"] = results["channels"]["email"]["deliveries_per_s"]
@@ -340,6 +371,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         figures["achieved_rps"] = results["requests"]["achieved_rps"]
         figures["p50_ms"] = results["requests"]["latency"]["p50_ms"]
         figures["p99_ms"] = results["requests"]["latency"]["p99_ms"]
+        for name in ("service", "store", "fakes", "redis", "harness"):
+            if f"{name}_ms_per_request" in cpu:
+                figures[f"{name}_cpu_ms_per_request"] = cpu[f"{name}_ms_per_request"]
     if "cluster" in results:
         figures["redis_round_trips_per_delivery"] = results["cluster"].get("limiter_round_trips_per_delivery")
     return figures
@@ -363,7 +397,7 @@ async def _baselines(
         display.set_phase(status)
         channels = ("email",) if kind == "apprise" else options.channels
         sample = options.apprise_sample if kind == "apprise" else options.naive_sample
-        mark = env.tap.mark()
+        mark = await env.tap.mark()
         store_cpu = _cpu_of(env.store_pid)
         if options.mode == "process":
             run = await _baseline_in_child(kind, options, env, output, sample)
@@ -372,6 +406,7 @@ async def _baselines(
             run = dataclasses.asdict(await run_baseline(kind, settings, env.population, options.channels, sample))
         end = trio.current_time()
         store_end = _cpu_of(env.store_pid)
+        await env.tap.refresh()
         received = {c: env.tap.since(mark, c) for c in channels}
         count = sum(len(r.times) for r in received.values())
         note = ""
@@ -458,7 +493,10 @@ def _compare_section(
         if run["note"] and run["sampled"]:
             pipeline["notes"].append(f"{_BASELINE_LABELS[kind]}: measured on a {run['note']}")
     if options.mode == "embedded":
-        pipeline["notes"].append("embedded mode: every CPU figure includes the fakes (one process)")
+        pipeline["notes"].append(
+            "embedded mode: the service, the baselines and the load generator share the harness "
+            "process, and every CPU figure of theirs includes the others"
+        )
     return {"runs": measured[0]["baselines"], "ratios": ratios}
 
 

@@ -7,15 +7,12 @@ imported only when configured, so the defaults need none of their SDKs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ..sections import ProvidersSettings
 from .base import Provider
-
-if TYPE_CHECKING:
-    from ..settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +20,7 @@ class ProviderEntry:
     name: str
     # None: any channel (the outbox writes whatever it is given).
     channels: frozenset[str] | None
-    create: Callable[[Settings], Provider]
+    create: Callable[[ProvidersSettings], Provider]
     # The provider can be asked whether a message exists (`on_ambiguous = "reconcile"`).
     can_reconcile: bool = False
 
@@ -31,28 +28,28 @@ class ProviderEntry:
         return self.channels is None or channel in self.channels
 
 
-def _outbox(settings: Settings) -> Provider:
+def _outbox(settings: ProvidersSettings) -> Provider:
     from .outbox import OutboxProvider
 
-    return OutboxProvider(settings.providers.outbox.dir)
+    return OutboxProvider(settings.outbox.dir)
 
 
-def _smtp(settings: Settings) -> Provider:
+def _smtp(settings: ProvidersSettings) -> Provider:
     from .smtp import SmtpProvider
 
-    return SmtpProvider(settings.providers.smtp)
+    return SmtpProvider(settings.smtp)
 
 
-def _twilio(settings: Settings) -> Provider:
+def _twilio(settings: ProvidersSettings) -> Provider:
     from .twilio import TwilioProvider
 
-    return TwilioProvider(settings.providers.twilio)
+    return TwilioProvider(settings.twilio)
 
 
-def _fcm(settings: Settings) -> Provider:
+def _fcm(settings: ProvidersSettings) -> Provider:
     from .fcm import FcmProvider
 
-    return FcmProvider(settings.providers.fcm)
+    return FcmProvider(settings.fcm)
 
 
 PROVIDERS: dict[str, ProviderEntry] = {
@@ -67,14 +64,14 @@ PROVIDERS: dict[str, ProviderEntry] = {
 
 
 @asynccontextmanager
-async def open_providers(settings: Settings) -> AsyncIterator[dict[str, Provider]]:
-    """One provider per active channel; a provider used by several channels is created once
-    (Twilio serves SMS and voice with one client) and closed on exit."""
+async def open_providers(settings: ProvidersSettings, chosen: Mapping[str, str]) -> AsyncIterator[dict[str, Provider]]:
+    """One provider per channel of `chosen` (channel: provider's name, as
+    `settings.channels.providers()` gives them); a provider used by several channels is created
+    once (Twilio serves SMS and voice with one client) and closed on exit."""
     by_name: dict[str, Provider] = {}
     async with AsyncExitStack() as stack:
         providers = {}
-        for channel in settings.channels.active:
-            name = settings.channels[channel].provider
+        for channel, name in chosen.items():
             if name not in by_name:
                 by_name[name] = PROVIDERS[name].create(settings)
                 stack.push_async_callback(by_name[name].aclose)

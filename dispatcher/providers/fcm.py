@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import google.auth.exceptions
 import google.auth.transport.requests
@@ -22,11 +22,10 @@ from google.oauth2 import service_account
 
 from ..errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import Message, PushContent
+from ..sections import FcmSettings
 from .base import may_have_arrived
 from .retry_after import parse_retry_after
 
-if TYPE_CHECKING:  # annotations only: settings import the provider registry
-    from ..settings import FcmSettings
 
 SCOPES = ["https://www.googleapis.com/auth/firebase.messaging"]
 # Refresh this long before the token expires, so a token never dies between check and use.

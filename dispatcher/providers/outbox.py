@@ -15,8 +15,8 @@ from pathlib import Path
 
 import trio
 
-from ..errors import ConfigError
-from ..messages import EmailContent, Message
+from ..errors import ConfigError, PermanentDeliveryError
+from ..messages import EmailContent, Message, PushContent, TextContent
 from ..mime import build_email
 
 
@@ -57,17 +57,20 @@ class OutboxProvider:
         """Write the message and return its file name."""
         folder = self.directory / message.channel
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        if isinstance(message.content, EmailContent):
-            mail = build_email(message.content, address)
-            if message.content.options.bcc:
-                mail["X-Envelope-Bcc"] = ", ".join(message.content.options.bcc)
+        content = message.content
+        if isinstance(content, EmailContent):
+            mail = build_email(content, address)
+            if content.options.bcc:
+                mail["X-Envelope-Bcc"] = ", ".join(content.options.bcc)
             path, payload = folder / f"{stem}.eml", bytes(mail)
         else:
+            if not isinstance(content, (TextContent, PushContent)):
+                raise PermanentDeliveryError(f"outbox: cannot write {message.channel} content")
             record = {
                 "channel": message.channel,
                 "userId": message.user_id,
                 "to": address,
-                **dataclasses.asdict(message.content),
+                **dataclasses.asdict(content),
             }
             path, payload = folder / f"{stem}.json", json.dumps(record, ensure_ascii=False, indent=2).encode()
         await trio.to_thread.run_sync(_write, path, payload)

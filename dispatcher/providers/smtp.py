@@ -24,7 +24,7 @@ from collections.abc import Callable
 from email.message import Message as MimeMessage
 from email.policy import Policy
 from email.utils import parseaddr
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from smtpproto.protocol import ClientState, SMTPClientProtocol, SMTPException, SMTPProtocolViolation, SMTPResponse
@@ -32,9 +32,8 @@ from smtpproto.protocol import ClientState, SMTPClientProtocol, SMTPException, S
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import EmailContent, Message
 from ..mime import POLICY, build_email, envelope_recipients
+from ..sections import SmtpSettings
 
-if TYPE_CHECKING:  # annotations only: settings import the provider registry
-    from ..settings import SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class _Session:
             if not data:
                 raise _ConnectionLost("the server closed the connection")
             try:
-                reply = self.protocol.feed_bytes(data)
+                reply = self.protocol.feed_bytes(bytes(data))
             except SMTPProtocolViolation as exc:
                 match = _UNEXPECTED_REPLY.match(str(exc))
                 if match:

@@ -48,17 +48,17 @@ class Chart:
         return f"{self.total} deliveries over {_duration(self.end - self.start)}, {_duration(self.step)} per bar; at most {self.peak} in one bar"
 
 
-def deliveries_chart(events: Iterable[tuple[float, str]], start: float, end: float) -> Chart | None:
-    """`events`: (epoch seconds, final state) of each delivery. None when there is nothing to draw."""
-    events = [(t, s) for t, s in events if t is not None]
-    if not events:
+def deliveries_chart(events: Iterable[tuple[float | None, str]], start: float, end: float) -> Chart | None:
+    """`events`: (epoch seconds or None, final state) of each delivery. None when there is nothing to draw."""
+    timed = [(t, s) for t, s in events if t is not None]
+    if not timed:
         return None
-    start = min(start, min(t for t, _ in events))
-    end = max(end, max(t for t, _ in events), start + 1)
+    start = min(start, min(t for t, _ in timed))
+    end = max(end, max(t for t, _ in timed), start + 1)
     step = next((s for s in _STEPS if (end - start) / s <= MAX_BINS), _STEPS[-1])
     bins = int((end - start) // step) + 1
     counts: list[Counter[str]] = [Counter() for _ in range(bins)]
-    for t, state in events:
+    for t, state in timed:
         counts[min(int((t - start) // step), bins - 1)][state] += 1
     peak = max(sum(c.values()) for c in counts)
     slot = WIDTH / bins
@@ -74,7 +74,7 @@ def deliveries_chart(events: Iterable[tuple[float, str]], start: float, end: flo
             bars.append(
                 Bar(round(i * slot, 2), round(y, 2), round(max(slot - 1, 0.5), 2), round(h, 2), state, n, label)
             )
-    return Chart(tuple(bars), peak, step, len(events), start, end)
+    return Chart(tuple(bars), peak, step, len(timed), start, end)
 
 
 def _duration(seconds: float) -> str:
