@@ -7,7 +7,8 @@ and `[callbacks].concurrency` in all are in flight, and a message for a host at 
 claimed (it stays due for whoever has room). Deliveries to providers never wait for callbacks:
 their writes are the events.
 
-A try: the URL is checked again against the SSRF rules (callback_urls.py), the body is signed
+A try: the URL is checked again against the SSRF rules (callback_urls.py: its host is resolved
+and checked for the connection, which goes to the checked address), the body is signed
 (callback_signing.py) and POSTed without following redirects, within `timeout_seconds`.
 - 2xx: delivered.
 - 5xx, 408, 429, a timeout or a connection error: tried again after an exponential backoff with
@@ -36,7 +37,7 @@ import trio
 from . import metrics
 from .callback_outbox import DELIVERY_UPDATED, CallbackOutbox, host_of, iso_ms_at, shown_url
 from .callback_signing import signed_headers
-from .callback_urls import RefusedUrl, check_callback_url
+from .callback_urls import RefusedUrl, check_form
 from .errors import StoreError
 from .providers.retry_after import parse_retry_after
 from .settings import CallbackSettings
@@ -208,9 +209,8 @@ class CallbackSender:
         if not secret:
             return Outcome("dead", "no signing secret (DISPATCHER_CALLBACK_SECRET or the key's callback_secret_env)")
         try:
-            await check_callback_url(
-                url, allow_http=self.settings.allow_http, allow_private=self.settings.allow_private
-            )
+            # The address is checked where the connection is made (callback_urls.CheckedBackend).
+            check_form(url, allow_http=self.settings.allow_http)
         except RefusedUrl as exc:
             return Outcome("dead", f"refused: {exc}")
         body = payload(message)
@@ -223,6 +223,8 @@ class CallbackSender:
         try:
             with trio.fail_after(self.settings.timeout_seconds):
                 response = await self._http.post(url, content=body, headers=headers)
+        except RefusedUrl as exc:
+            return Outcome("dead", f"refused: {exc}")
         except trio.TooSlowError:
             error = f"no answer within {self.settings.timeout_seconds:g}s"
         except httpx.HTTPError as exc:

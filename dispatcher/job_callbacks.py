@@ -18,7 +18,7 @@ import trio
 from .auth import ApiKeys
 from .callback_delivery import CallbackSender
 from .callback_outbox import DEFAULT_EVENTS, JOB_FINISHED, CallbackOutbox, Target
-from .callback_urls import RefusedUrl, check_callback_url
+from .callback_urls import CheckedTransport, RefusedUrl, check_callback_url
 from .errors import NotFound, RequestError, StoreError
 from .job_views import JobStatus
 from .ledger import Ledger
@@ -135,7 +135,12 @@ async def open_job_callbacks(
     limits = httpx.Limits(max_connections=settings.callbacks.concurrency)
     timeout = settings.callbacks.timeout_seconds
     async with (
-        httpx.AsyncClient(follow_redirects=False, limits=limits, timeout=timeout) as http,
+        httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=timeout,
+            # Connections only to addresses the SSRF rules allow, the very ones checked.
+            transport=CheckedTransport(limits=limits, allow_private=settings.callbacks.allow_private),
+        ) as http,
         trio.open_nursery() as nursery,
     ):
         callbacks.sender = CallbackSender(outbox, settings.callbacks, callbacks.secret_of, owner, http)

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 import trio
@@ -20,7 +21,7 @@ import trio
 from dispatcher import open_dispatcher
 from dispatcher.app import create_app
 from dispatcher.callback_delivery import backoff, classify
-from dispatcher.callback_urls import refused_address
+from dispatcher.callback_urls import CheckedBackend, RefusedUrl, refused_address
 from dispatcher.fakes.server import serve_asgi
 from dispatcher.fakes.webhooks import WebhookReceiver
 from dispatcher.settings import CallbackSettings
@@ -253,6 +254,88 @@ def test_addresses_refused_without_allow_private() -> None:
         assert refused_address(address) is not None, address
     for address in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"):
         assert refused_address(address) is None, address
+
+
+class Rebinding(trio.abc.HostnameResolver):
+    """A DNS that answers `first` for `name` once, then `later` (a rebinding attacker's)."""
+
+    def __init__(self, name: str, first: str, later: str) -> None:
+        self.name, self.answers, self.later, self.asked = name, [first], later, 0
+
+    async def getaddrinfo(
+        self, host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+    ) -> Any:  # noqa: A002
+        name = host.decode() if isinstance(host, bytes) else host
+        if name != self.name:
+            return await trio.to_thread.run_sync(
+                lambda: __import__("socket").getaddrinfo(host, port, family, type, proto, flags)
+            )
+        self.asked += 1
+        address = self.answers.pop(0) if self.answers else self.later
+        return [(2, 1, 6, "", (address, int(port)))]
+
+    async def getnameinfo(self, sockaddr: Any, flags: int) -> Any:
+        raise NotImplementedError
+
+
+class Recording(httpcore.AsyncNetworkBackend):
+    """A network that records where connections were asked to go and refuses them all."""
+
+    def __init__(self) -> None:
+        self.connected: list[tuple[str, int]] = []
+
+    async def connect_tcp(self, host: str, port: int, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        self.connected.append((host, port))
+        raise httpcore.ConnectError("recorded, not connected")
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+@pytest.fixture
+async def rebinding() -> Any:
+    """A resolver for hooks.example whose first answer is public and every later one loopback."""
+    resolver = Rebinding("hooks.example", "93.184.216.34", "127.0.0.1")
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    yield resolver
+    trio.socket.set_custom_hostname_resolver(previous)
+
+
+async def test_a_connection_goes_to_the_address_that_was_checked(rebinding: Rebinding) -> None:
+    """DNS rebinding: the name is resolved once per connection, checked, and the connection is
+    made to that address; it is never resolved again, by anyone, in between."""
+    network = Recording()
+    backend = CheckedBackend(allow_private=False, inner=network)
+    with pytest.raises(httpcore.ConnectError):
+        await backend.connect_tcp("hooks.example", 443)
+    assert network.connected == [("93.184.216.34", 443)] and rebinding.asked == 1
+    # Now the name answers loopback: refused before any connection is tried.
+    with pytest.raises(RefusedUrl, match="loopback address"):
+        await backend.connect_tcp("hooks.example", 443)
+    assert network.connected == [("93.184.216.34", 443)] and rebinding.asked == 2
+
+
+async def test_a_name_rebound_to_loopback_after_the_request_is_refused_at_connection(
+    make_settings: Any, database: Any, secret_env: None, rebinding: Rebinding
+) -> None:
+    """Accepted while hooks.example answered a public address; the try's connection resolves it
+    to loopback, where the receiver listens: refused there, the callback is dead, nothing sent."""
+    seed(database, 1)
+    receiver = WebhookReceiver(SECRET)
+    async with service(make_settings, receiver, allow_private=False) as (client, d, url):
+        port = url.rsplit(":", 1)[1]
+        body = {"channels": ["sms"], "recipients": ["u0000"], "messageContent": "hi"}
+        answer = await client.post("/send", json={**body, "callbackUrl": f"http://hooks.example:{port}/hooks"})
+        assert answer.status_code == 200
+        job_id = (await answer.get_json())["id"]
+        with trio.fail_after(15):
+            while not (dead := await d.callbacks.outbox.message(f"{job_id}.finished")) or dead["state"] != "dead":
+                await trio.sleep(0.05)
+    assert "loopback address (127.0.0.1)" in dead["last_error"] and dead["attempts"] == 1
+    assert receiver.posts == 0 and rebinding.asked == 2
 
 
 def test_retry_schedule_backs_off_with_jitter_and_honours_retry_after_capped() -> None:
