@@ -4,16 +4,18 @@
   before it; its id is derived from the job's (`<job>.finished`), so a job resumed after a crash
   between the two writes writes the same document again and the duplicate is refused.
 - `delivery.updated`: no document per event. The delivery document *is* the event: every write
-  that moves a delivery to a state a client hears of (an outcome, a reconciled one, a receipt, a
-  receipt timeout) also sets its `ev` field to a fresh *stamp*, in the same write. A delivery
-  written is therefore its event made durable, with no second write a crash could skip and no
-  extra store command in the group commit. Outcomes are stamped only for jobs that asked for
-  `delivery.updated` (`wants_updates`); receipts and timeouts always (their job is known only
-  once written; the reader drops those nobody asked for).
+  that moves a delivery to a state a client hears of sets a fresh *stamp* on it, in the same
+  write — an outcome (a reconciled one too) in `ev`, a receipt or a receipt timeout in `evr`. A
+  delivery written is therefore its event made durable, with no second write a crash could skip
+  and no extra store command in the group commit. Two fields, so that a receipt landing before
+  the outcome's stamp was read does not hide the outcome (`sent`, then `delivered`, are two
+  events). Outcomes are stamped only for jobs that asked for `delivery.updated`
+  (`wants_updates`); receipts and timeouts always (their job is known only once written; the
+  reader drops those nobody asked for).
 
 A stamp is `<prefix>|<16-digit microseconds>|<delivery>`: `prefix` is this process's, and the
-number grows with every group of writes (`_Stamps`), so one process's stamps sort in the order it
-made them. Each process pages through its own stamps with a cursor (`role: "cursor"`, one
+number grows with every group of writes (`_Stamps`), so one process's stamps, in both fields,
+sort in the order it made them. Each process pages through its own stamps with a cursor (`role: "cursor"`, one
 document per prefix, `collect`), never past the oldest write it still has in flight (`horizon`):
 a write that lands late cannot fall behind the cursor. What it reads it turns into *messages* of
 at most `batch_size` events of one job, in stamp order, once `batch_size` are waiting or the
@@ -25,9 +27,9 @@ message that grew meanwhile gets a new id (its events arrive twice: at least onc
 
 A process holds its cursor with a lease (`[store].lease_seconds`), renewed every round; a cursor
 whose lease expired (its process died, or stopped: it lets go at exit) is adopted by any process,
-which reads it to the end and removes it. One delivery changing state twice before its first
-stamp is read is one event, in its later state (its document holds only the latest stamp):
-`delivered` says it was sent. A process stalled for longer than its lease while a write was in
+which reads it to the end and removes it. Two receipts of one delivery whose first stamp was not
+read yet (`unconfirmed`, then a late `delivered`) are one event, in the later state (a field
+holds one stamp). A process stalled for longer than its lease while a write was in
 flight loses its cursor; that write's event can be lost if it lands after the adopter emptied and
 removed the cursor.
 
@@ -63,6 +65,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .listing import encode_cursor, iso_ms, seq_of
+from .states import RECEIPT_STATES
 
 JOB_FINISHED = "job.finished"
 DELIVERY_UPDATED = "delivery.updated"
@@ -73,7 +76,7 @@ CALLBACK_STATES = ("pending", "delivered", "dead")
 _TRANSIENT_STATES = frozenset({"sending", "retrying"})
 _DUPLICATE_KEY = 11000
 # What an event says of its delivery.
-_EVENT_FIELDS = {"job": 1, "user": 1, "channel": 1, "state": 1, "error": 1, "provider_id": 1, "ev": 1}
+_EVENT_FIELDS = {"job": 1, "user": 1, "channel": 1, "state": 1, "error": 1, "provider_id": 1, "ev": 1, "evr": 1}
 log = logging.getLogger(__name__)
 
 
@@ -194,6 +197,7 @@ class CallbackOutbox:
         self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
         self._outbox.create_index("expires_at", expireAfterSeconds=0)
         self._deliveries.create_index("ev")
+        self._deliveries.create_index("evr")
 
     def track(self, job_id: str, target: Target | None, key_id: str | None, request_id: str | None) -> None:
         """What the events of `job_id` need, known to the process running it (no lookup)."""
@@ -263,13 +267,11 @@ class CallbackOutbox:
         at = cursor["at"] if cursor else f"{prefix}|"
         done = dict(cursor["formed"]) if cursor else {}
         high = self._stamps.horizon() if own else f"{prefix}|~"
-        docs = list(
-            self._deliveries.find({"ev": {"$gt": at, "$lt": high}}, _EVENT_FIELDS).sort("ev", 1).limit(self._page)
-        )
-        by_job: dict[str, list[dict[str, Any]]] = {}
-        for doc in docs:
-            if doc["ev"] > done.get(doc["job"], "") and doc.get("state") not in _TRANSIENT_STATES:
-                by_job.setdefault(doc["job"], []).append(doc)
+        stamps = self._stamped(at, high)
+        by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for ev, event in stamps:
+            if ev > done.get(event["job"], "") and event["state"] not in _TRANSIENT_STATES:
+                by_job.setdefault(event["job"], []).append((ev, event))
         self._load_targets([job for job in by_job if job not in self._targets])
         messages: list[dict[str, Any]] = []
         waiting = high  # the first stamp left for a later round
@@ -279,27 +281,27 @@ class CallbackOutbox:
                 continue
             for start in range(0, len(events), self.batch_size):
                 part = events[start : start + self.batch_size]
-                young = _stamp_seconds(part[0]["ev"]) > now - self.batch_seconds
+                young = _stamp_seconds(part[0][0]) > now - self.batch_seconds
                 if len(part) < self.batch_size and young and not flush:
-                    waiting = min(waiting, part[0]["ev"])
+                    waiting = min(waiting, part[0][0])
                     break
                 messages.append(self._message(job, target, part, now))
-                done[job] = part[-1]["ev"]
+                done[job] = part[-1][0]
         if messages:
             self.insert_messages(messages)
         # Up to the last stamp read before the first one left waiting.
         new_at = at
-        for doc in docs:
-            if doc["ev"] >= waiting:
+        for ev, _ in stamps:
+            if ev >= waiting:
                 break
-            new_at = doc["ev"]
+            new_at = ev
         fields = {
             "at": new_at,
             "formed": sorted([job, ev] for job, ev in done.items() if ev > new_at),
             "holder": self._owner,
             "lease_expires": now + self._cursor_lease,
         }
-        if not own and not docs and cursor is not None:
+        if not own and not stamps and cursor is not None:
             # An adopted cursor read to its end: its process writes no more.
             self._outbox.delete_one({"_id": cursor["_id"], "holder": self._owner})
             del self._cursors[prefix]
@@ -319,23 +321,41 @@ class CallbackOutbox:
                 self._stamps = _Stamps(self._new_prefix())
         return len(messages)
 
-    def _message(self, job: str, target: Target, docs: list[dict[str, Any]], now: float) -> dict[str, Any]:
-        first, last = docs[0]["ev"], docs[-1]["ev"]
+    def _stamped(self, at: str, high: str) -> list[tuple[str, dict[str, Any]]]:
+        """The events stamped in (at, high), in stamp order: (stamp, event with its `job`)."""
+        pages = {
+            field: list(
+                self._deliveries.find({field: {"$gt": at, "$lt": high}}, _EVENT_FIELDS).sort(field, 1).limit(self._page)
+            )
+            for field in ("ev", "evr")
+        }
+        # A full page stops where its field's stamps may go on: nothing after that is taken now.
+        ends = [docs[-1][field] for field, docs in pages.items() if len(docs) == self._page]
+        stamps = []
+        for field, docs in pages.items():
+            for doc in docs:
+                ev = doc[field]
+                if ends and ev > min(ends):
+                    break
+                event = {"job": doc["job"], "userId": doc.get("user"), "channel": doc.get("channel")}
+                if field == "ev" and doc.get("state") in RECEIPT_STATES:
+                    event["state"] = "sent"  # the outcome; its receipt has its own stamp
+                else:
+                    event["state"] = doc.get("state")
+                    if doc.get("error"):
+                        event["error"] = doc["error"]
+                event["at"] = iso_ms_at(_stamp_seconds(ev))
+                if doc.get("provider_id"):
+                    event["providerId"] = doc["provider_id"]
+                stamps.append((ev, event))
+        stamps.sort(key=lambda item: item[0])
+        return stamps
+
+    def _message(self, job: str, target: Target, part: list[tuple[str, dict[str, Any]]], now: float) -> dict[str, Any]:
+        first, last = part[0][0], part[-1][0]
         message_id = f"{job}.u.{hashlib.sha1(f'{first} {last}'.encode()).hexdigest()[:16]}"
         key_id, request_id = self._owners.get(job, (None, None))
-        events = []
-        for doc in docs:
-            event = {
-                "userId": doc.get("user"),
-                "channel": doc.get("channel"),
-                "state": doc.get("state"),
-                "at": iso_ms_at(_stamp_seconds(doc["ev"])),
-            }
-            if doc.get("error"):
-                event["error"] = doc["error"]
-            if doc.get("provider_id"):
-                event["providerId"] = doc["provider_id"]
-            events.append(event)
+        events = [{k: v for k, v in event.items() if k != "job"} for _, event in part]
         return {
             **self._pending(message_id, DELIVERY_UPDATED, job, target, key_id, request_id, now),
             "events": events,

@@ -523,7 +523,8 @@ class Ledger:
 
     def attach_outbox(self, outbox: CallbackOutbox) -> None:
         """Stamp delivery writes for `outbox`'s `delivery.updated` events, in the writes
-        themselves: outcomes of the jobs that asked for them, every receipt and timeout."""
+        themselves: outcomes of the jobs that asked for them (`ev`), every receipt and timeout
+        (`evr`)."""
         self._outbox = outbox
 
     @contextmanager
@@ -875,7 +876,7 @@ def _receipt_set(r: Receipt, stamp: str | None) -> dict[str, Any]:
     # documents as strings.
     update[f"receipts.{r.state}"] = r.entry()
     if stamp is not None:
-        update["ev"] = f"{stamp}|{r.sid}"
+        update["evr"] = f"{stamp}|{r.sid}"
     return update
 
 
@@ -894,7 +895,7 @@ def _creation(doc: dict[str, Any] | None) -> Call | None:
 
 
 def _stamped(fields: dict[str, Any], stamp: str | None, doc: dict[str, Any]) -> dict[str, Any]:
-    return {**fields, "ev": f"{stamp}|{doc['_id']}"} if stamp is not None else fields
+    return {**fields, "evr": f"{stamp}|{doc['_id']}"} if stamp is not None else fields
 
 
 def _bulk(writes: list[Call], what: str, command: Any) -> None:

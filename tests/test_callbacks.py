@@ -508,3 +508,91 @@ async def test_dead_letters_belong_to_their_key_and_the_cli_lists_and_retries_th
             await wait_until(lambda: receiver.received)
             assert receiver.received[0].webhook_id == letter["id"]
         nursery.cancel_scope.cancel()
+
+
+async def test_sigkill_after_receipts_then_restart_reports_every_receipt(
+    mongo_url: str, database: Any, tmp_path: Path
+) -> None:
+    """Receipts are written; their delivery.updated events are, at the kill, partly only the
+    stamps on those writes (not yet read into a message: batch_ms holds the last partial batch).
+    After the restart the killed process's cursor is adopted and every receipt's state arrives."""
+    from service_process import Service
+
+    from dispatcher.fakes.twilio import FakeTwilio, ReceiptPlan
+
+    users = 210  # 210 outcomes + 210 receipts: 16 full batches of 25 and 20 events left waiting
+    seed(database, users)
+    fake = FakeTwilio("AC123", "secret", receipts=ReceiptPlan(delay=0.05, mix={"undelivered": 0.3}, seed=3))
+    receiver = WebhookReceiver(SECRET, delay=0.1)
+    async with trio.open_nursery() as nursery:
+        twilio_url = await nursery.start(serve_asgi, fake)
+        url = await nursery.start(serve_asgi, receiver)
+        config = tmp_path / "config.toml"
+        service = Service(config, mongo_url, database.name, tmp_path / "service.log")
+        config.write_text(f"""
+[channels]
+active = ["sms"]
+[channels.sms]
+provider = "twilio"
+concurrency = 8
+[providers.twilio]
+account_sid = "AC123"
+api_base_url = "{twilio_url}"
+status_callback_base_url = "http://127.0.0.1:{service.port}"
+[sender]
+sms = "+15550009999"
+[store]
+lease_seconds = 1.5
+[callbacks]
+allow_http = true
+allow_private = true
+batch_size = 25
+batch_ms = 8000
+poll_seconds = 0.05
+timeout_seconds = 1
+per_host_concurrency = 1
+""")
+        service.env["DISPATCHER_CALLBACK_SECRET"] = SECRET
+        try:
+            await service.start()
+            async with httpx.AsyncClient(timeout=30) as client:
+                answer = await client.post(
+                    f"http://127.0.0.1:{service.port}/send?async=true",
+                    json={
+                        "channels": ["sms"],
+                        "clusters": ["all"],
+                        "messageContent": "hi",
+                        "callbackUrl": f"{url}/hooks",
+                        "callbackEvents": ["delivery.updated"],
+                    },
+                )
+            job_id = answer.json()["id"]
+            finals = {"state": {"$in": ["delivered", "undelivered"]}, "job": job_id}
+            with trio.fail_after(60):
+                while await trio.to_thread.run_sync(database.dispatch_deliveries.count_documents, finals) < users:
+                    await trio.sleep(0.02)
+            service.kill()
+            # What the outbox held as messages at the kill: every other event was only a stamp.
+            in_messages = {
+                (e["userId"], e["state"])
+                for m in database.dispatch_callbacks.find({"job": job_id, "role": "message"})
+                for e in m["events"]
+            }
+            await service.start()
+            final = {d["user"]: d["state"] for d in database.dispatch_deliveries.find({"job": job_id})}
+            with trio.fail_after(60):
+                while not set(final.items()) <= {(e["userId"], e["state"]) for e in receiver.deliveries()}:
+                    await trio.sleep(0.1)
+            await settled_outbox(database)
+        finally:
+            service.stop()
+            nursery.cancel_scope.cancel()
+    only_stamped = set(final.items()) - in_messages
+    print(f"receipt events only stamped at the kill: {len(only_stamped)}; POSTs {receiver.posts}")
+    assert only_stamped, "every receipt event was in a message at the kill: the test did not test it"
+    assert receiver.rejected == 0 and len(final) == users
+    assert {state for state in final.values()} == {"delivered", "undelivered"}
+    reported = {(e["userId"], e["state"]) for e in receiver.deliveries()}
+    assert set(final.items()) <= reported and {(u, "sent") for u in final} <= reported
+    # The adopted cursor was read to its end and removed; the new process holds its own.
+    assert database.dispatch_callbacks.count_documents({"role": "cursor"}) == 1
