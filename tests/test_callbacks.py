@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -264,15 +265,13 @@ class Rebinding(trio.abc.HostnameResolver):
 
     async def getaddrinfo(
         self, host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
-    ) -> Any:  # noqa: A002
+    ) -> Any:
         name = host.decode() if isinstance(host, bytes) else host
         if name != self.name:
-            return await trio.to_thread.run_sync(
-                lambda: __import__("socket").getaddrinfo(host, port, family, type, proto, flags)
-            )
+            return await trio.to_thread.run_sync(lambda: socket.getaddrinfo(host, port, family, type, proto, flags))
         self.asked += 1
         address = self.answers.pop(0) if self.answers else self.later
-        return [(2, 1, 6, "", (address, int(port)))]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
 
     async def getnameinfo(self, sockaddr: Any, flags: int) -> Any:
         raise NotImplementedError
