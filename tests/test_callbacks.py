@@ -6,6 +6,7 @@ and callbacks that survive a SIGKILL of the service."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import socket
@@ -575,7 +576,7 @@ per_host_concurrency = 1
             in_messages = {
                 (e["userId"], e["state"])
                 for m in database.dispatch_callbacks.find({"job": job_id, "role": "message"})
-                for e in m["events"]
+                for e in json.loads(m["body"])["data"]["deliveries"]
             }
             await service.start()
             final = {d["user"]: d["state"] for d in database.dispatch_deliveries.find({"job": job_id})}
