@@ -44,6 +44,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "peak_rss_mb": results["memory"]["peak_rss_mb"],
         "idle_cores": results.get("machine", {}).get("idle_cores"),
+        "steal_cores": results.get("machine", {}).get("steal_cores"),
         "checks_ok": results["checks"]["ok"],
     }
     if results["scenario"] == "stream":
