@@ -61,9 +61,6 @@ class Failure:
     channel: str
     error: str
 
-    def to_json(self) -> dict[str, str]:
-        return {"userId": self.user_id, "channel": self.channel, "error": self.error}
-
 
 @dataclass(slots=True)
 class Summary:
@@ -106,10 +103,3 @@ class SendResult:
     summary: Summary = field(default_factory=Summary)
     # The job's id (`GET /send/{id}`); None without the ledger, where there is no job to name.
     job_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"failures": [f.to_json() for f in self.failures], "summary": self.summary.to_json()}
-        if self.job_id is not None:
-            # An extension of the predecessor's shape, after its fields: old clients ignore it.
-            body["id"] = self.job_id
-        return body

@@ -30,10 +30,10 @@ from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreErro
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
 from .web import error_response, parse_json_body, status_of
-from .wire import deliveries_json, failure_page_json, job_json, job_page_json
+from .wire import deliveries_json, failure_page_json, job_json, job_page_json, send_result_json
 from .ops import install_ops
 from .ui import install_ui
-from .providers.twilio import STATUS_CALLBACK_PATH
+from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
 
@@ -179,7 +179,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         except StillRunning as exc:
             # [server].sync_timeout_seconds ran out: the job goes on; say where to follow it.
             return job_json(await dispatcher.status(exc.job_id, _viewer())), 202, _located(exc.job_id)
-        return result.to_json(), 200, _located(result.job_id)
+        return send_result_json(result), 200, _located(result.job_id)
 
     @app.get("/send")
     async def job_list() -> Any:
@@ -250,7 +250,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not signature.valid(query, form, request.headers.get("X-Twilio-Signature")):
             return error_response(403, "X-Twilio-Signature is missing or does not match")
         try:
-            receipt = twilio_receipt(form)
+            receipt = twilio_receipt(form, delivery=request.args.get(DELIVERY_PARAM) or None)
         except BadReceipt as exc:
             raise RequestError(f"not a Twilio status callback: {exc}") from None
         if receipt is not None:
@@ -293,7 +293,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             "statusCode": status,
             "error": HTTPStatus(status).phrase,
             "message": str(exc),
-            **exc.partial.to_json(),
+            **send_result_json(exc.partial),
             "id": exc.job_id,
         }
         return Response(json.dumps(body), status=status, content_type="application/json", headers=_located(exc.job_id))

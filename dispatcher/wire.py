@@ -1,8 +1,9 @@
-"""The JSON of the dispatcher's answers about jobs (`job_views.py`), in the camelCase shapes the
-OpenAPI document (`openapi.py`) describes.
+"""The JSON of the dispatcher's answers: a send's `SendResult`, and the answers about jobs
+(`job_views.py`), in the camelCase shapes the OpenAPI document (`openapi.py`) describes.
 
 The HTTP layer answers with these, and the `job.finished` callback carries `job_json` of the
-finished job: the same body as `GET /send/{id}`, from the same function.
+finished job: the same body as `GET /send/{id}`, from the same function. (A `Summary`'s own
+`to_json` is the plain form of the counts, which the ledger stores too.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,20 @@ from typing import Any
 
 from .job_views import DeliveryRecord, FailurePage, JobPage, JobStatus, UserDeliveries
 from .listing import iso_ms
+from .models import Failure, SendResult
+
+
+def failure_json(failure: Failure) -> dict[str, str]:
+    return {"userId": failure.user_id, "channel": failure.channel, "error": failure.error}
+
+
+def send_result_json(result: SendResult) -> dict[str, Any]:
+    """`POST /send`: the predecessor's shape, and the job's id after its fields (old clients
+    ignore it; there is none without the ledger)."""
+    body: dict[str, Any] = {"failures": [failure_json(f) for f in result.failures], "summary": result.summary.to_json()}
+    if result.job_id is not None:
+        body["id"] = result.job_id
+    return body
 
 
 def summary_json(job: JobStatus) -> dict[str, Any]:
@@ -46,7 +61,7 @@ def job_page_json(page: JobPage) -> dict[str, Any]:
 
 def failure_page_json(page: FailurePage) -> dict[str, Any]:
     """`GET /send/{id}/failures`."""
-    return {"id": page.job_id, "failures": [failure.to_json() for failure in page.failures], "next": page.next}
+    return {"id": page.job_id, "failures": [failure_json(failure) for failure in page.failures], "next": page.next}
 
 
 def delivery_json(delivery: DeliveryRecord) -> dict[str, Any]:
@@ -83,4 +98,13 @@ def deliveries_json(deliveries: UserDeliveries) -> dict[str, Any]:
     }
 
 
-__all__ = ["deliveries_json", "delivery_json", "failure_page_json", "job_json", "job_page_json", "summary_json"]
+__all__ = [
+    "deliveries_json",
+    "delivery_json",
+    "failure_json",
+    "failure_page_json",
+    "job_json",
+    "job_page_json",
+    "send_result_json",
+    "summary_json",
+]
