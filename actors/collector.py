@@ -33,7 +33,6 @@ async def collect(
     stops early). `providers`: the provider name of each requested channel, in request order."""
     channels = list(providers)
     summary = result.summary
-    # Every lane sees every selected user once, so the first lane's count is the number of users.
     counting = channels[0]
     pending: list[Delivery] = []
     deadline = trio.current_time() + FLUSH_SECONDS
@@ -50,12 +49,9 @@ async def collect(
 
     with results:
         async for delivery in results:
-            counts = getattr(summary, delivery.status)
-            counts[delivery.channel] = counts.get(delivery.channel, 0) + 1
+            summary.count(delivery, counting_users=delivery.channel == counting)
             if delivery.status == "failed":
                 result.failures.append(Failure(delivery.user_id, delivery.channel, delivery.error or "failed"))
-            if delivery.channel == counting and delivery.user_found:
-                summary.users += 1
             if not delivery.recorded:
                 metrics.observe_delivery(delivery.channel, providers[delivery.channel], delivery.status, delivery.kind)
             pending.append(delivery)

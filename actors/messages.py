@@ -61,9 +61,6 @@ class Failure:
     channel: str
     error: str
 
-    def to_json(self) -> dict[str, str]:
-        return {"userId": self.user_id, "channel": self.channel, "error": self.error}
-
 
 @dataclass(slots=True)
 class Summary:
@@ -74,6 +71,14 @@ class Summary:
     # Deliveries a `DELETE /send/{id}` stopped; shown only when there are some, so that a
     # synchronous send answers exactly the predecessor's shape.
     cancelled: dict[str, int] = field(default_factory=dict)
+
+    def count(self, delivery: Delivery, *, counting_users: bool) -> None:
+        """Count one delivery; `counting_users`: it is of the channel users are counted on
+        (every lane sees every selected user once, so one lane's count is the users')."""
+        counts = getattr(self, delivery.status)
+        counts[delivery.channel] = counts.get(delivery.channel, 0) + 1
+        if counting_users and delivery.user_found:
+            self.users += 1
 
     def to_json(self) -> dict[str, Any]:
         body = {"users": self.users, "sent": self.sent, "skipped": self.skipped, "failed": self.failed}
@@ -98,10 +103,3 @@ class SendResult:
     summary: Summary = field(default_factory=Summary)
     # The job's id (`GET /send/{id}`); None without the ledger, where there is no job to name.
     job_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"failures": [f.to_json() for f in self.failures], "summary": self.summary.to_json()}
-        if self.job_id is not None:
-            # An extension of the predecessor's shape, after its fields: old clients ignore it.
-            body["id"] = self.job_id
-        return body

@@ -8,13 +8,19 @@ alternate and ratios taken within a round are what hold up.
         --variant "ledger on=--ledger on" --variant "ledger off=--ledger off"
 
 Each variant is NAME=ARGS (ARGS added to --common). Results: one folder per run under --output,
-and summary.json there.
+and summary.json there. Each run records the load average (1 min) at its start: on a shared
+machine, read the figures beside it. `--lock FILE` holds an exclusive `flock` on FILE for each
+round (its variants back to back; `--rounds-per-lock N` for N rounds) and lets go in between, so
+that other users of the machine can run in between while no one runs beside a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -37,6 +43,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "fakes_cpu_ms_per_delivery": cpu.get("fakes_ms_per_delivery"),
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "peak_rss_mb": results["memory"]["peak_rss_mb"],
+        "idle_cores": results.get("machine", {}).get("idle_cores"),
+        "steal_cores": results.get("machine", {}).get("steal_cores"),
         "checks_ok": results["checks"]["ok"],
     }
     if results["scenario"] == "stream":
@@ -66,6 +74,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
 def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "dispatcher", "loadtest", *arguments, "--no-progress", "--output", str(output)]
+    load = os.getloadavg()[0]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False)  # 1: a check failed
     found = sorted(output.glob("*/results.json"))
@@ -75,7 +84,22 @@ def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
     row = figures(results)
     row["exit_code"] = done.returncode
     row["wall_s"] = round(time.monotonic() - started, 1)
+    row["load_1m"] = round(load, 2)
     return row
+
+
+@contextlib.contextmanager
+def exclusive(path: Path | None) -> Any:
+    """An exclusive flock on `path` for the block (nothing when None)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _median(values: list[Any]) -> Any:
@@ -89,19 +113,24 @@ def main() -> int:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=ARGS")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("loadtest-results/interleaved"))
+    parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file for each round")
+    parser.add_argument("--rounds-per-lock", type=int, default=1, help="rounds run under one hold of --lock")
     args = parser.parse_args()
     variants = [(name.strip(), shlex.split(rest)) for name, _, rest in (v.partition("=") for v in args.variant)]
     common = shlex.split(args.common)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = args.output / stamp
     rounds: list[dict[str, dict[str, Any]]] = []
-    for number in range(1, args.repeat + 1):
-        entry = {}
-        for index, (name, extra) in enumerate(variants):
-            row = run_once(common + extra, root / f"round{number}-{index + 1}")
-            entry[name] = row
-            print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        rounds.append(entry)
+    per_lock = max(1, args.rounds_per_lock)
+    for first in range(1, args.repeat + 1, per_lock):
+        with exclusive(args.lock):
+            for number in range(first, min(first + per_lock, args.repeat + 1)):
+                entry = {}
+                for index, (name, extra) in enumerate(variants):
+                    row = run_once(common + extra, root / f"round{number}-{index + 1}")
+                    entry[name] = row
+                    print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                rounds.append(entry)
 
     keys = list(rounds[0][variants[0][0]])
     medians = {name: {k: _median([r[name].get(k) for r in rounds]) for k in keys} for name, _ in variants}

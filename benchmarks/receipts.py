@@ -1,23 +1,29 @@
 """What Twilio receipts cost a fan-out, and how many one process absorbs, on the embedded store.
 
-    python benchmarks/receipts.py [ROUNDS] [USERS]       # default 3 rounds of 3000 SMS
+    cd benchmarks && python receipts.py [ROUNDS] [USERS]       # default 3 rounds of 3000 SMS
 
 One service process (the dispatcher and its HTTP app on hypercorn, in this process) with the
 embedded store (nx-27017, on disk in a temporary directory) sends SMS through the fake Twilio
 (no latency, concurrency 64). A poster in another process (so that its CPU is not the service's)
 posts signed status callbacks to `POST /providers/twilio/status` (the SDK's RequestValidator
-checks each) for the SIDs of an earlier send: `sent` then `delivered` for each, so half of them
-move a delivery and half change nothing.
+checks each) for the SIDs of an earlier send, as Twilio does: to the StatusCallback URL each
+message was created with (it names the delivery since the receipts change), `sent`, then
+`delivered`, message after message; each poster goes on where the previous one stopped (the SIDs wrap around: a seed
+send of 8,000 covers the default run), so the `delivered` receipts move deliveries forward.
 
-Each round runs the same fan-out three ways, interleaved: without receipts, with receipts at
-10,000 a minute (167/s), and with receipts as fast as 16 posting threads go. It prints the
-fan-out's deliveries per second and the receipts per second the service answered, per round and
-as medians.
+First the receipts alone, without a fan-out: 8 s at 10,000 a minute (167/s) each of only `sent`,
+only `delivered`, and forged ones (403 at the signature: the
+HTTP stack's floor), and what each answered receipt cost the service process (it includes the
+fake Twilio, idle then) and the store in CPU. Then each round runs the same fan-out three ways, interleaved: without receipts, with
+receipts at 10,000 a minute, and with receipts as fast as 16 posting threads go. It prints the
+fan-out's deliveries per second, the service's and the store's CPU per delivery (receipts
+included), and the receipts per second the service answered, per round and as medians.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,41 +33,54 @@ import time
 from functools import partial
 from pathlib import Path
 
+from process_cpu import cpu_seconds
+
 SID = "AC" + "0" * 31 + "1"
 TOKEN = "benchtoken"
+SEED = 8000
+ALONE_SECONDS = 8.0
+RATE = 10_000 / 60
 
 
-def post(url: str, rate: float, sids_file: str) -> None:
-    """The poster (a child process): receipts for every SID, at `rate` per second (0: unpaced),
-    until stdin closes; prints how many were answered 204 and over how long."""
+def post(rate: float, sids_file: str, offset: int, kind: str) -> None:
+    """The poster (a child process): `sent` then `delivered` for each (SID, callback URL) of
+    `sids_file` from receipt `offset` on (`kind` "both"), or only one of them ("sent",
+    "delivered"), or `delivered` with a wrong signature ("forged": answered 403), at `rate` per
+    second (0: unpaced), until stdin closes; prints how many receipts it used up, how many got
+    the expected answer, and over how long."""
     import httpx
     from twilio.request_validator import RequestValidator
 
     validator = RequestValidator(TOKEN)
+    forger = RequestValidator("not-the-token")
     sids = json.loads(Path(sids_file).read_text())
     forms = [
-        {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID}
+        (url, {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID})
+        for sid, url in sids
         for status in ("sent", "delivered")
-        for sid in sids
+        if kind == "both" or status == kind or (kind == "forged" and status == "delivered")
     ]
-    signed = [(form, validator.compute_signature(url, form)) for form in forms]
+    per_sid = 2 if kind == "both" else 1
+    offset //= 2 // per_sid
+    expected = 403 if kind == "forged" else 204
     stop = threading.Event()
     done = [0]
     lock = threading.Lock()
-    cursor = [0]
+    cursor = [offset]
     threads = 16
     interval = threads / rate if rate else 0.0
 
     def worker() -> None:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=60) as client:
             next_at = time.monotonic()
             while not stop.is_set():
                 with lock:
                     i = cursor[0]
                     cursor[0] += 1
-                form, signature = signed[i % len(signed)]
+                url, form = forms[i % len(forms)]
+                signature = (forger if kind == "forged" else validator).compute_signature(url, form)
                 answer = client.post(url, data=form, headers={"X-Twilio-Signature": signature})
-                if answer.status_code == 204:
+                if answer.status_code == expected:
                     with lock:
                         done[0] += 1
                 if interval:
@@ -75,7 +94,10 @@ def post(url: str, rate: float, sids_file: str) -> None:
     sys.stdin.read()  # the parent closes it when the fan-out ended
     stop.set()
     elapsed = time.monotonic() - started
-    print(json.dumps({"answered": done[0], "seconds": elapsed}), flush=True)
+    for thread in pool:
+        thread.join()
+    used = 0 if kind == "forged" else (cursor[0] - offset) * 2 // per_sid  # forged ones apply nothing
+    print(json.dumps({"posted": used, "answered": done[0], "seconds": elapsed}), flush=True)
     sys.exit(0)
 
 
@@ -93,19 +115,32 @@ async def main(rounds: int, users: int) -> None:
 
     data = Path(tempfile.mkdtemp(prefix="receipts-bench-"))
     server = EmbeddedServer(data)
-    seed = 2000
     client: pymongo.MongoClient = pymongo.MongoClient(server.url)
     db = client["bench"]
     db.users.insert_many(
         [
-            {"_id": f"u{i}", "phoneNumber": f"+1555{i:07d}", "clusters": ["seed" if i < seed else "fan"]}
-            for i in range(seed + users)
+            {"_id": f"u{i}", "phoneNumber": f"+1555{i:07d}", "clusters": ["seed" if i < SEED else "fan"]}
+            for i in range(SEED + users)
         ]
     )
     fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=10**6))  # the poster sends the receipts
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    results: dict[str, list[tuple[float, float]]] = {"none": [], "10k/min": [], "max": []}
+    me = os.getpid()
+    results: dict[str, list[tuple[float, float, float, float]]] = {"none": [], "10k/min": [], "max": []}
+    offset = 0
+
+    def start_poster(rate: float, kind: str = "both") -> subprocess.Popen[str]:
+        command = [sys.executable, __file__, "--post", str(rate), str(sids_file), str(offset), kind]
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    async def stop_poster(poster: subprocess.Popen[str]) -> dict[str, float]:
+        nonlocal offset
+        out, _ = await trio.to_thread.run_sync(poster.communicate, "")
+        report = json.loads(out.strip().splitlines()[-1])
+        offset += int(report["posted"])
+        return report
+
     try:
         async with trio.open_nursery() as nursery:
             twilio_url = await nursery.start(serve_asgi, fake)
@@ -132,55 +167,68 @@ async def main(rounds: int, users: int) -> None:
                 stop = trio.Event()
                 await nursery.start(partial(serve, create_app(d), config, shutdown_trigger=stop.wait))
                 await d.send({"channels": ["sms"], "clusters": ["seed"], "messageContent": "seed"})
-                sids = [doc["provider_id"] for doc in db.dispatch_deliveries.find({"provider_id": {"$ne": None}})]
+                # Each SID with the callback URL its message was created with, as Twilio keeps it.
+                sids = [(r.sid, r.form["StatusCallback"]) for r in fake.received if r.sid]
                 sids_file = data / "sids.json"
                 sids_file.write_text(json.dumps(sids))
+
+                # The receipts alone: what each costs the service and the store; `sent` ones touch
+                # no store since the receipts change, forged ones stop at the signature.
+                for kind in ("sent", "delivered", "forged"):
+                    poster = start_poster(RATE, kind)
+                    await trio.sleep(1.0)  # the poster is up
+                    own, store = cpu_seconds(me), cpu_seconds(server.pid)
+                    await trio.sleep(ALONE_SECONDS)
+                    own, store = cpu_seconds(me) - own, cpu_seconds(server.pid) - store
+                    report = await stop_poster(poster)
+                    answered = report["answered"] * ALONE_SECONDS / report["seconds"]  # about, in the window
+                    print(
+                        f"receipts alone ({kind:9}) at {RATE:.0f}/s offered: {report['answered'] / report['seconds']:.0f}/s"
+                        f" answered; CPU per receipt: service {1e3 * own / answered:.2f} ms,"
+                        f" store {1e3 * store / answered:.2f} ms",
+                        flush=True,
+                    )
+
                 for r in range(rounds):
-                    for mode, rate in (("none", None), ("10k/min", 10_000 / 60), ("max", 0.0)):
+                    for mode, rate in (("none", None), ("10k/min", RATE), ("max", 0.0)):
                         poster = None
                         if rate is not None:
-                            poster = subprocess.Popen(
-                                [
-                                    sys.executable,
-                                    __file__,
-                                    "--post",
-                                    base + "/providers/twilio/status",
-                                    str(rate),
-                                    str(sids_file),
-                                ],
-                                stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE,
-                                text=True,
-                            )
+                            poster = start_poster(rate)
                             await trio.sleep(1.0)  # the poster is up and posting
                         started = trio.current_time()
+                        own, store = cpu_seconds(me), cpu_seconds(server.pid)
                         result = await d.send({"channels": ["sms"], "clusters": ["fan"], "messageContent": f"r{r}"})
                         seconds = trio.current_time() - started
+                        own, store = cpu_seconds(me) - own, cpu_seconds(server.pid) - store
                         absorbed = 0.0
                         if poster is not None:
-                            out, _ = await trio.to_thread.run_sync(poster.communicate, "")
-                            report = json.loads(out.strip().splitlines()[-1])
+                            report = await stop_poster(poster)
                             absorbed = report["answered"] / report["seconds"]
-                        rate_out = result.summary.sent.get("sms", 0) / seconds
-                        results[mode].append((rate_out, absorbed))
+                        sent = result.summary.sent.get("sms", 0)
+                        row = (sent / seconds, absorbed, 1e3 * own / sent, 1e3 * store / sent)
+                        results[mode].append(row)
                         print(
-                            f"round {r + 1} {mode:8}: fan-out {rate_out:7.0f} SMS/s, receipts answered {absorbed:6.0f}/s"
+                            f"round {r + 1} {mode:8}: fan-out {row[0]:5.0f} SMS/s, CPU per SMS service {row[2]:.2f} ms"
+                            f" store {row[3]:.2f} ms; receipts answered {absorbed:4.0f}/s",
+                            flush=True,
                         )
                 stop.set()
             nursery.cancel_scope.cancel()
     finally:
         client.close()
         server.stop()
-    base_rate = statistics.median(x for x, _ in results["none"])
+    base_rate = statistics.median(row[0] for row in results["none"])
     for mode, rows in results.items():
-        fan = statistics.median(x for x, _ in rows)
-        absorbed = statistics.median(y for _, y in rows)
-        print(f"median {mode:8}: fan-out {fan:7.0f} SMS/s ({fan / base_rate - 1:+.1%}), receipts {absorbed:6.0f}/s")
+        fan, absorbed, own_ms, store_ms = (statistics.median(row[i] for row in rows) for i in range(4))
+        print(
+            f"median {mode:8}: fan-out {fan:5.0f} SMS/s ({fan / base_rate - 1:+.1%}), CPU per SMS service"
+            f" {own_ms:.2f} ms store {store_ms:.2f} ms; receipts {absorbed:4.0f}/s"
+        )
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--post":
-        post(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+        post(float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:
         import trio
 

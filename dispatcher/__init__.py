@@ -24,6 +24,8 @@ from .errors import (
     RequestError,
     UpstreamError,
 )
+from .job_views import DeliveryRecord, FailurePage, JobPage, JobStatus, ReceiptCounts, UserDeliveries
+from .listing import JobQuery, Viewer
 from .models import Failure, SendRequest, SendResult, Summary
 from .settings import Settings, load_settings, settings_from_dict
 
@@ -35,19 +37,27 @@ except PackageNotFoundError:  # a source tree that was never installed (`pip ins
 __all__ = [
     "ConfigError",
     "Conflict",
+    "DeliveryRecord",
     "Dispatcher",
     "DispatcherError",
     "Failure",
+    "FailurePage",
     "InternalError",
     "Interrupted",
+    "JobPage",
+    "JobQuery",
+    "JobStatus",
     "NotFound",
     "PayloadTooLarge",
+    "ReceiptCounts",
     "RequestError",
     "SendRequest",
     "SendResult",
     "Settings",
     "Summary",
     "UpstreamError",
+    "UserDeliveries",
+    "Viewer",
     "load_settings",
     "open_dispatcher",
     "settings_from_dict",

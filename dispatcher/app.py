@@ -1,4 +1,5 @@
-"""The HTTP layer: a thin Quart-Trio app over `Dispatcher`.
+"""The HTTP layer: a thin Quart-Trio app over `Dispatcher`, whose typed answers it writes as JSON
+(`wire.py`).
 
 Every error, including 404/405 and anything unexpected, is answered as JSON in the predecessor's
 shape `{"statusCode", "error", "message"}`, never as HTML or a stack trace.
@@ -29,9 +30,10 @@ from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreErro
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
 from .web import error_response, parse_json_body, status_of
+from .wire import deliveries_json, failure_page_json, job_json, job_page_json, send_result_json
 from .ops import install_ops
 from .ui import install_ui
-from .providers.twilio import STATUS_CALLBACK_PATH
+from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, TwilioSignature, twilio_receipt
 from .saga import install_saga
 
@@ -176,22 +178,21 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             )
         except StillRunning as exc:
             # [server].sync_timeout_seconds ran out: the job goes on; say where to follow it.
-            return await dispatcher.status(exc.job_id, _viewer()), 202, _located(exc.job_id)
-        return result.to_json(), 200, _located(result.job_id)
+            return job_json(await dispatcher.status(exc.job_id, _viewer())), 202, _located(exc.job_id)
+        return send_result_json(result), 200, _located(result.job_id)
 
     @app.get("/send")
     async def job_list() -> Any:
-        page = await dispatcher.jobs(JobQuery.from_args(request.args), _viewer())
-        return page.to_json()
+        return job_page_json(await dispatcher.jobs(JobQuery.from_args(request.args), _viewer()))
 
     # `<id>`, as the OpenAPI document names it.
     @app.get("/send/<id>")
     async def job_status(id: str) -> Any:  # noqa: A002
-        return await dispatcher.status(id, _viewer())
+        return job_json(await dispatcher.status(id, _viewer()))
 
     @app.delete("/send/<id>")
     async def job_cancel(id: str) -> Any:  # noqa: A002
-        return await dispatcher.cancel(id, _viewer())
+        return job_json(await dispatcher.cancel(id, _viewer()))
 
     @app.get("/send/<id>/failures")
     async def job_failures(id: str) -> Any:  # noqa: A002
@@ -201,7 +202,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             raise RequestError("limit: must be an integer") from None
         if not 1 <= limit <= 1000:
             raise RequestError("limit: must be between 1 and 1000")
-        return await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer())
+        return failure_page_json(await dispatcher.failures(id, request.args.get("after") or None, limit, _viewer()))
 
     @app.get("/callbacks")
     async def callback_list() -> Any:
@@ -230,7 +231,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         user_id = request.args.get("userId")
         if not user_id:
             raise RequestError("userId: required (the user whose deliveries to show)")
-        return await dispatcher.deliveries(id, user_id, _viewer())
+        return deliveries_json(await dispatcher.deliveries(id, user_id, _viewer()))
 
     twilio = dispatcher.settings.providers.twilio
     signature = (
@@ -249,7 +250,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         if not signature.valid(query, form, request.headers.get("X-Twilio-Signature")):
             return error_response(403, "X-Twilio-Signature is missing or does not match")
         try:
-            receipt = twilio_receipt(form)
+            receipt = twilio_receipt(form, delivery=request.args.get(DELIVERY_PARAM) or None)
         except BadReceipt as exc:
             raise RequestError(f"not a Twilio status callback: {exc}") from None
         if receipt is not None:
@@ -292,7 +293,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             "statusCode": status,
             "error": HTTPStatus(status).phrase,
             "message": str(exc),
-            **exc.partial.to_json(),
+            **send_result_json(exc.partial),
             "id": exc.job_id,
         }
         return Response(json.dumps(body), status=status, content_type="application/json", headers=_located(exc.job_id))

@@ -1,12 +1,20 @@
-"""Shared round trips: what callers ask of the store while one round trip is in flight goes
+"""Shared round trips: what callers ask of the store while round trips are in flight goes
 together in the next (a group commit, for reads as well as writes).
 
 Every run of every job marks deliveries `sending`, records outcomes, creates and finishes its job,
 and a single-recipient send looks its user up. One call at a time, that is a store round trip and
 a worker-thread hop per call: five per single-recipient send, so at a few hundred sends a second
-the hops, not the work, would cost the most. Here a caller queues its call and takes a lock;
-whoever holds the lock runs everything queued meanwhile in one thread hop. The number of round
-trips follows the store's latency, not the number of callers, across every run of the process.
+the hops, not the work, would cost the most. Here a caller queues its call and takes one of
+`in_flight` slots; whoever holds a slot runs everything queued meanwhile in one thread hop. The
+number of round trips follows the store's latency, not the number of callers, across every run of
+the process.
+
+With one slot, every call waits for the round trip in flight before its own: a send whose writes
+follow one another waits up to two round trips per write. A few slots let a call start while
+others are in flight (`in_flight` is small: under load every slot is busy and calls queue up into
+groups again). Groups in flight together are not ordered with each other, so a caller that needs
+one write to land before another either awaits the first, or submits both together
+(`submit_together`: one group, in order, the second skipped if the first failed: `Call.after`).
 
 There is no task of its own to start or stop: a caller cancelled before its call was taken takes
 it back, and a call that was taken always completes (a worker thread cannot be interrupted), so
@@ -15,7 +23,7 @@ even a shielded caller at shutdown never waits on anyone but the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -23,16 +31,20 @@ import trio
 
 class Call:
     """One caller's part of a shared round trip: `kind` and `payload` say what to do; the runner
-    sets `result` or `error` for it."""
+    sets `result` or `error` for it. `after`: a call of the same group that must have succeeded
+    for this one to be run at all (the runner fails this one otherwise: `blocked`)."""
 
-    __slots__ = ("kind", "payload", "result", "error", "done")
+    __slots__ = ("kind", "payload", "result", "error", "done", "after", "flight")
 
-    def __init__(self, kind: str, payload: Any) -> None:
+    def __init__(self, kind: str, payload: Any, after: Call | None = None) -> None:
         self.kind = kind
         self.payload = payload
+        self.after = after
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
+        # Set while a round trip carries the call: the event it sets when it ends.
+        self.flight: trio.Event | None = None
 
     def succeed(self, result: Any = None) -> None:
         self.result, self.done = result, True
@@ -40,32 +52,56 @@ class Call:
     def fail(self, error: BaseException) -> None:
         self.error, self.done = error, True
 
+    def blocked(self) -> bool:
+        """Whether the call it depends on failed (or was never run): then this one fails too,
+        with that call's error, and must not be run."""
+        after = self.after
+        if after is None or (after.done and after.error is None):
+            return False
+        self.fail(after.error or RuntimeError(f"batching: a {self.kind} call ran before the call it follows"))
+        return True
+
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Call]], None]) -> None:
-        """`run` runs in a worker thread with every queued call and settles each of them."""
+    def __init__(self, run: Callable[[list[Call]], None], in_flight: int = 1) -> None:
+        """`run` runs in a worker thread with every queued call and settles each of them; at most
+        `in_flight` of its round trips run at once."""
         self._run = run
         self._queue: list[Call] = []
-        self._lock = trio.Lock()
+        self._slots = trio.Semaphore(in_flight)
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """Run `payload` with whatever else is queued; return its result or raise its error."""
-        call = Call(kind, payload)
-        self._queue.append(call)
-        try:
-            async with self._lock:
-                if not call.done:
-                    await self._run_queued()
-        except BaseException:
-            if call in self._queue:
-                self._queue.remove(call)
-            raise
+        (call,) = await self.submit_together([Call(kind, payload)])
         if call.error is not None:
             raise call.error
         return call.result
 
+    async def submit_together(self, calls: Sequence[Call]) -> Sequence[Call]:
+        """Run `calls` in one round trip (in their order in the group); return them settled: each
+        holds its own result or error (nothing raised for them)."""
+        self._queue.extend(calls)
+        try:
+            while not all(call.done for call in calls):
+                flight = calls[0].flight
+                if flight is not None:  # taken by another caller's round trip (or ours, put back)
+                    await flight.wait()
+                    continue
+                async with self._slots:
+                    if calls[0].flight is None and not calls[0].done:
+                        await self._run_queued()
+        except BaseException:
+            for call in calls:
+                if call in self._queue:
+                    self._queue.remove(call)
+            raise
+        return calls
+
     async def _run_queued(self) -> None:
         batch, self._queue = self._queue, []
+        flight = trio.Event()
+        for call in batch:
+            call.flight = flight
         started = False
 
         def run() -> None:
@@ -76,13 +112,17 @@ class Batcher:
         try:
             await trio.to_thread.run_sync(run)
         except BaseException as exc:
-            if not started:  # cancelled before the thread ran: the next holder runs them
+            if not started:  # cancelled before the thread ran: the next slot holder runs them
+                for call in batch:
+                    call.flight = None
                 self._queue[:0] = batch
             else:
                 for call in batch:
                     if not call.done:
                         call.fail(exc)
             raise
+        finally:
+            flight.set()
         for call in batch:
             if not call.done:
                 call.fail(RuntimeError(f"batching: no outcome for a {call.kind} call"))

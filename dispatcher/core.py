@@ -4,7 +4,7 @@
 async with open_dispatcher(settings) as d:
     result = await d.send(request)            # synchronous: the result once every delivery ended
     job_id = await d.submit(request)          # asynchronous: the job's id at once
-    status = await d.status(job_id)
+    status = await d.status(job_id)           # a JobStatus (job_views.py): .state, .summary, ...
 ```
 
 `open_dispatcher` owns everything long-lived (store connection, ledger, provider clients,
@@ -38,9 +38,10 @@ from .cancels import CancelWatch
 from .errors import ConfigError, RequestError, StillRunning
 from .files import FilesClient
 from .jobs import Book, Jobs, NotRecorded, Recorded, Run
-from .ledger import FINAL_STATES, Ledger, delivery_view
-from .listing import EVERYONE, JobPage, JobQuery, Viewer, job_json
-from .models import Failure, SendRequest, SendResult
+from .job_views import DeliveryRecord, FailurePage, JobPage, JobStatus, UserDeliveries
+from .ledger import FINAL_STATES, Ledger
+from .listing import EVERYONE, JobQuery, Viewer
+from .models import Failure, SendRequest, SendResult, Summary
 from .plan import Planner, RequestPlan
 from .receipts import ReceiptKeeper
 from .reconcile import Reconciler
@@ -165,11 +166,13 @@ class Dispatcher:
         With `wait_seconds`, a recorded send still running after that long raises `StillRunning`
         (the job goes on; without the ledger there is no job to follow, so the call waits).
         """
-        run, job_id = await self._jobs.accept(request, idempotency_key, key_scope)
+        run, job_id = await self._jobs.accept(request, idempotency_key, key_scope, awaited=True)
         if wait_seconds is None or job_id is None:
             return await self._outcome(run, job_id)
         with trio.move_on_after(wait_seconds):
             return await self._outcome(run, job_id)
+        if run is not None:
+            await self._jobs.book.created(run)  # its id is handed out: it must be there to follow
         raise StillRunning(job_id)
 
     async def _outcome(self, run: Run | None, job_id: str | None) -> SendResult:
@@ -188,41 +191,41 @@ class Dispatcher:
         assert job_id is not None
         return job_id
 
-    async def status(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
+    async def status(self, job_id: str, viewer: Viewer = EVERYONE) -> JobStatus:
         """State, counts and times of a job (`NotFound` for an unknown id, or one `viewer` may
         not see)."""
         doc = await self._jobs.job(job_id, viewer)
-        body = job_json(doc, self._live_summary(job_id))
         # Receipts keep arriving after the job ended: counted from the deliveries, not the job.
-        body["summary"] = {**body["summary"], **await self._jobs.book.ledger().receipt_counts(job_id)}
-        return body
+        receipts = await self._jobs.book.ledger().receipt_counts(job_id)
+        return JobStatus.from_doc(doc, self._live_summary(job_id), receipts)
 
     async def jobs(self, query: JobQuery, viewer: Viewer = EVERYONE) -> JobPage:
         """One page of the jobs `viewer` may see, newest first (`listing.py`)."""
         docs, cursor = await self._jobs.book.ledger().list_jobs(query, viewer)
-        return JobPage([job_json(doc, self._live_summary(doc["_id"])) for doc in docs], cursor)
+        return JobPage([JobStatus.from_doc(doc, self._live_summary(doc["_id"])) for doc in docs], cursor)
 
-    def _live_summary(self, job_id: str) -> dict[str, Any] | None:
-        """The counts of a job this process runs: fresher than its last lease renewal."""
+    def _live_summary(self, job_id: str) -> Summary | None:
+        """The counts of a job this process runs, fresher than its last lease renewal: a copy, as
+        they go on changing."""
         run = self._jobs.runs.get(job_id)
-        return run.result.summary.to_json() if run is not None else None
+        return Summary.from_json(run.result.summary.to_json()) if run is not None else None
 
     async def failures(
         self, job_id: str, after: str | None = None, limit: int = 100, viewer: Viewer = EVERYONE
-    ) -> dict[str, Any]:
+    ) -> FailurePage:
         """One page of a job's failures, in a stable order; `next` continues after this page."""
         await self._jobs.job(job_id, viewer)
         docs = await self._jobs.book.ledger().failures(job_id, after, limit)
-        page = [Failure(d["user"], d["channel"], d.get("error") or "failed").to_json() for d in docs]
-        return {"id": job_id, "failures": page, "next": docs[-1]["_id"] if len(docs) == limit else None}
+        page = [Failure(d["user"], d["channel"], d.get("error") or "failed") for d in docs]
+        return FailurePage(job_id, page, docs[-1]["_id"] if len(docs) == limit else None)
 
-    async def deliveries(self, job_id: str, user_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
+    async def deliveries(self, job_id: str, user_id: str, viewer: Viewer = EVERYONE) -> UserDeliveries:
         """One user's deliveries in a job, one per channel, with their history."""
         await self._jobs.job(job_id, viewer)
         docs = await self._jobs.book.ledger().deliveries_of(job_id, user_id)
-        return {"id": job_id, "userId": user_id, "deliveries": [delivery_view(doc) for doc in docs]}
+        return UserDeliveries(job_id, user_id, [DeliveryRecord.from_doc(doc) for doc in docs])
 
-    async def cancel(self, job_id: str, viewer: Viewer = EVERYONE) -> dict[str, Any]:
+    async def cancel(self, job_id: str, viewer: Viewer = EVERYONE) -> JobStatus:
         """Stop a job that has not finished: deliveries in flight finish, the rest are cancelled."""
         doc = await self._jobs.job(job_id, viewer)
         if doc["state"] not in FINAL_STATES:

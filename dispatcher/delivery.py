@@ -15,7 +15,8 @@ from . import metrics
 from .errors import DeliveryError, LimiterDown, LimiterUnavailable, StoreError, TransientDeliveryError
 from .journal import Unrecorded
 from .messages import Delivery, Message, Status
-from .providers.base import Provider
+from .ledger import delivery_key
+from .providers.base import Provider, current_delivery
 from .ratelimit import ChannelGate
 from .reconcile import ReconcileError, Reconciler
 from .settings import ChannelSettings
@@ -277,7 +278,13 @@ async def _deliver_one(message: Message, address: str, transport: Transport, doo
                 result.count += 1
                 # A bare CancelScope rather than fail_after: this runs once per message.
                 with trio.CancelScope(deadline=called + policy.timeout) as attempt_scope:
-                    result.provider_id = await transport.provider.send(message, address)
+                    ref = current_delivery.set(
+                        delivery_key(journal.job_id, channel, message.user_id) if journal.job_id else None
+                    )
+                    try:
+                        result.provider_id = await transport.provider.send(message, address)
+                    finally:
+                        current_delivery.reset(ref)
             finally:
                 gate.exit()
             if not attempt_scope.cancelled_caught:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+import logging
 import time
 from typing import Any
 
@@ -17,12 +18,16 @@ import trio
 from .auth import ApiKeys
 from .callback_delivery import CallbackSender
 from .callback_outbox import DEFAULT_EVENTS, JOB_FINISHED, CallbackOutbox, Target
-from .callback_urls import RefusedUrl, check_callback_url
-from .errors import NotFound, RequestError
+from .callback_urls import CheckedTransport, RefusedUrl, check_callback_url
+from .errors import NotFound, RequestError, StoreError
+from .job_views import JobStatus
 from .ledger import Ledger
 from .listing import Viewer
 from .models import SendRequest
 from .settings import Settings
+from .wire import job_json
+
+log = logging.getLogger(__name__)
 
 
 class JobCallbacks:
@@ -62,14 +67,14 @@ class JobCallbacks:
             )
         return Target(url, request.callback_events or DEFAULT_EVENTS)
 
-    def finished_message(
-        self, job: dict[str, Any], target: Target | None, body: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        """The `job.finished` message for a job ending with status `body` (its GET body), if it
-        asked for one."""
+    def finished_message(self, job: dict[str, Any], target: Target | None, status: JobStatus) -> list[dict[str, Any]]:
+        """The `job.finished` message for a job ending with `status`, if it asked for one: its
+        data is the body of `GET /send/{id}`."""
         if target is None or JOB_FINISHED not in target.events:
             return []
-        return [self.outbox.job_finished(job["_id"], target, body, job.get("key_id"), job.get("request_id"))]
+        return [
+            self.outbox.job_finished(job["_id"], target, job_json(status), job.get("key_id"), job.get("request_id"))
+        ]
 
     def nudge(self) -> None:
         if self.sender is not None:
@@ -117,6 +122,9 @@ async def open_job_callbacks(
         store.database,
         store.callbacks_collection,
         store.jobs_collection,
+        store.deliveries_collection,
+        owner=owner,
+        lease_seconds=store.lease_seconds,
         batch_size=settings.callbacks.batch_size,
         batch_ms=settings.callbacks.batch_ms,
         max_age_hours=settings.callbacks.max_age_hours,
@@ -127,7 +135,12 @@ async def open_job_callbacks(
     limits = httpx.Limits(max_connections=settings.callbacks.concurrency)
     timeout = settings.callbacks.timeout_seconds
     async with (
-        httpx.AsyncClient(follow_redirects=False, limits=limits, timeout=timeout) as http,
+        httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=timeout,
+            # Connections only to addresses the SSRF rules allow, the very ones checked.
+            transport=CheckedTransport(limits=limits, allow_private=settings.callbacks.allow_private),
+        ) as http,
         trio.open_nursery() as nursery,
     ):
         callbacks.sender = CallbackSender(outbox, settings.callbacks, callbacks.secret_of, owner, http)
@@ -136,6 +149,11 @@ async def open_job_callbacks(
             yield callbacks
         finally:
             nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(settings.callbacks.timeout_seconds):
+                try:
+                    await outbox.release()
+                except StoreError as exc:  # its lease expires instead
+                    log.warning("callbacks: the event cursor was not released: %s", exc)
 
 
 __all__ = ["JobCallbacks", "open_job_callbacks"]

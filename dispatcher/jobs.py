@@ -33,9 +33,10 @@ from .errors import (
     ShuttingDown,
     StoreError,
 )
+from .job_views import JobStatus
 from .journal import Journal, Unrecorded
 from .ledger import FINAL_STATES, Ledger, body_hash, now_iso
-from .listing import EVERYONE, Viewer, job_json
+from .listing import EVERYONE, Viewer
 from .models import SendRequest, SendResult, Summary, shown
 from .plan import RequestPlan
 
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.5
 _PURGE_EVERY_SECONDS = 3600.0
 _RETRY_INTERRUPTED_SECONDS = 1.0
+# A send naming at most this many users (no cluster) claims its first delivery within a user
+# lookup and a rendering: its job's creation goes with that claim (`Journal`, `creating`).
+_CREATED_WITH_FIRST_CLAIM = 16
 
 
 @dataclass(eq=False)
@@ -78,7 +82,13 @@ class NotRecorded:
         raise NotFound("jobs are not recorded ([store].ledger = false)")
 
     async def open(
-        self, request: SendRequest, plan: RequestPlan, idempotency_key: str | None, key_scope: str
+        self,
+        request: SendRequest,
+        plan: RequestPlan,
+        idempotency_key: str | None,
+        key_scope: str,
+        *,
+        awaited: bool = False,
     ) -> tuple[Run | None, str | None]:
         if idempotency_key:
             raise RequestError("Idempotency-Key needs the delivery ledger ([store].ledger = true)")
@@ -91,6 +101,9 @@ class NotRecorded:
         return None
 
     async def hold_lease(self, run: Run, pipeline: trio.CancelScope) -> None:
+        return None
+
+    async def created(self, run: Run) -> None:
         return None
 
     async def finished(self, run: Run, state: str) -> None:
@@ -123,7 +136,15 @@ class Recorded:
     def ledger(self) -> Ledger:
         return self._ledger
 
-    def journal(self, job_id: str, *, resumed: bool, ended_runs: Collection[str] = ()) -> Journal:
+    def journal(
+        self,
+        job_id: str,
+        *,
+        resumed: bool,
+        ended_runs: Collection[str] = (),
+        creating: dict[str, Any] | None = None,
+        single: bool = False,
+    ) -> Journal:
         return Journal(
             self._ledger,
             job_id,
@@ -131,19 +152,34 @@ class Recorded:
             on_ambiguous=self._on_ambiguous,
             settle_within=self._settle_within,
             ended_runs=ended_runs,
+            creating=creating,
+            single=single,
         )
 
     async def open(
-        self, request: SendRequest, plan: RequestPlan, idempotency_key: str | None, key_scope: str
+        self,
+        request: SendRequest,
+        plan: RequestPlan,
+        idempotency_key: str | None,
+        key_scope: str,
+        *,
+        awaited: bool = False,
     ) -> tuple[Run | None, str | None]:
-        """Record a new job; `(None, id)` when the idempotency key names an earlier one."""
+        """Record a new job; `(None, id)` when the idempotency key names an earlier one.
+
+        `awaited`: the caller waits for the send to end, and learns its job's id only then (or
+        through `created`). A small such send, without an idempotency key or callbacks, does not
+        write its job here: its first claim carries it, and the outcome of a send of one delivery
+        ends it (`Journal`: two group commits per send instead of four). Otherwise the job is
+        written before anything else: its id is handed out at once, the key is bound to it, or its
+        callbacks read it."""
         target = await self.callbacks.target_for(request, key_scope or None) if self.callbacks is not None else None
         if target is None and request.callback_url is not None:
             raise RequestError("callbackUrl: callbacks need the delivery ledger ([store].ledger = true)")
         job_id = uuid.uuid4().hex
         body = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
         request_id = logs.request_id_var.get()
-        await self._ledger.create_job(
+        doc = self._ledger.job_document(
             job_id,
             body,
             self.owner,
@@ -153,6 +189,15 @@ class Recorded:
             request_id=request_id,
             callback=target.to_doc() if target is not None else None,
         )
+        deferred = (
+            awaited
+            and not idempotency_key
+            and target is None
+            and not request.clusters
+            and 0 < len(request.recipients) <= _CREATED_WITH_FIRST_CLAIM
+        )
+        if not deferred:
+            await self._ledger.insert_job(doc)
         if idempotency_key:
             claim = await self._ledger.claim_key(f"{key_scope}\x00{idempotency_key}", body_hash(body), job_id)
             if not claim.ours:
@@ -163,7 +208,8 @@ class Recorded:
                         f"request (job {claim.job_id}); use a new key for a new request"
                     )
                 return None, claim.job_id
-        run = Run(job_id, plan, self.journal(job_id, resumed=False))
+        single = deferred and len(request.recipients) == 1 and len(request.channels) == 1
+        run = Run(job_id, plan, self.journal(job_id, resumed=False, creating=doc if deferred else None, single=single))
         run.callback, run.key_id, run.request_id = target, key_scope or None, request_id
         return run, job_id
 
@@ -197,6 +243,7 @@ class Recorded:
         while True:
             await trio.sleep(self._lease / 3)
             try:
+                await self.created(run)  # a lease on no document would be lost
                 doc = await self._ledger.renew(run.job_id, self.owner, self._lease, run.result.summary.to_json())
             except StoreError as exc:
                 log.warning("job %s: cannot renew its lease: %s", run.job_id, exc)
@@ -209,9 +256,16 @@ class Recorded:
             if doc.get("cancel_requested"):
                 run.journal.cancel()
 
+    async def created(self, run: Run) -> None:
+        """Write the run's job now if no write of it has yet (its id is about to be handed out)."""
+        if isinstance(run.journal, Journal):
+            await run.journal.create()
+
     async def finished(self, run: Run, state: str) -> None:
         assert run.job_id is not None
         metrics.observe_job(state)
+        if isinstance(run.journal, Journal) and run.journal.finish_written is not None:
+            return  # written with its only outcome
         try:
             await self._end(run, state, summary=run.result.summary.to_json(), lease_expires=0)
         except StoreError as exc:
@@ -230,10 +284,15 @@ class Recorded:
         if self.callbacks is not None and run.callback is not None:
             doc = await self._ledger.job(run.job_id) or {"_id": run.job_id}
             doc = {**doc, "state": state, "finished_at": finished, **fields}
-            body = job_json(doc, fields.get("summary"))
-            body["summary"] = {**body["summary"], **await self._ledger.receipt_counts(run.job_id)}
-            callbacks = self.callbacks.finished_message(doc, run.callback, body)
-        await self._ledger.update_job(run.job_id, state=state, finished_at=finished, callbacks=callbacks, **fields)
+            status = JobStatus.from_doc(doc, receipts=await self._ledger.receipt_counts(run.job_id))
+            callbacks = self.callbacks.finished_message(doc, run.callback, status)
+        job_id = run.job_id
+        await _carrying(
+            run,
+            lambda doc: self._ledger.update_job(
+                job_id, state=state, finished_at=finished, callbacks=callbacks, creating=doc, **fields
+            ),
+        )
         if callbacks and self.callbacks is not None:
             self.callbacks.nudge()
 
@@ -272,16 +331,22 @@ class Jobs:
         self.closing = False
 
     async def accept(
-        self, request: SendRequest | Mapping[str, Any], idempotency_key: str | None, key_scope: str
+        self,
+        request: SendRequest | Mapping[str, Any],
+        idempotency_key: str | None,
+        key_scope: str,
+        *,
+        awaited: bool = False,
     ) -> tuple[Run | None, str | None]:
-        """Validate and start a job; `(None, id)` when the idempotency key names an earlier one."""
+        """Validate and start a job; `(None, id)` when the idempotency key names an earlier one.
+        `awaited`: the caller waits for its end (`Recorded.open`)."""
         self._refuse_when_closing()
         if not isinstance(request, SendRequest):
             request = SendRequest.parse(dict(request))
         idempotency_key = idempotency_key or request.idempotency_key
         plan = await self._prepare(request)
         self._refuse_when_closing()
-        run, job_id = await self.book.open(request, plan, idempotency_key, key_scope)
+        run, job_id = await self.book.open(request, plan, idempotency_key, key_scope, awaited=awaited)
         if run is not None:
             self._start(run)
         return run, job_id
@@ -326,10 +391,12 @@ class Jobs:
                 )
             except (StoreError, LimiterDown) as exc:
                 log.error("job %s: %s", job_id, exc)
-                if job_id is not None and not run.lease_lost:
+                # A job never written has nothing to resume, and no id to follow.
+                written = job_id if not isinstance(run.journal, Journal) or run.journal.created else None
+                if written is not None and not run.lease_lost:
                     # Its pipeline has ended: the resumed run need not wait for its claims.
-                    self._interrupted[job_id] = getattr(run.journal, "run_id", "")
-                run.error = Interrupted(_interruption(exc, job_id), run.result, job_id)
+                    self._interrupted[written] = getattr(run.journal, "run_id", "")
+                run.error = Interrupted(_interruption(exc, written), run.result, written)
             except Exception as exc:
                 log.exception("send failed (job %s)", job_id)
                 run.error = InternalError("the send failed unexpectedly; see the service log")
@@ -451,6 +518,14 @@ class Jobs:
             return
         log.info("resuming job %s (%s since %s)", job_id, doc["state"], doc.get("started_at") or doc.get("created_at"))
         self._start(book.resumed(job_id, plan, doc, ended_runs))
+
+
+async def _carrying(run: Run, write: Callable[[dict[str, Any] | None], Awaitable[None]]) -> None:
+    """`write`, carrying the creation of the run's job if no write of it has yet."""
+    if isinstance(run.journal, Journal):
+        await run.journal.carrying(write)
+    else:
+        await write(None)
 
 
 def _interruption(exc: StoreError | LimiterDown, job_id: str | None) -> str:

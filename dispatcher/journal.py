@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 import trio
 
 from actors.journal import Unrecorded, Waiting
 
-from .ledger import FINAL_DELIVERY_STATES, Ledger
+from .ledger import FINAL_DELIVERY_STATES, Ledger, now_iso
 from .messages import Delivery
+from .models import Summary
 from .states import ACCEPTED_STATES
+
+T = TypeVar("T")
 
 __all__ = ["OUTCOME_NOT_WRITTEN", "RETRYING", "STOPPED_DURING_ATTEMPT", "Journal", "Unrecorded", "Waiting"]
 
@@ -52,12 +56,26 @@ class Journal(Unrecorded):
         on_ambiguous: Mapping[str, str],
         settle_within: Mapping[str, float] | None = None,
         ended_runs: Collection[str] = (),
+        creating: dict[str, Any] | None = None,
+        single: bool = False,
     ) -> None:
         """`settle_within`: per channel, how long after its claim a live run has settled a
         delivery (its attempt's timeout, and its backoff where ambiguous attempts are resent,
         plus a margin for the outcome's write). `ended_runs`: earlier runs known to have ended
-        (a run of this process that a store outage stopped): nothing of theirs is waited for."""
+        (a run of this process that a store outage stopped): nothing of theirs is waited for.
+
+        `creating`: the job's document, not written yet: the run's first write carries it (its
+        first claim, usually), so that a small send does not wait for its job's creation and then
+        for its claim, one group commit after the other. `single`: the job has exactly one
+        delivery: its outcome's write also ends the job (`finish_written`), instead of a write of
+        its own after it."""
         super().__init__()
+        self._creating = creating
+        # Set while one write carries the creation: the others wait for it, not write it again.
+        self._carrier: trio.Event | None = None
+        self._single = single
+        # The job's final state, when the write of its only outcome ended it.
+        self.finish_written: str | None = None
         self._settle_within = settle_within or {}
         self._ended_runs = set(ended_runs)
         self.job_id = job_id
@@ -142,9 +160,50 @@ class Journal(Unrecorded):
     def unsettled_reason(self, channel: str, user_id: str) -> str:
         return self._unsettled.get((channel, user_id), STOPPED_DURING_ATTEMPT)
 
+    @property
+    def created(self) -> bool:
+        """Whether the job's document is written (always, unless `creating` was given)."""
+        return self._creating is None
+
+    async def carrying(self, write: Callable[[dict[str, Any] | None], Awaitable[T]]) -> T:
+        """`write(doc)`, with the job's document to write in the same group when it is not
+        written yet (None otherwise). One write at a time carries it; the others wait for that
+        one, and carry it themselves if it failed."""
+        doc = None
+        while self._creating is not None:
+            if self._carrier is None:
+                self._carrier = trio.Event()
+                doc = self._creating
+                break
+            await self._carrier.wait()
+        landed = False
+        try:
+            result = await write(doc)
+            landed = True
+            return result
+        finally:
+            if doc is not None:
+                if landed:
+                    self._creating = None
+                carrier, self._carrier = self._carrier, None
+                if carrier is not None:
+                    carrier.set()
+
+    async def create(self) -> None:
+        """Write the job's document now, unless a write has carried it (before its id is handed
+        out while it runs, and before its lease is renewed)."""
+        if self._creating is not None:
+            await self.carrying(self._write_creation)
+
+    async def _write_creation(self, doc: dict[str, Any] | None) -> None:
+        if doc is not None:
+            await self._ledger.insert_job(doc)
+
     async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         claims = [(channel, user, self._resending.pop((channel, user), None)) for channel, user in deliveries]
-        return await self._ledger.claim_sending(self.job_id, self.run_id, claims)
+        return await self.carrying(
+            lambda doc: self._ledger.claim_sending(self.job_id, self.run_id, claims, creating=doc)
+        )
 
     def reconcile_since(self, channel: str, user_id: str) -> float | None:
         return self._reconciling.pop((channel, user_id), None)
@@ -154,4 +213,22 @@ class Journal(Unrecorded):
         self._resending[(delivery.channel, delivery.user_id)] = (self.run_id, RETRYING)
 
     async def record(self, deliveries: Sequence[Delivery]) -> None:
-        await self._ledger.record(self.job_id, [d for d in deliveries if not (d.recorded or d.written)])
+        todo = [d for d in deliveries if not (d.recorded or d.written)]
+        if not todo:
+            return
+        finishing = self._finishing(todo)
+        finished = await self.carrying(
+            lambda doc: self._ledger.record(self.job_id, todo, creating=doc, finishing=finishing)
+        )
+        if finishing is not None and finished:
+            self.finish_written = finishing["state"]
+
+    def _finishing(self, deliveries: Sequence[Delivery]) -> dict[str, Any] | None:
+        """The fields that end a job of one delivery, written with its outcome: what
+        `jobs.Recorded.finished` would write next (the summary as the collector counts it)."""
+        if not self._single or len(deliveries) != 1 or self.fault is not None:
+            return None
+        summary = Summary()
+        summary.count(deliveries[0], counting_users=True)
+        state = "cancelled" if self.cancelled else "done"
+        return {"state": state, "finished_at": now_iso(), "summary": summary.to_json(), "lease_expires": 0}

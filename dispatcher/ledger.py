@@ -3,10 +3,13 @@
 Two collections (names under `[store]`): one job document per accepted send, one delivery
 document per (job, user, channel). A delivery is written `sending` before its provider call and
 `sent`/`failed`/`skipped`/`cancelled` after. Those writes, and the creation and end of every job,
-go through one group commit per process (`batching.py`): what every run of every job asks to
-write while one write is in flight goes in the next, never a round trip per delivery or per job.
-A caller awaits each write before its next, so one caller's writes never share a group (groups are
-unordered bulks); claims of one delivery by two runs are compare-and-set. After a crash, a `sending` delivery is the only kind whose
+go through one group commit per process (`batching.py`, up to `WRITES_IN_FLIGHT` groups at once):
+what every run of every job asks to write while groups are in flight goes in the next, never a
+round trip per delivery or per job. A caller awaits each write before its next, so two groups
+in flight never hold two writes of one delivery; writes that must land in order without a wait
+between them go in one group (a job's creation with its first claim, its only outcome with its
+end: `creating`, `finishing`), where `_flush` writes jobs, then deliveries, then job updates, each
+only if the one before it succeeded. Claims of one delivery by two runs are compare-and-set. After a crash, a `sending` delivery is the only kind whose
 outcome is unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
 
 Times that the service compares (lease expiry) are epoch seconds; `expires_at` is a BSON date
@@ -20,8 +23,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +50,11 @@ ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
 FINAL_DELIVERY_STATES = SETTLED_STATES
 _DUPLICATE_KEY = 11000
+# Group commits of ledger writes in flight at once. One made every write of a single-recipient
+# send wait for the group in flight before its own (p50 183 ms against 24 ms without the ledger at
+# 100 req/s: docs/benchmarks.md P); a few let it start at once. Small, because under load every
+# slot is busy and writes group up again, and because the store serves the groups one at a time.
+WRITES_IN_FLIGHT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +111,10 @@ class Ledger:
         self._outbox: CallbackOutbox | None = None
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
-        self._writes = Batcher(self._flush)
+        self._writes = Batcher(self._flush, in_flight=WRITES_IN_FLIGHT)
         # Receipts have a group commit of their own: a burst of them must not lengthen the
         # round trips that claims and outcomes of running fan-outs wait on.
-        self._receipt_writes = Batcher(self._write_receipts)
+        self._receipt_writes = Batcher(self._stamped_receipts)
 
     async def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -154,11 +163,34 @@ class Ledger:
         request_id: str | None = None,
         callback: dict[str, Any] | None = None,
     ) -> None:
+        """A job its owner starts at once (`job_document`), written now."""
+        doc = self.job_document(
+            job_id, request, owner, lease, idempotency_key, key_id=key_id, request_id=request_id, callback=callback
+        )
+        await self.insert_job(doc)
+
+    async def insert_job(self, doc: dict[str, Any]) -> None:
+        """Write a job's document (`job_document`) on its own."""
+        await self._writes.submit("job", ([doc], None, None))
+
+    def job_document(
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        owner: str,
+        lease: float,
+        idempotency_key: str | None,
+        *,
+        key_id: str | None = None,
+        request_id: str | None = None,
+        callback: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """A job its owner starts at once: `running` from the first write (one round trip less
         per send than queued-then-running). `key_id` is the API key that created it (None: no
-        key, e.g. the embedding API), `request_id` the HTTP request's id."""
+        key, e.g. the embedding API), `request_id` the HTTP request's id. Written by `create_job`,
+        or with the first write of its run (`creating`)."""
         created = now_iso()
-        doc = {
+        return {
             "_id": job_id,
             "seq": seq_of(created, job_id),
             "key_id": key_id,
@@ -177,7 +209,6 @@ class Ledger:
             "lease_expires": time.time() + lease,
             "expires_at": self._expires_at(),
         }
-        await self._writes.submit("job", ([doc], None, None))
 
     async def delete_job(self, job_id: str) -> None:
         # Only ever our own job, just created and never started (its lease keeps others off).
@@ -269,10 +300,19 @@ class Ledger:
         update = {"$set": {f"{held}.until": 0, f"{held}.done": done}}
         await self._run("partition release", self._jobs.update_one, {"_id": job_id, f"{held}.run": run_id}, update)
 
-    async def update_job(self, job_id: str, *, callbacks: Sequence[dict[str, Any]] = (), **fields: Any) -> None:
+    async def update_job(
+        self,
+        job_id: str,
+        *,
+        callbacks: Sequence[dict[str, Any]] = (),
+        creating: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
         """Set `fields` on a job; `callbacks` (outbox messages, e.g. its `job.finished`) are
-        written in the same group commit, just before."""
-        await self._writes.submit("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, list(callbacks)))
+        written in the same group commit, just before. `creating`: the job's document, not
+        written yet, written first in the same group."""
+        update = Call("job update", ([UpdateOne({"_id": job_id}, {"$set": fields})], None, list(callbacks)))
+        await self._together([_creation(creating), update])
 
     async def request_cancel(self, job_id: str) -> dict[str, Any] | None:
         def cancel() -> dict[str, Any] | None:
@@ -348,14 +388,21 @@ class Ledger:
         return {doc["user"]: doc for doc in docs}
 
     async def claim_sending(
-        self, job_id: str, run_id: str, deliveries: Sequence[tuple[str, str, tuple[str, str] | None]]
+        self,
+        job_id: str,
+        run_id: str,
+        deliveries: Sequence[tuple[str, str, tuple[str, str] | None]],
+        *,
+        creating: dict[str, Any] | None = None,
     ) -> set[tuple[str, str]]:
         """Mark these (channel, user, previous) deliveries `sending` for run `run_id`, just before
         their provider calls, and return those that could NOT be claimed: another run holds or
         settled them. A claim is a compare-and-set, so two runs of the same partition or job never
         both send one delivery: an insert (the unique `_id` refuses a delivery anyone wrote), or,
         for a delivery left `sending` or `retrying` by a run, an update whose filter names that
-        run and state (`previous = (run, state)`, run `""` for one that recorded no run)."""
+        run and state (`previous = (run, state)`, run `""` for one that recorded no run).
+        `creating`: the job's document, not written yet: written first in the same group, and
+        nothing is claimed if it fails."""
         expires = self._expires_at()
         now = time.time()
         ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
@@ -377,7 +424,10 @@ class Ledger:
                 ops.append(UpdateOne({"_id": key, "state": state, "run": run or None}, {"$set": doc}, upsert=True))
         if not ops:
             return set()
-        return await self._writes.submit("claim", (ops, [d[:2] for d in deliveries], job_id))
+        claim = Call("claim", (ops, [d[:2] for d in deliveries], job_id))
+        await self._together([_creation(creating), claim])
+        taken: set[tuple[str, str]] = claim.result
+        return taken
 
     async def release(self, job_id: str, run_id: str, delivery: Delivery) -> None:
         """Between a failed attempt that reached no one and the next: `retrying`, still this run's
@@ -387,17 +437,34 @@ class Ledger:
         update = {"$set": {"state": "retrying", "attempts": delivery.attempts, "error": delivery.error}}
         await self._writes.submit("outcome", ([UpdateOne(key, update)], None, []))
 
-    async def record(self, job_id: str, deliveries: Sequence[Delivery]) -> None:
+    async def record(
+        self,
+        job_id: str,
+        deliveries: Sequence[Delivery],
+        *,
+        creating: dict[str, Any] | None = None,
+        finishing: dict[str, Any] | None = None,
+    ) -> bool:
         """Record final outcomes. A delivery with attempts was claimed first (providers are only
         called after the claim), so its document exists and only what the attempt changed is
         written (less work for the store: benchmarks/store_writes.py), and only while it is still
         `sending` (a run that lost its claim cannot overwrite what another recorded); any other
-        is written whole."""
+        is written whole.
+
+        In the same group: `creating`, the job's document not written yet (before the outcomes,
+        which are not written if it fails), and `finishing`, fields that end the job (after them,
+        only if they were written). Returns whether `finishing` was written: an outcome written
+        without it is still written (the job's end is then written on its own)."""
         if not deliveries:
-            return
+            return False
         expires = self._expires_at()
         now = time.time()
         ops = []
+        # The fields of each write, stamped in the group commit when the job asked for
+        # delivery.updated (the write is its event: callback_outbox.py).
+        stamped: list[tuple[str, dict[str, Any]]] | None = None
+        if self._outbox is not None and await self._outbox.wants_updates(job_id):
+            stamped = []
         for d in deliveries:
             key = delivery_key(job_id, d.channel, d.user_id)
             if d.attempts:
@@ -411,28 +478,40 @@ class Ledger:
                 # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
                 ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
             else:
-                ops.append(
-                    UpdateOne(
-                        {"_id": key},
-                        {
-                            "$set": {
-                                "job": job_id,
-                                "user": d.user_id,
-                                "channel": d.channel,
-                                "state": d.status,
-                                "error": d.error,
-                                "attempts": d.attempts,
-                                "provider_id": d.provider_id,
-                                "user_found": d.user_found,
-                                "settled_at": now,
-                                "expires_at": expires,
-                            }
-                        },
-                        upsert=True,
-                    )
-                )
+                outcome = {
+                    "job": job_id,
+                    "user": d.user_id,
+                    "channel": d.channel,
+                    "state": d.status,
+                    "error": d.error,
+                    "attempts": d.attempts,
+                    "provider_id": d.provider_id,
+                    "user_found": d.user_found,
+                    "settled_at": now,
+                    "expires_at": expires,
+                }
+                ops.append(UpdateOne({"_id": key}, {"$set": outcome}, upsert=True))
+            if stamped is not None:
+                stamped.append((key, outcome))
         changes = [StateChange(job_id, d.user_id, d.channel, d.status, d.provider_id, d.error) for d in deliveries]
-        await self._writes.submit("outcome", (ops, None, changes))
+        written = Call("outcome", (ops, stamped, changes))
+        end = Call("job update", ([UpdateOne({"_id": job_id}, {"$set": finishing})], None, [])) if finishing else None
+        await self._together([_creation(creating), written, end], optional_last=end is not None)
+        if end is not None and end.error is not None:
+            log.warning("job %s: its end not written with its last outcome: %s", job_id, end.error)
+        return end is not None and end.error is None
+
+    async def _together(self, calls: Sequence[Call | None], *, optional_last: bool = False) -> None:
+        """Write `calls` (None: nothing) in one group, each only if the one before it was written;
+        raise the error of the first that failed (`optional_last`: not the last one's, its caller
+        looks at it)."""
+        chain = [call for call in calls if call is not None]
+        for before, call in zip(chain, chain[1:]):
+            call.after = before
+        await self._writes.submit_together(chain)
+        for call in chain[:-1] if optional_last else chain:
+            if call.error is not None:
+                raise call.error
 
     # -- receipts -------------------------------------------------------------------------------
 
@@ -443,12 +522,21 @@ class Ledger:
         self._listeners.append(listener)
 
     def attach_outbox(self, outbox: CallbackOutbox) -> None:
-        """Write the `delivery.updated` events of every state change to `outbox` in the same
-        group commit: outcomes just before their delivery writes (a failed event write fails
-        them: nothing changes unannounced), the others (receipts, timeouts) just after theirs."""
+        """Stamp delivery writes for `outbox`'s `delivery.updated` events, in the writes
+        themselves: outcomes of the jobs that asked for them (`ev`), every receipt and timeout
+        (`evr`)."""
         self._outbox = outbox
 
-    def _changed(self, changes: list[StateChange], *, staged: bool = False) -> None:
+    @contextmanager
+    def _stamp(self) -> Iterator[str | None]:
+        """A stamp for one group of delivery writes while they are in flight (None: no outbox)."""
+        if self._outbox is None:
+            yield None
+            return
+        with self._outbox.stamping() as stamp:
+            yield stamp
+
+    def _changed(self, changes: list[StateChange]) -> None:
         if not changes:
             return
         for listener in self._listeners:
@@ -456,11 +544,6 @@ class Ledger:
                 listener(changes)
             except Exception:  # a listener's bug must not fail the write it follows
                 log.exception("delivery state listener failed")
-        if self._outbox is not None and not staged:
-            try:
-                self._outbox.stage(changes)
-            except PyMongoError as exc:
-                log.error("delivery.updated events of %d state changes not written: %s", len(changes), exc)
 
     async def apply_receipts(self, receipts: Sequence[Receipt]) -> ReceiptOutcome:
         """Move the deliveries these receipts name forward, through the group commit. A receipt
@@ -487,46 +570,44 @@ class Ledger:
                     doc.get("code"),
                     doc.get("reason"),
                     doc.get("permanent", False),
+                    doc.get("delivery"),
                 ),
             )
             for doc in docs
         ]
         return await self._receipt_writes.submit("kept receipt", (kept, drop_before, None))
 
-    def _write_receipts(self, calls: list[Call]) -> None:
-        """In the store's worker thread: each receipt is one conditional update of the delivery
-        holding its SID (the filter names the states the receipt may replace, so receipts that
-        race, in this process or another, never move a delivery backwards); only one that
-        changed nothing costs a second lookup, to tell a delivery already further along from one
-        not recorded yet (whose receipt is kept). Equality on `provider_id` only: the embedded
-        store uses the index for it, not for `$in` (a scan of every delivery)."""
+    def _stamped_receipts(self, calls: list[Call]) -> None:
+        with self._stamp() as stamp:
+            self._write_receipts(calls, stamp)
+
+    def _write_receipts(self, calls: list[Call], stamp: str | None = None) -> None:
+        """In the store's worker thread. A receipt that names its delivery (the callback URL
+        carries its id) is one conditional update in one ordered bulk for the whole group, by
+        primary key; only when the bulk changed fewer deliveries than it had receipts does one
+        read (by `_id`) tell which changed, which were behind (duplicates) and which name a
+        delivery whose outcome is not written yet (kept). A receipt that names only its SID is one
+        conditional `find_one_and_update` by `provider_id` (equality: the embedded store uses the
+        index for it, not for `$in`, a scan of every delivery), plus a lookup when it changed
+        nothing. Every filter names the states the receipt may replace, so receipts that race,
+        in this process or another, never move a delivery backwards."""
         if not calls:
             return
         fresh = [(call, None, r) for call in calls if call.kind == "receipt" for r in call.payload[0]]
         kept = [(call, kept_id, r) for call in calls if call.kind == "kept receipt" for kept_id, r in call.payload[0]]
         items = sorted(fresh + kept, key=lambda item: RANK[item[2].state])
-        projection = {"job": 1, "user": 1, "channel": 1}
         try:
             outcomes = {id(call): ReceiptOutcome() for call in calls}
             changes, orphans, done = [], [], []
             drops: list[str] = []
+            named = self._apply_named([r for _, _, r in items if r.delivery], stamp)
             for call, kept_id, r in items:
                 outcome = outcomes[id(call)]
-                update: dict[str, Any] = {"state": r.state, "receipt_at": r.at, "provider_status": r.status}
-                if r.state == "undelivered":
-                    update.update(error=r.error(), failure="permanent" if r.permanent else "temporary")
-                    if r.code:
-                        update["provider_code"] = r.code
-                # Keyed by state, not pushed: each state is reached once, and the embedded store
-                # keeps pushed documents as strings.
-                update[f"receipts.{r.state}"] = r.entry()
-                doc = self._deliveries.find_one_and_update(
-                    {"provider_id": r.sid, "state": {"$in": below(r.state)}}, {"$set": update}, projection=projection
-                )
-                if doc is not None:
+                verdict = named[id(r)] if r.delivery else self._apply_by_sid(r, stamp)
+                if isinstance(verdict, StateChange):
                     outcome.applied += 1
-                    changes.append(StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error()))
-                elif self._deliveries.find_one({"provider_id": r.sid}, {"_id": 1}) is not None:
+                    changes.append(verdict)
+                elif verdict == "unchanged":
                     outcome.unchanged += 1  # a duplicate, or behind the delivery
                 elif kept_id is None:
                     orphans.append(r)
@@ -552,6 +633,7 @@ class Ledger:
                         "code": r.code,
                         "reason": r.reason,
                         "permanent": r.permanent,
+                        "delivery": r.delivery,
                         "expires_at": expires,
                     }
                     for r in orphans
@@ -571,6 +653,65 @@ class Ledger:
             call.succeed((outcomes[id(call)], drops) if call.kind == "kept receipt" else outcomes[id(call)])
         self._changed(changes)
 
+    def _apply_named(self, receipts: list[Receipt], stamp: str | None) -> dict[int, StateChange | str]:
+        """Receipts naming their delivery, in rank order: each one's change, "unchanged", or
+        "missing" (no delivery holds its SID yet), by `id()` of the receipt."""
+        verdicts: dict[int, StateChange | str] = {}
+        if not receipts:
+            return verdicts
+        firsts: dict[tuple[str | None, str, str], Receipt] = {}
+        written: list[Receipt] = []
+        for r in receipts:
+            # The same status twice (Twilio retries a callback): the second changes nothing.
+            if firsts.setdefault((r.delivery, r.sid, r.state), r) is r:
+                written.append(r)
+        ops = [
+            UpdateOne(
+                {"_id": r.delivery, "provider_id": r.sid, "state": {"$in": below(r.state)}},
+                {"$set": _receipt_set(r, stamp)},
+            )
+            for r in written
+        ]
+        modified = self._deliveries.bulk_write(ops, ordered=True).modified_count
+        docs: dict[str, dict[str, Any]] = {}
+        if modified < len(ops):
+            keys = list({r.delivery for r in written})
+            docs = {
+                d["_id"]: d for d in self._deliveries.find({"_id": {"$in": keys}}, {"provider_id": 1, "receipts": 1})
+            }
+        for r in receipts:
+            first = firsts[(r.delivery, r.sid, r.state)]
+            if first is not r:
+                verdict = verdicts[id(first)]
+                verdicts[id(r)] = "unchanged" if isinstance(verdict, StateChange) else verdict
+                continue
+            doc = docs.get(r.delivery or "") if modified < len(ops) else None
+            if modified == len(ops) or (
+                doc is not None
+                and doc.get("provider_id") == r.sid
+                and ((doc.get("receipts") or {}).get(r.state) or {}).get("at") == r.at
+            ):
+                job, channel, user = (r.delivery or "").split("|", 2)
+                verdicts[id(r)] = StateChange(job, user, channel, r.state, r.sid, r.error())
+            elif doc is not None and doc.get("provider_id") == r.sid:
+                verdicts[id(r)] = "unchanged"
+            else:
+                verdicts[id(r)] = "missing"
+        return verdicts
+
+    def _apply_by_sid(self, r: Receipt, stamp: str | None) -> StateChange | str:
+        """A receipt naming only its SID: its change, "unchanged" or "missing" (see above)."""
+        doc = self._deliveries.find_one_and_update(
+            {"provider_id": r.sid, "state": {"$in": below(r.state)}},
+            {"$set": _receipt_set(r, stamp)},
+            projection={"job": 1, "user": 1, "channel": 1},
+        )
+        if doc is not None:
+            return StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error())
+        if self._deliveries.find_one({"provider_id": r.sid}, {"_id": 1}) is not None:
+            return "unchanged"
+        return "missing"
+
     async def mark_unconfirmed(self, channels: Sequence[str], settled_before: float) -> int:
         """Deliveries on `channels` still `sent` since before `settled_before` (epoch seconds):
         no receipt came, they become `unconfirmed`. Returns how many."""
@@ -584,8 +725,14 @@ class Ledger:
             if not docs:
                 return 0
             # The state is in the filter again: a receipt landing meanwhile wins.
-            ops = [UpdateOne({"_id": d["_id"], "state": "sent"}, {"$set": {"state": "unconfirmed"}}) for d in docs]
-            result = self._deliveries.bulk_write(ops, ordered=False)
+            with self._stamp() as stamp:
+                ops = [
+                    UpdateOne(
+                        {"_id": d["_id"], "state": "sent"}, {"$set": _stamped({"state": "unconfirmed"}, stamp, d)}
+                    )
+                    for d in docs
+                ]
+                result = self._deliveries.bulk_write(ops, ordered=False)
             self._changed(
                 [StateChange(d["job"], d["user"], d["channel"], "unconfirmed", d.get("provider_id")) for d in docs]
             )
@@ -601,13 +748,16 @@ class Ledger:
             "job creation",
             lambda docs: self._jobs.insert_many(docs, ordered=False),
         )
-        deliveries = [w for w in batch if w.kind in ("claim", "outcome")]
-        if self._outbox is not None:
-            deliveries = self._stage_outcomes(deliveries)
-        _bulk(deliveries, "delivery write", lambda ops: self._deliveries.bulk_write(ops, ordered=False))
-        if self._listeners or self._outbox is not None:
-            self._changed([change for w in deliveries if w.error is None for change in _changes(w)], staged=True)
-        updates = [w for w in batch if w.kind == "job update"]
+        deliveries = [w for w in batch if w.kind in ("claim", "outcome") and not w.blocked()]
+        with self._stamp() as stamp:
+            for w in deliveries:
+                if w.kind == "outcome" and w.payload[1]:
+                    for key, fields in w.payload[1]:
+                        fields["ev"] = f"{stamp}|{key}"
+            _bulk(deliveries, "delivery write", lambda ops: self._deliveries.bulk_write(ops, ordered=False))
+        if self._listeners:
+            self._changed([change for w in deliveries if w.error is None for change in _changes(w)])
+        updates = [w for w in batch if w.kind == "job update" and not w.blocked()]
         if self._outbox is not None and any(w.payload[2] for w in updates):
             try:
                 self._outbox.insert_messages([doc for w in updates for doc in w.payload[2]])
@@ -617,21 +767,6 @@ class Ledger:
                         w.fail(StoreError(f"callback outbox write failed: {exc}"))
                 updates = [w for w in updates if not w.done]
         _bulk(updates, "job update", lambda ops: self._jobs.bulk_write(ops, ordered=False))
-
-    def _stage_outcomes(self, deliveries: list[Call]) -> list[Call]:
-        """Write the events of the outcomes in `deliveries` before the outcomes themselves; when
-        that fails, fail those outcome writes (the run stops and resumes) and return the rest."""
-        assert self._outbox is not None
-        outcomes = [w for w in deliveries if w.kind == "outcome" and w.payload[2]]
-        if not outcomes:
-            return deliveries
-        try:
-            self._outbox.stage([change for w in outcomes for change in w.payload[2]])
-        except PyMongoError as exc:
-            for w in outcomes:
-                w.fail(StoreError(f"callback outbox write failed: {exc}"))
-            return [w for w in deliveries if not w.done]
-        return deliveries
 
     async def summary(self, job_id: str, channels: Sequence[str]) -> dict[str, Any]:
         """A job's counts, from its deliveries (for jobs whose deliveries several processes wrote):
@@ -730,6 +865,21 @@ _LISTED_FIELDS = (
 )
 
 
+def _receipt_set(r: Receipt, stamp: str | None) -> dict[str, Any]:
+    """The fields a receipt sets on its delivery (`stamp`: its delivery.updated event's)."""
+    update: dict[str, Any] = {"state": r.state, "receipt_at": r.at, "provider_status": r.status}
+    if r.state == "undelivered":
+        update.update(error=r.error(), failure="permanent" if r.permanent else "temporary")
+        if r.code:
+            update["provider_code"] = r.code
+    # Keyed by state, not pushed: each state is reached once, and the embedded store keeps pushed
+    # documents as strings.
+    update[f"receipts.{r.state}"] = r.entry()
+    if stamp is not None:
+        update["evr"] = f"{stamp}|{r.sid}"
+    return update
+
+
 def _changes(write: Call) -> list[StateChange]:
     """The state changes a settled claim or outcome write made."""
     ops, keys, extra = write.payload
@@ -739,11 +889,21 @@ def _changes(write: Call) -> list[StateChange]:
     return [StateChange(extra, user, channel, "sending") for channel, user in keys if (channel, user) not in taken]
 
 
+def _creation(doc: dict[str, Any] | None) -> Call | None:
+    """The write of a job's document carried by another write of its run (None: none)."""
+    return Call("job", ([doc], None, None)) if doc is not None else None
+
+
+def _stamped(fields: dict[str, Any], stamp: str | None, doc: dict[str, Any]) -> dict[str, Any]:
+    return {**fields, "evr": f"{stamp}|{doc['_id']}"} if stamp is not None else fields
+
+
 def _bulk(writes: list[Call], what: str, command: Any) -> None:
     """Run `command` once on the operations of every write
     and settle each write from the per-operation errors: a duplicate key on a claim means another
     run holds that delivery (`keys[i]` joins the claim's result); any other error fails its write.
-    (Each payload is `(operations, keys, what to tell listeners)`.)"""
+    (Each payload is `(operations, keys, what to tell listeners)`; an outcome's `keys` are the
+    fields its writes set, to stamp: callback_outbox.py.)"""
     if not writes:
         return
     ops = [op for write in writes for op in write.payload[0]]
@@ -767,6 +927,10 @@ def _bulk(writes: list[Call], what: str, command: Any) -> None:
                 continue
             if write.kind == "claim" and error.get("code") == _DUPLICATE_KEY:
                 taken.add(keys[i])
+            elif write.kind == "job" and error.get("code") == _DUPLICATE_KEY:
+                # A creation carried again after a write that carried it was cancelled before it
+                # knew: job ids are fresh uuid4s, so the job there is this very one.
+                pass
             else:
                 failure = StoreError(f"ledger {what} failed: {error.get('errmsg', error)}")
         start += len(own)
@@ -774,36 +938,6 @@ def _bulk(writes: list[Call], what: str, command: Any) -> None:
             write.fail(failure)
         else:
             write.succeed(taken if write.kind == "claim" else None)
-
-
-def _iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def delivery_view(doc: dict[str, Any]) -> dict[str, Any]:
-    """A delivery document as `GET /send/{id}/deliveries` shows it: state, attempts, the
-    provider's id, times, and each receipt that moved it."""
-    view: dict[str, Any] = {
-        "channel": doc.get("channel"),
-        "state": doc.get("state"),
-        "attempts": doc.get("attempts", 0),
-        "providerId": doc.get("provider_id"),
-        "error": doc.get("error"),
-        "claimedAt": _iso(doc.get("claimed_at")),
-        "settledAt": _iso(doc.get("settled_at")),
-        "receiptAt": _iso(doc.get("receipt_at")),
-        "receipts": [
-            {"status": r.get("status"), "state": r.get("state"), "code": r.get("code"), "at": _iso(r.get("at"))}
-            for r in sorted((doc.get("receipts") or {}).values(), key=lambda r: r.get("at") or 0)
-        ],
-    }
-    if doc.get("failure"):
-        view["failure"] = doc["failure"]
-    if doc.get("reconciled"):
-        view["reconciled"] = doc["reconciled"]
-    return view
 
 
 def body_hash(payload: dict[str, Any]) -> str:
@@ -820,6 +954,5 @@ __all__ = [
     "StateChange",
     "body_hash",
     "delivery_key",
-    "delivery_view",
     "now_iso",
 ]

@@ -1,4 +1,5 @@
-"""Who may see a job, and the typed job listing behind `GET /send` (and the operations page).
+"""Who may see a job, and the query of the job listing behind `GET /send` (and the operations
+page; the page it answers is `job_views.JobPage`).
 
 A job belongs to the API key that created it: the job document records the key's id (its name
 in the keys file, or the first 12 hex digits of its digest; never the key). A `Viewer` is who
@@ -26,7 +27,7 @@ from typing import Any
 
 from .channels import CHANNELS
 from .errors import RequestError
-from .models import Summary, shown
+from .models import shown
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 MAX_LIMIT = 200
@@ -183,47 +184,17 @@ def _time(args: Mapping[str, str], name: str) -> dt.datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
-def job_json(doc: Mapping[str, Any], summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A job as `GET /send/{id}` and the listing show it; `summary` overrides the stored counts
-    (those of a job this process is running are fresher than its last lease renewal)."""
-    request = doc.get("request") or {}
-    return {
-        "id": doc["_id"],
-        "status": doc["state"],
-        "createdAt": doc.get("created_at"),
-        "startedAt": doc.get("started_at"),
-        "finishedAt": doc.get("finished_at"),
-        "summary": summary if summary is not None else (doc.get("summary") or Summary().to_json()),
-        "error": doc.get("error"),
-        "requestId": doc.get("request_id"),
-        # nx-27017 (0.8) answers the listing's projection on `request.channels` with a flat
-        # "request.channels" key where MongoDB nests it.
-        "channels": list(request.get("channels") or doc.get("request.channels") or ()),
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class JobPage:
-    jobs: list[dict[str, Any]]
-    next: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"jobs": self.jobs, "next": self.next}
-
-
 __all__ = [
     "DEFAULT_LIMIT",
     "EVERYONE",
     "JOB_STATES",
     "MAX_LIMIT",
     "JOB_LISTING_INDEXES",
-    "JobPage",
     "JobQuery",
     "Viewer",
     "decode_cursor",
     "encode_cursor",
     "iso_ms",
-    "job_json",
     "listing_filter",
     "seq_of",
 ]

@@ -212,7 +212,7 @@ CALLBACKS = Counter(
 )
 CALLBACK_OUTBOX_DEPTH = Gauge(
     "dispatcher_callback_outbox_depth",
-    "Callbacks (and delivery.updated chunks) in the outbox not delivered yet",
+    "Callbacks in the outbox not delivered yet (stamped deliveries not read into one yet are not counted)",
     multiprocess_mode="max",
 )
 CALLBACK_DEAD_LETTERS = Gauge(

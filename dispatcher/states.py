@@ -46,7 +46,9 @@ class Receipt:
 
     `sid`: the provider's id (the delivery's `provider_id`). `status`: the provider's own word
     (Twilio's MessageStatus or CallStatus). `permanent`: for `undelivered`, whether trying again
-    is pointless. `at`: epoch seconds when the service received it.
+    is pointless. `at`: epoch seconds when the service received it. `delivery`: the ledger's id of
+    the delivery, when the receipt names it (Twilio's callback URL carries it since this field
+    exists; receipts of messages created before name only the SID).
     """
 
     sid: str
@@ -56,6 +58,7 @@ class Receipt:
     code: str | None = None
     reason: str | None = None
     permanent: bool = False
+    delivery: str | None = None
 
     def error(self) -> str | None:
         """The failure text shown for an `undelivered` delivery."""

@@ -16,6 +16,7 @@ import json
 import trio
 
 import dispatcher
+from dispatcher.wire import job_json, send_result_json
 
 
 async def main() -> None:
@@ -32,7 +33,7 @@ async def main() -> None:
             )
         except dispatcher.RequestError as exc:  # e.g. the store was not seeded
             raise SystemExit(f"request refused ({exc.status_code}): {exc}") from None
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(send_result_json(result), indent=2))
         # The same as a job: the id at once, then its status (idempotent: a second submit with
         # the same key and request names the same job and sends nothing).
         job_id = await d.submit(
@@ -44,9 +45,11 @@ async def main() -> None:
             },
             idempotency_key="example-1",
         )
-        while (status := await d.status(job_id))["status"] in ("queued", "running"):
+        while (status := await d.status(job_id)).state in ("queued", "running"):
             await trio.sleep(0.1)
-        print(json.dumps(status, indent=2))
+        # A typed `JobStatus` (dispatcher/job_views.py), printed as GET /send/{id} would answer it
+        # (as the result above is printed as POST /send answers it).
+        print(json.dumps(job_json(status), indent=2))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,65 @@ async def test_a_flush_that_raises_fails_every_write_of_its_batch() -> None:
         await batcher.submit("x", 2)
 
 
+async def test_with_several_slots_a_write_starts_while_another_is_in_flight() -> None:
+    release = threading.Event()
+    batches: list[list[Any]] = []
+
+    def flush(batch: list[Call]) -> None:
+        if batch[0].payload == "slow":
+            release.wait(5)
+        batches.append([call.payload for call in batch])
+        for call in batch:
+            call.succeed(f"ok {call.payload}")
+
+    batcher = Batcher(flush, in_flight=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.submit, "x", "slow")
+        await trio.testing.wait_all_tasks_blocked()
+        # With one slot this would wait for "slow": it does not.
+        with trio.fail_after(2):
+            assert await batcher.submit("x", "quick") == "ok quick"
+        assert batches == [["quick"]]
+        release.set()
+    assert batches == [["quick"], ["slow"]]
+
+
+async def test_with_every_slot_busy_writes_group_up_again() -> None:
+    recorder = Recorder()
+    batcher = Batcher(recorder.flush, in_flight=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.submit, "x", 0)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(1, 4):
+            nursery.start_soon(batcher.submit, "x", i)
+        await trio.testing.wait_all_tasks_blocked()
+        recorder.release.set()
+    assert [sorted(batch) for batch in recorder.batches] == [[0], [1, 2, 3]]
+
+
+async def test_calls_submitted_together_share_a_group_and_none_runs_after_one_that_failed() -> None:
+    ran: list[list[str]] = []
+
+    def flush(batch: list[Call]) -> None:
+        ran.append([])
+        for call in batch:
+            if call.blocked():
+                continue
+            ran[-1].append(call.payload)
+            if call.payload == "bad":
+                call.fail(StoreError("refused"))
+            else:
+                call.succeed()
+
+    batcher = Batcher(flush, in_flight=3)
+    first = Call("x", "a")
+    second = Call("x", "bad", after=first)
+    third = Call("x", "c", after=second)
+    await batcher.submit_together([first, second, third])
+    assert ran == [["a", "bad"]]
+    assert first.error is None and isinstance(second.error, StoreError) and third.error is second.error
+
+
 async def test_ledger_claims_and_outcomes_of_several_jobs_in_one_group(database: pymongo.database.Database) -> None:
     """Through real pymongo: a claim of a delivery someone else wrote comes back as taken, the
     other claims and another job's outcomes in the same bulk are written."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import trio
-from test_crash_resume import Service
+from service_process import Service
 
 from dispatcher.fakes.faults import Faults
 from dispatcher.fakes.server import serve_asgi

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from kill_runs import post_send, seed_users, sms_email_config, wait_until_done
-from test_crash_resume import Service
+from kill_runs import post_send, seed_users, kill_config, wait_until_done
+from service_process import Service
 
 from dispatcher.fakes.faults import Faults
 from dispatcher.fakes.server import serve_asgi
@@ -33,7 +33,7 @@ async def test_sigkill_at_ten_percent_leaves_at_most_the_calls_in_flight_ambiguo
     with SmtpSink(faults=Faults(latency=LATENCY), record_data=False) as sink:
         async with trio.open_nursery() as nursery:
             twilio_url = await nursery.start(serve_asgi, fake)
-            config = sms_email_config(tmp_path / "config.toml", twilio_url, sink.port, CONCURRENCY["sms"])
+            config = kill_config(tmp_path / "config.toml", twilio_url, CONCURRENCY["sms"], sink.port)
             service = Service(config, mongo_url, database.name, tmp_path / "service.log")
             try:
                 await service.start()

@@ -4,20 +4,16 @@ not accounted for are reported as `outcome unknown`."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
+from kill_runs import kill_config, post_send, seed_users, wait_until_done
+from service_process import Service
 
 from actors.collector import FLUSH_SECONDS
-from dispatcher.embedded_store import free_port
 from dispatcher.fakes.faults import Faults
 from dispatcher.fakes.server import serve_asgi
 from dispatcher.fakes.twilio import FakeTwilio
@@ -27,107 +23,19 @@ CONCURRENCY = 8
 LATENCY = 0.04
 
 
-def _config(path: Path, twilio_url: str) -> Path:
-    path.write_text(f"""
-[channels]
-active = ["sms"]
-[channels.sms]
-provider = "twilio"
-concurrency = {CONCURRENCY}
-[providers.twilio]
-account_sid = "AC123"
-api_base_url = "{twilio_url}"
-[sender]
-sms = "+15550009999"
-[store]
-lease_seconds = 1.5
-""")
-    return path
-
-
-class Service:
-    def __init__(self, config: Path, mongo_url: str, database: str, log: Path) -> None:
-        self.port = free_port()
-        self.env = {
-            **os.environ,
-            "MONGODB_URL": mongo_url,
-            "TWILIO_AUTH_TOKEN": "secret",
-            "DISPATCHER__STORE__DATABASE": database,
-            "DISPATCHER__SERVER__PORT": str(self.port),
-        }
-        self.config = config
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from dispatcher.cli import main; raise SystemExit(main())",
-                    "--config",
-                    str(self.config),
-                    "serve",
-                ],
-                env=self.env,
-                stdout=out,
-                stderr=out,
-            )
-        async with httpx.AsyncClient() as client:
-            with trio.fail_after(30):
-                while True:
-                    try:
-                        if (await client.get(f"http://127.0.0.1:{self.port}/-/healthz")).status_code == 200:
-                            return
-                    except httpx.TransportError:
-                        pass
-                    assert self.process.poll() is None, self.log.read_text()
-                    await trio.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.mark.parametrize("kill_at", [0.0, 0.5, 0.95])
 async def test_sigkill_mid_fanout_then_restart_finishes_the_job_without_duplicates(
     kill_at: float, mongo_url: str, database: Any, tmp_path: Path
 ) -> None:
-    database.users.insert_many(
-        [{"_id": f"u{i:04d}", "phoneNumber": f"+1555{i:07d}", "clusters": ["all"]} for i in range(USERS)]
-    )
+    seed_users(database, USERS)
     fake = FakeTwilio("AC123", "secret", Faults(latency=LATENCY))
     async with trio.open_nursery() as nursery:
         twilio_url = await nursery.start(serve_asgi, fake)
-        service = Service(
-            _config(tmp_path / "config.toml", twilio_url), mongo_url, database.name, tmp_path / "service.log"
-        )
+        config = kill_config(tmp_path / "config.toml", twilio_url, CONCURRENCY)
+        service = Service(config, mongo_url, database.name, tmp_path / "service.log")
         try:
             await service.start()
-
-            async def post() -> None:
-                # The answer never comes: the process is killed under it.
-                async with httpx.AsyncClient(timeout=60) as client:
-                    try:
-                        await client.post(
-                            f"http://127.0.0.1:{service.port}/send",
-                            json={"channels": ["sms"], "clusters": ["all"], "messageContent": "hi"},
-                        )
-                    except httpx.TransportError:
-                        pass
-
-            nursery.start_soon(post)
+            nursery.start_soon(post_send, service.port, ["sms"])
             with trio.fail_after(30):
                 while await trio.to_thread.run_sync(database.dispatch_jobs.count_documents, {}) == 0:
                     await trio.sleep(0.01)
@@ -136,12 +44,7 @@ async def test_sigkill_mid_fanout_then_restart_finishes_the_job_without_duplicat
             service.kill()
             received_before_restart = len(fake.received)
             await service.start()
-            with trio.fail_after(60):
-                while True:
-                    job = await trio.to_thread.run_sync(database.dispatch_jobs.find_one, {})
-                    if job["state"] == "done":
-                        break
-                    await trio.sleep(0.1)
+            job = await wait_until_done(database, 60)
         finally:
             service.stop()
             nursery.cancel_scope.cancel()

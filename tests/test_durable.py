@@ -12,10 +12,11 @@ import pytest
 import trio
 
 from dispatcher import open_dispatcher
-from dispatcher.errors import Conflict, NotFound
+from dispatcher.errors import Conflict, NotFound, StillRunning
 from dispatcher.journal import STOPPED_DURING_ATTEMPT
 from dispatcher.ledger import delivery_key
 from dispatcher.web import status_of
+from dispatcher.wire import failure_json, send_result_json
 
 REQUEST = {
     "channels": ["sms", "push"],
@@ -72,7 +73,7 @@ async def test_same_idempotency_key_and_body_returns_the_first_result_without_se
         first = await d.send(REQUEST, idempotency_key="k-1")
         second = await d.send(REQUEST, idempotency_key="k-1")
         third = await d.send({**REQUEST, "idempotencyKey": "k-1"})  # the body form
-    assert second.to_json() == first.to_json() == third.to_json()
+    assert send_result_json(second) == send_result_json(first) == send_result_json(third)
     assert len(outbox_messages(outbox, "sms")) == 3
     assert database.dispatch_jobs.count_documents({}) == 1
 
@@ -108,8 +109,8 @@ async def test_concurrent_identical_requests_with_one_key_deliver_once(
             for _ in range(3):
                 nursery.start_soon(send)
     assert len(outbox_messages(outbox, "sms")) == 4
-    assert {json.dumps(r.to_json(), sort_keys=True) for r in results} == {
-        json.dumps(results[0].to_json(), sort_keys=True)
+    assert {json.dumps(send_result_json(r), sort_keys=True) for r in results} == {
+        json.dumps(send_result_json(results[0]), sort_keys=True)
     }
 
 
@@ -118,23 +119,23 @@ async def test_submit_then_status_and_paged_failures(make_settings: Any, databas
     async with open_dispatcher(make_settings()) as d:
         job_id = await d.submit({**REQUEST, "recipients": [f"missing{i}" for i in range(5)]})
         with trio.fail_after(10):
-            while (status := await d.status(job_id))["status"] != "done":
+            while (status := await d.status(job_id)).state != "done":
                 await trio.sleep(0.02)
-        assert status["summary"]["failed"] == {"sms": 5, "push": 5}
-        assert status["startedAt"] and status["finishedAt"] and status["createdAt"]
+        assert status.summary.failed == {"sms": 5, "push": 5}
+        assert status.started_at and status.finished_at and status.created_at
         pages, after = [], None
         while True:
             page = await d.failures(job_id, after, limit=4)
-            pages.append(page["failures"])
-            after = page["next"]
+            pages.append(page.failures)
+            after = page.next
             if after is None:
                 break
         with pytest.raises(NotFound):
             await d.status("no-such-job")
     assert [len(p) for p in pages] == [4, 4, 2]
     everything = [f for p in pages for f in p]
-    assert len({(f["userId"], f["channel"]) for f in everything}) == 10
-    assert {f["error"] for f in everything} == {"user not found"}
+    assert len({(f.user_id, f.channel) for f in everything}) == 10
+    assert {f.error for f in everything} == {"user not found"}
 
 
 async def test_cancel_stops_what_has_not_started(make_settings: Any, database: Any, outbox: Path) -> None:
@@ -147,12 +148,12 @@ async def test_cancel_stops_what_has_not_started(make_settings: Any, database: A
                 await trio.sleep(0.01)
         await d.cancel(job_id)
         with trio.fail_after(10):
-            while (status := await d.status(job_id))["status"] not in ("cancelled", "done"):
+            while (status := await d.status(job_id)).state not in ("cancelled", "done"):
                 await trio.sleep(0.02)
     sent = len(outbox_messages(outbox, "sms"))
-    assert status["status"] == "cancelled"
+    assert status.state == "cancelled"
     assert 3 <= sent < 30
-    assert status["summary"]["sent"]["sms"] == sent
+    assert status.summary.sent["sms"] == sent
     # Nothing is left `sending`: what did not go out is recorded as cancelled (or never started).
     assert database.dispatch_deliveries.count_documents({"job": job_id, "state": "sending"}) == 0
 
@@ -210,9 +211,9 @@ async def test_an_abandoned_job_is_resumed_without_repeating_settled_deliveries(
     )
     async with open_dispatcher(make_settings()) as d:
         with trio.fail_after(15):
-            while (status := await d.status("job-1"))["status"] != "done":
+            while (status := await d.status("job-1")).state != "done":
                 await trio.sleep(0.05)
-        failures = (await d.failures("job-1"))["failures"]
+        failures = [failure_json(f) for f in (await d.failures("job-1")).failures]
     sms_to = sorted(m["to"] for m in outbox_messages(outbox, "sms"))
     push_to = sorted(m["to"] for m in outbox_messages(outbox, "push"))
     # sms: u0 sent and u1 failed before the crash; u2's outcome is unknown and sms reports it.
@@ -220,8 +221,8 @@ async def test_an_abandoned_job_is_resumed_without_repeating_settled_deliveries(
     # push resends what was in flight (a duplicate push costs little): u2 again, u0 not.
     assert push_to == sorted(f"tok-{i}" for i in (1, 2, 3, 4, 5))
     assert {"userId": "u2", "channel": "sms", "error": STOPPED_DURING_ATTEMPT} in failures
-    assert status["summary"]["sent"] == {"sms": 4, "push": 6}
-    assert status["summary"]["users"] == 6
+    assert status.summary.sent == {"sms": 4, "push": 6}
+    assert status.summary.users == 6
     job = database.dispatch_jobs.find_one({"_id": "job-1"})
     assert job["lease_owner"] != "dead-host:1"
 
@@ -232,7 +233,7 @@ async def test_a_job_with_a_live_lease_is_left_to_its_owner(make_settings: Any, 
     database.dispatch_jobs.update_one({"_id": "job-2"}, {"$set": {"lease_expires": time.time() + 60}})
     async with open_dispatcher(make_settings()) as d:
         await trio.sleep(0.5)
-        assert (await d.status("job-2"))["status"] == "running"
+        assert (await d.status("job-2")).state == "running"
     assert outbox_messages(outbox, "sms") == []
 
 
@@ -297,3 +298,63 @@ async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
     assert f"another instance took over job {job['_id']}" in str(error)
     assert "store" not in str(error)
     assert len(outbox_messages(outbox, "sms")) < 40
+
+
+ONE_SMS = {"channels": ["sms"], "messageContent": "hi {{ user.name }}"}
+
+
+async def test_a_small_send_writes_its_job_with_its_first_claim_and_its_end_with_its_only_outcome(
+    make_settings: Any, database: Any
+) -> None:
+    """Two group commits for a send of one delivery instead of four (issue 20); a send whose
+    only delivery is written without a claim (an unknown user) carries its job's creation and
+    end too; a send of several users carries only the creation."""
+    seed(database, 3)
+    async with open_dispatcher(make_settings()) as d:
+        assert d.ledger is not None
+        groups: list[list[str]] = []
+        flush = d.ledger._writes._run
+
+        def counted(batch: list[Any]) -> None:
+            groups.append(sorted(call.kind for call in batch))
+            flush(batch)
+
+        d.ledger._writes._run = counted
+        results = [
+            await d.send({**ONE_SMS, "recipients": ["u0"]}),
+            await d.send({**ONE_SMS, "recipients": ["ghost"]}),
+            await d.send({**ONE_SMS, "recipients": ["u1", "u2"]}),
+        ]
+    assert groups[:2] == [["claim", "job"], ["job update", "outcome"]]
+    assert groups[2] == ["job", "job update", "outcome"]
+    assert sorted(kind for group in groups[3:] for kind in group) == [
+        "claim",
+        "claim",
+        "job",
+        "job update",
+        "outcome",
+        "outcome",
+    ]
+    for result in results:
+        job = database.dispatch_jobs.find_one({"_id": result.job_id})
+        assert job is not None and job["state"] == "done" and job["lease_expires"] == 0
+        assert job["summary"] == result.summary.to_json()
+    assert results[1].summary.to_json()["failed"] == {"sms": 1}
+    states = {doc["user"]: doc["state"] for doc in database.dispatch_deliveries.find()}
+    assert states == {"u0": "sent", "ghost": "failed", "u1": "sent", "u2": "sent"}
+
+
+async def test_a_send_still_running_when_its_wait_ends_is_written_before_its_id_is_given(
+    make_settings: Any, database: Any
+) -> None:
+    seed(database, 1)
+    async with open_dispatcher(make_settings()) as d:
+        with pytest.raises(StillRunning) as running:
+            await d.send({**ONE_SMS, "recipients": ["u0"]}, wait_seconds=0)
+        job_id = running.value.job_id
+        assert (await d.status(job_id)).state in ("running", "done")
+        with trio.fail_after(10):
+            while (status := await d.status(job_id)).state != "done":
+                await trio.sleep(0.02)
+    assert status.summary.sent == {"sms": 1}
+    assert database.dispatch_jobs.count_documents({}) == 1

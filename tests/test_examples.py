@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,8 @@ def test_seed_then_embedding_example(mongo_url: str, database: Any, tmp_path: Pa
     """)
     )
     env = {"PATH": "/usr/bin:/bin", "DISPATCHER_CONFIG": str(config)}
+    if "PYTHONPATH" in os.environ:  # the checkout under test, where it is not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     for _ in range(2):  # seeding twice is harmless
         seeded = subprocess.run(
             [sys.executable, "-m", "dispatcher", "seed", str(ROOT / "examples" / "seed.json")],

@@ -26,6 +26,7 @@ from dispatcher.auth import load_api_keys
 from dispatcher.errors import ConfigError, RequestError
 from dispatcher.settings import AuthSettings
 from dispatcher.listing import EVERYONE, JOB_LISTING_INDEXES, JobQuery, Viewer, encode_cursor, listing_filter
+from dispatcher.wire import send_result_json
 
 SMS = {"channels": ["sms"], "recipients": ["u1"], "messageContent": "hi"}
 EMAIL = {"channels": ["email"], "recipients": ["u1"], "messageTitle": "T", "messageContent": "hi"}
@@ -82,8 +83,8 @@ async def test_synchronous_answer_carries_the_job_id_and_its_location(client: An
 async def test_embedding_api_returns_the_job_id(dispatcher: Any, database: Any) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15550000001"})
     result = await dispatcher.send(SMS)
-    assert result.job_id is not None and result.to_json()["id"] == result.job_id
-    assert (await dispatcher.status(result.job_id))["summary"]["sent"] == {"sms": 1}
+    assert result.job_id is not None and send_result_json(result)["id"] == result.job_id
+    assert (await dispatcher.status(result.job_id)).summary.sent == {"sms": 1}
     # Replaying an idempotency key names the first job.
     first = await dispatcher.send(SMS, idempotency_key="k1")
     again = await dispatcher.send(SMS, idempotency_key="k1")
@@ -143,7 +144,7 @@ async def test_another_keys_job_is_404_and_admin_sees_every_job(
 async def test_embedding_api_sees_every_job_whoever_created_it(dispatcher: Any, database: Any) -> None:
     database.users.insert_one({"_id": "u1", "phoneNumber": "+15550000001"})
     job_id = (await dispatcher.send(SMS, key_scope="alice")).job_id
-    assert (await dispatcher.status(job_id))["id"] == job_id
+    assert (await dispatcher.status(job_id)).id == job_id
     with pytest.raises(RequestError, match="no send"):
         await dispatcher.status(job_id, Viewer("bob"))
 

@@ -104,6 +104,8 @@ async def test_process_mode_stream_accounts_for_every_request(tmp_path: Path) ->
     cpu = results["cpu"]
     for name in ("service", "store", "fakes", "harness"):
         assert cpu[f"{name}_ms_per_request"] > 0, name
+    machine = results["machine"]
+    assert 0 <= machine["idle_cores"] <= machine["cpus"] and machine["load_1m_at_start"] >= 0
     assert Path(results["files"]["service_log"]).exists()
     _assert_files_written(results)
 

@@ -206,7 +206,7 @@ async def test_deliveries_in_flight_moves_during_a_running_send(
                 await trio.sleep(0.01)
         during = value(scrape(), "dispatcher_deliveries_in_flight", channel="sms")
         with trio.fail_after(30):
-            while (await d.status(job))["status"] != "done":
+            while (await d.status(job)).state != "done":
                 await trio.sleep(0.05)
     assert during - base >= 1
     assert value(scrape(), "dispatcher_deliveries_in_flight", channel="sms") == base

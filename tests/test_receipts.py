@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from dispatcher.embedded_store import free_port
 from dispatcher.fakes import serve_asgi
 from dispatcher.fakes.twilio import FakeTwilio, ReceiptPlan
 from dispatcher.receipts import ReceiptKeeper, twilio_receipt
+from dispatcher.states import Receipt
 
 SID = "AC" + "0" * 31 + "1"
 TOKEN = "tok"
@@ -64,13 +66,22 @@ async def service(
         nursery.cancel_scope.cancel()
 
 
-def signed(base: str, form: dict[str, str], token: str = TOKEN) -> dict[str, str]:
-    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(base + PATH, form)}
+def callback_url(base: str, delivery: str | None = None) -> str:
+    """Where Twilio posts: naming the delivery, as the service asks since it can, or not (the
+    callback URL of a message created by an older version)."""
+    return base + PATH + (f"?{urlencode({'d': delivery})}" if delivery else "")
 
 
-async def post_receipt(base: str, form: dict[str, str], headers: dict[str, str] | None = None) -> httpx.Response:
+def signed(base: str, form: dict[str, str], token: str = TOKEN, delivery: str | None = None) -> dict[str, str]:
+    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(callback_url(base, delivery), form)}
+
+
+async def post_receipt(
+    base: str, form: dict[str, str], headers: dict[str, str] | None = None, delivery: str | None = None
+) -> httpx.Response:
     async with httpx.AsyncClient() as client:
-        return await client.post(base + PATH, data=form, headers=headers or signed(base, form))
+        url = callback_url(base, delivery)
+        return await client.post(url, data=form, headers=headers or signed(base, form, delivery=delivery))
 
 
 async def wait_for(predicate: Callable[[], bool], seconds: float = 10) -> None:
@@ -103,7 +114,7 @@ async def test_signed_receipts_move_deliveries_forward(make_settings, database) 
             lambda: database.dispatch_deliveries.count_documents({"state": {"$in": ["sending", "sent"]}}) == 0
         )
         status = await d.status(job)
-        failures = (await d.failures(job))["failures"]
+        failures = (await d.failures(job)).failures
         deliveries = list(database.dispatch_deliveries.find({"job": job}))
     final = {form.get("MessageSid") or form["CallSid"]: form for form, _ in fake.callbacks}
     for doc in deliveries:
@@ -115,12 +126,12 @@ async def test_signed_receipts_move_deliveries_forward(make_settings, database) 
             assert doc["error"].startswith("undelivered (")
     delivered = sum(1 for doc in deliveries if doc["state"] == "delivered")
     undelivered = len(deliveries) - delivered
-    summary = status["summary"]
-    assert summary["sent"] == {"sms": 6, "voice": 6}  # accepted, whatever the receipts said
-    assert sum(summary["delivered"].values()) == delivered
-    assert sum(summary["undelivered"].values()) == undelivered > 0
+    assert status.summary.sent == {"sms": 6, "voice": 6}  # accepted, whatever the receipts said
+    assert status.receipts is not None
+    assert sum(status.receipts.delivered.values()) == delivered
+    assert sum(status.receipts.undelivered.values()) == undelivered > 0
     assert len(failures) == undelivered
-    assert any("Twilio 30003: Unreachable destination handset" in f["error"] for f in failures)
+    assert any("Twilio 30003: Unreachable destination handset" in f.error for f in failures)
 
 
 async def test_forged_or_missing_signature_is_refused_and_changes_nothing(make_settings, database) -> None:
@@ -145,12 +156,16 @@ async def test_forged_or_missing_signature_is_refused_and_changes_nothing(make_s
         assert database.dispatch_deliveries.find_one({})["state"] == "delivered"
 
 
-async def test_out_of_order_and_duplicate_receipts_only_move_forward(make_settings, database) -> None:
+@pytest.mark.parametrize("named", [True, False], ids=["naming-the-delivery", "sid-only"])
+async def test_out_of_order_and_duplicate_receipts_only_move_forward(make_settings, database, named) -> None:
     users(database, 1)
     fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
     async with service(make_settings, fake) as (d, base):
         await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
-        sid = database.dispatch_deliveries.find_one({})["provider_id"]
+        doc = database.dispatch_deliveries.find_one({})
+        sid, delivery = doc["provider_id"], doc["_id"] if named else None
+        # The message was created with a callback URL naming its delivery.
+        assert fake.received[0].form["StatusCallback"] == callback_url(base, doc["_id"])
 
         def receipt(status: str, **extra: str) -> dict[str, str]:
             return {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID, **extra}
@@ -162,13 +177,13 @@ async def test_out_of_order_and_duplicate_receipts_only_move_forward(make_settin
             receipt("queued"),
             receipt("undelivered", ErrorCode="30003"),
         ):
-            assert (await post_receipt(base, form)).status_code == 204
+            assert (await post_receipt(base, form, delivery=delivery)).status_code == 204
         doc = database.dispatch_deliveries.find_one({})
         assert doc["state"] == "delivered" and "error" not in doc
         assert [r["status"] for r in doc["receipts"].values()] == ["delivered"]  # the rest changed nothing
-        [view] = (await d.deliveries(doc["job"], "u0"))["deliveries"]
-        assert view["state"] == "delivered" and view["providerId"] == sid and view["attempts"] == 1
-        assert view["receipts"][0]["status"] == "delivered" and view["claimedAt"] and view["settledAt"]
+        [view] = (await d.deliveries(doc["job"], "u0")).deliveries
+        assert view.state == "delivered" and view.provider_id == sid and view.attempts == 1
+        assert view.receipts[0].status == "delivered" and view.claimed_at and view.settled_at
 
 
 async def test_concurrent_receipts_for_one_delivery_end_at_the_furthest_state(make_settings, database) -> None:
@@ -210,6 +225,54 @@ async def test_receipt_before_the_outcome_is_kept_then_applied(make_settings, da
         assert database.dispatch_deliveries_receipts.count_documents({}) == 0
 
 
+async def test_one_group_of_receipts_naming_their_deliveries(make_settings, database) -> None:
+    """One bulk for the group: applied, duplicates and receipts behind the delivery unchanged,
+    a receipt for a delivery whose outcome is not written yet (or that does not exist) kept."""
+    users(database, 3)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, _):
+        assert d.ledger is not None
+        job = await d.submit({"channels": ["sms"], "recipients": ["u0", "u1", "u2"], "messageContent": "x"})
+        await wait_for(lambda: database.dispatch_jobs.find_one({"_id": job})["state"] == "done")
+        docs = {doc["user"]: doc for doc in database.dispatch_deliveries.find({})}
+        # u2's outcome is not written yet.
+        database.dispatch_deliveries.update_one(
+            {"_id": docs["u2"]["_id"]}, {"$set": {"state": "sending"}, "$unset": {"provider_id": ""}}
+        )
+
+        def receipt(user: str, state: str, at: float, delivery: str | None = None) -> Receipt:
+            doc = docs[user]
+            return Receipt(doc["provider_id"], state, state, at, delivery=delivery or doc["_id"])  # type: ignore[arg-type]
+
+        all_applied = await d.ledger.apply_receipts([receipt("u0", "delivered", 1.0)])
+        assert (all_applied.applied, all_applied.unchanged, all_applied.kept) == (1, 0, 0)
+        group = [
+            receipt("u0", "delivered", 2.0),  # behind: u0 is delivered already
+            receipt("u1", "undelivered", 3.0),
+            receipt("u1", "undelivered", 4.0),  # the same status again
+            receipt("u1", "delivered", 5.0),  # after a final state
+            receipt("u2", "delivered", 6.0),  # not written yet: kept
+            receipt("u1", "delivered", 7.0, delivery=f"{job}|sms|nobody"),  # no such delivery: kept
+        ]
+        outcome = await d.ledger.apply_receipts(group)
+        assert (outcome.applied, outcome.unchanged, outcome.kept) == (1, 3, 2)
+        states = {doc["user"]: doc for doc in database.dispatch_deliveries.find({})}
+        assert states["u0"]["receipts"]["delivered"]["at"] == 1.0
+        assert states["u1"]["state"] == "undelivered" and states["u1"]["receipts"]["undelivered"]["at"] == 3.0
+        assert "delivered" not in states["u1"]["receipts"]
+        assert states["u2"]["state"] == "sending"
+        assert database.dispatch_deliveries_receipts.count_documents({}) == 2
+        # u2's outcome is written: the sweep applies its kept receipt, by its delivery id.
+        database.dispatch_deliveries.update_one(
+            {"_id": docs["u2"]["_id"]}, {"$set": {"state": "sent", "provider_id": docs["u2"]["provider_id"]}}
+        )
+        assert d.receipts is not None
+        assert (await d.receipts.apply_kept()).applied == 1
+        assert database.dispatch_deliveries.find_one({"_id": docs["u2"]["_id"]})["state"] == "delivered"
+        receipts = (await d.status(job)).receipts
+        assert receipts is not None and receipts.delivered == {"sms": 2} and receipts.undelivered == {"sms": 1}
+
+
 async def test_kept_receipt_without_delivery_is_dropped_after_its_time(make_settings, database, caplog) -> None:
     fake = FakeTwilio(SID, TOKEN)
     async with service(make_settings, fake, orphan_receipt_minutes=1) as (d, base):
@@ -240,14 +303,13 @@ async def test_no_receipt_within_the_timeout_marks_unconfirmed(make_settings, da
         assert await keeper.time_out() == 0  # 72 hours have not passed
         now[0] += 72 * 3600 + 1
         assert await keeper.time_out() == 2
-        status = await d.status(job)
-        assert status["summary"]["unconfirmed"] == {"sms": 2}
-        assert status["summary"]["delivered"] == {"sms": 1}
+        receipts = (await d.status(job)).receipts
+        assert receipts is not None and receipts.unconfirmed == {"sms": 2} and receipts.delivered == {"sms": 1}
         # A late receipt still moves an unconfirmed delivery on.
         late = docs[1]["provider_id"]
         assert (await post_receipt(base, {"MessageSid": late, "MessageStatus": "delivered"})).status_code == 204
-        status = await d.status(job)
-        assert status["summary"]["unconfirmed"] == {"sms": 1} and status["summary"]["delivered"] == {"sms": 2}
+        receipts = (await d.status(job)).receipts
+        assert receipts is not None and receipts.unconfirmed == {"sms": 1} and receipts.delivered == {"sms": 2}
 
 
 def test_twilio_statuses_map_to_states() -> None:

@@ -118,6 +118,13 @@ def print_report(results: dict[str, Any], console: Console) -> None:
                     " / ".join(_fmt(cpu[f"{n}_ms_per_{unit}"], 3) for n in names) + " ms",
                 )
     summary.add_row("load generator (the harness process)", results["service"].get("generator", "-"))
+    machine = results.get("machine")
+    if machine:
+        summary.add_row(
+            "machine: cores idle / stolen by the hypervisor during the run; load average at its start",
+            f"{_fmt(machine['idle_cores'], 2)} / {_fmt(machine.get('steal_cores'), 2)} of {machine['cpus']}; "
+            f"{_fmt(machine['load_1m_at_start'], 2)}",
+        )
     summary.add_row(
         "deliveries/s while every channel is busy",
         f"{_fmt(total['busy_deliveries_per_s'])} (over {_fmt(total['busy_window_s'], 1)} s)",

@@ -27,6 +27,7 @@ import dispatcher
 from ..embedded_store import free_port
 from ..errors import DispatcherError, RequestError
 from ..web import status_of
+from ..wire import send_result_json
 from .connection import Connection, ExchangeError
 from .config import child_environment, embedded_settings, service_config
 from .environment import Environment
@@ -210,7 +211,7 @@ class EmbeddedService:
             return Reply(status_of(exc), None, str(exc))
         except DispatcherError as exc:
             return Reply(500, None, f"{type(exc).__name__}: {exc}")
-        return Reply(200, result.to_json())
+        return Reply(200, send_result_json(result))
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Protocol
 
 import httpx
@@ -25,6 +26,13 @@ class Provider(Protocol):
     async def send(self, message: Message, address: str) -> str | None: ...
 
     async def aclose(self) -> None: ...
+
+
+# The ledger's id of the delivery the current provider call is for (None without a ledger). The
+# sender sets it around each call; a provider whose receipts can carry it (Twilio's StatusCallback
+# URL) puts it there, so that a receipt finds its delivery by primary key in one bulk write for
+# many receipts, not by the provider's id one store round trip at a time.
+current_delivery: ContextVar[str | None] = ContextVar("current_delivery", default=None)
 
 
 def may_have_arrived(exc: httpx.TransportError) -> bool:

@@ -12,6 +12,7 @@ import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 from xml.sax.saxutils import escape
 
 import httpx
@@ -23,7 +24,7 @@ from twilio.rest import Client
 from ..errors import ConfigError, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..messages import Message, TextContent
 from ..sections import TwilioSettings
-from .base import may_have_arrived
+from .base import current_delivery, may_have_arrived
 from .retry_after import parse_retry_after
 
 
@@ -37,6 +38,8 @@ _DESTINATION_LIMIT = 14107
 _SENDER_QUEUE_FULL = 21611
 # The service's route for Twilio's status callbacks (under `status_callback_base_url`).
 STATUS_CALLBACK_PATH = "/providers/twilio/status"
+# The query parameter of that URL naming the ledger's delivery (Twilio signs the whole URL).
+DELIVERY_PARAM = "d"
 # The SDK prefixes every legacy error message with this; the reason reads better without it.
 _SDK_PREFIX = "Unable to create record: "
 
@@ -124,10 +127,8 @@ class TwilioProvider:
         )
         self._client.api.base_url = settings.api_base_url.rstrip("/")
         # Where Twilio posts the receipts of what we create (no receipts without it).
-        self._callback: dict[str, str] = (
-            {"status_callback": settings.status_callback_base_url + STATUS_CALLBACK_PATH}
-            if settings.status_callback_base_url
-            else {}
+        self._callback_url = (
+            settings.status_callback_base_url + STATUS_CALLBACK_PATH if settings.status_callback_base_url else ""
         )
 
     async def send(self, message: Message, address: str) -> str | None:
@@ -135,17 +136,22 @@ class TwilioProvider:
         content = message.content
         if not isinstance(content, TextContent):
             raise TypeError(f"twilio cannot send {type(content).__name__}")
+        callback: dict[str, str] = {}
+        if self._callback_url:
+            delivery = current_delivery.get()
+            url = f"{self._callback_url}?{urlencode({DELIVERY_PARAM: delivery})}" if delivery else self._callback_url
+            callback["status_callback"] = url
         exchange = _Exchange()
         token = _exchange.set(exchange)
         try:
             if message.channel == "voice":
                 twiml = f"<Response><Say>{escape(content.body)}</Say></Response>"
                 record = await self._client.calls.create_async(
-                    to=address, from_=content.sender, twiml=twiml, **self._callback
+                    to=address, from_=content.sender, twiml=twiml, **callback
                 )
             else:
                 record = await self._client.messages.create_async(
-                    to=address, from_=content.sender, body=content.body, **self._callback
+                    to=address, from_=content.sender, body=content.body, **callback
                 )
         except TwilioException as exc:
             raise _classify(exc, exchange.retry_after, address, content.sender) from exc
@@ -210,4 +216,4 @@ def _classify(exc: TwilioException, retry_after: str | None, to: str = "", sende
     return PermanentDeliveryError(reason)
 
 
-__all__ = ["STATUS_CALLBACK_PATH", "TrioHttpClient", "TwilioProvider"]
+__all__ = ["DELIVERY_PARAM", "STATUS_CALLBACK_PATH", "TrioHttpClient", "TwilioProvider"]

@@ -9,6 +9,7 @@ ledger's indexes, one round trip per panel, off the event loop, only for jobs th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Mapping
@@ -20,9 +21,11 @@ import trio
 from pymongo.errors import PyMongoError
 
 from ..errors import NotFound, StoreError
+from ..job_views import JobStatus, ReceiptCounts
 from ..ledger import FINAL_STATES
 from ..listing import JobQuery, Viewer
 from ..states import RECEIPT_STATES
+from ..wire import job_json, summary_json
 from .progress import ChannelProgress, channel_progress, selected_users
 
 if TYPE_CHECKING:
@@ -46,19 +49,17 @@ class JobRow:
         return self.state in FINAL_STATES
 
 
-def job_row(job: Mapping[str, Any], total: int | None) -> JobRow:
-    """A job as the API shows it (`listing.job_json`, `Dispatcher.status`) as the page draws it.
-    `total`: the users its request selected, when known (see `progress.selected_users`)."""
-    channels = tuple(job.get("channels") or ())
-    final = job.get("status") in FINAL_STATES
-    bars = channel_progress(job.get("summary") or {}, channels, total, final)
+def job_row(job: JobStatus, total: int | None) -> JobRow:
+    """A job as the dispatcher answers it (`Dispatcher.status`, `Dispatcher.jobs`) as the page
+    draws it. `total`: the users its request selected, when known (see `progress.selected_users`)."""
+    bars = channel_progress(summary_json(job), job.channels, total, job.state in FINAL_STATES)
     return JobRow(
-        id=job["id"],
-        state=job.get("status", "?"),
-        created_at=job.get("createdAt"),
-        finished_at=job.get("finishedAt"),
-        request_id=job.get("requestId"),
-        channels=channels,
+        id=job.id,
+        state=job.state,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        request_id=job.request_id,
+        channels=job.channels,
         bars=tuple(bars),
     )
 
@@ -95,12 +96,14 @@ class Queries:
         """One page of the jobs `viewer` may see (the API's listing), newest first, with the
         receipts' counts (one aggregation for the page) and the totals of the running ones."""
         page = await self.dispatcher.jobs(query, viewer)
-        receipts = await self._receipt_counts([job["id"] for job in page.jobs])
-        totals = await self._totals([job["id"] for job in page.jobs if job["status"] not in FINAL_STATES])
+        receipts = await self._receipt_counts([job.id for job in page.jobs])
+        totals = await self._totals([job.id for job in page.jobs if job.state not in FINAL_STATES])
         rows = []
         for job in page.jobs:
-            job = {**job, "summary": {**job["summary"], **receipts.get(job["id"], {})}}
-            rows.append(job_row(job, totals.get(job["id"])))
+            counted = receipts.get(job.id)
+            if counted is not None:
+                job = dataclasses.replace(job, receipts=ReceiptCounts.from_counts(counted))
+            rows.append(job_row(job, totals.get(job.id)))
         return rows, page.next
 
     async def _totals(self, job_ids: list[str]) -> dict[str, int | None]:
@@ -134,7 +137,7 @@ class Queries:
         `NotFound` for a job `viewer` may not see."""
         status = await self.dispatcher.status(job_id, viewer)
         totals = await self._totals([job_id])
-        return status, job_row(status, totals.get(job_id))
+        return job_json(status), job_row(status, totals.get(job_id))
 
     async def progress(self, job_ids: list[str], viewer: Viewer) -> list[JobRow]:
         """Live rows of these jobs; those `viewer` may not see, or unknown, are left out."""
@@ -144,8 +147,8 @@ class Queries:
                 statuses.append(await self.dispatcher.status(job_id, viewer))
             except NotFound:
                 continue
-        totals = await self._totals([s["id"] for s in statuses if s["status"] not in FINAL_STATES])
-        return [job_row(status, totals.get(status["id"])) for status in statuses]
+        totals = await self._totals([s.id for s in statuses if s.state not in FINAL_STATES])
+        return [job_row(status, totals.get(status.id)) for status in statuses]
 
     async def job_callbacks(self, job_id: str, limit: int = 50) -> list[dict[str, Any]] | None:
         """The callbacks of a job the page showed (as `GET /callbacks` shows them: type, state,

@@ -15,6 +15,7 @@ from ..auth import ApiKeys, presented_key
 from ..errors import NotFound, RequestError
 from ..ledger import FINAL_STATES
 from ..listing import EVERYONE, JOB_STATES, MAX_LIMIT, JobQuery, Viewer
+from ..wire import deliveries_json, failure_page_json
 from .chart import deliveries_chart
 from .progress import STATES
 from .queries import Queries, age, parse_time
@@ -156,8 +157,8 @@ def install_ui(app: QuartTrio, dispatcher: Dispatcher) -> None:
             return render("missing.html", "../", code=404, page="job", message=str(exc))
         after = request.args.get("after") or None
         user = (request.args.get("user") or "").strip() or None
-        failures = await dispatcher.failures(id, after, FAILURES_PER_PAGE, viewer)
-        deliveries = (await dispatcher.deliveries(id, user, viewer))["deliveries"] if user else None
+        failures = failure_page_json(await dispatcher.failures(id, after, FAILURES_PER_PAGE, viewer))
+        deliveries = deliveries_json(await dispatcher.deliveries(id, user, viewer))["deliveries"] if user else None
         start = parse_time(status.get("startedAt") or status.get("createdAt")) or time.time()
         end = parse_time(status.get("finishedAt")) or time.time()
         chart = deliveries_chart(await queries.delivery_times(id), start, end)
