@@ -386,6 +386,9 @@ active = ["sms"]
 [channels.sms]
 concurrency = 4
 rate_per_second = 400
+# The resumed run waits for what the killed one left `sending` until the attempt's timeout
+# (10 s by default) and 5 s have passed since its claim.
+timeout_seconds = 5
 [providers.outbox]
 dir = "{tmp_path / "outbox"}"
 [sender]
