@@ -391,6 +391,11 @@ class Jobs:
                 )
             except (StoreError, LimiterDown) as exc:
                 log.error("job %s: %s", job_id, exc)
+                if isinstance(exc, LimiterDown) and isinstance(run.journal, Journal):
+                    # The store answers: a job not written yet (nothing claimed) is written now, so
+                    # that it is resumed like any other instead of reported not attempted.
+                    with suppress(StoreError):
+                        await run.journal.create()
                 # A job never written has nothing to resume, and no id to follow.
                 written = job_id if not isinstance(run.journal, Journal) or run.journal.created else None
                 if written is not None and not run.lease_lost:

@@ -24,6 +24,7 @@ from dispatcher.children import python_environment
 from dispatcher.loadtest import ErrorMix, LoadTestOptions, OptionError, run_loadtest
 from dispatcher.loadtest.accounting import check_exactly_once, failure_kind
 from dispatcher.loadtest.durability import check_durability, expected_receipts
+from dispatcher.journal import STOPPED_DURING_ATTEMPT
 from dispatcher.loadtest.metrics import busy_rate, busy_window, max_in_window, percentile
 from dispatcher.loadtest.options import parse_channel_values, parse_errors, parse_latency
 from dispatcher.loadtest.population import Population
@@ -251,7 +252,7 @@ def test_durability_check_tells_duplicates_losses_and_unknown_outcomes_apart() -
         {
             "userId": population.user_id(2),
             "channel": "email",
-            "error": "outcome unknown: the service stopped during the attempt",
+            "error": STOPPED_DURING_ATTEMPT,
         }
     ]
     report = check_durability(population, ("email",), received, failures, {"email": "report"})
