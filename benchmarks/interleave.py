@@ -10,8 +10,8 @@ alternate and ratios taken within a round are what hold up.
 Each variant is NAME=ARGS (ARGS added to --common). Results: one folder per run under --output,
 and summary.json there. Each run records the load average (1 min) at its start: on a shared
 machine, read the figures beside it. `--lock FILE` holds an exclusive `flock` on FILE for each
-round (its variants back to back) and lets go between rounds, so that other users of the machine
-can run in between while no one runs beside a measurement.
+round (its variants back to back; `--rounds-per-lock N` for N rounds) and lets go in between, so
+that other users of the machine can run in between while no one runs beside a measurement.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "peak_rss_mb": results["memory"]["peak_rss_mb"],
         "idle_cores": results.get("machine", {}).get("idle_cores"),
+        "steal_cores": results.get("machine", {}).get("steal_cores"),
         "checks_ok": results["checks"]["ok"],
     }
     if results["scenario"] == "stream":
@@ -113,20 +114,23 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("loadtest-results/interleaved"))
     parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file for each round")
+    parser.add_argument("--rounds-per-lock", type=int, default=1, help="rounds run under one hold of --lock")
     args = parser.parse_args()
     variants = [(name.strip(), shlex.split(rest)) for name, _, rest in (v.partition("=") for v in args.variant)]
     common = shlex.split(args.common)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = args.output / stamp
     rounds: list[dict[str, dict[str, Any]]] = []
-    for number in range(1, args.repeat + 1):
-        entry = {}
+    per_lock = max(1, args.rounds_per_lock)
+    for first in range(1, args.repeat + 1, per_lock):
         with exclusive(args.lock):
-            for index, (name, extra) in enumerate(variants):
-                row = run_once(common + extra, root / f"round{number}-{index + 1}")
-                entry[name] = row
-                print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        rounds.append(entry)
+            for number in range(first, min(first + per_lock, args.repeat + 1)):
+                entry = {}
+                for index, (name, extra) in enumerate(variants):
+                    row = run_once(common + extra, root / f"round{number}-{index + 1}")
+                    entry[name] = row
+                    print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                rounds.append(entry)
 
     keys = list(rounds[0][variants[0][0]])
     medians = {name: {k: _median([r[name].get(k) for r in rounds]) for k in keys} for name, _ in variants}

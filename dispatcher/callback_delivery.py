@@ -22,7 +22,6 @@ never the body or the URL's query.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -35,7 +34,7 @@ import httpx
 import trio
 
 from . import metrics
-from .callback_outbox import DELIVERY_UPDATED, CallbackOutbox, host_of, iso_ms_at, shown_url
+from .callback_outbox import DELIVERY_UPDATED, CallbackOutbox, host_of, message_body, shown_url
 from .callback_signing import signed_headers
 from .callback_urls import RefusedUrl, check_form
 from .errors import StoreError
@@ -82,19 +81,17 @@ def classify(status: int, headers: Mapping[str, str], attempt: int, settings: Ca
 
 
 def payload(message: Mapping[str, Any]) -> bytes:
-    """The body of a message: `{type, jobId, requestId, timestamp, data}`."""
+    """The body of a message: `{type, jobId, requestId, timestamp, data}` (callback_outbox.py)."""
+    if "body" in message:
+        return str(message["body"]).encode("utf-8")
+    # Written by a version that kept the events (or the job's status) as they are.
     if message["type"] == DELIVERY_UPDATED:
         data: Any = {"deliveries": message.get("events") or []}
     else:
         data = message.get("data") or {}
-    body = {
-        "type": message["type"],
-        "jobId": message.get("job"),
-        "requestId": message.get("request_id"),
-        "timestamp": iso_ms_at(message["created"]),
-        "data": data,
-    }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return message_body(
+        message["type"], message.get("job") or "", message.get("request_id"), message["created"], data
+    ).encode()
 
 
 class CallbackSender:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -358,7 +359,7 @@ class CallbackOutbox:
         events = [{k: v for k, v in event.items() if k != "job"} for _, event in part]
         return {
             **self._pending(message_id, DELIVERY_UPDATED, job, target, key_id, request_id, now),
-            "events": events,
+            "body": message_body(DELIVERY_UPDATED, job, request_id, now, {"deliveries": events}),
             "count": len(events),
         }
 
@@ -408,7 +409,7 @@ class CallbackOutbox:
         now = time.time()
         return {
             **self._pending(f"{job_id}.finished", JOB_FINISHED, job_id, target, key_id, request_id, now),
-            "data": data,
+            "body": message_body(JOB_FINISHED, job_id, request_id, now, data),
             "count": 1,
         }
 
@@ -440,7 +441,7 @@ class CallbackOutbox:
                         "next_at": {"$lte": now},
                         "lease_expires": {"$lt": now},
                     },
-                    {"events": 0, "data": 0},
+                    {"events": 0, "data": 0, "body": 0},
                 )
                 .sort("next_at", 1)
                 .limit(limit * 4)
@@ -478,7 +479,7 @@ class CallbackOutbox:
             query["seq"] = {"$lt": cursor}
 
         def find() -> list[dict[str, Any]]:
-            return list(self._outbox.find(query, {"events": 0, "data": 0}).sort("seq", -1).limit(limit + 1))
+            return list(self._outbox.find(query, {"events": 0, "data": 0, "body": 0}).sort("seq", -1).limit(limit + 1))
 
         docs = await self._run("listing", find)
         more = len(docs) > limit
@@ -488,7 +489,7 @@ class CallbackOutbox:
     async def message(self, message_id: str) -> dict[str, Any] | None:
         return await self._run(
             "lookup",
-            lambda: self._outbox.find_one({"_id": message_id, "role": "message"}, {"events": 0, "data": 0}),
+            lambda: self._outbox.find_one({"_id": message_id, "role": "message"}, {"events": 0, "data": 0, "body": 0}),
         )
 
     async def retry(self, message_id: str, now: float) -> dict[str, Any] | None:
@@ -507,7 +508,7 @@ class CallbackOutbox:
                         "expires_at": self._expires(now),
                     }
                 },
-                projection={"events": 0, "data": 0},
+                projection={"events": 0, "data": 0, "body": 0},
                 return_document=ReturnDocument.AFTER,
             )
 
@@ -525,6 +526,14 @@ class CallbackOutbox:
             return sum(1 for _ in self._outbox.find({"role": {"$eq": "message"}, "state": {"$eq": state}}, {"_id": 1}))
 
         return await self._run("count", lambda: (count("pending"), count("dead")))
+
+
+def message_body(kind: str, job_id: str, request_id: str | None, created: float, data: Any) -> str:
+    """What a message POSTs: `{type, jobId, requestId, timestamp, data}`, as JSON. Kept in the
+    message as one string: the embedded store walks every value of a document on each read and
+    write, and a message is written, claimed and settled once or more."""
+    body = {"type": kind, "jobId": job_id, "requestId": request_id, "timestamp": iso_ms_at(created), "data": data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
 def iso_ms_at(epoch: float) -> str:
@@ -557,6 +566,7 @@ __all__ = [
     "CallbackOutbox",
     "Target",
     "host_of",
+    "message_body",
     "message_json",
     "shown_url",
 ]

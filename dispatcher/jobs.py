@@ -391,6 +391,11 @@ class Jobs:
                 )
             except (StoreError, LimiterDown) as exc:
                 log.error("job %s: %s", job_id, exc)
+                if isinstance(exc, LimiterDown) and isinstance(run.journal, Journal):
+                    # The store answers: a job not written yet (nothing claimed) is written now, so
+                    # that it is resumed like any other instead of reported not attempted.
+                    with suppress(StoreError):
+                        await run.journal.create()
                 written = _written(run)
                 if written is not None and not run.lease_lost:
                     # Its pipeline has ended: the resumed run need not wait for its claims.

@@ -279,8 +279,10 @@ class Ledger:
             before = self._jobs.find_one_and_update(query, update, {"held": 1}, return_document=ReturnDocument.BEFORE)
             if before is not None:
                 return True, (before.get("held") or {}).get(str(index)) or {}
-            doc = self._jobs.find_one({"_id": job_id}, {"held": 1}) or {}
-            # Released between the two reads (or the job is gone): nothing holds it now.
+            doc = self._jobs.find_one({"_id": job_id}, {"held": 1})
+            if doc is None:  # the job is gone (purged): nothing of it is to be delivered
+                return False, {"run": None, "until": 0, "done": True}
+            # Released between the two reads: nothing holds it now.
             return False, (doc.get("held") or {}).get(str(index)) or {"run": None, "until": 0, "done": False}
 
         return await self._run("partition hold", hold)

@@ -54,7 +54,7 @@ OTHER = "other"
 DELIVERY_OUTCOMES = ("sent", "failed", "skipped")
 # Why a delivery failed: transient errors that outlasted the retries, permanent provider errors,
 # throttling that asked for a longer pause than allowed, a template that failed for the user, a
-# requested id without a user, an attempt whose outcome is unknown (the service stopped during it),
+# requested id without a user, an attempt whose outcome is unknown (no answer, or its run did not settle it),
 # a cancelled send, a bug in a provider.
 FAILURE_KINDS = ("transient", "permanent", "throttled", "render", "not_found", "ambiguous", "cancelled", "internal")
 # What one provider call ended with.

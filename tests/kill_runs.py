@@ -41,14 +41,18 @@ def kill_config(path: Path, twilio_url: str, concurrency: int, smtp_port: int | 
     """SMS on the fake Twilio, and e-mail on the SMTP server at `smtp_port` when there is one,
     `concurrency` each; `extra`: more TOML sections.
 
-    The fake Twilio lists a message as soon as it has taken it, so the reconciliation's settling
-    wait (there for the real Twilio's listing delay, 30 s by default) is cut to 0.5 s: it would
-    only hold the resumed run back, and what it waits for is the same."""
+    Two waits of the resumed run are cut short, with what they wait for unchanged: a delivery the
+    killed run left `sending` is waited for until its claim is older than the attempt's timeout
+    plus 5 s (the run that claimed it might still be alive): a 5 s timeout (10 s by default) is
+    still a hundred times the fakes' latency; and the fake Twilio lists a message as soon as it
+    has taken it, so the reconciliation's settling wait (for the real Twilio's listing delay, 30 s
+    by default) is 0.5 s."""
     channels = ["sms"] if smtp_port is None else ["sms", "email"]
     email = f"""
 [channels.email]
 provider = "smtp"
 concurrency = {concurrency}
+timeout_seconds = 5
 [providers.smtp]
 host = "127.0.0.1"
 port = {smtp_port}
@@ -60,6 +64,7 @@ active = {json.dumps(channels)}
 [channels.sms]
 provider = "twilio"
 concurrency = {concurrency}
+timeout_seconds = 5
 [providers.twilio]
 account_sid = "AC123"
 api_base_url = "{twilio_url}"
