@@ -677,10 +677,10 @@ class Ledger:
         modified = self._deliveries.bulk_write(ops, ordered=True).modified_count
         docs: dict[str, dict[str, Any]] = {}
         if modified < len(ops):
-            keys = list({r.delivery for r in written})
-            docs = {
-                d["_id"]: d for d in self._deliveries.find({"_id": {"$in": keys}}, {"provider_id": 1, "receipts": 1})
-            }
+            for key in {r.delivery or "" for r in written}:
+                doc = self._read_one({"_id": key}, {"provider_id": 1, "receipts": 1})
+                if doc is not None:
+                    docs[key] = doc
         for r in receipts:
             first = firsts[(r.delivery, r.sid, r.state)]
             if first is not r:
@@ -710,9 +710,17 @@ class Ledger:
         )
         if doc is not None:
             return StateChange(doc["job"], doc["user"], doc["channel"], r.state, r.sid, r.error())
-        if self._deliveries.find_one({"provider_id": r.sid}, {"_id": 1}) is not None:
+        if self._read_one({"provider_id": r.sid, "state": {"$in": _ANY_STATE}}, {"_id": 1}) is not None:
             return "unchanged"
         return "missing"
+
+    def _read_one(self, query: dict[str, Any], projection: dict[str, Any]) -> dict[str, Any] | None:
+        """`find_one`, as an update that changes nothing (`$setOnInsert` without upsert). The
+        embedded store purges TTL-expired documents before every read, a scan of the collection
+        (~11 ms of its CPU at 13,000 deliveries, growing with it), and not before an update (~1 ms);
+        for MongoDB it is one findAndModify that writes nothing."""
+        never = {"$setOnInsert": {"read_only": True}}  # without upsert: never applied
+        return self._deliveries.find_one_and_update(query, never, projection=projection)
 
     async def mark_unconfirmed(self, channels: Sequence[str], settled_before: float) -> int:
         """Deliveries on `channels` still `sent` since before `settled_before` (epoch seconds):
@@ -865,6 +873,11 @@ _LISTED_FIELDS = (
     "request_id",
     "key_id",
 )
+
+
+# Every state a delivery document can be in: on the embedded store an update filtered on
+# `provider_id` alone is slow (4 ms against 1 ms with the state named too).
+_ANY_STATE = [*SETTLED_STATES, "sending", "retrying"]
 
 
 def _receipt_set(r: Receipt, stamp: str | None) -> dict[str, Any]:
