@@ -10,8 +10,8 @@ alternate and ratios taken within a round are what hold up.
 Each variant is NAME=ARGS (ARGS added to --common). Results: one folder per run under --output,
 and summary.json there. Each run records the load average (1 min) at its start: on a shared
 machine, read the figures beside it. `--lock FILE` holds an exclusive `flock` on FILE for each
-round (its variants back to back) and lets go between rounds, so that other users of the machine
-can run in between while no one runs beside a measurement.
+round (its variants back to back; `--rounds-per-lock N` for N rounds) and lets go in between, so
+that other users of the machine can run in between while no one runs beside a measurement.
 
 Old code against new: `--checkout NAME=PATH` runs variant NAME from the checkout at PATH (its
 `dispatcher loadtest`, its service; PYTHONPATH and the working directory set to PATH).
@@ -58,6 +58,7 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "peak_rss_mb": results["memory"]["peak_rss_mb"],
         "idle_cores": results.get("machine", {}).get("idle_cores"),
+        "steal_cores": results.get("machine", {}).get("steal_cores"),
         "checks_ok": results["checks"]["ok"],
     }
     if results["scenario"] == "stream":
@@ -149,6 +150,7 @@ def main() -> int:
     parser.add_argument(
         "--alternate", action="store_true", help="every other round runs the variants in reverse order (ABBA)"
     )
+    parser.add_argument("--rounds-per-lock", type=int, default=1, help="rounds run under one hold of --lock")
     args = parser.parse_args()
     variants = [(name.strip(), shlex.split(rest)) for name, _, rest in (v.partition("=") for v in args.variant)]
     checkouts: dict[str, tuple[Path, Path | None]] = {}
@@ -161,17 +163,21 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = args.output / stamp
     rounds: list[dict[str, dict[str, Any]]] = []
-    for number in range(1, args.repeat + 1):
-        entry = {}
+    per_lock = max(1, args.rounds_per_lock)
+    for first in range(1, args.repeat + 1, per_lock):
         with exclusive(args.lock):
-            order = list(enumerate(variants))
-            if args.alternate and number % 2 == 0:
-                order.reverse()  # neither variant always runs first after the lock was taken
-            for index, (name, extra) in order:
-                row = run_once(common + extra, root / f"round{number}-{index + 1}", *checkouts.get(name, (None, None)))
-                entry[name] = row
-                print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        rounds.append(entry)
+            for number in range(first, min(first + per_lock, args.repeat + 1)):
+                entry = {}
+                order = list(enumerate(variants))
+                if args.alternate and number % 2 == 0:
+                    order.reverse()  # neither variant always runs first after the lock was taken
+                for index, (name, extra) in order:
+                    row = run_once(
+                        common + extra, root / f"round{number}-{index + 1}", *checkouts.get(name, (None, None))
+                    )
+                    entry[name] = row
+                    print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                rounds.append(entry)
 
     keys = list(rounds[0][variants[0][0]])
     medians = {name: {k: _median([r[name].get(k) for r in rounds]) for k in keys} for name, _ in variants}

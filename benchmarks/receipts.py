@@ -6,13 +6,15 @@ One service process (the dispatcher and its HTTP app on hypercorn, in this proce
 embedded store (nx-27017, on disk in a temporary directory) sends SMS through the fake Twilio
 (no latency, concurrency 64). A poster in another process (so that its CPU is not the service's)
 posts signed status callbacks to `POST /providers/twilio/status` (the SDK's RequestValidator
-checks each) for the SIDs of an earlier send, as Twilio does: `sent`, then `delivered`, message
-after message; each poster goes on where the previous one stopped (the SIDs wrap around: a seed
-send of 5,000 covers the default run), so the `delivered` receipts move deliveries forward.
+checks each) for the SIDs of an earlier send, as Twilio does: to the StatusCallback URL each
+message was created with (it names the delivery since the receipts change), `sent`, then
+`delivered`, message after message; each poster goes on where the previous one stopped (the SIDs wrap around: a seed
+send of 8,000 covers the default run), so the `delivered` receipts move deliveries forward.
 
-First the receipts alone: 10 s at 10,000 a minute (167/s) without a fan-out, and what each
-answered receipt cost the service process (it includes the fake Twilio, idle then) and the store
-in CPU. Then each round runs the same fan-out three ways, interleaved: without receipts, with
+First the receipts alone, without a fan-out: 8 s at 10,000 a minute (167/s) each of only `sent`,
+only `delivered`, and forged ones (403 at the signature: the
+HTTP stack's floor), and what each answered receipt cost the service process (it includes the
+fake Twilio, idle then) and the store in CPU. Then each round runs the same fan-out three ways, interleaved: without receipts, with
 receipts at 10,000 a minute, and with receipts as fast as 16 posting threads go. It prints the
 fan-out's deliveries per second, the service's and the store's CPU per delivery (receipts
 included), and the receipts per second the service answered, per round and as medians.
@@ -35,25 +37,32 @@ from process_cpu import cpu_seconds
 
 SID = "AC" + "0" * 31 + "1"
 TOKEN = "benchtoken"
-SEED = 5000
-ALONE_SECONDS = 10.0
+SEED = 8000
+ALONE_SECONDS = 8.0
 RATE = 10_000 / 60
 
 
-def post(url: str, rate: float, sids_file: str, offset: int) -> None:
-    """The poster (a child process): `sent` then `delivered` for each SID from `offset` on, at
-    `rate` per second (0: unpaced), until stdin closes; prints how many it posted and how many
-    were answered 204, and over how long."""
+def post(rate: float, sids_file: str, offset: int, kind: str) -> None:
+    """The poster (a child process): `sent` then `delivered` for each (SID, callback URL) of
+    `sids_file` from receipt `offset` on (`kind` "both"), or only one of them ("sent",
+    "delivered"), or `delivered` with a wrong signature ("forged": answered 403), at `rate` per
+    second (0: unpaced), until stdin closes; prints how many receipts it used up, how many got
+    the expected answer, and over how long."""
     import httpx
     from twilio.request_validator import RequestValidator
 
     validator = RequestValidator(TOKEN)
+    forger = RequestValidator("not-the-token")
     sids = json.loads(Path(sids_file).read_text())
     forms = [
-        {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID}
-        for sid in sids
+        (url, {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID})
+        for sid, url in sids
         for status in ("sent", "delivered")
+        if kind == "both" or status == kind or (kind == "forged" and status == "delivered")
     ]
+    per_sid = 2 if kind == "both" else 1
+    offset //= 2 // per_sid
+    expected = 403 if kind == "forged" else 204
     stop = threading.Event()
     done = [0]
     lock = threading.Lock()
@@ -68,10 +77,10 @@ def post(url: str, rate: float, sids_file: str, offset: int) -> None:
                 with lock:
                     i = cursor[0]
                     cursor[0] += 1
-                form = forms[i % len(forms)]
-                signature = validator.compute_signature(url, form)
+                url, form = forms[i % len(forms)]
+                signature = (forger if kind == "forged" else validator).compute_signature(url, form)
                 answer = client.post(url, data=form, headers={"X-Twilio-Signature": signature})
-                if answer.status_code == 204:
+                if answer.status_code == expected:
                     with lock:
                         done[0] += 1
                 if interval:
@@ -87,7 +96,8 @@ def post(url: str, rate: float, sids_file: str, offset: int) -> None:
     elapsed = time.monotonic() - started
     for thread in pool:
         thread.join()
-    print(json.dumps({"posted": cursor[0] - offset, "answered": done[0], "seconds": elapsed}), flush=True)
+    used = 0 if kind == "forged" else (cursor[0] - offset) * 2 // per_sid  # forged ones apply nothing
+    print(json.dumps({"posted": used, "answered": done[0], "seconds": elapsed}), flush=True)
     sys.exit(0)
 
 
@@ -120,11 +130,9 @@ async def main(rounds: int, users: int) -> None:
     results: dict[str, list[tuple[float, float, float, float]]] = {"none": [], "10k/min": [], "max": []}
     offset = 0
 
-    def start_poster(rate: float) -> subprocess.Popen[str]:
-        command = [sys.executable, __file__, "--post", base + "/providers/twilio/status", str(rate)]
-        return subprocess.Popen(
-            [*command, str(sids_file), str(offset)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+    def start_poster(rate: float, kind: str = "both") -> subprocess.Popen[str]:
+        command = [sys.executable, __file__, "--post", str(rate), str(sids_file), str(offset), kind]
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     async def stop_poster(poster: subprocess.Popen[str]) -> dict[str, float]:
         nonlocal offset
@@ -159,23 +167,27 @@ async def main(rounds: int, users: int) -> None:
                 stop = trio.Event()
                 await nursery.start(partial(serve, create_app(d), config, shutdown_trigger=stop.wait))
                 await d.send({"channels": ["sms"], "clusters": ["seed"], "messageContent": "seed"})
-                sids = [doc["provider_id"] for doc in db.dispatch_deliveries.find({"provider_id": {"$ne": None}})]
+                # Each SID with the callback URL its message was created with, as Twilio keeps it.
+                sids = [(r.sid, r.form["StatusCallback"]) for r in fake.received if r.sid]
                 sids_file = data / "sids.json"
                 sids_file.write_text(json.dumps(sids))
 
-                # The receipts alone: what each costs the service and the store.
-                poster = start_poster(RATE)
-                await trio.sleep(1.0)  # the poster is up
-                own, store = cpu_seconds(me), cpu_seconds(server.pid)
-                await trio.sleep(ALONE_SECONDS)
-                own, store = cpu_seconds(me) - own, cpu_seconds(server.pid) - store
-                report = await stop_poster(poster)
-                answered = report["answered"] * ALONE_SECONDS / report["seconds"]  # about, in the window
-                print(
-                    f"receipts alone at {RATE:.0f}/s offered: {report['answered'] / report['seconds']:.0f}/s answered;"
-                    f" CPU per receipt: service {1e3 * own / answered:.2f} ms, store {1e3 * store / answered:.2f} ms",
-                    flush=True,
-                )
+                # The receipts alone: what each costs the service and the store; `sent` ones touch
+                # no store since the receipts change, forged ones stop at the signature.
+                for kind in ("sent", "delivered", "forged"):
+                    poster = start_poster(RATE, kind)
+                    await trio.sleep(1.0)  # the poster is up
+                    own, store = cpu_seconds(me), cpu_seconds(server.pid)
+                    await trio.sleep(ALONE_SECONDS)
+                    own, store = cpu_seconds(me) - own, cpu_seconds(server.pid) - store
+                    report = await stop_poster(poster)
+                    answered = report["answered"] * ALONE_SECONDS / report["seconds"]  # about, in the window
+                    print(
+                        f"receipts alone ({kind:9}) at {RATE:.0f}/s offered: {report['answered'] / report['seconds']:.0f}/s"
+                        f" answered; CPU per receipt: service {1e3 * own / answered:.2f} ms,"
+                        f" store {1e3 * store / answered:.2f} ms",
+                        flush=True,
+                    )
 
                 for r in range(rounds):
                     for mode, rate in (("none", None), ("10k/min", RATE), ("max", 0.0)):
@@ -216,7 +228,7 @@ async def main(rounds: int, users: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--post":
-        post(sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        post(float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:
         import trio
 

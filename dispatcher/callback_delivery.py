@@ -1,13 +1,14 @@
 """Delivering callbacks from the outbox: every process runs `deliver_callbacks`.
 
-Each round it joins waiting `delivery.updated` chunks into messages, claims due messages with a
-lease and POSTs each in a task of its own, so a slow or dead receiver holds only its own
+Each round it turns the deliveries stamped since the last round into `delivery.updated`
+messages (callback_outbox.py), claims due messages with a lease and POSTs each in a task of its own, so a slow or dead receiver holds only its own
 messages: at most `[callbacks].per_host_concurrency` POSTs per destination (scheme, host, port)
 and `[callbacks].concurrency` in all are in flight, and a message for a host at its bound is not
 claimed (it stays due for whoever has room). Deliveries to providers never wait for callbacks:
-they only write events to the outbox.
+their writes are the events.
 
-A try: the URL is checked again against the SSRF rules (callback_urls.py), the body is signed
+A try: the URL is checked again against the SSRF rules (callback_urls.py: its host is resolved
+and checked for the connection, which goes to the checked address), the body is signed
 (callback_signing.py) and POSTed without following redirects, within `timeout_seconds`.
 - 2xx: delivered.
 - 5xx, 408, 429, a timeout or a connection error: tried again after an exponential backoff with
@@ -21,7 +22,6 @@ never the body or the URL's query.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -34,9 +34,9 @@ import httpx
 import trio
 
 from . import metrics
-from .callback_outbox import DELIVERY_UPDATED, CallbackOutbox, host_of, iso_ms_at, shown_url
+from .callback_outbox import DELIVERY_UPDATED, CallbackOutbox, host_of, message_body, shown_url
 from .callback_signing import signed_headers
-from .callback_urls import RefusedUrl, check_callback_url
+from .callback_urls import RefusedUrl, check_form
 from .errors import StoreError
 from .providers.retry_after import parse_retry_after
 from .settings import CallbackSettings
@@ -81,19 +81,17 @@ def classify(status: int, headers: Mapping[str, str], attempt: int, settings: Ca
 
 
 def payload(message: Mapping[str, Any]) -> bytes:
-    """The body of a message: `{type, jobId, requestId, timestamp, data}`."""
+    """The body of a message: `{type, jobId, requestId, timestamp, data}` (callback_outbox.py)."""
+    if "body" in message:
+        return str(message["body"]).encode("utf-8")
+    # Written by a version that kept the events (or the job's status) as they are.
     if message["type"] == DELIVERY_UPDATED:
         data: Any = {"deliveries": message.get("events") or []}
     else:
         data = message.get("data") or {}
-    body = {
-        "type": message["type"],
-        "jobId": message.get("job"),
-        "requestId": message.get("request_id"),
-        "timestamp": iso_ms_at(message["created"]),
-        "data": data,
-    }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return message_body(
+        message["type"], message.get("job") or "", message.get("request_id"), message["created"], data
+    ).encode()
 
 
 class CallbackSender:
@@ -153,7 +151,7 @@ class CallbackSender:
                 self._wake = trio.Event()
                 now = time.time()
                 try:
-                    await self.outbox.form_batches(now)
+                    await self.outbox.collect(now)
                     claimed = await self._claim(now)
                     for doc in claimed:
                         nursery.start_soon(self._try, doc)
@@ -208,9 +206,8 @@ class CallbackSender:
         if not secret:
             return Outcome("dead", "no signing secret (DISPATCHER_CALLBACK_SECRET or the key's callback_secret_env)")
         try:
-            await check_callback_url(
-                url, allow_http=self.settings.allow_http, allow_private=self.settings.allow_private
-            )
+            # The address is checked where the connection is made (callback_urls.CheckedBackend).
+            check_form(url, allow_http=self.settings.allow_http)
         except RefusedUrl as exc:
             return Outcome("dead", f"refused: {exc}")
         body = payload(message)
@@ -223,6 +220,8 @@ class CallbackSender:
         try:
             with trio.fail_after(self.settings.timeout_seconds):
                 response = await self._http.post(url, content=body, headers=headers)
+        except RefusedUrl as exc:
+            return Outcome("dead", f"refused: {exc}")
         except trio.TooSlowError:
             error = f"no answer within {self.settings.timeout_seconds:g}s"
         except httpx.HTTPError as exc:

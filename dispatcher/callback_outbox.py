@@ -1,20 +1,37 @@
 """The callbacks outbox: the collection `dispatch_callbacks`, from which every process delivers.
 
-Events are written in the ledger's group commit (`Ledger.attach_outbox`), so what caused them and
-the events themselves reach the store together, not in a separate step a crash could skip:
-
-- `job.finished`: one document, written in the same store round trip as the job's final state,
+- `job.finished`: one message, written in the same store round trip as the job's final state,
   before it; its id is derived from the job's (`<job>.finished`), so a job resumed after a crash
   between the two writes writes the same document again and the duplicate is refused.
-- `delivery.updated`: every delivery state change of a job that asked for them (outcomes, those of
-  reconciliations included, before their delivery writes; receipts and receipt timeouts right
-  after theirs), as
-  *chunks*: one document per job per group commit, with at most `batch_size` events. A chunk
-  is not a callback yet: `form_batches` joins the chunks of one job, oldest first, into one
-  message of at most `batch_size` events once it is full or its oldest event waited `batch_ms`
-  (the message is its first chunk; the others become its members, pointing to it with `head`; a
-  chunk that would overflow it is split). So a 10,000-user campaign makes 10,000 / batch_size
-  POSTs for its deliveries.
+- `delivery.updated`: no document per event. The delivery document *is* the event: every write
+  that moves a delivery to a state a client hears of sets a fresh *stamp* on it, in the same
+  write — an outcome (a reconciled one too) in `ev`, a receipt or a receipt timeout in `evr`. A
+  delivery written is therefore its event made durable, with no second write a crash could skip
+  and no extra store command in the group commit. Two fields, so that a receipt landing before
+  the outcome's stamp was read does not hide the outcome (`sent`, then `delivered`, are two
+  events). Outcomes are stamped only for jobs that asked for `delivery.updated`
+  (`wants_updates`); receipts and timeouts always (their job is known only once written; the
+  reader drops those nobody asked for).
+
+A stamp is `<prefix>|<16-digit microseconds>|<delivery>`: `prefix` is this process's, and the
+number grows with every group of writes (`_Stamps`), so one process's stamps, in both fields,
+sort in the order it made them. Each process pages through its own stamps with a cursor (`role: "cursor"`, one
+document per prefix, `collect`), never past the oldest write it still has in flight (`horizon`):
+a write that lands late cannot fall behind the cursor. What it reads it turns into *messages* of
+at most `batch_size` events of one job, in stamp order, once `batch_size` are waiting or the
+oldest waited `batch_ms`: 10,000 deliveries make 10,000 / batch_size POSTs. The cursor's document
+is written after the messages, with the last stamp of each job already in a message beyond it
+(`formed`): a crash between the two writes reads the same deliveries again and forms the same
+messages, whose ids (from their first and last stamps) the store then refuses as duplicates; a
+message that grew meanwhile gets a new id (its events arrive twice: at least once, never lost).
+
+A process holds its cursor with a lease (`[store].lease_seconds`), renewed every round; a cursor
+whose lease expired (its process died, or stopped: it lets go at exit) is adopted by any process,
+which reads it to the end and removes it. Two receipts of one delivery whose first stamp was not
+read yet (`unconfirmed`, then a late `delivered`) are one event, in the later state (a field
+holds one stamp). A process stalled for longer than its lease while a write was in
+flight loses its cursor; that write's event can be lost if it lands after the adopter emptied and
+removed the cursor.
 
 A message (`role: "message"`) is `pending` until a POST of it succeeds (`delivered`) or it is
 given up (`dead`, with the last error). Processes claim due messages with a lease (compare and
@@ -22,14 +39,22 @@ set on `lease_expires`), so two processes never POST one message at once, and a 
 process died is claimed again when its lease expires. Its id is the `webhook-id` of every try:
 receivers drop duplicates by it. Times are epoch seconds; `seq` orders listings newest first as
 the job listing does.
+
+Queries are equalities written `$eq` and ranges on one indexed field: the embedded store answers
+those from its indexes (a bare value, `null`, `$in` or `$or` makes it decode every document).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +66,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .errors import StoreError
 from .listing import encode_cursor, iso_ms, seq_of
+from .states import RECEIPT_STATES
 
 JOB_FINISHED = "job.finished"
 DELIVERY_UPDATED = "delivery.updated"
@@ -50,6 +76,9 @@ CALLBACK_STATES = ("pending", "delivered", "dead")
 # Delivery states that are steps of one attempt, not news for a client.
 _TRANSIENT_STATES = frozenset({"sending", "retrying"})
 _DUPLICATE_KEY = 11000
+# What an event says of its delivery.
+_EVENT_FIELDS = {"job": 1, "user": 1, "channel": 1, "state": 1, "error": 1, "provider_id": 1, "ev": 1, "evr": 1}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +110,41 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
+class _Stamps:
+    """This process's stamps and which of them are still on their way to the store (thread-safe:
+    taken and returned in the store's worker threads)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._last = 0
+        self._flying: dict[int, int] = {}
+
+    def take(self) -> str:
+        with self._lock:
+            number = max(self._last + 1, time.time_ns() // 1000)
+            self._last = number
+            self._flying[number] = self._flying.get(number, 0) + 1
+        return f"{self.prefix}|{number:016d}"
+
+    def done(self, stamp: str) -> None:
+        number = int(stamp.rpartition("|")[2])
+        with self._lock:
+            left = self._flying.pop(number, 1) - 1
+            if left:
+                self._flying[number] = left
+
+    def horizon(self) -> str:
+        """Every stamp below this one is written (or failed): a cursor may read up to it."""
+        with self._lock:
+            low = min(self._flying) if self._flying else self._last + 1
+        return f"{self.prefix}|{low:016d}"
+
+
+def _stamp_seconds(ev: str) -> float:
+    return int(ev.split("|", 2)[1]) / 1e6
+
+
 class CallbackOutbox:
     def __init__(
         self,
@@ -88,7 +152,10 @@ class CallbackOutbox:
         database: str,
         collection: str,
         jobs_collection: str,
+        deliveries_collection: str,
         *,
+        owner: str,
+        lease_seconds: float,
         batch_size: int,
         batch_ms: float,
         max_age_hours: float,
@@ -97,14 +164,22 @@ class CallbackOutbox:
         db = client[database]
         self._outbox = db[collection]
         self._jobs = db[jobs_collection]
+        self._deliveries = db[deliveries_collection]
+        self._owner = owner
+        self._cursor_lease = lease_seconds
         self.batch_size = batch_size
         self.batch_seconds = batch_ms / 1000
         self.max_age = max_age_hours * 3600
         self._retention = dt.timedelta(days=retention_days)
-        # Each job's target, as its document says (None: no delivery.updated wanted). Filled for
-        # running jobs by `track`, for the others on first use; bounded.
+        self._page = max(20 * batch_size, 2000)
+        # Each job's target, as its document says (None: no callbacks). Filled for running jobs
+        # by `track`, for the others on first use; bounded.
         self._targets: dict[str, Target | None] = {}
         self._owners: dict[str, tuple[str | None, str | None]] = {}  # job: (key id, request id)
+        self._stamps = _Stamps(self._new_prefix())
+        # The cursors this process reads: its own (by its prefix, None until written) and those
+        # it adopted, as last written.
+        self._cursors: dict[str, dict[str, Any] | None] = {}
 
     async def _run(self, what: str, fn: Any) -> Any:
         try:
@@ -112,104 +187,212 @@ class CallbackOutbox:
         except PyMongoError as exc:
             raise StoreError(f"callback outbox {what} failed: {exc}") from exc
 
+    def _new_prefix(self) -> str:
+        return f"{self._owner}#{uuid.uuid4().hex[:6]}"
+
     def ensure_indexes(self) -> None:
         """In a worker thread, with the ledger's."""
         self._outbox.create_index([("role", 1), ("state", 1), ("next_at", 1)])
-        # Equalities are written `$eq` below: the embedded store answers those from its indexes
-        # (a bare value, or null, makes it decode every document: 10,000 events per poll).
-        self._outbox.create_index([("role", 1), ("seq", 1)])
-        self._outbox.create_index([("head", 1)])
+        self._outbox.create_index([("role", 1), ("lease_expires", 1)])  # cursors to adopt
         self._outbox.create_index([("state", 1), ("seq", -1)])
         self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
         self._outbox.create_index("expires_at", expireAfterSeconds=0)
+        self._deliveries.create_index("ev")
+        self._deliveries.create_index("evr")
 
     def track(self, job_id: str, target: Target | None, key_id: str | None, request_id: str | None) -> None:
-        """What the chunks of `job_id` need, known to the process running it (no lookup)."""
+        """What the events of `job_id` need, known to the process running it (no lookup)."""
         if len(self._targets) > 10_000:
             self._targets.clear()
             self._owners.clear()
         self._targets[job_id] = target
         self._owners[job_id] = (key_id, request_id)
 
-    # -- writing events (in the ledger's worker thread) -------------------------------------------
+    # -- stamping delivery writes (the ledger) ------------------------------------------------------
 
-    def stage(self, changes: Iterable[Any]) -> None:
-        """Write the `delivery.updated` chunks of these state changes (`ledger.StateChange`s) for
-        the jobs that asked for them. Raises `PyMongoError` (the ledger fails the writes that
-        caused them)."""
-        by_job: dict[str, list[dict[str, Any]]] = {}
-        now = time.time()
-        for change in changes:
-            if change.state in _TRANSIENT_STATES:
-                continue
-            event = {"userId": change.user, "channel": change.channel, "state": change.state, "at": iso_ms_at(now)}
-            if change.error:
-                event["error"] = change.error
-            if change.provider_id:
-                event["providerId"] = change.provider_id
-            by_job.setdefault(change.job, []).append(event)
-        if not by_job:
-            return
+    async def wants_updates(self, job_id: str) -> bool:
+        """Whether the outcomes of `job_id` are to be stamped (it asked for delivery.updated)."""
+        if job_id not in self._targets:
+            await self._run("target lookup", lambda: self._load_targets([job_id]))
+        target = self._targets.get(job_id)
+        return target is not None and DELIVERY_UPDATED in target.events
+
+    @contextmanager
+    def stamping(self) -> Iterator[str]:
+        """A stamp for one group of delivery writes, in flight until the block ends (the writes
+        came back or failed): each written delivery's `ev` is `f"{stamp}|{its id}"`."""
+        stamps = self._stamps
+        stamp = stamps.take()
+        try:
+            yield stamp
+        finally:
+            stamps.done(stamp)
+
+    def _load_targets(self, jobs: list[str]) -> None:
+        # One lookup per job: equality on `_id` is indexed, `$in` would scan every job.
+        for job in jobs:
+            doc = self._jobs.find_one({"_id": job}, {"callback": 1, "key_id": 1, "request_id": 1})
+            if doc is not None:  # (not yet written: asked again next time)
+                self.track(job, Target.from_doc(doc.get("callback")), doc.get("key_id"), doc.get("request_id"))
+
+    # -- turning stamped deliveries into messages ----------------------------------------------------
+
+    async def collect(self, now: float, *, flush: bool = False) -> int:
+        """Read this process's stamps (and those of cursors nobody holds) into messages; return
+        how many messages were formed. `flush`: batches not full yet are formed too (at exit)."""
+        return int(await self._run("event collection", lambda: self._collect(now, flush)))
+
+    def _collect(self, now: float, flush: bool) -> int:
+        formed = 0
+        own = self._stamps.prefix
+        if own not in self._cursors:
+            self._cursors[own] = None
+        for orphan in self._outbox.find(
+            {"role": {"$eq": "cursor"}, "lease_expires": {"$lt": now}}, {"_id": 1, "lease_expires": 1}
+        ).limit(10):
+            won = self._outbox.find_one_and_update(
+                {"_id": orphan["_id"], "lease_expires": orphan["lease_expires"]},
+                {"$set": {"holder": self._owner, "lease_expires": now + self._cursor_lease}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if won is not None and won["prefix"] != own:
+                log.info("callbacks: adopted the event cursor of %s", won["prefix"])
+                self._cursors[won["prefix"]] = won
+        for prefix in list(self._cursors):
+            formed += self._read(prefix, now, flush)
+        return formed
+
+    def _read(self, prefix: str, now: float, flush: bool) -> int:
+        cursor = self._cursors[prefix]
+        own = prefix == self._stamps.prefix
+        at = cursor["at"] if cursor else f"{prefix}|"
+        done = dict(cursor["formed"]) if cursor else {}
+        high = self._stamps.horizon() if own else f"{prefix}|~"
+        stamps = self._stamped(at, high)
+        by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for ev, event in stamps:
+            if ev > done.get(event["job"], "") and event["state"] not in _TRANSIENT_STATES:
+                by_job.setdefault(event["job"], []).append((ev, event))
         self._load_targets([job for job in by_job if job not in self._targets])
-        docs = []
+        messages: list[dict[str, Any]] = []
+        waiting = high  # the first stamp left for a later round
         for job, events in by_job.items():
             target = self._targets.get(job)
             if target is None or DELIVERY_UPDATED not in target.events:
                 continue
             for start in range(0, len(events), self.batch_size):
-                docs.append(self._chunk(job, target, events[start : start + self.batch_size], now))
-        if docs:
-            self._outbox.insert_many(docs, ordered=False)
-
-    def _load_targets(self, jobs: list[str]) -> None:
-        if not jobs:
-            return
-        found = {
-            doc["_id"]: doc
-            for doc in self._jobs.find({"_id": {"$in": jobs}}, {"callback": 1, "key_id": 1, "request_id": 1})
+                part = events[start : start + self.batch_size]
+                young = _stamp_seconds(part[0][0]) > now - self.batch_seconds
+                if len(part) < self.batch_size and young and not flush:
+                    waiting = min(waiting, part[0][0])
+                    break
+                messages.append(self._message(job, target, part, now))
+                done[job] = part[-1][0]
+        if messages:
+            self.insert_messages(messages)
+        # Up to the last stamp read before the first one left waiting.
+        new_at = at
+        for ev, _ in stamps:
+            if ev >= waiting:
+                break
+            new_at = ev
+        fields = {
+            "at": new_at,
+            "formed": sorted([job, ev] for job, ev in done.items() if ev > new_at),
+            "holder": self._owner,
+            "lease_expires": now + self._cursor_lease,
         }
-        for job in jobs:
-            doc = found.get(job) or {}
-            self.track(job, Target.from_doc(doc.get("callback")), doc.get("key_id"), doc.get("request_id"))
+        if not own and not stamps and cursor is not None:
+            # An adopted cursor read to its end: its process writes no more.
+            self._outbox.delete_one({"_id": cursor["_id"], "holder": self._owner})
+            del self._cursors[prefix]
+        elif cursor is None:
+            # No `expires_at`: a cursor goes when it has been read to its end, never by age.
+            created = {"_id": f"cursor|{prefix}", "role": "cursor", "prefix": prefix, **fields}
+            self._outbox.insert_one(created)
+            self._cursors[prefix] = created
+        elif self._outbox.update_one({"_id": cursor["_id"], "holder": self._owner}, {"$set": fields}).matched_count:
+            cursor.update(fields)
+        else:
+            # Adopted by another process while this one stalled: it reads those stamps now;
+            # this process stamps under a new prefix from here on.
+            log.warning("callbacks: the event cursor %s was adopted by another process", prefix)
+            del self._cursors[prefix]
+            if own:
+                self._stamps = _Stamps(self._new_prefix())
+        return len(messages)
 
-    def _chunk(self, job: str, target: Target, events: list[dict[str, Any]], now: float) -> dict[str, Any]:
-        chunk_id = uuid.uuid4().hex
+    def _stamped(self, at: str, high: str) -> list[tuple[str, dict[str, Any]]]:
+        """The events stamped in (at, high), in stamp order: (stamp, event with its `job`)."""
+        pages = {
+            field: list(
+                self._deliveries.find({field: {"$gt": at, "$lt": high}}, _EVENT_FIELDS).sort(field, 1).limit(self._page)
+            )
+            for field in ("ev", "evr")
+        }
+        # A full page stops where its field's stamps may go on: nothing after that is taken now.
+        ends = [docs[-1][field] for field, docs in pages.items() if len(docs) == self._page]
+        stamps = []
+        for field, docs in pages.items():
+            for doc in docs:
+                ev = doc[field]
+                if ends and ev > min(ends):
+                    break
+                event = {"job": doc["job"], "userId": doc.get("user"), "channel": doc.get("channel")}
+                if field == "ev" and doc.get("state") in RECEIPT_STATES:
+                    event["state"] = "sent"  # the outcome; its receipt has its own stamp
+                else:
+                    event["state"] = doc.get("state")
+                    if doc.get("error"):
+                        event["error"] = doc["error"]
+                event["at"] = iso_ms_at(_stamp_seconds(ev))
+                if doc.get("provider_id"):
+                    event["providerId"] = doc["provider_id"]
+                stamps.append((ev, event))
+        stamps.sort(key=lambda item: item[0])
+        return stamps
+
+    def _message(self, job: str, target: Target, part: list[tuple[str, dict[str, Any]]], now: float) -> dict[str, Any]:
+        first, last = part[0][0], part[-1][0]
+        message_id = f"{job}.u.{hashlib.sha1(f'{first} {last}'.encode()).hexdigest()[:16]}"
         key_id, request_id = self._owners.get(job, (None, None))
+        events = [{k: v for k, v in event.items() if k != "job"} for _, event in part]
         return {
-            "_id": chunk_id,
-            "role": "chunk",
-            "head": None,
-            "type": DELIVERY_UPDATED,
-            "job": job,
-            "key_id": key_id,
-            "request_id": request_id,
-            "url": target.url,
-            "events": events,
+            **self._pending(message_id, DELIVERY_UPDATED, job, target, key_id, request_id, now),
+            "body": message_body(DELIVERY_UPDATED, job, request_id, now, {"deliveries": events}),
             "count": len(events),
-            "created": now,
-            "seq": seq_of(iso_ms_at(now), chunk_id),
-            "state": "pending",
-            "attempts": 0,
-            "expires_at": self._expires(now),
         }
 
-    def job_finished(
-        self, job_id: str, target: Target, data: dict[str, Any], key_id: str | None, request_id: str | None
+    async def release(self) -> None:
+        """At exit: what was stamped goes into messages, whatever their size, and the cursor is
+        let go of (another process adopts it at once: a write still in flight is read there)."""
+        await self.collect(time.time(), flush=True)
+        prefix = self._stamps.prefix
+        await self._run(
+            "cursor release",
+            lambda: self._outbox.update_one(
+                {"_id": f"cursor|{prefix}", "holder": self._owner}, {"$set": {"lease_expires": 0.0}}
+            ),
+        )
+
+    def _pending(
+        self,
+        message_id: str,
+        kind: str,
+        job_id: str,
+        target: Target,
+        key_id: str | None,
+        request_id: str | None,
+        now: float,
     ) -> dict[str, Any]:
-        """The `job.finished` message of a job (inserted by the ledger with the job's final state)."""
-        now = time.time()
-        message_id = f"{job_id}.finished"
         return {
             "_id": message_id,
             "role": "message",
-            "head": message_id,
-            "type": JOB_FINISHED,
+            "type": kind,
             "job": job_id,
             "key_id": key_id,
             "request_id": request_id,
             "url": target.url,
-            "data": data,
-            "count": 1,
             "created": now,
             "seq": seq_of(iso_ms_at(now), message_id),
             "state": "pending",
@@ -219,8 +402,19 @@ class CallbackOutbox:
             "expires_at": self._expires(now),
         }
 
+    def job_finished(
+        self, job_id: str, target: Target, data: dict[str, Any], key_id: str | None, request_id: str | None
+    ) -> dict[str, Any]:
+        """The `job.finished` message of a job (inserted by the ledger with the job's final state)."""
+        now = time.time()
+        return {
+            **self._pending(f"{job_id}.finished", JOB_FINISHED, job_id, target, key_id, request_id, now),
+            "body": message_body(JOB_FINISHED, job_id, request_id, now, data),
+            "count": 1,
+        }
+
     def insert_messages(self, docs: Sequence[dict[str, Any]]) -> None:
-        """Insert `job.finished` messages; one already there (a resumed job) is left as it is."""
+        """Insert messages; one already there (a resumed job, a round read again) stays as it is."""
         if not docs:
             return
         try:
@@ -232,77 +426,7 @@ class CallbackOutbox:
     def _expires(self, now: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(now, dt.UTC) + dt.timedelta(seconds=self.max_age) + self._retention
 
-    # -- forming and claiming messages --------------------------------------------------------------
-
-    async def form_batches(self, now: float) -> int:
-        """Join waiting chunks into messages (see the module); return how many were formed."""
-
-        def form() -> int:
-            chunks = list(
-                self._outbox.find(
-                    {"role": {"$eq": "chunk"}},
-                    {"_id": 1, "job": 1, "count": 1, "created": 1, "seq": 1},
-                )
-                .sort("seq", 1)
-                .limit(20_000)
-            )
-            by_job: dict[str, list[dict[str, Any]]] = {}
-            for chunk in chunks:
-                by_job.setdefault(chunk["job"], []).append(chunk)
-            formed = 0
-            for job_chunks in by_job.values():
-                batch: list[dict[str, Any]] = []
-                size = 0
-                for chunk in job_chunks:
-                    room = self.batch_size - size
-                    if chunk["count"] > room:
-                        # Fill the message to the brim (POSTs = events / batch_size): the chunk's
-                        # first events close it, the rest opens the next.
-                        head, chunk = self._split(chunk, room)
-                        batch.append(head)
-                        formed += self._form(batch, now)
-                        batch, size = [], 0
-                    batch.append(chunk)
-                    size += chunk["count"]
-                    if size == self.batch_size:
-                        formed += self._form(batch, now)
-                        batch, size = [], 0
-                if batch and (size >= self.batch_size or batch[0]["created"] <= now - self.batch_seconds):
-                    formed += self._form(batch, now)
-            return formed
-
-        return await self._run("batching", form)
-
-    def _split(self, chunk: dict[str, Any], keep: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Cut a chunk after its first `keep` (> 0) events: the rest becomes a chunk of its own,
-        sorted right after it. The rest is written first: a crash between the two writes repeats
-        events (at least once), it never loses them."""
-        doc = self._outbox.find_one({"_id": chunk["_id"]})
-        assert doc is not None
-        events = doc["events"]
-        rest = {**doc, "_id": f"{doc['_id']}+{keep}", "events": events[keep:], "count": len(events) - keep}
-        rest["seq"] = doc["seq"] + "+"
-        try:
-            self._outbox.insert_one(rest)
-        except DuplicateKeyError:
-            pass
-        self._outbox.update_one({"_id": doc["_id"]}, {"$set": {"events": events[:keep], "count": keep}})
-        return {**chunk, "count": keep}, {**chunk, "_id": rest["_id"], "count": rest["count"], "seq": rest["seq"]}
-
-    def _form(self, batch: list[dict[str, Any]], now: float) -> int:
-        head = batch[0]["_id"]
-        others = [chunk["_id"] for chunk in batch[1:]]
-        # The others first, then the head: once the head is a message (and may be sent), nothing
-        # joins it any more, so every try of it carries the same events.
-        if others:
-            self._outbox.update_many(
-                {"_id": {"$in": others}, "role": "chunk"}, {"$set": {"head": head, "role": "member"}}
-            )
-        result = self._outbox.update_one(
-            {"_id": head, "role": "chunk"},
-            {"$set": {"role": "message", "head": head, "next_at": now, "lease_expires": 0.0}},
-        )
-        return result.modified_count
+    # -- claiming messages ---------------------------------------------------------------------------
 
     async def claim_due(self, owner: str, now: float, lease: float, accept: Any, limit: int) -> list[dict[str, Any]]:
         """Claim up to `limit` due messages that `accept(doc)` takes (it says no for a host at
@@ -317,7 +441,7 @@ class CallbackOutbox:
                         "next_at": {"$lte": now},
                         "lease_expires": {"$lt": now},
                     },
-                    {"events": 0, "data": 0},
+                    {"events": 0, "data": 0, "body": 0},
                 )
                 .sort("next_at", 1)
                 .limit(limit * 4)
@@ -331,26 +455,16 @@ class CallbackOutbox:
                     {"$set": {"lease_owner": owner, "lease_expires": now + lease}},
                     return_document=ReturnDocument.AFTER,
                 )
-                if won is None:
-                    continue
-                if won["type"] == DELIVERY_UPDATED:
-                    members = self._outbox.find({"head": {"$eq": won["_id"]}}, {"events": 1, "seq": 1}).sort("seq", 1)
-                    won["events"] = [event for member in members for event in member.get("events") or ()]
-                claimed.append(won)
+                if won is not None:
+                    claimed.append(won)
             return claimed
 
         return await self._run("claim", claim)
 
     async def settle(self, message: Mapping[str, Any], **fields: Any) -> None:
-        """Record a try's outcome; `state="delivered"` settles the chunks of the message too."""
+        """Record a try's outcome."""
         fields.setdefault("lease_expires", 0.0)
-
-        def write() -> None:
-            if fields.get("state") == "delivered":
-                self._outbox.update_many({"head": {"$eq": message["_id"]}}, {"$set": {"state": "delivered"}})
-            self._outbox.update_one({"_id": message["_id"]}, {"$set": fields})
-
-        await self._run("settle", write)
+        await self._run("settle", lambda: self._outbox.update_one({"_id": message["_id"]}, {"$set": fields}))
 
     # -- the API -----------------------------------------------------------------------------------
 
@@ -365,7 +479,7 @@ class CallbackOutbox:
             query["seq"] = {"$lt": cursor}
 
         def find() -> list[dict[str, Any]]:
-            return list(self._outbox.find(query, {"events": 0, "data": 0}).sort("seq", -1).limit(limit + 1))
+            return list(self._outbox.find(query, {"events": 0, "data": 0, "body": 0}).sort("seq", -1).limit(limit + 1))
 
         docs = await self._run("listing", find)
         more = len(docs) > limit
@@ -375,7 +489,7 @@ class CallbackOutbox:
     async def message(self, message_id: str) -> dict[str, Any] | None:
         return await self._run(
             "lookup",
-            lambda: self._outbox.find_one({"_id": message_id, "role": "message"}, {"events": 0, "data": 0}),
+            lambda: self._outbox.find_one({"_id": message_id, "role": "message"}, {"events": 0, "data": 0, "body": 0}),
         )
 
     async def retry(self, message_id: str, now: float) -> dict[str, Any] | None:
@@ -394,7 +508,7 @@ class CallbackOutbox:
                         "expires_at": self._expires(now),
                     }
                 },
-                projection={"events": 0, "data": 0},
+                projection={"events": 0, "data": 0, "body": 0},
                 return_document=ReturnDocument.AFTER,
             )
 
@@ -404,15 +518,22 @@ class CallbackOutbox:
             return None
 
     async def depth(self) -> tuple[int, int]:
-        """(pending messages and chunks, dead messages): the outbox's gauges."""
+        """(pending messages, dead messages): the outbox's gauges. Counted from the index on
+        (role, state): `count_documents` is an aggregation, which the embedded store answers by
+        decoding every document of the collection."""
 
-        def count() -> tuple[int, int]:
-            return (
-                self._outbox.count_documents({"state": {"$eq": "pending"}}),
-                self._outbox.count_documents({"state": {"$eq": "dead"}}),
-            )
+        def count(state: str) -> int:
+            return sum(1 for _ in self._outbox.find({"role": {"$eq": "message"}, "state": {"$eq": state}}, {"_id": 1}))
 
-        return await self._run("count", count)
+        return await self._run("count", lambda: (count("pending"), count("dead")))
+
+
+def message_body(kind: str, job_id: str, request_id: str | None, created: float, data: Any) -> str:
+    """What a message POSTs: `{type, jobId, requestId, timestamp, data}`, as JSON. Kept in the
+    message as one string: the embedded store walks every value of a document on each read and
+    write, and a message is written, claimed and settled once or more."""
+    body = {"type": kind, "jobId": job_id, "requestId": request_id, "timestamp": iso_ms_at(created), "data": data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
 def iso_ms_at(epoch: float) -> str:
@@ -445,6 +566,7 @@ __all__ = [
     "CallbackOutbox",
     "Target",
     "host_of",
+    "message_body",
     "message_json",
     "shown_url",
 ]

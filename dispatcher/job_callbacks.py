@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+import logging
 import time
 from typing import Any
 
@@ -17,14 +18,16 @@ import trio
 from .auth import ApiKeys
 from .callback_delivery import CallbackSender
 from .callback_outbox import DEFAULT_EVENTS, JOB_FINISHED, CallbackOutbox, Target
-from .callback_urls import RefusedUrl, check_callback_url
-from .errors import NotFound, RequestError
+from .callback_urls import CheckedTransport, RefusedUrl, check_callback_url
+from .errors import NotFound, RequestError, StoreError
 from .job_views import JobStatus
 from .ledger import Ledger
 from .listing import Viewer
 from .models import SendRequest
 from .settings import Settings
 from .wire import job_json
+
+log = logging.getLogger(__name__)
 
 
 class JobCallbacks:
@@ -119,6 +122,9 @@ async def open_job_callbacks(
         store.database,
         store.callbacks_collection,
         store.jobs_collection,
+        store.deliveries_collection,
+        owner=owner,
+        lease_seconds=store.lease_seconds,
         batch_size=settings.callbacks.batch_size,
         batch_ms=settings.callbacks.batch_ms,
         max_age_hours=settings.callbacks.max_age_hours,
@@ -129,7 +135,12 @@ async def open_job_callbacks(
     limits = httpx.Limits(max_connections=settings.callbacks.concurrency)
     timeout = settings.callbacks.timeout_seconds
     async with (
-        httpx.AsyncClient(follow_redirects=False, limits=limits, timeout=timeout) as http,
+        httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=timeout,
+            # Connections only to addresses the SSRF rules allow, the very ones checked.
+            transport=CheckedTransport(limits=limits, allow_private=settings.callbacks.allow_private),
+        ) as http,
         trio.open_nursery() as nursery,
     ):
         callbacks.sender = CallbackSender(outbox, settings.callbacks, callbacks.secret_of, owner, http)
@@ -138,6 +149,11 @@ async def open_job_callbacks(
             yield callbacks
         finally:
             nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(settings.callbacks.timeout_seconds):
+                try:
+                    await outbox.release()
+                except StoreError as exc:  # its lease expires instead
+                    log.warning("callbacks: the event cursor was not released: %s", exc)
 
 
 __all__ = ["JobCallbacks", "open_job_callbacks"]

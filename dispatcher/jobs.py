@@ -391,8 +391,12 @@ class Jobs:
                 )
             except (StoreError, LimiterDown) as exc:
                 log.error("job %s: %s", job_id, exc)
-                # A job never written has nothing to resume, and no id to follow.
-                written = job_id if not isinstance(run.journal, Journal) or run.journal.created else None
+                if isinstance(exc, LimiterDown) and isinstance(run.journal, Journal):
+                    # The store answers: a job not written yet (nothing claimed) is written now, so
+                    # that it is resumed like any other instead of reported not attempted.
+                    with suppress(StoreError):
+                        await run.journal.create()
+                written = _written(run)
                 if written is not None and not run.lease_lost:
                     # Its pipeline has ended: the resumed run need not wait for its claims.
                     self._interrupted[written] = getattr(run.journal, "run_id", "")
@@ -404,10 +408,12 @@ class Jobs:
                 await self.book.failed(run)
             finally:
                 if not run.finished and run.error is None:  # cancelled: the drain window ended
+                    written = _written(run)
                     run.error = Interrupted(
-                        "the service shut down before every delivery of this send was attempted" + _resume_note(job_id),
+                        "the service shut down before every delivery of this send was attempted"
+                        + _resume_note(written),
                         run.result,
-                        job_id,
+                        written,
                     )
                 run.done.set()
                 if job_id is not None:
@@ -535,6 +541,14 @@ def _interruption(exc: StoreError | LimiterDown, job_id: str | None) -> str:
     if job_id is None:
         return f"{exc}: the deliveries that waited for it were not attempted"
     return f"{exc}; job {job_id} goes on and sends the rest once Redis answers"
+
+
+def _written(run: Run) -> str | None:
+    """The run's job id if its job is in the ledger: one never written (a small send stopped
+    before its first write carried it) has nothing to resume, and no id to follow."""
+    if isinstance(run.journal, Journal) and not run.journal.created:
+        return None
+    return run.job_id
 
 
 def _resume_note(job_id: str | None) -> str:

@@ -54,7 +54,7 @@ OTHER = "other"
 DELIVERY_OUTCOMES = ("sent", "failed", "skipped")
 # Why a delivery failed: transient errors that outlasted the retries, permanent provider errors,
 # throttling that asked for a longer pause than allowed, a template that failed for the user, a
-# requested id without a user, an attempt whose outcome is unknown (the service stopped during it),
+# requested id without a user, an attempt whose outcome is unknown (no answer, or its run did not settle it),
 # a cancelled send, a bug in a provider.
 FAILURE_KINDS = ("transient", "permanent", "throttled", "render", "not_found", "ambiguous", "cancelled", "internal")
 # What one provider call ended with.
@@ -212,7 +212,7 @@ CALLBACKS = Counter(
 )
 CALLBACK_OUTBOX_DEPTH = Gauge(
     "dispatcher_callback_outbox_depth",
-    "Callbacks (and delivery.updated chunks) in the outbox not delivered yet",
+    "Callbacks in the outbox not delivered yet (stamped deliveries not read into one yet are not counted)",
     multiprocess_mode="max",
 )
 CALLBACK_DEAD_LETTERS = Gauge(

@@ -648,6 +648,13 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
             "parameters": [
                 request_id,
                 {"name": "X-Twilio-Signature", "in": "header", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "d",
+                    "in": "query",
+                    "required": False,
+                    "description": "The delivery the receipt is for, as the service put it in the StatusCallback URL",
+                    "schema": {"type": "string"},
+                },
             ],
             "requestBody": {
                 "required": True,

@@ -118,7 +118,8 @@ class ChannelSettings(Section):
     backoff_initial_seconds: float = Field(0.5, ge=0)
     backoff_max_seconds: float = Field(30.0, ge=0)
     # A provider asking for a longer pause than this (`Retry-After`) fails the delivery at once, as
-    # throttled, instead of stalling the channel for every request.
+    # throttled, instead of stalling the channel for every request. In cluster mode also how long a
+    # delivery waits for an unreachable limiter before its run stops (the job resumes it).
     max_retry_after_seconds: float = Field(300.0, gt=0)
     # An attempt whose outcome is unknown (the service died during it, or it timed out after the
     # request may have reached the provider): report it as a failure, send again, or ask the

@@ -61,8 +61,9 @@ async def test_every_job_answer_and_the_finished_callback(settings: Any, databas
             while (message := database.dispatch_callbacks.find_one({"_id": f"{job_id}.finished"})) is None:
                 await trio.sleep(0.02)
         # The callback carries the status as `GET /send/{id}` answered it, keys in the same order.
-        assert message["data"] == status and list(message["data"]) == JOB_KEYS
-        assert list(message["data"]["summary"]) == SUMMARY_KEYS
+        data = json.loads(message["body"])["data"]
+        assert data == status and list(data) == JOB_KEYS
+        assert list(data["summary"]) == SUMMARY_KEYS
 
         # Fixed times, and a receipt that took u1's SMS to `undelivered`.
         database.dispatch_jobs.update_one(

@@ -24,6 +24,7 @@ from dispatcher.children import python_environment
 from dispatcher.loadtest import ErrorMix, LoadTestOptions, OptionError, run_loadtest
 from dispatcher.loadtest.accounting import check_exactly_once, failure_kind
 from dispatcher.loadtest.durability import check_durability, expected_receipts
+from dispatcher.journal import STOPPED_DURING_ATTEMPT
 from dispatcher.loadtest.metrics import busy_rate, busy_window, max_in_window, percentile
 from dispatcher.loadtest.options import parse_channel_values, parse_errors, parse_latency
 from dispatcher.loadtest.population import Population
@@ -202,8 +203,20 @@ def test_exactly_once_check_catches_missing_duplicated_and_stray_receipts() -> N
 
 async def test_sigkill_mid_fanout_then_restart_loses_nothing_and_sends_nothing_twice(tmp_path: Path) -> None:
     users = 300
+    # The resumed run waits for a delivery left `sending` until its claim is older than the
+    # attempt's timeout (plus its backoff ceiling where ambiguous attempts are resent, as on push)
+    # and 5 s: the run that claimed it might be alive. A 5 s timeout and a 1 s ceiling, still far
+    # above the fakes' 30 ms, make that 10 and 11 s instead of 15 and 45 s.
+    base = tmp_path / "base.toml"
+    base.write_text("[channels.push]\nbackoff_max_seconds = 1\n")
     results, printed = await _run(
-        users=users, latency=0.03, concurrency={"email": 4, "sms": 4, "push": 4}, kill_at=0.5, output=tmp_path
+        users=users,
+        latency=0.03,
+        concurrency={"email": 4, "sms": 4, "push": 4},
+        timeout=5.0,
+        base_config=base,
+        kill_at=0.5,
+        output=tmp_path,
     )
 
     durability = results["durability"]
@@ -239,7 +252,7 @@ def test_durability_check_tells_duplicates_losses_and_unknown_outcomes_apart() -
         {
             "userId": population.user_id(2),
             "channel": "email",
-            "error": "outcome unknown: the service stopped during the attempt",
+            "error": STOPPED_DURING_ATTEMPT,
         }
     ]
     report = check_durability(population, ("email",), received, failures, {"email": "report"})

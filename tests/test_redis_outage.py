@@ -23,6 +23,7 @@ from dispatcher import open_dispatcher
 from dispatcher.cluster import open_cluster
 from dispatcher.context import RunContext
 from dispatcher.delivery import RetryPolicy, Transport
+from dispatcher.errors import Interrupted
 from dispatcher.journal import Unrecorded
 from dispatcher.messages import Delivery, Message
 from dispatcher.ratelimit import ChannelGate
@@ -142,7 +143,8 @@ async def test_a_shared_send_through_a_redis_restart_fails_nothing_and_runs_no_p
     settings = make_settings(
         cluster={"redis_url": own_redis.url, "namespace": f"outage{time.time_ns()}"},
         dispatcher={"store_batch_size": 50},
-        store={"lease_seconds": 2},
+        # A hold not renewed within the lease counts as a stalled run's: long enough for a busy machine.
+        store={"lease_seconds": 6},
         channels={"sms": {"rate_per_second": RATE, "concurrency": 8, "max_retry_after_seconds": bound}},
     )
     async with open_dispatcher(settings) as first, open_dispatcher(settings):  # a second process's workers
@@ -183,3 +185,30 @@ async def test_a_job_whose_limiter_wait_runs_out_is_resumed_not_failed(
     assert job["state"] == "done" and not failed, failed[:3]
     received = _received(outbox)
     assert len(received) == users and set(received.values()) == {1}, received.most_common(3)
+
+
+async def test_a_waiting_send_whose_job_was_not_written_yet_is_resumed_too(
+    own_redis: RedisServer, make_settings: Any, database: Any, outbox: Path
+) -> None:
+    """A small synchronous send writes its job with its first claim; with Redis away from the
+    start nothing is claimed. When the wait runs out the job is written then: the client gets 503
+    naming it, and it is resumed and sent once Redis answers."""
+    users = 5
+    _seed(database, users)
+    settings = make_settings(
+        cluster={"redis_url": own_redis.url, "namespace": f"outage{time.time_ns()}"},
+        channels={"sms": {"rate_per_second": RATE, "max_retry_after_seconds": 1.0}},
+    )
+    recipients = [f"u{i:04d}" for i in range(users)]
+    async with open_dispatcher(settings) as dispatcher:
+        own_redis.kill()
+        with pytest.raises(Interrupted) as interrupted:
+            await dispatcher.send({"channels": ["sms"], "recipients": recipients, "messageContent": "hi"})
+        job_id = interrupted.value.job_id
+        assert job_id is not None and "rate limiter unavailable" in str(interrupted.value), interrupted.value
+        await trio.to_thread.run_sync(own_redis.start)
+        with trio.fail_after(30):
+            job = await _finished(database, job_id)
+    assert job["state"] == "done" and job["summary"]["sent"] == {"sms": users}
+    received = _received(outbox)
+    assert len(received) == users and set(received.values()) == {1}

@@ -86,3 +86,4 @@ async def test_a_partition_is_held_by_one_run_at_a_time(database: pymongo.databa
     database.dispatch_jobs.update_one({"_id": "job"}, {"$set": {"held.4.until": 1.0}})  # b's hold expired
     ours, before = await ledger.hold_partition("job", 4, "c", 30.0)
     assert ours and before["run"] == "b" and before["until"] == 1.0  # expired, not known to have ended
+    assert (await ledger.hold_partition("purged", 0, "c", 30.0))[1]["done"]  # no job: nothing to wait for

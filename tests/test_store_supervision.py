@@ -11,8 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -21,13 +19,13 @@ import httpx
 import psutil
 import pytest
 import trio
+from service_process import CLI, Service
 
 from dispatcher.embedded_store import free_port
 from dispatcher.fakes.faults import Faults
 from dispatcher.fakes.server import serve_asgi
 from dispatcher.fakes.twilio import FakeTwilio
 
-CLI = [sys.executable, "-c", "from dispatcher.cli import main; raise SystemExit(main())"]
 USERS = 2000
 CONCURRENCY = 8
 LATENCY = 0.01
@@ -44,6 +42,9 @@ concurrency = {CONCURRENCY}
 [providers.twilio]
 account_sid = "AC123"
 api_base_url = "{twilio_url}"
+# The fake lists a message as soon as it has taken it: the SMS the kill left ambiguous are
+# reconciled without the settling wait kept for the real Twilio (30 s by default).
+reconcile_settle_seconds = 0.5
 [providers.outbox]
 dir = "{tmp_path / "outbox"}"
 [sender]
@@ -53,11 +54,6 @@ email = "noreply@example.com"
 data_dir = "{tmp_path / "var"}"
 """)
     return path
-
-
-def _env(port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URL", "REDIS_URL", "DISPATCHER_CONFIG")}
-    return {**env, "TWILIO_AUTH_TOKEN": "secret", "DISPATCHER__SERVER__PORT": str(port)}
 
 
 def _store_process_of(pid: int) -> list[psutil.Process]:
@@ -86,32 +82,21 @@ async def test_sigkill_of_the_embedded_store_mid_send_restarts_it_and_the_job_co
     ]
     seed.write_text(json.dumps({"users": users, "templates": []}))
     fake = FakeTwilio("AC123", "secret", Faults(latency=LATENCY))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "service.log"
     async with trio.open_nursery() as nursery:
         config = _config(tmp_path, await nursery.start(serve_asgi, fake))
+        service = Service(config, None, None, tmp_path / "service.log")
         seeded = await trio.run_process(
-            [*CLI, "--config", str(config), "seed", str(seed)], env=_env(port), capture_stdout=True, capture_stderr=True
+            [*CLI, "--config", str(config), "seed", str(seed)],
+            env=service.env,
+            capture_stdout=True,
+            capture_stderr=True,
         )
         assert seeded.returncode == 0, seeded.stderr
-        with open(log, "wb") as out:
-            service = subprocess.Popen(
-                [*CLI, "--config", str(config), "serve"], env=_env(port), stdout=out, stderr=out, cwd=tmp_path
-            )
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                with trio.fail_after(30):
-                    while True:
-                        try:
-                            if (await client.get(f"{base}/-/ready")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            pass
-                        assert service.poll() is None, log.read_text()
-                        await trio.sleep(0.1)
+            await service.start(ready="/-/ready")
+            async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
                 response = await client.post(
-                    f"{base}/send?async=true",
+                    "/send?async=true",
                     json={
                         "channels": ["email", "sms"],
                         "clusters": ["all"],
@@ -124,16 +109,17 @@ async def test_sigkill_of_the_embedded_store_mid_send_restarts_it_and_the_job_co
                 with trio.fail_after(30):
                     while len(fake.received) < USERS // 3:
                         await trio.sleep(0.01)
-                store = _store_process(service.pid)
+                assert service.process is not None
+                store = _store_process(service.process.pid)
                 store.send_signal(signal.SIGKILL)
                 killed_at = len(fake.received)
                 # Liveness holds through a quick restart; readiness may dip; the store comes back.
                 healthz = set()
                 with trio.fail_after(30):
                     while True:
-                        healthz.add((await client.get(f"{base}/-/healthz")).status_code)
+                        healthz.add((await client.get("/-/healthz")).status_code)
                         try:
-                            restarted = _store_process(service.pid)
+                            restarted = _store_process(service.process.pid)
                         except ValueError:
                             restarted = None
                         if restarted is not None and restarted.pid != store.pid:
@@ -142,22 +128,18 @@ async def test_sigkill_of_the_embedded_store_mid_send_restarts_it_and_the_job_co
                 assert healthz == {200}
                 with trio.fail_after(120):
                     while True:
-                        job = (await client.get(f"{base}/send/{job_id}")).json()
+                        job = (await client.get(f"/send/{job_id}")).json()
                         if job.get("status") in ("done", "failed", "cancelled"):
                             break
                         await trio.sleep(0.2)
-                failures = (await client.get(f"{base}/send/{job_id}/failures?limit=1000")).json()["failures"]
-                assert (await client.get(f"{base}/-/healthz")).status_code == 200
-                assert (await client.get(f"{base}/-/ready")).status_code == 200
+                failures = (await client.get(f"/send/{job_id}/failures?limit=1000")).json()["failures"]
+                assert (await client.get("/-/healthz")).status_code == 200
+                assert (await client.get("/-/ready")).status_code == 200
         finally:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(30)
-            except subprocess.TimeoutExpired:
-                service.kill()
+            service.stop(30)
             nursery.cancel_scope.cancel()
 
-    text = log.read_text()
+    text = service.log.read_text()
     assert "the embedded store (pid" in text and "is back" in text, text[-3000:]
     assert job["status"] == "done", job
     summary = job["summary"]

@@ -211,7 +211,7 @@ class Cluster:
             self._last_error = f"error ({type(exc).__name__}: {exc})"
         if self._down_since is None:
             self._down_since = trio.current_time()
-            log.warning("cluster rate limiter: redis %s; rate-limited channels wait, then fail", self._last_error)
+            log.warning("cluster rate limiter: redis %s; rate-limited deliveries wait for it", self._last_error)
 
     def _mark_up(self) -> None:
         if self._down_since is not None:

@@ -121,8 +121,9 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     machine = results.get("machine")
     if machine:
         summary.add_row(
-            "machine: cores idle during the run / load average at its start",
-            f"{_fmt(machine['idle_cores'], 2)} of {machine['cpus']} / {_fmt(machine['load_1m_at_start'], 2)}",
+            "machine: cores idle / stolen by the hypervisor during the run; load average at its start",
+            f"{_fmt(machine['idle_cores'], 2)} / {_fmt(machine.get('steal_cores'), 2)} of {machine['cpus']}; "
+            f"{_fmt(machine['load_1m_at_start'], 2)}",
         )
     summary.add_row(
         "deliveries/s while every channel is busy",

@@ -222,7 +222,7 @@ class _Meter:
         self.harness = 0.0
         # The whole machine: its load average when the phase starts, its idle CPU over the phase.
         self.load_1m = 0.0
-        self.idle = self.wall = 0.0
+        self.idle = self.steal = self.wall = 0.0
         self.redis_calls: dict[str, int] = {}
         self.reported: list[float | None] = []
 
@@ -237,7 +237,7 @@ class _Meter:
         meter.others = {name: _cpu_of(pid) for name, pid in meter._other_pids().items()}
         meter.harness = own_cpu_seconds()
         meter.load_1m = os.getloadavg()[0]
-        meter.idle, meter.wall = _idle_seconds(), trio.current_time()
+        meter.idle, meter.steal, meter.wall = *_idle_and_steal(), trio.current_time()
         return meter
 
     def _other_pids(self) -> dict[str, int | None]:
@@ -250,7 +250,8 @@ class _Meter:
         self.system_s = self.sampler.system_since(self.service_system)
         self.per_root = [self.sampler.cpu_since(snapshot, root) for root in self.service.roots()]
         self.harness = own_cpu_seconds() - self.harness
-        self.idle, self.wall = _idle_seconds() - self.idle, trio.current_time() - self.wall
+        idle, steal = _idle_and_steal()
+        self.idle, self.steal, self.wall = idle - self.idle, steal - self.steal, trio.current_time() - self.wall
         for name, pid in self._other_pids().items():
             start, end = self.others.get(name), _cpu_of(pid)
             self.others[name] = None if start is None or end is None else end - start
@@ -290,6 +291,9 @@ class _Meter:
             # Cores that stood idle on average during the phase: what no process could use.
             # (Clamped: /proc/stat counts in ticks, the phase's span is measured on another clock.)
             "idle_cores": round(min(self.idle / self.wall, os.cpu_count() or 1), 2) if self.wall > 0 else None,
+            # Time the hypervisor gave this machine's cores to others: on a shared host, CPU per
+            # request rises with it.
+            "steal_cores": round(self.steal / self.wall, 2) if self.wall > 0 else None,
         }
         for row, root, seconds in zip(results["replicas"], service.roots(), self.per_root):
             row["pid"] = root
@@ -334,10 +338,11 @@ async def _reported_round_trips(service: RunningService) -> list[float | None]:
     return [await service.metric(ROUND_TRIPS_METRIC, replica) for replica in range(service.replicas)]
 
 
-def _idle_seconds() -> float:
-    """Idle CPU-seconds of the whole machine so far, every core together."""
+def _idle_and_steal() -> tuple[float, float]:
+    """CPU-seconds of the whole machine so far, every core together: idle, and stolen by the
+    hypervisor."""
     times = psutil.cpu_times()
-    return times.idle + getattr(times, "iowait", 0.0)
+    return times.idle + getattr(times, "iowait", 0.0), getattr(times, "steal", 0.0)
 
 
 def _cpu_of(pid: int | None) -> float | None:
@@ -364,6 +369,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "fakes_cpu_ms_per_delivery": cpu.get("fakes_ms_per_delivery"),
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "idle_cores": results.get("machine", {}).get("idle_cores"),
+        "steal_cores": results.get("machine", {}).get("steal_cores"),
     }
     if "email" in results["channels"]:
         figures["email_deliveries_per_s"] = results["channels"]["email"]["deliveries_per_s"]

@@ -164,7 +164,7 @@ class Queries:
         query = {"job": {"$eq": job_id}, "role": {"$eq": "message"}}
         docs = await self._run(
             "callback lookup",
-            lambda: list(outbox.find(query, {"events": 0, "data": 0}).sort("created", 1).limit(limit)),
+            lambda: list(outbox.find(query, {"events": 0, "data": 0, "body": 0}).sort("created", 1).limit(limit)),
         )
         return [message_json(doc) for doc in docs]
 
