@@ -181,6 +181,8 @@ async def test_out_of_order_and_duplicate_receipts_only_move_forward(make_settin
         doc = database.dispatch_deliveries.find_one({})
         assert doc["state"] == "delivered" and "error" not in doc
         assert [r["status"] for r in doc["receipts"].values()] == ["delivered"]  # the rest changed nothing
+        # and were told from receipts for a delivery not recorded yet: none was kept for later.
+        assert database.dispatch_deliveries_receipts.count_documents({}) == 0
         [view] = (await d.deliveries(doc["job"], "u0")).deliveries
         assert view.state == "delivered" and view.provider_id == sid and view.attempts == 1
         assert view.receipts[0].status == "delivered" and view.claimed_at and view.settled_at
