@@ -197,7 +197,12 @@ async def test_operator_follows_a_campaign_finds_a_failure_and_cancels_it(browse
             wait_for(
                 browser, lambda d: text_of(d, "[data-state]") == "cancelled", message="the state turning cancelled"
             )
-            assert "cancelled" in text_of(browser, "table.counts thead")
+            # The poll writes the state at once; the counts come with the page it loads next.
+            wait_for(
+                browser,
+                lambda d: "cancelled" in text_of(d, "table.counts thead"),
+                message="the counts showing the cancelled deliveries",
+            )
 
         await trio.to_thread.run_sync(cancel_it)
         async with httpx.AsyncClient(base_url=base) as http:
