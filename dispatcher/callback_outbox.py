@@ -198,13 +198,15 @@ class CallbackOutbox:
     def _new_prefix(self) -> str:
         return f"{self._owner}#{uuid.uuid4().hex[:6]}"
 
-    def ensure_indexes(self) -> None:
-        """In a worker thread, with the ledger's."""
+    def ensure_indexes(self, *, ttl: bool = True) -> None:
+        """In a worker thread, with the ledger's (which drops the TTL index where `ttl` is off and
+        purges on a timer instead)."""
         self._outbox.create_index([("role", 1), ("state", 1), ("next_at", 1)])
         self._outbox.create_index([("role", 1), ("lease_expires", 1)])  # cursors to adopt
         self._outbox.create_index([("state", 1), ("seq", -1)])
         self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
-        self._outbox.create_index("expires_at", expireAfterSeconds=0)
+        if ttl:
+            self._outbox.create_index("expires_at", expireAfterSeconds=0)
         self._deliveries.create_index("ev")
         self._deliveries.create_index("evr")
 
