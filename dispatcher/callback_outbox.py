@@ -134,6 +134,10 @@ class _Stamps:
             if left:
                 self._flying[number] = left
 
+    def last(self) -> int:
+        with self._lock:
+            return self._last
+
     def horizon(self) -> str:
         """Every stamp below this one is written (or failed): a cursor may read up to it."""
         with self._lock:
@@ -180,6 +184,10 @@ class CallbackOutbox:
         # The cursors this process reads: its own (by its prefix, None until written) and those
         # it adopted, as last written.
         self._cursors: dict[str, dict[str, Any] | None] = {}
+        # Own prefix: every stamp below this number was read, and nothing was left waiting. A
+        # round with no stamp taken since reads nothing: each `find` on the deliveries costs the
+        # embedded store a scan of the collection (its TTL purge runs before every read).
+        self._read_through: dict[str, int] = {}
 
     async def _run(self, what: str, fn: Any) -> Any:
         try:
@@ -190,13 +198,15 @@ class CallbackOutbox:
     def _new_prefix(self) -> str:
         return f"{self._owner}#{uuid.uuid4().hex[:6]}"
 
-    def ensure_indexes(self) -> None:
-        """In a worker thread, with the ledger's."""
+    def ensure_indexes(self, *, ttl: bool = True) -> None:
+        """In a worker thread, with the ledger's (which drops the TTL index where `ttl` is off and
+        purges on a timer instead)."""
         self._outbox.create_index([("role", 1), ("state", 1), ("next_at", 1)])
         self._outbox.create_index([("role", 1), ("lease_expires", 1)])  # cursors to adopt
         self._outbox.create_index([("state", 1), ("seq", -1)])
         self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
-        self._outbox.create_index("expires_at", expireAfterSeconds=0)
+        if ttl:
+            self._outbox.create_index("expires_at", expireAfterSeconds=0)
         self._deliveries.create_index("ev")
         self._deliveries.create_index("evr")
 
@@ -268,7 +278,8 @@ class CallbackOutbox:
         at = cursor["at"] if cursor else f"{prefix}|"
         done = dict(cursor["formed"]) if cursor else {}
         high = self._stamps.horizon() if own else f"{prefix}|~"
-        stamps = self._stamped(at, high)
+        idle = own and not flush and self._stamps.last() < self._read_through.pop(prefix, -1)
+        stamps, complete = ([], True) if idle else self._stamped(at, high)
         by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for ev, event in stamps:
             if ev > done.get(event["job"], "") and event["state"] not in _TRANSIENT_STATES:
@@ -290,6 +301,8 @@ class CallbackOutbox:
                 done[job] = part[-1][0]
         if messages:
             self.insert_messages(messages)
+        if own and complete and waiting == high:
+            self._read_through[prefix] = int(high.rpartition("|")[2])
         # Up to the last stamp read before the first one left waiting.
         new_at = at
         for ev, _ in stamps:
@@ -322,8 +335,9 @@ class CallbackOutbox:
                 self._stamps = _Stamps(self._new_prefix())
         return len(messages)
 
-    def _stamped(self, at: str, high: str) -> list[tuple[str, dict[str, Any]]]:
-        """The events stamped in (at, high), in stamp order: (stamp, event with its `job`)."""
+    def _stamped(self, at: str, high: str) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+        """The events stamped in (at, high), in stamp order: (stamp, event with its `job`), and
+        whether that is all of them (no page came back full)."""
         pages = {
             field: list(
                 self._deliveries.find({field: {"$gt": at, "$lt": high}}, _EVENT_FIELDS).sort(field, 1).limit(self._page)
@@ -350,7 +364,7 @@ class CallbackOutbox:
                     event["providerId"] = doc["provider_id"]
                 stamps.append((ev, event))
         stamps.sort(key=lambda item: item[0])
-        return stamps
+        return stamps, not ends
 
     def _message(self, job: str, target: Target, part: list[tuple[str, dict[str, Any]]], now: float) -> dict[str, Any]:
         first, last = part[0][0], part[-1][0]
