@@ -12,6 +12,18 @@ and summary.json there. Each run records the load average (1 min) at its start: 
 machine, read the figures beside it. `--lock FILE` holds an exclusive `flock` on FILE for each
 round (its variants back to back; `--rounds-per-lock N` for N rounds) and lets go in between, so
 that other users of the machine can run in between while no one runs beside a measurement.
+
+Old code against new: `--checkout NAME=PATH` runs variant NAME from the checkout at PATH (its
+`dispatcher loadtest`, its service; PYTHONPATH and the working directory set to PATH).
+`--checkout NAME=PATH:SERVICE` runs PATH's harness against the service of the checkout SERVICE, so
+that two services are measured by the same harness: the harness runs from SERVICE as its working
+directory with PATH first on its own sys.path, and a harness that starts the service with
+`python -m dispatcher` from its working directory and keeps the fake providers in its own process
+(the harness of c42fc0d does) starts SERVICE's code. E.g.
+
+    python benchmarks/interleave.py --repeat 3 --lock /work/bench.lock \\
+        --common "--users 5000 --channels email,sms,push --latency 20ms" \\
+        --variant "old=" --variant "new=" --checkout old=../old-worktree --checkout new=.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 
 def figures(results: dict[str, Any]) -> dict[str, Any]:
@@ -71,12 +85,27 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
+def run_once(
+    arguments: list[str], output: Path, checkout: Path | None = None, service: Path | None = None
+) -> dict[str, Any]:
+    output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "dispatcher", "loadtest", *arguments, "--no-progress", "--output", str(output)]
+    loadtest = ["loadtest", *arguments, "--no-progress", "--output", str(output)]
+    command = [sys.executable, "-m", "dispatcher", *loadtest]
+    env, cwd = None, None
+    if checkout is not None:
+        # `python -m` puts the working directory first on sys.path: run from the checkout itself.
+        env, cwd = {**os.environ, "PYTHONPATH": str(checkout)}, str(checkout)
+    if checkout is not None and service is not None:
+        # The harness imported from `checkout`, its `python -m dispatcher` children from `service`.
+        start = f"import sys; sys.path.insert(0, {str(checkout)!r}); from dispatcher.cli import main; sys.exit(main())"
+        command, cwd = [sys.executable, "-c", start, *loadtest], str(service)
     load = os.getloadavg()[0]
+    # What the rest of the machine leaves idle just before the run (the harness's own figure is
+    # missing from older checkouts).
+    idle = psutil.cpu_times_percent(interval=1.0).idle / 100 * (os.cpu_count() or 1)
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)  # 1: a check failed
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=cwd)  # 1: a check failed
     found = sorted(output.glob("*/results.json"))
     if not found:
         raise SystemExit(f"no results from {shlex.join(command)} (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -85,6 +114,7 @@ def run_once(arguments: list[str], output: Path) -> dict[str, Any]:
     row["exit_code"] = done.returncode
     row["wall_s"] = round(time.monotonic() - started, 1)
     row["load_1m"] = round(load, 2)
+    row["idle_cores_before"] = round(idle, 2)
     return row
 
 
@@ -114,9 +144,21 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("loadtest-results/interleaved"))
     parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file for each round")
+    parser.add_argument(
+        "--checkout", action="append", default=[], metavar="NAME=PATH[:SERVICE]", help="run variant NAME from PATH"
+    )
+    parser.add_argument(
+        "--alternate", action="store_true", help="every other round runs the variants in reverse order (ABBA)"
+    )
     parser.add_argument("--rounds-per-lock", type=int, default=1, help="rounds run under one hold of --lock")
     args = parser.parse_args()
     variants = [(name.strip(), shlex.split(rest)) for name, _, rest in (v.partition("=") for v in args.variant)]
+    checkouts: dict[str, tuple[Path, Path | None]] = {}
+    for name, _, paths in (c.partition("=") for c in args.checkout):
+        harness, _, service = paths.partition(":")
+        checkouts[name.strip()] = (Path(harness).resolve(), Path(service).resolve() if service else None)
+    if unknown := set(checkouts) - {name for name, _ in variants}:
+        parser.error(f"--checkout names no variant: {', '.join(sorted(unknown))}")
     common = shlex.split(args.common)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = args.output / stamp
@@ -126,8 +168,13 @@ def main() -> int:
         with exclusive(args.lock):
             for number in range(first, min(first + per_lock, args.repeat + 1)):
                 entry = {}
-                for index, (name, extra) in enumerate(variants):
-                    row = run_once(common + extra, root / f"round{number}-{index + 1}")
+                order = list(enumerate(variants))
+                if args.alternate and number % 2 == 0:
+                    order.reverse()  # neither variant always runs first after the lock was taken
+                for index, (name, extra) in order:
+                    row = run_once(
+                        common + extra, root / f"round{number}-{index + 1}", *checkouts.get(name, (None, None))
+                    )
                     entry[name] = row
                     print(f"round {number} {name}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
                 rounds.append(entry)
@@ -156,6 +203,7 @@ def main() -> int:
         "command": shlex.join(sys.argv),
         "common": common,
         "variants": dict(variants),
+        "checkouts": {name: [str(p) for p in paths if p] for name, paths in checkouts.items()},
         "rounds": rounds,
         "medians": medians,
         f"ratios_to_{base}": ratios,

@@ -2,9 +2,11 @@
 interleaved (A B C A B C ...), medians at the end. The service's CPU includes its descendants
 (render worker processes, through the harness's process sampler).
 
-Run: python benchmarks/render_fanout.py LABEL=CHECKOUT[:TEXT] ... [--rounds 3] [--users 1000] [--users 5000]
+Run: python benchmarks/render_fanout.py LABEL=CHECKOUT[:TEXT] ... [--rounds 3] [--users 1000] [--lock FILE]
   TEXT: `plain` (the harness's own texts), `each` (the same body plus an empty Handlebars `#each`,
-  which renders in worker processes), `jinja-for` (the same body plus an empty Jinja `for`).
+  which renders in worker processes), `jinja-for` (the same body plus an empty Jinja `for`, with
+  `[templates].request_engine = "jinja"`: a worker process in the new code, a thread in the old).
+  `--lock FILE`: an exclusive flock on FILE for each round (see interleave.py).
 Example:
   python benchmarks/render_fanout.py old=/tmp/old new=.:plain new-workers=.:each --rounds 3
 
@@ -24,6 +26,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
+from interleave import exclusive
 
 TEXTS = {
     "plain": None,
@@ -48,9 +53,12 @@ def run(checkout: str, text: str, users: int, output: Path) -> dict[str, float]:
     args = ["loadtest", "--users", str(users), "--channels", "email,sms,push", "--latency", "20ms"]
     # A loaded machine: the synchronous answer must not run out (30 s) into a 202 mid fan-out.
     base = output / "base.toml"
-    base.write_text("[server]\nsync_timeout_seconds = 3600\n")
+    engine = '[templates]\nrequest_engine = "jinja"\n' if text == "jinja-for" else ""
+    base.write_text("[server]\nsync_timeout_seconds = 3600\n" + engine)
     args += ["--no-progress", "--output", str(output), "--base-config", str(base)]
     code = DRIVER.format(content=TEXTS[text])
+    load = os.getloadavg()[0]
+    idle = psutil.cpu_times_percent(interval=1.0).idle / 100 * (os.cpu_count() or 1)
     subprocess.run([sys.executable, "-c", code, *args], env=env, check=False, stdout=subprocess.DEVNULL, cwd="/tmp")
     [results] = list(output.glob("*/results.json"))
     data = json.loads(results.read_text())
@@ -59,6 +67,8 @@ def run(checkout: str, text: str, users: int, output: Path) -> dict[str, float]:
         "received": data["total"]["received"],
         "checks": {name: check.get("ok") for name, check in data.get("checks", {}).items() if isinstance(check, dict)},
         "requests": {k: v for k, v in data.get("requests", {}).items() if k in ("sent", "errors", "error_samples")},
+        "load_1m": round(load, 2),
+        "idle_cores_before": round(idle, 2),
     }
 
 
@@ -67,6 +77,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="+", help="LABEL=CHECKOUT[:TEXT]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file for each round")
     options = parser.parse_args()
     variants = []
     for spec in options.variants:
@@ -75,12 +86,13 @@ def main() -> None:
         variants.append((label, checkout, text or "plain"))
     figures: dict[str, list[float]] = {label: [] for label, _, _ in variants}
     for round_ in range(options.rounds):
-        for label, checkout, text in variants:
-            with tempfile.TemporaryDirectory() as tmp:
-                result = run(checkout, text, options.users, Path(tmp))
-            print(f"round {round_ + 1} {label}: {result}", flush=True)
-            if result["service_ms_per_delivery"] is not None:
-                figures[label].append(result["service_ms_per_delivery"])
+        with exclusive(options.lock):
+            for label, checkout, text in variants:
+                with tempfile.TemporaryDirectory() as tmp:
+                    result = run(checkout, text, options.users, Path(tmp))
+                print(f"round {round_ + 1} {label}: {result}", flush=True)
+                if result["service_ms_per_delivery"] is not None:
+                    figures[label].append(result["service_ms_per_delivery"])
     print("| variant | service CPU ms per delivery (median) | runs |")
     print("|---|---|---|")
     for label, values in figures.items():

@@ -9,10 +9,13 @@ the hops, not the work, would cost the most. Here a caller queues its call and t
 number of round trips follows the store's latency, not the number of callers, across every run of
 the process.
 
-With one slot, every call waits for the round trip in flight before its own: a send whose writes
-follow one another waits up to two round trips per write. A few slots let a call start while
-others are in flight (`in_flight` is small: under load every slot is busy and calls queue up into
-groups again). Groups in flight together are not ordered with each other, so a caller that needs
+With one round trip at a time, every call waits for the one in flight before its own: a send whose
+writes follow one another waits up to two round trips per write. So up to `in_flight` may run at
+once, but a round trip starts beside others only while those carry few calls (`beside`): when
+the ones in flight are small the process is not busy and a call need not wait; when they are
+large (a fan-out) the next group gathers everything queued meanwhile, as with one at a time, and
+the store is not asked for more, smaller round trips (measured: three at a time whatever their
+size cost a 5,000-user fan-out 12 % of its throughput and 46 % more store CPU per delivery). Groups in flight together are not ordered with each other, so a caller that needs
 one write to land before another either awaits the first, or submits both together
 (`submit_together`: one group, in order, the second skipped if the first failed: `Call.after`).
 
@@ -63,12 +66,17 @@ class Call:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Call]], None], in_flight: int = 1) -> None:
+    def __init__(self, run: Callable[[list[Call]], None], in_flight: int = 1, beside: int = 0) -> None:
         """`run` runs in a worker thread with every queued call and settles each of them; at most
-        `in_flight` of its round trips run at once."""
+        `in_flight` of its round trips run at once, a round trip beside others only while those
+        carry at most `beside` calls in all."""
         self._run = run
         self._queue: list[Call] = []
-        self._slots = trio.Semaphore(in_flight)
+        self._in_flight = in_flight
+        self._beside = beside
+        self._groups = 0  # round trips running
+        self._calls = 0  # the calls they carry
+        self._ended = trio.Event()  # set when a round trip ends (then replaced)
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """Run `payload` with whatever else is queued; return its result or raise its error."""
@@ -81,15 +89,21 @@ class Batcher:
         """Run `calls` in one round trip (in their order in the group); return them settled: each
         holds its own result or error (nothing raised for them)."""
         self._queue.extend(calls)
+        joined = False
         try:
             while not all(call.done for call in calls):
                 flight = calls[0].flight
                 if flight is not None:  # taken by another caller's round trip (or ours, put back)
                     await flight.wait()
                     continue
-                async with self._slots:
-                    if calls[0].flight is None and not calls[0].done:
-                        await self._run_queued()
+                if self._groups >= self._in_flight or (self._groups and self._calls > self._beside):
+                    await self._ended.wait()
+                    continue
+                if not joined:  # callers ready in this same tick join the group
+                    joined = True
+                    await trio.lowlevel.checkpoint()
+                    continue
+                await self._run_queued()
         except BaseException:
             for call in calls:
                 if call in self._queue:
@@ -103,6 +117,8 @@ class Batcher:
         for call in batch:
             call.flight = flight
         started = False
+        self._groups += 1
+        self._calls += len(batch)
 
         def run() -> None:
             nonlocal started
@@ -122,6 +138,10 @@ class Batcher:
                         call.fail(exc)
             raise
         finally:
+            self._groups -= 1
+            self._calls -= len(batch)
+            ended, self._ended = self._ended, trio.Event()
+            ended.set()
             flight.set()
         for call in batch:
             if not call.done:

@@ -185,9 +185,13 @@ class CallbackOutbox:
         # it adopted, as last written.
         self._cursors: dict[str, dict[str, Any] | None] = {}
         # Own prefix: every stamp below this number was read, and nothing was left waiting. A
-        # round with no stamp taken since reads nothing: each `find` on the deliveries costs the
-        # embedded store a scan of the collection (its TTL purge runs before every read).
+        # round with no stamp taken since reads nothing (a `find` on the deliveries is a store
+        # round trip the fan-out's writes queue behind).
         self._read_through: dict[str, int] = {}
+        # One collection at a time: the delivery loop's and the one `release` makes at exit would
+        # both create or drop the same cursors (a duplicate cursor document, a cursor read after
+        # it was dropped).
+        self._collecting = trio.Lock()
 
     async def _run(self, what: str, fn: Any) -> Any:
         try:
@@ -198,13 +202,15 @@ class CallbackOutbox:
     def _new_prefix(self) -> str:
         return f"{self._owner}#{uuid.uuid4().hex[:6]}"
 
-    def ensure_indexes(self) -> None:
-        """In a worker thread, with the ledger's."""
+    def ensure_indexes(self, *, ttl: bool = True) -> None:
+        """In a worker thread, with the ledger's (which drops the TTL index where `ttl` is off and
+        purges on a timer instead)."""
         self._outbox.create_index([("role", 1), ("state", 1), ("next_at", 1)])
         self._outbox.create_index([("role", 1), ("lease_expires", 1)])  # cursors to adopt
         self._outbox.create_index([("state", 1), ("seq", -1)])
         self._outbox.create_index([("job", 1), ("role", 1)])  # a send's callbacks (the operations page)
-        self._outbox.create_index("expires_at", expireAfterSeconds=0)
+        if ttl:
+            self._outbox.create_index("expires_at", expireAfterSeconds=0)
         self._deliveries.create_index("ev")
         self._deliveries.create_index("evr")
 
@@ -248,7 +254,8 @@ class CallbackOutbox:
     async def collect(self, now: float, *, flush: bool = False) -> int:
         """Read this process's stamps (and those of cursors nobody holds) into messages; return
         how many messages were formed. `flush`: batches not full yet are formed too (at exit)."""
-        return int(await self._run("event collection", lambda: self._collect(now, flush)))
+        async with self._collecting:
+            return int(await self._run("event collection", lambda: self._collect(now, flush)))
 
     def _collect(self, now: float, flush: bool) -> int:
         formed = 0

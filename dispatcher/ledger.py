@@ -13,7 +13,10 @@ only if the one before it succeeded. Claims of one delivery by two runs are comp
 outcome is unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
 
 Times that the service compares (lease expiry) are epoch seconds; `expires_at` is a BSON date
-for MongoDB's TTL index (and for the purge that runs where the server has no TTL monitor).
+for MongoDB's TTL index, and for the purge that runs on a timer (`purge_expired`). On the embedded
+store there is no TTL index: its engine purges a collection with a TTL index before every read (a
+pass over the whole collection: 2.5 against 0.35 ms of store CPU per `find_one` at 5,000 jobs,
+`benchmarks/ttl_reads.py`), so there the timer alone keeps retention.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import pymongo
 import trio
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .errors import StoreError
 from .batching import Batcher, Call
@@ -51,10 +54,12 @@ FINAL_STATES = ("done", "failed", "cancelled")
 FINAL_DELIVERY_STATES = SETTLED_STATES
 _DUPLICATE_KEY = 11000
 # Group commits of ledger writes in flight at once. One made every write of a single-recipient
-# send wait for the group in flight before its own (p50 183 ms against 24 ms without the ledger at
-# 100 req/s: docs/benchmarks.md P); a few let it start at once. Small, because under load every
-# slot is busy and writes group up again, and because the store serves the groups one at a time.
+# send wait for the group in flight before its own (p50 48 ms against 18 ms without the ledger at
+# 100 req/s: docs/benchmarks.md P); a few let it start at once, but only beside groups of at most
+# WRITES_BESIDE writes: under a fan-out's load the writes gather in one group at a time again
+# (`batching.Batcher`). Small, as the store serves the groups one at a time anyway.
 WRITES_IN_FLIGHT = 3
+WRITES_BESIDE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,19 @@ class IdempotencyClaim:
 class Ledger:
     def __init__(self, client: pymongo.MongoClient[dict[str, Any]], settings: StoreSettings) -> None:
         db = client[settings.database]
+        self._client = client
+        # Every collection whose documents carry `expires_at`: the callbacks outbox's too.
+        self._expiring = [
+            db[name]
+            for name in (
+                settings.jobs_collection,
+                settings.deliveries_collection,
+                f"{settings.jobs_collection}_keys",
+                f"{settings.jobs_collection}_cancels",
+                f"{settings.deliveries_collection}_receipts",
+                settings.callbacks_collection,
+            )
+        ]
         self._jobs: Collection[dict[str, Any]] = db[settings.jobs_collection]
         self._deliveries: Collection[dict[str, Any]] = db[settings.deliveries_collection]
         self._keys: Collection[dict[str, Any]] = db[f"{settings.jobs_collection}_keys"]
@@ -111,7 +129,7 @@ class Ledger:
         self._outbox: CallbackOutbox | None = None
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
-        self._writes = Batcher(self._flush, in_flight=WRITES_IN_FLIGHT)
+        self._writes = Batcher(self._flush, in_flight=WRITES_IN_FLIGHT, beside=WRITES_BESIDE)
         # Receipts have a group commit of their own: a burst of them must not lengthen the
         # round trips that claims and outcomes of running fan-outs wait on.
         self._receipt_writes = Batcher(self._stamped_receipts)
@@ -131,8 +149,12 @@ class Ledger:
             self._deliveries.create_index([("job", 1), ("state", 1)])
             self._deliveries.create_index("provider_id")  # receipts name a delivery by it
             self._deliveries.create_index([("state", 1), ("settled_at", 1)])  # the receipt timeout
-            for collection in (self._jobs, self._deliveries, self._keys, self._orphans, self._cancels):
-                collection.create_index("expires_at", expireAfterSeconds=0)
+            ttl = _purges_by_ttl_index(self._client)
+            for collection in self._expiring:
+                if ttl:
+                    collection.create_index("expires_at", expireAfterSeconds=0)
+                else:
+                    _drop_ttl_index(collection)
             self._cancels.create_index("at")
             self._jobs.create_index([("state", 1), ("lease_expires", 1)])
             # The listing (listing.py): newest first by `seq`, after an equality on each filter.
@@ -145,7 +167,7 @@ class Ledger:
                 )
 
             if self._outbox is not None:
-                self._outbox.ensure_indexes()
+                self._outbox.ensure_indexes(ttl=ttl)
 
         await self._run("index creation", create)
 
@@ -856,10 +878,26 @@ class Ledger:
         cutoff = {"expires_at": {"$lt": dt.datetime.now(dt.UTC)}}
 
         def purge() -> None:
-            for collection in (self._deliveries, self._jobs, self._keys, self._cancels):
+            for collection in self._expiring:
                 collection.delete_many(cutoff)
 
         await self._run("purge", purge)
+
+
+def _purges_by_ttl_index(client: pymongo.MongoClient[dict[str, Any]]) -> bool:
+    """Whether the server purges expired documents in the background (MongoDB's TTL monitor) rather
+    than before every read (the embedded store, which names itself in `serverStatus`)."""
+    try:
+        return client.admin.command("serverStatus").get("process") != "nx_27017"
+    except OperationFailure:  # a MongoDB user without the clusterMonitor role
+        return True
+
+
+def _drop_ttl_index(collection: Collection[dict[str, Any]]) -> None:
+    """Drop the TTL index an earlier version created on a store that purges before every read."""
+    for index in collection.list_indexes():
+        if "expireAfterSeconds" in index:
+            collection.drop_index(index["name"])
 
 
 _LISTED_FIELDS = (

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.embedded_store import free_port
-from dispatcher.loadtest.redis_server import answers_ping
+from dispatcher.loadtest.redis_server import answers_ping, server_command
 
 _START_TIMEOUT = 10.0
 
@@ -71,21 +71,7 @@ class RedisServer:
             raise RuntimeError("already running")
         log = open(self._dir / "redis.log", "ab")
         self._process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self._dir),
-                "--daemonize",
-                "no",
-            ],
+            [*server_command(self.binary, self.port, self._dir), "--daemonize", "no"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -116,16 +116,42 @@ async def test_with_several_slots_a_write_starts_while_another_is_in_flight() ->
         for call in batch:
             call.succeed(f"ok {call.payload}")
 
-    batcher = Batcher(flush, in_flight=2)
+    batcher = Batcher(flush, in_flight=2, beside=1)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.submit, "x", "slow")
         await trio.testing.wait_all_tasks_blocked()
-        # With one slot this would wait for "slow": it does not.
+        # With one at a time this would wait for "slow": it does not.
         with trio.fail_after(2):
             assert await batcher.submit("x", "quick") == "ok quick"
         assert batches == [["quick"]]
         release.set()
     assert batches == [["quick"], ["slow"]]
+
+
+async def test_beside_a_large_round_trip_the_next_waits_and_gathers_the_queue() -> None:
+    """Under load (the round trip in flight carries more than `beside` calls) callers queue up
+    into one group again instead of many small ones."""
+    release = threading.Event()
+    batches: list[list[Any]] = []
+
+    def flush(batch: list[Call]) -> None:
+        if "slow" in batch[0].payload:
+            release.wait(5)
+        batches.append(sorted(call.payload for call in batch))
+        for call in batch:
+            call.succeed()
+
+    batcher = Batcher(flush, in_flight=3, beside=1)
+    async with trio.open_nursery() as nursery:
+        for name in ("slow-1", "slow-2"):
+            nursery.start_soon(batcher.submit, "x", name)
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("a", "b", "c"):
+            nursery.start_soon(batcher.submit, "x", name)
+        await trio.testing.wait_all_tasks_blocked()
+        assert batches == []
+        release.set()
+    assert batches == [["slow-1", "slow-2"], ["a", "b", "c"]]
 
 
 async def test_with_every_slot_busy_writes_group_up_again() -> None:

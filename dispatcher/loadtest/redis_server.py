@@ -63,19 +63,7 @@ async def open_redis(scratch: Path) -> AsyncIterator[RedisServer]:
     log_path = scratch / "redis.log"
     with open(log_path, "wb") as log_file:
         process = await trio.lowlevel.open_process(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(scratch),
-            ],
+            server_command(binary, port, scratch),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
@@ -103,6 +91,24 @@ async def open_redis(scratch: Path) -> AsyncIterator[RedisServer]:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def server_command(binary: str, port: int, directory: Path) -> list[str]:
+    """`redis-server` on 127.0.0.1:`port`, in the foreground, writing nothing to disk but its log
+    (no RDB snapshots, no AOF): a throw-away server for a run or a test."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+    ]
 
 
 def answers_ping(port: int) -> bool:
