@@ -173,24 +173,6 @@ class Ledger:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def create_job(
-        self,
-        job_id: str,
-        request: dict[str, Any],
-        owner: str,
-        lease: float,
-        idempotency_key: str | None,
-        *,
-        key_id: str | None = None,
-        request_id: str | None = None,
-        callback: dict[str, Any] | None = None,
-    ) -> None:
-        """A job its owner starts at once (`job_document`), written now."""
-        doc = self.job_document(
-            job_id, request, owner, lease, idempotency_key, key_id=key_id, request_id=request_id, callback=callback
-        )
-        await self.insert_job(doc)
-
     async def insert_job(self, doc: dict[str, Any]) -> None:
         """Write a job's document (`job_document`) on its own."""
         await self._writes.submit("job", ([doc], None, None))
@@ -209,7 +191,7 @@ class Ledger:
     ) -> dict[str, Any]:
         """A job its owner starts at once: `running` from the first write (one round trip less
         per send than queued-then-running). `key_id` is the API key that created it (None: no
-        key, e.g. the embedding API), `request_id` the HTTP request's id. Written by `create_job`,
+        key, e.g. the embedding API), `request_id` the HTTP request's id. Written by `insert_job`,
         or with the first write of its run (`creating`)."""
         created = now_iso()
         return {
