@@ -152,8 +152,7 @@ async def main(server: EmbeddedServer) -> None:
                 results[callbacks].append(outcome)
                 label = "on " if callbacks else "off"
                 extra = (
-                    f" + {outcome['receiver_us']:.0f} µs receiver, {outcome['posts']} POSTs, "
-                    f"{outcome['events']} events"
+                    f" + {outcome['receiver_us']:.0f} µs receiver, {outcome['posts']} POSTs, {outcome['events']} events"
                     if callbacks
                     else ""
                 )
@@ -185,7 +184,9 @@ async def main(server: EmbeddedServer) -> None:
         print(f"median {part} CPU per delivery: off {part_off:.0f} µs, on {part_on:.0f} µs ({part_on - part_off:+.0f})")
     print(f"median receiver CPU per delivery: {statistics.median(r['receiver_us'] for r in results[True]):.0f} µs")
     rejected = max((r["rejected"] for r in results[True]), default=0)
-    print(f"POSTs with callbacks: {[r['posts'] for r in results[True]]} (bound {bound}); rejected signatures {rejected}")
+    print(
+        f"POSTs with callbacks: {[r['posts'] for r in results[True]]} (bound {bound}); rejected signatures {rejected}"
+    )
     print(f"events received per round: {[r['events'] for r in results[True]]} of {USERS}")
 
 
