@@ -30,6 +30,7 @@ import trio
 
 from dispatcher import open_dispatcher
 from dispatcher.embedded_store import EmbeddedServer
+from dispatcher.ledger import Ledger
 from dispatcher.settings import settings_from_dict
 from process_cpu import cpu_seconds
 
@@ -37,6 +38,22 @@ USERS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 BATCH_SIZE = 100
+
+
+class _Indexed:
+    """When the dispatcher's own index creation (started in the background as it opens) is done:
+    left running, it overlaps the measured send (seconds of store time, in some rounds only)."""
+
+    done = trio.Event()
+    _create = Ledger.ensure_indexes
+
+    @staticmethod
+    async def ensure_indexes(ledger: Ledger) -> None:
+        await _Indexed._create(ledger)
+        _Indexed.done.set()
+
+
+Ledger.ensure_indexes = _Indexed.ensure_indexes  # type: ignore[method-assign]
 
 
 def settings(url: str, database: str, outbox: str):  # noqa: ANN201
@@ -101,9 +118,11 @@ async def one_round(url: str, store_pid: int, index: int, callbacks: bool, recei
         request.update(callbackUrl=f"{receiver.url}/r{index}", callbackEvents=["delivery.updated", "job.finished"])
     posts_before = (await receiver.get("/stats"))["posts"]
     arrived = {"events": 0}
+    _Indexed.done = trio.Event()
     with tempfile.TemporaryDirectory() as outbox:
         async with open_dispatcher(settings(url, database, outbox)) as d:
-            await d.ledger.ensure_indexes()
+            with trio.fail_after(60):
+                await _Indexed.done.wait()
             started = time.perf_counter()
             cpu_started = time.process_time(), cpu_seconds(store_pid), cpu_seconds(receiver.pid)
             result = await d.send(request)
