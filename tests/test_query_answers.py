@@ -1,6 +1,8 @@
 """The answers about callbacks and dry runs, exactly as the wire carries them: `GET /callbacks`,
 `POST /callbacks/{id}/retry`, `POST /send?dryRun=true` and `dispatcher render` (the answers about
-jobs are pinned in `test_job_answers.py`)."""
+jobs are pinned in `test_job_answers.py`). The embedding API answers the same as typed values
+(`callback_views.py`, `dryrun.py`), which the HTTP layer and the command line write as JSON
+(`wire.py`)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import pytest
 import trio
 from bson import ObjectId
 
-from dispatcher import open_dispatcher
+from dispatcher import Failure, NotFound, RequestError, Skipped, open_dispatcher
 from dispatcher.app import create_app
 from dispatcher.fakes import serve_asgi
 from dispatcher.fakes.files import FakeFilesService
 from dispatcher.fakes.webhooks import WebhookReceiver
 from dispatcher.listing import encode_cursor
+from dispatcher.wire import dry_run_json
 from test_cli import clean_env, run_cli
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -107,6 +110,22 @@ async def test_callback_listing_and_retry(make_settings: Any, database: Any, mon
                 "next": None,
             }
 
+            # The embedding API: the same answers, typed.
+            [dead] = (await d.list_callbacks()).callbacks
+            assert (dead.id, dead.job_id, dead.request_id, dead.state, dead.attempts) == (
+                first,
+                first.removesuffix(".finished"),
+                "r-1",
+                "dead",
+                1,
+            )
+            assert dead.created_at == dt.datetime.fromtimestamp(CREATED, dt.UTC) and dead.next_attempt_at is None
+            pending = await d.list_callbacks("pending", limit=1)
+            assert [c.next_attempt_at for c in pending.callbacks] == [dt.datetime.fromtimestamp(NEXT_AT, dt.UTC)]
+            assert pending.next is None
+            with pytest.raises(RequestError, match="only dead callbacks are retried"):
+                await d.retry_callback(second)
+
             # A retry answers the message as it is now: pending, due at once, with a fresh age and tries.
             before = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
             retried = await answer(await client.post(f"/callbacks/{first}/retry"))
@@ -143,6 +162,8 @@ async def test_callbacks_without_the_ledger_are_a_404(make_settings: Any) -> Non
                 "error": "Not Found",
                 "message": "callbacks need the delivery ledger ([store].ledger = true)",
             }
+        with pytest.raises(NotFound):
+            await d.list_callbacks()
 
 
 USERS = [
@@ -254,6 +275,13 @@ async def test_dry_run_answer(make_settings: Any, database: Any, nursery: trio.N
     async with open_dispatcher(settings) as d, create_app(d).test_app() as app:
         response = await app.test_client().post("/send", json=DRY_RUN)
         assert await answer(response) == DRY_RUN_ANSWER
+        # The embedding API: the same answer, typed.
+        run = await d.dry_run(DRY_RUN)
+        assert dry_run_json(run) == DRY_RUN_ANSWER
+        assert run.skipped[0] == Skipped("u4", "email", "no address")
+        assert run.failures[-1] == Failure("ghost", "push", "user not found")
+        assert [(m.channel, m.user_id) for m in run.previews][:3] == [("email", "u1"), ("email", "u2"), ("sms", "u1")]
+        assert (run.summary.users, run.summary.skipped["push"]) == (4, 2)
 
 
 def test_render_command_answer(database: Any, mongo_url: str, tmp_path: Path) -> None:
