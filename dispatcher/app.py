@@ -28,7 +28,7 @@ from .callback_outbox import CALLBACK_STATES
 from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
-from .web import error_response, parse_json_body, status_of
+from .web import STORE_DOWN, error_response, parse_json_body, status_of
 from .wire import (
     callback_json,
     callback_page_json,
@@ -41,8 +41,9 @@ from .wire import (
 )
 from .ops import install_ops
 from .ui import install_ui
-from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
-from .receipts import BadReceipt, TwilioSignature, twilio_receipt
+from .providers.twilio import STATUS_CALLBACK_PATH
+from .receipts import TwilioSignature
+from .twilio_status import TwilioStatus, answer
 from .saga import install_saga
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,13 @@ async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCalla
 
 
 class _App(QuartTrio):
+    # Twilio's receipts, answered before Quart (twilio_status.py); None: receipts are off.
+    twilio_status: TwilioStatus | None = None
+
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if self.twilio_status is not None and scope["type"] == "http" and self.twilio_status.takes(scope):
+            await self.twilio_status(scope, receive, send)
+            return
         # Around `asgi_app` rather than inside it, so that middleware installed later with
         # `app.asgi_app = middleware(app.asgi_app)` is covered too.
         await finish_early_answers(super().__call__, scope, receive, send)
@@ -244,22 +251,21 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         else None
     )
 
-    # No API key here: Twilio cannot send one. The signature is the authentication.
+    if signature is not None and dispatcher.receipts is not None:
+        app.twilio_status = TwilioStatus(signature, dispatcher.receipts, dispatcher.settings.server.max_body_bytes)
+
+    # No API key here: Twilio cannot send one. The signature is the authentication. Only what
+    # `TwilioStatus.takes` leaves (no form, a chunked or oversized body, receipts off) comes here.
     @app.post(STATUS_CALLBACK_PATH)
     async def twilio_status() -> Any:
         if signature is None or dispatcher.receipts is None:
             return error_response(404, "Twilio receipts are off ([providers.twilio].status_callback_base_url)")
         form = {key: value for key, value in (await request.form).items()}
         query = request.query_string.decode("latin-1")
-        if not signature.valid(query, form, request.headers.get("X-Twilio-Signature")):
-            return error_response(403, "X-Twilio-Signature is missing or does not match")
-        try:
-            receipt = twilio_receipt(form, delivery=request.args.get(DELIVERY_PARAM) or None)
-        except BadReceipt as exc:
-            raise RequestError(f"not a Twilio status callback: {exc}") from None
-        if receipt is not None:
-            await dispatcher.receipts.take([receipt])
-        return Response("", status=204)
+        status, message = await answer(
+            signature, dispatcher.receipts, query, form, request.headers.get("X-Twilio-Signature")
+        )
+        return Response("", status=204) if status == 204 else error_response(status, message)
 
     @app.get("/-/healthz")
     async def healthz() -> Any:
@@ -305,7 +311,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
         log.error("store unavailable: %s", exc)
-        return error_response(status_of(exc), "the user and template store is unavailable")
+        return error_response(status_of(exc), STORE_DOWN)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -337,3 +337,46 @@ async def test_signed_callback_naming_nothing_is_a_400(make_settings, database, 
     async with service(make_settings, FakeTwilio(SID, TOKEN)) as (d, base):
         answer = await post_receipt(base, form)
     assert answer.status_code == 400 and answer.json()["statusCode"] == 400
+
+
+async def test_forms_answered_outside_quart_get_the_same_answers_as_through_it(make_settings, database, caplog) -> None:
+    """A urlencoded form (what Twilio posts) is answered before Quart (twilio_status.py); a
+    multipart one still by Quart's route: the same statuses, error shape, request id and log."""
+    users(database, 1)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    caplog.set_level("INFO", logger="dispatcher.access")
+    async with service(make_settings, fake) as (d, base):
+        await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
+        [doc] = database.dispatch_deliveries.find({})
+        sent = {"MessageSid": doc["provider_id"], "MessageStatus": "sent", "AccountSid": SID}
+        answers: dict[str, list[tuple[int, Any, str | None]]] = {}
+        async with httpx.AsyncClient() as client:
+            for encoding in ("urlencoded", "multipart"):
+                answers[encoding] = []
+                for form, headers in (
+                    (sent, signed(base, sent, token="not-the-token")),
+                    ({"MessageStatus": "sent"}, signed(base, {"MessageStatus": "sent"})),
+                    (sent, signed(base, sent)),
+                ):
+                    headers = {**headers, "X-Request-ID": f"{encoding}-{len(answers[encoding])}"}
+                    if encoding == "urlencoded":
+                        answer = await client.post(callback_url(base), data=form, headers=headers)
+                    else:
+                        answer = await client.post(callback_url(base), data=form, files={"f": b""}, headers=headers)
+                    body = answer.json() if answer.content else None
+                    answers[encoding].append((answer.status_code, body, answer.headers.get("X-Request-ID")))
+    expected_bodies = [
+        {"statusCode": 403, "error": "Forbidden", "message": "X-Twilio-Signature is missing or does not match"},
+        {
+            "statusCode": 400,
+            "error": "Bad Request",
+            "message": "not a Twilio status callback: neither MessageSid nor CallSid",
+        },
+        None,
+    ]
+    for encoding, got in answers.items():
+        assert [status for status, _, _ in got] == [403, 400, 204], encoding
+        assert [body for _, body, _ in got] == expected_bodies, encoding
+        assert [rid for _, _, rid in got] == [f"{encoding}-{i}" for i in range(3)], encoding
+    lines = [r.getMessage() for r in caplog.records if r.name == "dispatcher.access" and PATH in r.getMessage()]
+    assert [line.split()[2] for line in lines] == ["403", "400", "204"] * 2
