@@ -275,6 +275,38 @@ async def test_one_group_of_receipts_naming_their_deliveries(make_settings, data
         assert receipts is not None and receipts.delivered == {"sms": 2} and receipts.undelivered == {"sms": 1}
 
 
+async def test_receipts_taken_one_after_another_share_one_write(make_settings, database) -> None:
+    """Receipts taken at different moments (Twilio posts each on its own) wait for each other
+    and are written in one round trip, not one each."""
+    users(database, 4)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, _):
+        assert d.ledger is not None and d.receipts is not None
+        job = await d.submit({"channels": ["sms"], "recipients": [f"u{i}" for i in range(4)], "messageContent": "x"})
+        await wait_for(lambda: database.dispatch_jobs.find_one({"_id": job})["state"] == "done")
+        docs = list(database.dispatch_deliveries.find({}))
+        groups: list[int] = []
+        write = d.ledger._write_receipts
+
+        def counted(calls: Any, stamp: Any = None) -> None:
+            groups.append(len(calls))
+            write(calls, stamp)
+
+        d.ledger._write_receipts = counted  # type: ignore[method-assign]
+
+        async def take(i: int) -> None:
+            for _ in range(i * 3):  # later than the one before, in ticks of its own
+                await trio.lowlevel.checkpoint()
+            doc = docs[i]
+            await d.receipts.take([Receipt(doc["provider_id"], "delivered", "delivered", 1.0, delivery=doc["_id"])])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(take, i)
+    assert groups == [4]
+    assert database.dispatch_deliveries.count_documents({"state": "delivered"}) == 4
+
+
 async def test_kept_receipt_without_delivery_is_dropped_after_its_time(make_settings, database, caplog) -> None:
     fake = FakeTwilio(SID, TOKEN)
     async with service(make_settings, fake, orphan_receipt_minutes=1) as (d, base):
