@@ -659,23 +659,6 @@ def iso_ms_at(epoch: float) -> str:
     return iso_ms(dt.datetime.fromtimestamp(epoch, dt.UTC))
 
 
-def message_json(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A callback as `GET /callbacks` shows it (no events, no secrets, no query string)."""
-    return {
-        "id": doc["_id"],
-        "type": doc["type"],
-        "jobId": doc.get("job"),
-        "requestId": doc.get("request_id"),
-        "url": shown_url(doc.get("url") or ""),
-        "state": doc["state"],
-        "events": doc.get("count", 1),
-        "attempts": doc.get("attempts", 0),
-        "createdAt": iso_ms_at(doc["created"]),
-        "nextAttemptAt": iso_ms_at(doc["next_at"]) if doc.get("next_at") and doc["state"] == "pending" else None,
-        "lastError": doc.get("last_error"),
-    }
-
-
 __all__ = [
     "CALLBACK_STATES",
     "DEFAULT_EVENTS",
@@ -686,6 +669,5 @@ __all__ = [
     "Target",
     "host_of",
     "message_body",
-    "message_json",
     "shown_url",
 ]
