@@ -1,6 +1,6 @@
 """What Twilio receipts cost a fan-out, and how many one process absorbs, on the embedded store.
 
-    cd benchmarks && python receipts.py [ROUNDS] [USERS]       # default 3 rounds of 3000 SMS
+    cd benchmarks && python receipts.py [ROUNDS] [USERS] [--second]   # default 3 rounds of 3000 SMS
 
 One service process (the dispatcher and its HTTP app on hypercorn, in this process) with the
 embedded store (nx-27017, on disk in a temporary directory) sends SMS through the fake Twilio
@@ -17,7 +17,16 @@ HTTP stack's floor), and what each answered receipt cost the service process (it
 fake Twilio, idle then) and the store in CPU. Then each round runs the same fan-out three ways, interleaved: without receipts, with
 receipts at 10,000 a minute, and with receipts as fast as 16 posting threads go. It prints the
 fan-out's deliveries per second, the service's and the store's CPU per delivery (receipts
-included), and the receipts per second the service answered, per round and as medians.
+included), and the receipts per second the service answered, per round and as medians. ROUNDS 0:
+the receipts alone only.
+
+`--second`: the receipts go to a second service process instead (the same settings and store,
+its own event loop and port, as another worker or a receipts-only instance behind the public
+URL would take them; it checks the signature against the same configured URL), so what they cost
+the fan-out is what they take from the machine, not from the fan-out's own loop. Every window
+also prints the idle cores (from /proc/stat: the machine's, every process included) and the CPU
+per receipt of the process that answered them and of the poster, so that one can tell whether
+the machine or the code is the bound.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from process_cpu import cpu_seconds
 
@@ -42,12 +52,65 @@ ALONE_SECONDS = 8.0
 RATE = 10_000 / 60
 
 
-def post(rate: float, sids_file: str, offset: int, kind: str) -> None:
+def idle_seconds() -> float:
+    """Idle (and I/O wait) CPU seconds of the whole machine so far, over every core."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_second(store_url: str, port: int, base: str, twilio_url: str) -> None:
+    """The second service process (`--second`): the dispatcher and its HTTP app on `port`, the
+    same settings as the first one's, until stdin closes."""
+    import trio
+
+    async def run() -> None:
+        from hypercorn.config import Config
+        from hypercorn.trio import serve
+
+        from dispatcher import open_dispatcher
+        from dispatcher.app import create_app
+
+        async with open_dispatcher(settings(store_url, twilio_url, base)) as d, trio.open_nursery() as nursery:
+            config = Config()
+            config.bind = [f"127.0.0.1:{port}"]
+            config.accesslog = None
+            config.errorlog = None
+            stop = trio.Event()
+            await nursery.start(partial(serve, create_app(d), config, shutdown_trigger=stop.wait))
+            print("up", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read)
+            stop.set()
+
+    trio.run(run)
+
+
+def settings(store_url: str, twilio_url: str, base: str) -> Any:
+    from dispatcher import settings_from_dict
+
+    return settings_from_dict(
+        {
+            "store": {"url": store_url, "database": "bench"},
+            "channels": {"active": ["sms"], "sms": {"provider": "twilio", "concurrency": 64}},
+            "sender": {"sms": "+15550009999"},
+            "providers": {
+                "twilio": {
+                    "account_sid": SID,
+                    "auth_token": TOKEN,
+                    "api_base_url": twilio_url,
+                    "status_callback_base_url": base,
+                }
+            },
+        }
+    )
+
+
+def post(rate: float, sids_file: str, offset: int, kind: str, target: str) -> None:
     """The poster (a child process): `sent` then `delivered` for each (SID, callback URL) of
     `sids_file` from receipt `offset` on (`kind` "both"), or only one of them ("sent",
     "delivered"), or `delivered` with a wrong signature ("forged": answered 403), at `rate` per
-    second (0: unpaced), until stdin closes; prints how many receipts it used up, how many got
-    the expected answer, and over how long."""
+    second (0: unpaced), until stdin closes, to the service at `target` (the base URL: the
+    signature is for the callback URL the message was created with, whoever answers it); prints
+    how many receipts it used up, how many got the expected answer, and over how long."""
     import httpx
     from twilio.request_validator import RequestValidator
 
@@ -55,7 +118,11 @@ def post(rate: float, sids_file: str, offset: int, kind: str) -> None:
     forger = RequestValidator("not-the-token")
     sids = json.loads(Path(sids_file).read_text())
     forms = [
-        (url, {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID})
+        (
+            url,
+            f"{target}/{url.split('/', 3)[3]}" if target else url,
+            {"MessageSid": sid, "MessageStatus": status, "AccountSid": SID},
+        )
         for sid, url in sids
         for status in ("sent", "delivered")
         if kind == "both" or status == kind or (kind == "forged" and status == "delivered")
@@ -77,9 +144,9 @@ def post(rate: float, sids_file: str, offset: int, kind: str) -> None:
                 with lock:
                     i = cursor[0]
                     cursor[0] += 1
-                url, form = forms[i % len(forms)]
+                url, posted_to, form = forms[i % len(forms)]
                 signature = (forger if kind == "forged" else validator).compute_signature(url, form)
-                answer = client.post(url, data=form, headers={"X-Twilio-Signature": signature})
+                answer = client.post(posted_to, data=form, headers={"X-Twilio-Signature": signature})
                 if answer.status_code == expected:
                     with lock:
                         done[0] += 1
@@ -101,13 +168,29 @@ def post(rate: float, sids_file: str, offset: int, kind: str) -> None:
     sys.exit(0)
 
 
-async def main(rounds: int, users: int) -> None:
+class Window:
+    """CPU seconds of the processes named, and the machine's idle seconds, over a window."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.idle = idle_seconds()
+        self.cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def end(self) -> tuple[float, float, dict[str, float]]:
+        """Seconds, idle cores, CPU seconds per process."""
+        cpu = {name: cpu_seconds(pid) - self.cpu[name] for name, pid in self.pids.items()}
+        seconds = time.monotonic() - self.started
+        return seconds, (idle_seconds() - self.idle) / seconds, cpu
+
+
+async def main(rounds: int, users: int, second: bool) -> None:
     import pymongo
     import trio
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    from dispatcher import open_dispatcher, settings_from_dict
+    from dispatcher import open_dispatcher
     from dispatcher.app import create_app
     from dispatcher.embedded_store import EmbeddedServer, free_port
     from dispatcher.fakes import serve_asgi
@@ -127,11 +210,15 @@ async def main(rounds: int, users: int) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     me = os.getpid()
-    results: dict[str, list[tuple[float, float, float, float]]] = {"none": [], "10k/min": [], "max": []}
+    # Per mode, per round: SMS/s, receipts answered/s, CPU per SMS of the service and the store,
+    # idle cores, CPU per receipt of the process that answered it and of the poster.
+    results: dict[str, list[tuple[float, ...]]] = {"none": [], "10k/min": [], "max": []}
     offset = 0
+    other: subprocess.Popen[str] | None = None
+    target = ""
 
-    def start_poster(rate: float, kind: str = "both") -> subprocess.Popen[str]:
-        command = [sys.executable, __file__, "--post", str(rate), str(sids_file), str(offset), kind]
+    def start_poster(rate: float, kind: str = "both", to: str = "") -> subprocess.Popen[str]:
+        command = [sys.executable, __file__, "--post", str(rate), str(sids_file), str(offset), kind, to]
         return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     async def stop_poster(poster: subprocess.Popen[str]) -> dict[str, float]:
@@ -144,22 +231,14 @@ async def main(rounds: int, users: int) -> None:
     try:
         async with trio.open_nursery() as nursery:
             twilio_url = await nursery.start(serve_asgi, fake)
-            settings = settings_from_dict(
-                {
-                    "store": {"url": server.url, "database": "bench"},
-                    "channels": {"active": ["sms"], "sms": {"provider": "twilio", "concurrency": 64}},
-                    "sender": {"sms": "+15550009999"},
-                    "providers": {
-                        "twilio": {
-                            "account_sid": SID,
-                            "auth_token": TOKEN,
-                            "api_base_url": twilio_url,
-                            "status_callback_base_url": base,
-                        }
-                    },
-                }
-            )
-            async with open_dispatcher(settings) as d:
+            if second:
+                other_port = free_port()
+                target = f"http://127.0.0.1:{other_port}"
+                command = [sys.executable, __file__, "--serve", server.url, str(other_port), base, twilio_url]
+                other = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert other.stdout is not None
+                await trio.to_thread.run_sync(other.stdout.readline)  # "up"
+            async with open_dispatcher(settings(server.url, twilio_url, base)) as d:
                 config = Config()
                 config.bind = [f"127.0.0.1:{port}"]
                 config.accesslog = None
@@ -172,64 +251,94 @@ async def main(rounds: int, users: int) -> None:
                 sids_file = data / "sids.json"
                 sids_file.write_text(json.dumps(sids))
 
-                # The receipts alone: what each costs the service and the store; `sent` ones touch
-                # no store since the receipts change, forged ones stop at the signature.
+                # The receipts alone, on this process: what each costs the service and the store;
+                # `sent` ones touch no store, forged ones stop at the signature.
                 for kind in ("sent", "delivered", "forged"):
                     poster = start_poster(RATE, kind)
                     await trio.sleep(1.0)  # the poster is up
-                    own, store = cpu_seconds(me), cpu_seconds(server.pid)
+                    window = Window({"service": me, "store": server.pid, "poster": poster.pid})
                     await trio.sleep(ALONE_SECONDS)
-                    own, store = cpu_seconds(me) - own, cpu_seconds(server.pid) - store
+                    seconds, idle, cpu = window.end()
                     report = await stop_poster(poster)
-                    answered = report["answered"] * ALONE_SECONDS / report["seconds"]  # about, in the window
+                    answered = report["answered"] * seconds / report["seconds"]  # about, in the window
                     print(
                         f"receipts alone ({kind:9}) at {RATE:.0f}/s offered: {report['answered'] / report['seconds']:.0f}/s"
-                        f" answered; CPU per receipt: service {1e3 * own / answered:.2f} ms,"
-                        f" store {1e3 * store / answered:.2f} ms",
+                        f" answered; CPU per receipt: service {1e3 * cpu['service'] / answered:.2f} ms,"
+                        f" store {1e3 * cpu['store'] / answered:.2f} ms, poster {1e3 * cpu['poster'] / answered:.2f} ms;"
+                        f" idle cores {idle:.2f}",
                         flush=True,
                     )
 
                 for r in range(rounds):
                     for mode, rate in (("none", None), ("10k/min", RATE), ("max", 0.0)):
                         poster = None
+                        pids = {"service": me, "store": server.pid}
+                        if other is not None:
+                            pids["second"] = other.pid
                         if rate is not None:
-                            poster = start_poster(rate)
+                            poster = start_poster(rate, to=target)
+                            pids["poster"] = poster.pid
                             await trio.sleep(1.0)  # the poster is up and posting
-                        started = trio.current_time()
-                        own, store = cpu_seconds(me), cpu_seconds(server.pid)
+                        window = Window(pids)
                         result = await d.send({"channels": ["sms"], "clusters": ["fan"], "messageContent": f"r{r}"})
-                        seconds = trio.current_time() - started
-                        own, store = cpu_seconds(me) - own, cpu_seconds(server.pid) - store
+                        seconds, idle, cpu = window.end()
                         absorbed = 0.0
                         if poster is not None:
                             report = await stop_poster(poster)
                             absorbed = report["answered"] / report["seconds"]
                         sent = result.summary.sent.get("sms", 0)
-                        row = (sent / seconds, absorbed, 1e3 * own / sent, 1e3 * store / sent)
+                        taken = absorbed * seconds
+                        row = (
+                            sent / seconds,
+                            absorbed,
+                            1e3 * cpu["service"] / sent,
+                            1e3 * cpu["store"] / sent,
+                            idle,
+                            1e3 * cpu["second"] / taken if taken and other is not None else 0.0,
+                            1e3 * cpu.get("poster", 0.0) / taken if taken else 0.0,
+                        )
                         results[mode].append(row)
                         print(
                             f"round {r + 1} {mode:8}: fan-out {row[0]:5.0f} SMS/s, CPU per SMS service {row[2]:.2f} ms"
-                            f" store {row[3]:.2f} ms; receipts answered {absorbed:4.0f}/s",
+                            f" store {row[3]:.2f} ms; receipts answered {absorbed:4.0f}/s"
+                            + (f", CPU per receipt second {row[5]:.2f} ms poster {row[6]:.2f} ms" if taken else "")
+                            + f"; idle cores {idle:.2f}",
                             flush=True,
                         )
                 stop.set()
             nursery.cancel_scope.cancel()
     finally:
+        if other is not None:
+            other.communicate("")
         client.close()
         server.stop()
+    if not rounds:
+        return
     base_rate = statistics.median(row[0] for row in results["none"])
     for mode, rows in results.items():
-        fan, absorbed, own_ms, store_ms = (statistics.median(row[i] for row in rows) for i in range(4))
+        fan, absorbed, own_ms, store_ms, idle, answering_ms, poster_ms = (
+            statistics.median(row[i] for row in rows) for i in range(7)
+        )
         print(
             f"median {mode:8}: fan-out {fan:5.0f} SMS/s ({fan / base_rate - 1:+.1%}), CPU per SMS service"
             f" {own_ms:.2f} ms store {store_ms:.2f} ms; receipts {absorbed:4.0f}/s"
+            + (f", CPU per receipt second {answering_ms:.2f} ms poster {poster_ms:.2f} ms" if absorbed else "")
+            + f"; idle cores {idle:.2f}"
         )
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--post":
-        post(float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        post(float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve_second(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
         import trio
 
-        trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 3, int(sys.argv[2]) if len(sys.argv) > 2 else 3000)
+        args = [a for a in sys.argv[1:] if a != "--second"]
+        trio.run(
+            main,
+            int(args[0]) if args else 3,
+            int(args[1]) if len(args) > 1 else 3000,
+            "--second" in sys.argv[1:],
+        )

@@ -25,16 +25,25 @@ from werkzeug.exceptions import HTTPException
 from .checkup import install_checkup
 from .core import Dispatcher
 from .callback_outbox import CALLBACK_STATES
-from .dryrun import dry_run
-from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
+from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
-from .web import error_response, parse_json_body, status_of
-from .wire import deliveries_json, failure_page_json, job_json, job_page_json, send_result_json
+from .web import STORE_DOWN, error_response, parse_json_body, status_of
+from .wire import (
+    callback_json,
+    callback_page_json,
+    deliveries_json,
+    dry_run_json,
+    failure_page_json,
+    job_json,
+    job_page_json,
+    send_result_json,
+)
 from .ops import install_ops
 from .ui import install_ui
-from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
-from .receipts import BadReceipt, TwilioSignature, twilio_receipt
+from .providers.twilio import STATUS_CALLBACK_PATH
+from .receipts import TwilioSignature
+from .twilio_status import TwilioStatus, answer
 from .saga import install_saga
 
 log = logging.getLogger(__name__)
@@ -101,7 +110,13 @@ async def finish_early_answers(app: Any, scope: Scope, receive: ASGIReceiveCalla
 
 
 class _App(QuartTrio):
+    # Twilio's receipts, answered before Quart (twilio_status.py); None: receipts are off.
+    twilio_status: TwilioStatus | None = None
+
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if self.twilio_status is not None and scope["type"] == "http" and self.twilio_status.takes(scope):
+            await self.twilio_status(scope, receive, send)
+            return
         # Around `asgi_app` rather than inside it, so that middleware installed later with
         # `app.asgi_app = middleware(app.asgi_app)` is covered too.
         await finish_early_answers(super().__call__, scope, receive, send)
@@ -158,7 +173,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         payload = parse_json_body(await request.get_data(cache=False, as_text=False, parse_form_data=False))
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
-            return await dry_run(dispatcher, send_request)
+            return dry_run_json(await dispatcher.dry_run(send_request))
         key = request.headers.get("Idempotency-Key")
         if key is not None:
             key = check_idempotency_key(key, "Idempotency-Key")
@@ -215,16 +230,12 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             raise RequestError("limit: must be an integer") from None
         if not 1 <= limit <= 200:
             raise RequestError("limit: must be between 1 and 200")
-        return await _callbacks().page(state, _viewer(), limit, request.args.get("cursor") or None)
+        cursor = request.args.get("cursor") or None
+        return callback_page_json(await dispatcher.list_callbacks(state, _viewer(), limit, cursor))
 
     @app.post("/callbacks/<id>/retry")
     async def callback_retry(id: str) -> Any:  # noqa: A002
-        return await _callbacks().retry(id, _viewer())
-
-    def _callbacks() -> Any:
-        if dispatcher.callbacks is None:
-            raise NotFound("callbacks need the delivery ledger ([store].ledger = true)")
-        return dispatcher.callbacks
+        return callback_json(await dispatcher.retry_callback(id, _viewer()))
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002
@@ -240,22 +251,21 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         else None
     )
 
-    # No API key here: Twilio cannot send one. The signature is the authentication.
+    if signature is not None and dispatcher.receipts is not None:
+        app.twilio_status = TwilioStatus(signature, dispatcher.receipts, dispatcher.settings.server.max_body_bytes)
+
+    # No API key here: Twilio cannot send one. The signature is the authentication. Only what
+    # `TwilioStatus.takes` leaves (no form, a chunked or oversized body, receipts off) comes here.
     @app.post(STATUS_CALLBACK_PATH)
     async def twilio_status() -> Any:
         if signature is None or dispatcher.receipts is None:
             return error_response(404, "Twilio receipts are off ([providers.twilio].status_callback_base_url)")
         form = {key: value for key, value in (await request.form).items()}
         query = request.query_string.decode("latin-1")
-        if not signature.valid(query, form, request.headers.get("X-Twilio-Signature")):
-            return error_response(403, "X-Twilio-Signature is missing or does not match")
-        try:
-            receipt = twilio_receipt(form, delivery=request.args.get(DELIVERY_PARAM) or None)
-        except BadReceipt as exc:
-            raise RequestError(f"not a Twilio status callback: {exc}") from None
-        if receipt is not None:
-            await dispatcher.receipts.take([receipt])
-        return Response("", status=204)
+        status, message = await answer(
+            signature, dispatcher.receipts, query, form, request.headers.get("X-Twilio-Signature")
+        )
+        return Response("", status=204) if status == 204 else error_response(status, message)
 
     @app.get("/-/healthz")
     async def healthz() -> Any:
@@ -301,7 +311,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
         log.error("store unavailable: %s", exc)
-        return error_response(status_of(exc), "the user and template store is unavailable")
+        return error_response(status_of(exc), STORE_DOWN)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

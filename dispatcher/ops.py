@@ -117,27 +117,33 @@ def install_ops(app: QuartTrio, dispatcher: Dispatcher, api_keys: ApiKeys | None
 def _account(status: int) -> None:
     """One access log line and the HTTP metrics, once per request."""
     g.ops_accounted = True
-    seconds = time.perf_counter() - g.ops_started
     rule = request.url_rule
     route = route_template(rule.rule) if rule is not None else "unmatched"
-    metrics.observe_http(request.method, route, status, seconds)
+    account(request.method, request.path, route, status, g.ops_started, g.get("api_key_id"))
+
+
+def account(method: str, raw_path: str, route: str, status: int, started: float, api_key_id: str | None) -> None:
+    """The access log line and HTTP metrics of a request that began at `started` (perf_counter);
+    also for routes answered outside Quart (`twilio_status.py`)."""
+    seconds = time.perf_counter() - started
+    metrics.observe_http(method, route, status, seconds)
     level = logging.WARNING if status >= 500 and status != CLIENT_CLOSED else logging.INFO
-    path = _printable(request.path)
+    path = _printable(raw_path)
     duration_ms = round(seconds * 1000, 1)
     access_log.log(
         level,
         "%s %s %d %.1fms",
-        request.method,
+        method,
         path,
         status,
         duration_ms,
         extra={
-            "method": request.method,
+            "method": method,
             "path": path,
             "route": route,
             "status": status,
             "duration_ms": duration_ms,
-            "api_key_id": g.get("api_key_id"),
+            "api_key_id": api_key_id,
         },
     )
 
@@ -151,4 +157,4 @@ def _printable(path: str, limit: int = 512) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in path)
 
 
-__all__ = ["install_ops"]
+__all__ = ["account", "install_ops"]

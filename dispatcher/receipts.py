@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 # How often kept receipts are retried and the receipt timeout is checked.
 SWEEP_SECONDS = 2.0
+# How long a receipt that moves a delivery waits for others to share its write. Twilio posts them
+# one request each, spread out; written as they come, each is a round trip of its own (a thread
+# hop and pymongo here, ~1 ms of store CPU for one update, ~0.16 ms each in a bulk of 100). Twilio
+# waits 15 s for the answer; the answer still follows the write.
+GATHER_SECONDS = 0.05
 _TIMEOUT_SWEEP_SECONDS = 60.0
 
 # MessageStatus and CallStatus -> the delivery state they report. Statuses missing here
@@ -134,6 +139,7 @@ class ReceiptKeeper:
 
     def __init__(self, ledger: Ledger, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self._ledger = ledger
+        self._gathered_until = 0.0  # trio time: receipts taken before it are written together then
         self._orphan_seconds = settings.providers.twilio.orphan_receipt_minutes * 60
         self._timeout_seconds = settings.ledger.receipt_timeout_hours * 3600
         self._channels = receipt_channels(settings)
@@ -143,9 +149,17 @@ class ReceiptKeeper:
         """Apply `receipts`; those saying only `sent` (queued, sending, sent, ringing…) cost
         nothing: a delivery holds its SID only from the outcome's write, which already says
         `sent`, so such a receipt could only ever be a duplicate, or kept and later found one.
-        About half of what Twilio posts for SMS."""
+        About half of what Twilio posts for SMS. The others wait up to `GATHER_SECONDS` for
+        those taken meanwhile: they all wake at the same deadline, and the group commit joins
+        callers ready in the same tick."""
         moving = [r for r in receipts if RANK[r.state] > RANK["sent"]]
-        outcome = await self._ledger.apply_receipts(moving) if moving else ReceiptOutcome()
+        if not moving:
+            return ReceiptOutcome(unchanged=len(receipts))
+        now = trio.current_time()
+        if self._gathered_until <= now:
+            self._gathered_until = now + GATHER_SECONDS
+        await trio.sleep_until(self._gathered_until)
+        outcome = await self._ledger.apply_receipts(moving)
         outcome.unchanged += len(receipts) - len(moving)
         return outcome
 

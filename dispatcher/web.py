@@ -37,6 +37,10 @@ STATUS: dict[type[DispatcherError], int] = {
 }
 
 
+# The message of every 503 for a store that does not answer.
+STORE_DOWN = "the user and template store is unavailable"
+
+
 def status_of(exc: DispatcherError) -> int:
     """The HTTP status `exc` answers with (500 for what `STATUS` does not know: a bug)."""
     for cls in type(exc).__mro__:

@@ -275,6 +275,38 @@ async def test_one_group_of_receipts_naming_their_deliveries(make_settings, data
         assert receipts is not None and receipts.delivered == {"sms": 2} and receipts.undelivered == {"sms": 1}
 
 
+async def test_receipts_taken_one_after_another_share_one_write(make_settings, database) -> None:
+    """Receipts taken at different moments (Twilio posts each on its own) wait for each other
+    and are written in one round trip, not one each."""
+    users(database, 4)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    async with service(make_settings, fake) as (d, _):
+        assert d.ledger is not None and d.receipts is not None
+        job = await d.submit({"channels": ["sms"], "recipients": [f"u{i}" for i in range(4)], "messageContent": "x"})
+        await wait_for(lambda: database.dispatch_jobs.find_one({"_id": job})["state"] == "done")
+        docs = list(database.dispatch_deliveries.find({}))
+        groups: list[int] = []
+        write = d.ledger._write_receipts
+
+        def counted(calls: Any, stamp: Any = None) -> None:
+            groups.append(len(calls))
+            write(calls, stamp)
+
+        d.ledger._write_receipts = counted  # type: ignore[method-assign]
+
+        async def take(i: int) -> None:
+            for _ in range(i * 3):  # later than the one before, in ticks of its own
+                await trio.lowlevel.checkpoint()
+            doc = docs[i]
+            await d.receipts.take([Receipt(doc["provider_id"], "delivered", "delivered", 1.0, delivery=doc["_id"])])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(take, i)
+    assert groups == [4]
+    assert database.dispatch_deliveries.count_documents({"state": "delivered"}) == 4
+
+
 async def test_kept_receipt_without_delivery_is_dropped_after_its_time(make_settings, database, caplog) -> None:
     fake = FakeTwilio(SID, TOKEN)
     async with service(make_settings, fake, orphan_receipt_minutes=1) as (d, base):
@@ -337,3 +369,46 @@ async def test_signed_callback_naming_nothing_is_a_400(make_settings, database, 
     async with service(make_settings, FakeTwilio(SID, TOKEN)) as (d, base):
         answer = await post_receipt(base, form)
     assert answer.status_code == 400 and answer.json()["statusCode"] == 400
+
+
+async def test_forms_answered_outside_quart_get_the_same_answers_as_through_it(make_settings, database, caplog) -> None:
+    """A urlencoded form (what Twilio posts) is answered before Quart (twilio_status.py); a
+    multipart one still by Quart's route: the same statuses, error shape, request id and log."""
+    users(database, 1)
+    fake = FakeTwilio(SID, TOKEN, receipts=ReceiptPlan(delay=3600))
+    caplog.set_level("INFO", logger="dispatcher.access")
+    async with service(make_settings, fake) as (d, base):
+        await d.send({"channels": ["sms"], "recipients": ["u0"], "messageContent": "x"})
+        [doc] = database.dispatch_deliveries.find({})
+        sent = {"MessageSid": doc["provider_id"], "MessageStatus": "sent", "AccountSid": SID}
+        answers: dict[str, list[tuple[int, Any, str | None]]] = {}
+        async with httpx.AsyncClient() as client:
+            for encoding in ("urlencoded", "multipart"):
+                answers[encoding] = []
+                for form, headers in (
+                    (sent, signed(base, sent, token="not-the-token")),
+                    ({"MessageStatus": "sent"}, signed(base, {"MessageStatus": "sent"})),
+                    (sent, signed(base, sent)),
+                ):
+                    headers = {**headers, "X-Request-ID": f"{encoding}-{len(answers[encoding])}"}
+                    if encoding == "urlencoded":
+                        answer = await client.post(callback_url(base), data=form, headers=headers)
+                    else:
+                        answer = await client.post(callback_url(base), data=form, files={"f": b""}, headers=headers)
+                    body = answer.json() if answer.content else None
+                    answers[encoding].append((answer.status_code, body, answer.headers.get("X-Request-ID")))
+    expected_bodies = [
+        {"statusCode": 403, "error": "Forbidden", "message": "X-Twilio-Signature is missing or does not match"},
+        {
+            "statusCode": 400,
+            "error": "Bad Request",
+            "message": "not a Twilio status callback: neither MessageSid nor CallSid",
+        },
+        None,
+    ]
+    for encoding, got in answers.items():
+        assert [status for status, _, _ in got] == [403, 400, 204], encoding
+        assert [body for _, body, _ in got] == expected_bodies, encoding
+        assert [rid for _, _, rid in got] == [f"{encoding}-{i}" for i in range(3)], encoding
+    lines = [r.getMessage() for r in caplog.records if r.name == "dispatcher.access" and PATH in r.getMessage()]
+    assert [line.split()[2] for line in lines] == ["403", "400", "204"] * 2
