@@ -501,10 +501,10 @@ class Ledger:
                 ops.append(UpdateOne({"_id": key}, {"$set": outcome}, upsert=True))
             if stamped is not None:
                 stamped.append((key, outcome))
-        # For listeners only (`watch`): one object per delivery is not made for nobody.
+        # For listeners (`watch`) and the outbox's stamped events only: not made for nobody.
         changes = (
             [StateChange(job_id, d.user_id, d.channel, d.status, d.provider_id, d.error) for d in deliveries]
-            if self._listeners
+            if self._listeners or stamped is not None
             else []
         )
         written = Call("outcome", (ops, stamped, changes))
