@@ -18,11 +18,16 @@ import subprocess
 import sys
 import time
 
+from types import SimpleNamespace
+
 import httpx
 import trio
 
 from dispatcher.embedded_store import free_port
 from dispatcher.loadtest.connection import Connection
+from dispatcher.loadtest.drivers import PhaseStatus, run_stream
+from dispatcher.loadtest.population import Population
+from dispatcher.loadtest.service import ProcessService
 
 SERVER = """
 import sys, trio
@@ -68,6 +73,32 @@ async def drive_bare(port: int, n: int, clients: int) -> float:
             await c.aclose()
 
 
+async def drive_stream(port: int, n: int, clients: int, rps: float) -> float:
+    """The harness's own open loop (`run_stream`, `ProcessService.send`): request k due at
+    start + k / rps, each waited for on its own, as in `dispatcher loadtest --scenario stream`.
+    At a rate far below saturation every request wakes the loop by itself, which costs more per
+    request than the closed loop above, where answers arrive together."""
+    pool = [Connection("127.0.0.1", port, 10.0) for _ in range(clients)]
+    service = ProcessService([], [], [pool], {})
+    service.replicas = 1
+    await service.send(PAYLOAD)  # connect before measuring
+    options = SimpleNamespace(rps=rps, duration=n / rps, clients=clients, channels=("email",))
+    env = SimpleNamespace(population=Population(100), tap=SimpleNamespace(mark=_no_mark))
+    cpu = time.process_time()
+    try:
+        phase = await run_stream(service, env, options, PhaseStatus("stream"))  # type: ignore[arg-type]
+    finally:
+        used = time.process_time() - cpu
+        for c in pool:
+            await c.aclose()
+    assert all(e.reply.status == 200 for e in phase.exchanges), "a request failed"
+    return used / len(phase.exchanges) * 1000
+
+
+async def _no_mark() -> dict[str, int]:
+    return {}
+
+
 async def _drive(call, n: int, clients: int) -> float:
     limiter = trio.Semaphore(clients)
     await call()  # connect before measuring
@@ -91,6 +122,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--rps", type=float, default=100.0, help="the open loop's rate (the harness's stream); 0: closed loop only"
+    )
     args = parser.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], env=os.environ.copy())
@@ -102,9 +136,14 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         results: dict[str, list[float]] = {"httpx": [], "bare": []}
+        if args.rps > 0:
+            results[f"bare, open loop at {args.rps:g} req/s"] = []
         for _ in range(args.rounds):  # A, B, A, B: the machine's load drifts
             results["httpx"].append(trio.run(drive_httpx, port, args.requests, args.clients))
             results["bare"].append(trio.run(drive_bare, port, args.requests, args.clients))
+            if args.rps > 0:
+                cost = trio.run(drive_stream, port, args.requests, args.clients, args.rps)
+                results[f"bare, open loop at {args.rps:g} req/s"].append(cost)
         for name, values in results.items():
             shown = ", ".join(f"{v:.3f}" for v in values)
             print(f"{name:6} client CPU per request: median {statistics.median(values):.3f} ms  ({shown})")

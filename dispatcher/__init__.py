@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _package_version
 
+from .callback_views import Callback, CallbackPage
 from .core import Dispatcher, open_dispatcher
+from .dryrun import DryRun, DryRunCounts, Skipped
 from .errors import (
     ConfigError,
     Conflict,
@@ -35,11 +37,15 @@ except PackageNotFoundError:  # a source tree that was never installed (`pip ins
     __version__ = "0+unknown"
 
 __all__ = [
+    "Callback",
+    "CallbackPage",
     "ConfigError",
     "Conflict",
     "DeliveryRecord",
     "Dispatcher",
     "DispatcherError",
+    "DryRun",
+    "DryRunCounts",
     "Failure",
     "FailurePage",
     "InternalError",
@@ -54,6 +60,7 @@ __all__ = [
     "SendRequest",
     "SendResult",
     "Settings",
+    "Skipped",
     "Summary",
     "UpstreamError",
     "UserDeliveries",

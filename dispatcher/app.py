@@ -25,12 +25,20 @@ from werkzeug.exceptions import HTTPException
 from .checkup import install_checkup
 from .core import Dispatcher
 from .callback_outbox import CALLBACK_STATES
-from .dryrun import dry_run
-from .errors import Interrupted, NotFound, RequestError, StillRunning, StoreError
+from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
 from .web import STORE_DOWN, error_response, parse_json_body, status_of
-from .wire import deliveries_json, failure_page_json, job_json, job_page_json, send_result_json
+from .wire import (
+    callback_json,
+    callback_page_json,
+    deliveries_json,
+    dry_run_json,
+    failure_page_json,
+    job_json,
+    job_page_json,
+    send_result_json,
+)
 from .ops import install_ops
 from .ui import install_ui
 from .providers.twilio import STATUS_CALLBACK_PATH
@@ -165,7 +173,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         payload = parse_json_body(await request.get_data(cache=False, as_text=False, parse_form_data=False))
         send_request = SendRequest.parse(payload)
         if _wants_dry_run(payload):
-            return await dry_run(dispatcher, send_request)
+            return dry_run_json(await dispatcher.dry_run(send_request))
         key = request.headers.get("Idempotency-Key")
         if key is not None:
             key = check_idempotency_key(key, "Idempotency-Key")
@@ -222,16 +230,12 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
             raise RequestError("limit: must be an integer") from None
         if not 1 <= limit <= 200:
             raise RequestError("limit: must be between 1 and 200")
-        return await _callbacks().page(state, _viewer(), limit, request.args.get("cursor") or None)
+        cursor = request.args.get("cursor") or None
+        return callback_page_json(await dispatcher.list_callbacks(state, _viewer(), limit, cursor))
 
     @app.post("/callbacks/<id>/retry")
     async def callback_retry(id: str) -> Any:  # noqa: A002
-        return await _callbacks().retry(id, _viewer())
-
-    def _callbacks() -> Any:
-        if dispatcher.callbacks is None:
-            raise NotFound("callbacks need the delivery ledger ([store].ledger = true)")
-        return dispatcher.callbacks
+        return callback_json(await dispatcher.retry_callback(id, _viewer()))
 
     @app.get("/send/<id>/deliveries")
     async def job_deliveries(id: str) -> Any:  # noqa: A002

@@ -47,6 +47,7 @@ those from its indexes (a bare value, `null`, `$in` or `$or` makes it decode eve
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -56,7 +57,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import pymongo
@@ -78,6 +79,8 @@ _TRANSIENT_STATES = frozenset({"sending", "retrying"})
 _DUPLICATE_KEY = 11000
 # What an event says of its delivery.
 _EVENT_FIELDS = {"job": 1, "user": 1, "channel": 1, "state": 1, "error": 1, "provider_id": 1, "ev": 1, "evr": 1}
+# Events kept in memory for the cursor at most (about 2 MB); beyond, the store is read again.
+_LANDED_MAX = 20_000
 log = logging.getLogger(__name__)
 
 
@@ -111,14 +114,22 @@ def shown_url(url: str) -> str:
 
 
 class _Stamps:
-    """This process's stamps and which of them are still on their way to the store (thread-safe:
-    taken and returned in the store's worker threads)."""
+    """This process's stamps, which of them are still on their way to the store, and the events
+    of those known to have landed whole (thread-safe: taken and returned in the store's worker
+    threads)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._lock = threading.Lock()
         self._last = 0
         self._flying: dict[int, int] = {}
+        # (stamp, event) of writes that landed whole, not yet behind the cursor: the events the
+        # store would give back for them, without reading them back. Stamps numbered below
+        # `_unsure_below` were not all seen land (a receipt, a write that matched less than it
+        # carried, an overflow): the store is read for them.
+        self._landed: list[tuple[str, dict[str, Any]]] = []
+        self._unsure_below = 0
+        self._told: set[int] = set()  # stamps in flight whose landing was told (`landed`)
 
     def take(self) -> str:
         with self._lock:
@@ -128,11 +139,48 @@ class _Stamps:
         return f"{self.prefix}|{number:016d}"
 
     def done(self, stamp: str) -> None:
-        number = int(stamp.rpartition("|")[2])
+        number = _stamp_number(stamp)
         with self._lock:
             left = self._flying.pop(number, 1) - 1
             if left:
                 self._flying[number] = left
+            if number in self._told:
+                self._told.remove(number)
+            else:  # its writer did not say what landed (receipts, timeouts): the store knows
+                self._unsure_below = max(self._unsure_below, number + 1)
+
+    def landed(self, stamp: str, events: list[tuple[str, dict[str, Any]]] | None) -> None:
+        """The writes of `stamp` landed, with these events (None: which of them landed is not
+        known). Called before `done(stamp)`, so a reader cannot pass the stamp without them."""
+        number = _stamp_number(stamp)
+        with self._lock:
+            if events is not None:
+                self._told.add(number)
+            if number < self._unsure_below:
+                return
+            if events is None:
+                self._unsure_below = number + 1
+            elif len(self._landed) + len(events) > _LANDED_MAX:
+                # A cursor not moving (the outbox unreachable): the store keeps them.
+                self._landed.clear()
+                self._unsure_below = self._last + 1
+            else:
+                self._landed.extend(events)
+
+    def landed_between(self, at: str, high: str) -> list[tuple[str, dict[str, Any]]] | None:
+        """The events stamped in (at, high), in stamp order, or None when the store must be read
+        for them."""
+        with self._lock:
+            if _stamp_number(at) < self._unsure_below:
+                return None
+            found = [item for item in self._landed if at < item[0] < high]
+        found.sort(key=lambda item: item[0])
+        return found
+
+    def forget(self, through: str) -> None:
+        """The cursor is at `through`: events up to it are read."""
+        with self._lock:
+            self._landed = [item for item in self._landed if item[0] > through]
 
     def last(self) -> int:
         with self._lock:
@@ -145,8 +193,42 @@ class _Stamps:
         return f"{self.prefix}|{low:016d}"
 
 
+def _stamp_number(stamp: str) -> int:
+    """The number of a stamp (`prefix|number`, or an event's `prefix|number|delivery`); 0 for a
+    cursor at its start (`prefix|`)."""
+    return int(stamp.split("|", 2)[1] or 0)
+
+
 def _stamp_seconds(ev: str) -> float:
-    return int(ev.split("|", 2)[1]) / 1e6
+    return _stamp_number(ev) / 1e6
+
+
+@functools.lru_cache(maxsize=4096)
+def _stamp_time(number: str) -> str:
+    """An event's `at`: its stamp's time (one per group of writes, shared by its events)."""
+    return iso_ms_at(int(number) / 1e6)
+
+
+def _event(ev: str, job: str, user: Any, channel: Any, state: Any, error: Any, provider_id: Any) -> dict[str, Any]:
+    """A `delivery.updated` event as its message carries it (plus `job`, dropped there)."""
+    event = {"job": job, "userId": user, "channel": channel, "state": state}
+    if error:
+        event["error"] = error
+    event["at"] = _stamp_time(ev.split("|", 2)[1])
+    if provider_id:
+        event["providerId"] = provider_id
+    return event
+
+
+class Change(Protocol):
+    """A delivery's move to `state` as the ledger tells its listeners (ledger.StateChange)."""
+
+    job: str
+    user: str
+    channel: str
+    state: str
+    provider_id: str | None
+    error: str | None
 
 
 class CallbackOutbox:
@@ -242,6 +324,20 @@ class CallbackOutbox:
         finally:
             stamps.done(stamp)
 
+    def landed(self, stamp: str, outcomes: Sequence[tuple[str, Change]] | None) -> None:
+        """Within `stamping()`, once its writes came back: the outcomes stamped `ev` there, each
+        as (delivery id, its change), all known to be written (None: some may not be: the store
+        is read for this stamp). The cursor then forms their events without reading the
+        deliveries back; the stamps stay in the store for a process that adopts the cursor."""
+        if outcomes is None:
+            self._stamps.landed(stamp, None)
+            return
+        events = []
+        for key, c in outcomes:
+            ev = f"{stamp}|{key}"
+            events.append((ev, _event(ev, c.job, c.user, c.channel, c.state, c.error, c.provider_id)))
+        self._stamps.landed(stamp, events)
+
     def _load_targets(self, jobs: list[str]) -> None:
         # One lookup per job: equality on `_id` is indexed, `$in` would scan every job.
         for job in jobs:
@@ -284,7 +380,13 @@ class CallbackOutbox:
         done = dict(cursor["formed"]) if cursor else {}
         high = self._stamps.horizon() if own else f"{prefix}|~"
         idle = own and not flush and self._stamps.last() < self._read_through.pop(prefix, -1)
-        stamps, complete = ([], True) if idle else self._stamped(at, high)
+        landed = self._stamps.landed_between(at, high) if own and not idle else None
+        if idle:
+            stamps, complete = [], True
+        elif landed is not None:
+            stamps, complete = landed, True
+        else:
+            stamps, complete = self._stamped(at, high)
         by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for ev, event in stamps:
             if ev > done.get(event["job"], "") and event["state"] not in _TRANSIENT_STATES:
@@ -320,6 +422,8 @@ class CallbackOutbox:
             "holder": self._owner,
             "lease_expires": now + self._cursor_lease,
         }
+        if own:
+            self._stamps.forget(new_at)
         if not own and not stamps and cursor is not None:
             # An adopted cursor read to its end: its process writes no more.
             self._outbox.delete_one({"_id": cursor["_id"], "holder": self._owner})
@@ -357,16 +461,12 @@ class CallbackOutbox:
                 ev = doc[field]
                 if ends and ev > min(ends):
                     break
-                event = {"job": doc["job"], "userId": doc.get("user"), "channel": doc.get("channel")}
-                if field == "ev" and doc.get("state") in RECEIPT_STATES:
-                    event["state"] = "sent"  # the outcome; its receipt has its own stamp
-                else:
-                    event["state"] = doc.get("state")
-                    if doc.get("error"):
-                        event["error"] = doc["error"]
-                event["at"] = iso_ms_at(_stamp_seconds(ev))
-                if doc.get("provider_id"):
-                    event["providerId"] = doc["provider_id"]
+                state, error = doc.get("state"), doc.get("error")
+                if field == "ev" and state in RECEIPT_STATES:
+                    state, error = "sent", None  # the outcome; its receipt has its own stamp
+                event = _event(
+                    ev, doc["job"], doc.get("user"), doc.get("channel"), state, error, doc.get("provider_id")
+                )
                 stamps.append((ev, event))
         stamps.sort(key=lambda item: item[0])
         return stamps, not ends
@@ -559,23 +659,6 @@ def iso_ms_at(epoch: float) -> str:
     return iso_ms(dt.datetime.fromtimestamp(epoch, dt.UTC))
 
 
-def message_json(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A callback as `GET /callbacks` shows it (no events, no secrets, no query string)."""
-    return {
-        "id": doc["_id"],
-        "type": doc["type"],
-        "jobId": doc.get("job"),
-        "requestId": doc.get("request_id"),
-        "url": shown_url(doc.get("url") or ""),
-        "state": doc["state"],
-        "events": doc.get("count", 1),
-        "attempts": doc.get("attempts", 0),
-        "createdAt": iso_ms_at(doc["created"]),
-        "nextAttemptAt": iso_ms_at(doc["next_at"]) if doc.get("next_at") and doc["state"] == "pending" else None,
-        "lastError": doc.get("last_error"),
-    }
-
-
 __all__ = [
     "CALLBACK_STATES",
     "DEFAULT_EVENTS",
@@ -586,6 +669,5 @@ __all__ = [
     "Target",
     "host_of",
     "message_body",
-    "message_json",
     "shown_url",
 ]

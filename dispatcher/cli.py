@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import trio
@@ -23,6 +23,9 @@ from .errors import ConfigError, DispatcherError, StoreInUse
 from .logs import configure_logging, python_level
 from .settings import ENV_PREFIX, ConfigReport, Settings, find_config_file, load_settings_report
 from .workers import WORKER_FDS_ENV
+
+if TYPE_CHECKING:
+    from .dryrun import DryRun
 
 add_loadtest_parser: Callable[[Any], argparse.ArgumentParser] | None
 try:
@@ -231,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return supervise(settings, sockets, args.workers, sys.argv[1:] if argv is None else list(argv))
             trio.run(partial(serve, settings, sockets=sockets))
         elif args.command == "render":
-            from .dryrun import render_template
+            from .wire import dry_run_json
 
             try:
                 data = json.loads(args.data)
@@ -240,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(data, dict):
                 raise ConfigError("--data: must be a JSON object")
             answer = trio.run(render_template, settings, args.template, args.user, data, args.channel)
-            print(json.dumps(answer, indent=2, ensure_ascii=False))
+            print(json.dumps(dry_run_json(answer), indent=2, ensure_ascii=False))
         elif args.command == "seed":
             trio.run(seed_store, settings, args.file)
         elif args.command == "check-config":
@@ -494,6 +497,36 @@ async def _stop_on_signal(stop: trio.Event) -> None:
         async for _ in signals:
             stop.set()
             return
+
+
+async def render_template(
+    settings: Settings, template_id: str, user_id: str, data: dict[str, Any], channels: Sequence[str] = ()
+) -> DryRun:
+    """`dispatcher render`: the dry run of one template for one user, on `channels` (default: the
+    active channels the template has text for). Opens the store without the ledger and without
+    Redis, so that nothing is resumed, sent or recorded meanwhile."""
+    from pydantic import SecretStr
+
+    from .core import open_dispatcher
+    from .errors import RequestError
+    from .plan import has_text_for
+
+    quiet = settings.model_copy(
+        update={
+            "store": settings.store.model_copy(update={"ledger": False}),
+            "cluster": settings.cluster.model_copy(update={"redis_url": SecretStr("")}),
+        }
+    )
+    async with open_dispatcher(quiet) as dispatcher:
+        if not channels:
+            template = await dispatcher.store.find_template(template_id)
+            if template is None:
+                raise RequestError(f"templateId: no template {template_id!r}")
+            channels = [c for c in settings.channels.active if has_text_for(template, c)]
+            if not channels:
+                raise RequestError(f"templateId: the template has no text for any active channel ({template_id!r})")
+        request = {"channels": list(channels), "recipients": [user_id], "templateId": template_id, "data": data}
+        return await dispatcher.dry_run(request, preview_users=1)
 
 
 async def seed_store(settings: Settings, path: Path) -> None:

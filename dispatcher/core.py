@@ -5,7 +5,10 @@ async with open_dispatcher(settings) as d:
     result = await d.send(request)            # synchronous: the result once every delivery ended
     job_id = await d.submit(request)          # asynchronous: the job's id at once
     status = await d.status(job_id)           # a JobStatus (job_views.py): .state, .summary, ...
+    preview = await d.dry_run(request)        # a DryRun (dryrun.py): what a send would do
 ```
+
+Every answer is a typed value; the HTTP layer writes them as JSON (`wire.py`).
 
 `open_dispatcher` owns everything long-lived (store connection, ledger, provider clients,
 per-channel limits) and a nursery in which every accepted send runs as a job. A send therefore
@@ -32,10 +35,12 @@ import trio
 
 from actors.ports import RenderJobs
 
+from .callback_views import Callback, CallbackPage
 from .context import RunContext
 from .embedded_store import SupervisedStore, open_supervised_store
 from .cancels import CancelWatch
-from .errors import ConfigError, RequestError, StillRunning
+from .dryrun import DryRun, dry_run
+from .errors import ConfigError, NotFound, RequestError, StillRunning
 from .files import FilesClient
 from .jobs import Book, Jobs, NotRecorded, Recorded, Run
 from .job_views import DeliveryRecord, FailurePage, JobPage, JobStatus, UserDeliveries
@@ -232,6 +237,34 @@ class Dispatcher:
             await self._jobs.book.ledger().request_cancel(job_id)
             self.cancels.cancel(job_id)  # this process's runs at once; the others' within a poll
         return await self.status(job_id, viewer)
+
+    async def list_callbacks(
+        self, state: str = "dead", viewer: Viewer = EVERYONE, limit: int = 50, cursor: str | None = None
+    ) -> CallbackPage:
+        """One page of the callbacks in `state` (pending, delivered, dead) of the jobs `viewer` may
+        see, newest first; `next` continues after this page. `NotFound` without the ledger."""
+        return await self._callbacks().page(state, viewer, limit, cursor)
+
+    async def retry_callback(self, callback_id: str, viewer: Viewer = EVERYONE) -> Callback:
+        """Make a dead callback pending again, due now, with a fresh age and tries (`NotFound`
+        for one `viewer` may not see, `RequestError` for one that is not dead)."""
+        return await self._callbacks().retry(callback_id, viewer)
+
+    def _callbacks(self) -> JobCallbacks:
+        if self.callbacks is None:
+            raise NotFound("callbacks need the delivery ledger ([store].ledger = true)")
+        return self.callbacks
+
+    async def dry_run(self, request: SendRequest | Mapping[str, Any], preview_users: int | None = None) -> DryRun:
+        """What sending `request` would do, without sending or recording anything (`dryrun.py`):
+        the messages of the first `preview_users` users (default `[dispatcher].preview_users`),
+        the rest counted. `RequestError` for what a send would refuse."""
+        if not isinstance(request, SendRequest):
+            request = SendRequest.parse(dict(request))
+        if preview_users is None:
+            preview_users = self.settings.dispatcher.preview_users
+        plan = await self.prepare(request)
+        return await dry_run(request, plan, self.store, self.render_jobs, preview_users)
 
     async def prepare(self, request: SendRequest) -> RequestPlan:
         """Every check that can reject the request: channels, template, compilation, attachments."""

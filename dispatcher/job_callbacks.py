@@ -19,10 +19,11 @@ from .auth import ApiKeys
 from .callback_delivery import CallbackSender
 from .callback_outbox import DEFAULT_EVENTS, JOB_FINISHED, CallbackOutbox, Target
 from .callback_urls import CheckedTransport, RefusedUrl, check_callback_url
+from .callback_views import Callback, CallbackPage
 from .errors import NotFound, RequestError, StoreError
 from .job_views import JobStatus
 from .ledger import Ledger
-from .listing import Viewer
+from .listing import Viewer, decode_cursor
 from .models import SendRequest
 from .settings import Settings
 from .wire import job_json
@@ -82,18 +83,16 @@ class JobCallbacks:
 
     # -- the API -------------------------------------------------------------------------------
 
-    async def page(self, state: str, viewer: Viewer, limit: int, cursor: str | None) -> Any:
-        from .callback_outbox import message_json
-        from .listing import decode_cursor
-
+    async def page(self, state: str, viewer: Viewer, limit: int, cursor: str | None) -> CallbackPage:
+        """Messages in `state` that `viewer` may see, newest first."""
         docs, next_cursor = await self.outbox.page(
             state, viewer.key_id, limit, decode_cursor(cursor) if cursor is not None else None
         )
-        return {"callbacks": [message_json(doc) for doc in docs], "next": next_cursor}
+        return CallbackPage([Callback.from_doc(doc) for doc in docs], next_cursor)
 
-    async def retry(self, message_id: str, viewer: Viewer) -> dict[str, Any]:
-        from .callback_outbox import message_json
-
+    async def retry(self, message_id: str, viewer: Viewer) -> Callback:
+        """A dead message pending again (`NotFound` for one `viewer` may not see, `RequestError`
+        for one that is not dead)."""
         doc = await self.outbox.message(message_id)
         if doc is None or not viewer.sees(doc):
             raise NotFound(f"no callback {message_id!r}")
@@ -103,7 +102,7 @@ class JobCallbacks:
         if revived is None:  # retried by someone else meanwhile
             revived = await self.outbox.message(message_id)
         self.nudge()
-        return message_json(revived or doc)
+        return Callback.from_doc(revived or doc)
 
 
 @asynccontextmanager

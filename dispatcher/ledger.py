@@ -764,11 +764,26 @@ class Ledger:
         )
         deliveries = [w for w in batch if w.kind in ("claim", "outcome") and not w.blocked()]
         with self._stamp() as stamp:
-            for w in deliveries:
-                if w.kind == "outcome" and w.payload[1]:
-                    for key, fields in w.payload[1]:
-                        fields["ev"] = f"{stamp}|{key}"
-            _bulk(deliveries, "delivery write", lambda ops: self._deliveries.bulk_write(ops, ordered=False))
+            stamped = [w for w in deliveries if w.kind == "outcome" and w.payload[1]]
+            for w in stamped:
+                for key, fields in w.payload[1]:
+                    fields["ev"] = f"{stamp}|{key}"
+            results: list[Any] = []
+            _bulk(
+                deliveries,
+                "delivery write",
+                lambda ops: results.append(self._deliveries.bulk_write(ops, ordered=False)),
+            )
+            if stamp is not None and self._outbox is not None:
+                # What was stamped, for the outbox to read without reading it back, if every
+                # operation of the bulk was applied (else it reads the store for this stamp).
+                ops = sum(len(w.payload[0]) for w in deliveries)
+                whole = not stamped or (
+                    bool(results)
+                    and results[0].inserted_count + results[0].matched_count + results[0].upserted_count == ops
+                )
+                events = [(key, c) for w in stamped for (key, _), c in zip(w.payload[1], w.payload[2], strict=True)]
+                self._outbox.landed(stamp, events if whole else None)
         if self._listeners:
             self._changed([change for w in deliveries if w.error is None for change in _changes(w)])
         updates = [w for w in batch if w.kind == "job update" and not w.blocked()]

@@ -1,5 +1,6 @@
-"""The JSON of the dispatcher's answers: a send's `SendResult`, and the answers about jobs
-(`job_views.py`), in the camelCase shapes the OpenAPI document (`openapi.py`) describes.
+"""The JSON of the dispatcher's answers: a send's `SendResult`, the answers about jobs
+(`job_views.py`) and callbacks (`callback_views.py`), and a dry run's `DryRun` (`dryrun.py`), in
+the camelCase shapes the OpenAPI document (`openapi.py`) describes.
 
 The HTTP layer answers with these, and the `job.finished` callback carries `job_json` of the
 finished job: the same body as `GET /send/{id}`, from the same function. (A `Summary`'s own
@@ -8,11 +9,15 @@ finished job: the same body as `GET /send/{id}`, from the same function. (A `Sum
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
+from .callback_views import Callback, CallbackPage
+from .dryrun import DryRun, Skipped
 from .job_views import DeliveryRecord, FailurePage, JobPage, JobStatus, UserDeliveries
 from .listing import iso_ms
+from .messages import EmailContent, Message, PushContent, TextContent
 from .models import Failure, SendResult
 
 
@@ -98,13 +103,88 @@ def deliveries_json(deliveries: UserDeliveries) -> dict[str, Any]:
     }
 
 
+def callback_json(callback: Callback) -> dict[str, Any]:
+    """`POST /callbacks/{id}/retry`, a callback of the listing."""
+    return {
+        "id": callback.id,
+        "type": callback.type,
+        "jobId": callback.job_id,
+        "requestId": callback.request_id,
+        "url": callback.url,
+        "state": callback.state,
+        "events": callback.events,
+        "attempts": callback.attempts,
+        "createdAt": iso_ms(callback.created_at),
+        "nextAttemptAt": _time(callback.next_attempt_at),
+        "lastError": callback.last_error,
+    }
+
+
+def callback_page_json(page: CallbackPage) -> dict[str, Any]:
+    """`GET /callbacks`."""
+    return {"callbacks": [callback_json(callback) for callback in page.callbacks], "next": page.next}
+
+
+def preview_json(message: Message) -> dict[str, Any]:
+    """A rendered message of a dry run: what its provider would be handed."""
+    entry: dict[str, Any] = {"channel": message.channel, "userId": message.user_id, "to": list(message.addresses)}
+    content = message.content
+    if isinstance(content, EmailContent):
+        options = content.options
+        entry.update(
+            {
+                "from": options.sender,
+                "subject": content.subject,
+                "text": content.text,
+                "html": content.html,
+                "cc": list(options.cc),
+                "bcc": list(options.bcc),
+                "attachments": [
+                    {"filename": a.filename, "contentType": a.content_type, "bytes": len(a.content)}
+                    for a in options.attachments
+                ],
+            }
+        )
+    elif isinstance(content, TextContent):
+        entry.update({"from": content.sender, "body": content.body})
+    elif isinstance(content, PushContent):
+        entry.update(dataclasses.asdict(content))
+    return entry
+
+
+def skipped_json(skipped: Skipped) -> dict[str, str]:
+    return {"userId": skipped.user_id, "channel": skipped.channel, "reason": skipped.reason}
+
+
+def dry_run_json(run: DryRun) -> dict[str, Any]:
+    """`POST /send?dryRun=true`, and what `dispatcher render` prints."""
+    counts = run.summary
+    return {
+        "dryRun": True,
+        "previews": [preview_json(message) for message in run.previews],
+        "skipped": [skipped_json(skipped) for skipped in run.skipped],
+        "failures": [failure_json(failure) for failure in run.failures],
+        "summary": {
+            "users": counts.users,
+            "selected": counts.selected,
+            "skipped": counts.skipped,
+            "failed": counts.failed,
+        },
+    }
+
+
 __all__ = [
+    "callback_json",
+    "callback_page_json",
     "deliveries_json",
     "delivery_json",
+    "dry_run_json",
     "failure_json",
     "failure_page_json",
     "job_json",
     "job_page_json",
+    "preview_json",
     "send_result_json",
+    "skipped_json",
     "summary_json",
 ]

@@ -12,11 +12,12 @@ import pytest
 import trio
 from bson import ObjectId
 
-from dispatcher import Settings, open_dispatcher
+from dispatcher import Failure, Settings, open_dispatcher
 from dispatcher.app import create_app
 from dispatcher.fakes import serve_asgi
 from dispatcher.fakes.smtp import SmtpSink
 from dispatcher.fakes.twilio import FakeTwilio
+from dispatcher.messages import TextContent
 from test_cli import clean_env, run_cli
 
 SID = "AC" + "1" * 32
@@ -145,15 +146,13 @@ async def test_unknown_recipients_and_render_failures_are_listed(
     users: Any, make_settings: Callable[..., Settings]
 ) -> None:
     async with open_dispatcher(make_settings()) as d:
-        from dispatcher.dryrun import dry_run
-        from dispatcher.models import SendRequest
-
-        request = SendRequest.parse(
+        # The embedding API answers a typed `DryRun`; the HTTP layer writes it as JSON (wire.py).
+        answer = await d.dry_run(
             {"channels": ["sms"], "recipients": ["u1", "ghost"], "messageContent": "hi {{ user.name }}"}
         )
-        answer = await dry_run(d, request)
-    assert answer["failures"] == [{"userId": "ghost", "channel": "sms", "error": "user not found"}]
-    assert [(p["userId"], p["body"]) for p in answer["previews"]] == [("u1", "hi Ada")]
+    assert answer.failures == [Failure("ghost", "sms", "user not found")]
+    assert [(m.user_id, m.content) for m in answer.previews] == [("u1", TextContent("hi Ada", "+15550009999"))]
+    assert (answer.summary.users, answer.summary.selected, answer.summary.failed) == (1, {"sms": 1}, {"sms": 1})
 
 
 def test_render_command_previews_one_user(users: Any, mongo_url: str, tmp_path: Path) -> None:

@@ -3,13 +3,14 @@ budget and a memory limit, or inline when they cannot run away."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-import os
-import signal
 import time
 import tracemalloc
 from typing import Any
 
+import psutil
 import pytest
 import trio
 from jinja2 import ChainableUndefined
@@ -290,33 +291,61 @@ async def test_memory_limit_of_a_worker(renderer: Renderer) -> None:
     assert await render_in_pool(pool, small, [{"name": "B"}]) == ["BB"]
 
 
-def _worker_pids() -> set[int]:
-    import psutil
+def _workers() -> list[psutil.Process]:
+    """The render workers: the children of trio_parallel's forkserver, itself our child. Other
+    children (the session's redis-server or store) are not looked into."""
 
-    me = psutil.Process(os.getpid())
-    # The forkserver is our child; the workers are its children.
-    return {p.pid for server in me.children() for p in server.children() if p.status() != psutil.STATUS_ZOMBIE}
+    def alive(process: psutil.Process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # exited (and reaped) while we look
+            return False
+
+    def forkserver(process: psutil.Process) -> bool:
+        try:
+            return "multiprocessing.forkserver" in " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            return False
+
+    servers = [child for child in psutil.Process().children() if forkserver(child)]
+    return [worker for server in servers if alive(server) for worker in server.children() if alive(worker)]
+
+
+def _worker_pids() -> set[int]:
+    return {p.pid for p in _workers()}
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
 
 
 async def test_a_worker_killed_mid_render_is_replaced(renderer: Renderer) -> None:
     pool = RenderPool(renderer.config, 10.0, 256 * 1024 * 1024)
-    # About 0.2-1 s of CPU: long enough to be killed in the middle, well within the budget.
+    # About 0.3 s of CPU per user (on this machine, quiet): the chunk of two lasts many times the
+    # 20 ms after which it is killed below, and stays well within the budget.
     slow = renderer.compile(
-        "{% for i in range(3000) %}{% for j in range(300) %}{% endfor %}{% endfor %}{{ user.name }}"
+        "{% for i in range(30000) %}{% for j in range(300) %}{% endfor %}{% endfor %}{{ user.name }}"
     )
     assert await render_in_pool(pool, slow, [{"name": "warm-up"}]) == ["warm-up"]
+    idle = {p.pid: _cpu_seconds(p) for p in _workers()}
     killed: list[int] = []
 
     async def kill_busy_worker() -> None:
-        import psutil
-
+        # A worker is rendering once it has used 20 ms of CPU since the warm-up (receiving a chunk
+        # takes far less). CPU time, not a share of the CPU: on a loaded machine the worker gets a
+        # small share, but the chunk still has to use its 0.6 s of CPU before it is done.
         while not killed:
-            pids = _worker_pids()
-            if any(psutil.Process(pid).cpu_percent(interval=0.02) > 20 for pid in pids):
+            workers = _workers()
+            if any(_cpu_seconds(p) - idle.get(p.pid, 0.0) > 0.02 for p in workers):
                 # Every worker: the one rendering is among them, whichever that is.
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                for p in workers:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+                    killed.append(p.pid)
                 return
             await trio.sleep(0.01)
 
@@ -428,19 +457,29 @@ async def test_hostile_template_fails_fast_for_every_user_while_health_answers(
     hostile = HOSTILE_JINJA if engine == "jinja" else HOSTILE_HANDLEBARS
     database.message_templates.insert_one({"_id": "hostile", "engine": engine, "smsMessage": hostile})
     latencies: list[float] = []
+    cpu: list[float] = []  # this process's CPU (every thread) in each round of polling
     answers = []
 
     async def send() -> None:
         request = {"channels": ["sms"], "clusters": ["all"], "templateId": "hostile", "data": {"a": list(range(100))}}
         answers.append(await client.post("/send", json=request))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(send)
-        while not answers:
-            started = time.perf_counter()
-            assert (await client.get("/-/healthz")).status_code == 200
-            latencies.append(time.perf_counter() - started)
-            await trio.sleep(0.01)
+    # No collection of the whole heap meanwhile: with the suite's modules loaded it takes ~0.1 s of
+    # CPU, and it is not rendering.
+    gc.disable()
+    try:
+        sent_at = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while not answers:
+                started, cpu_started = time.perf_counter(), time.process_time()
+                assert (await client.get("/-/healthz")).status_code == 200
+                latencies.append(time.perf_counter() - started)
+                await trio.sleep(0.01)
+                cpu.append(time.process_time() - cpu_started)
+        send_seconds = time.perf_counter() - sent_at
+    finally:
+        gc.enable()
     [response] = answers
     body = await response.get_json()
     assert response.status_code == 200 and body["summary"]["failed"] == {"sms": 200}
@@ -450,8 +489,12 @@ async def test_hostile_template_fails_fast_for_every_user_while_health_answers(
     assert len(overran) == 3, errors[:6]
     assert all(e.startswith("template error: rendering took longer than 50 ms") for e in errors)
     assert dispatcher.render_pool.chunks > 0
-    # The loop kept answering (generous bound: two shared cores; the figure is in the README).
-    assert latencies and max(latencies) < 0.25, f"slowest /-/healthz: {max(latencies) * 1000:.0f} ms"
+    # The loop kept answering. No wall-clock bound (a loaded machine delays any answer), but what a
+    # loaded machine cannot cause: a rendering in this process would charge it a budget's CPU
+    # (50 ms) in some round of polling (measured: 2-20 ms at most), and a loop blocked on the
+    # rendering would hold a /-/healthz for most of the send (measured: under 5 % of it).
+    assert latencies and max(cpu) < 0.05, f"most CPU of this process in one round: {max(cpu) * 1000:.0f} ms"
+    assert max(latencies) < send_seconds / 2, f"slowest /-/healthz: {max(latencies):.2f} s of {send_seconds:.2f} s"
     # And the service goes on serving: a plain request text renders inline, without a worker.
     chunks = dispatcher.render_pool.chunks
     ok = await client.post("/send", json={"channels": ["sms"], "recipients": ["u1"], "messageContent": "Hi {{_id}}"})

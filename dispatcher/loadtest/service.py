@@ -151,7 +151,10 @@ class ProcessService:
     async def request(self, method: str, path: str, payload: dict[str, Any] | None = None, replica: int = 0) -> Reply:
         """One HTTP exchange; a 2xx answer with a JSON body is a success."""
         idle_in, idle_out = self._idle[replica]
-        connection = await idle_out.receive()
+        try:  # without the checkpoint of `receive()`: one wake-up of the loop less per request
+            connection = idle_out.receive_nowait()
+        except trio.WouldBlock:
+            connection = await idle_out.receive()
         try:
             status, raw = await connection.request(method, path, payload)
         except ExchangeError as exc:

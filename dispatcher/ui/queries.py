@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 import trio
 from pymongo.errors import PyMongoError
 
+from ..callback_views import Callback
 from ..errors import NotFound, StoreError
 from ..job_views import JobStatus, ReceiptCounts
 from ..ledger import FINAL_STATES
 from ..listing import JobQuery, Viewer
 from ..states import RECEIPT_STATES
-from ..wire import job_json, summary_json
+from ..wire import callback_json, callback_page_json, job_json, summary_json
 from .progress import ChannelProgress, channel_progress, selected_users
 
 if TYPE_CHECKING:
@@ -156,8 +157,6 @@ class Queries:
         callbacks = getattr(self.dispatcher, "callbacks", None)
         if callbacks is None:
             return None
-        from ..callback_outbox import message_json
-
         outbox = self.dispatcher.store.client[self.dispatcher.settings.store.database][
             self.dispatcher.settings.store.callbacks_collection
         ]
@@ -166,7 +165,7 @@ class Queries:
             "callback lookup",
             lambda: list(outbox.find(query, {"events": 0, "data": 0, "body": 0}).sort("created", 1).limit(limit)),
         )
-        return [message_json(doc) for doc in docs]
+        return [callback_json(Callback.from_doc(doc)) for doc in docs]
 
     async def dead_callbacks(self, viewer: Viewer, cursor: str | None, limit: int = 20) -> dict[str, Any] | None:
         """One page of the dead callbacks `viewer` may see (`GET /callbacks?state=dead`), and the
@@ -174,7 +173,7 @@ class Queries:
         callbacks = getattr(self.dispatcher, "callbacks", None)
         if callbacks is None:
             return None
-        page = await callbacks.page("dead", viewer, limit, cursor)
+        page = callback_page_json(await self.dispatcher.list_callbacks("dead", viewer, limit, cursor))
         depth = await callbacks.outbox.depth() if viewer.key_id is None else None
         return {**page, "pending": depth[0] if depth else None, "dead": depth[1] if depth else None}
 
