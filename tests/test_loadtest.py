@@ -345,9 +345,9 @@ def test_exactly_once_check_allows_one_receipt_per_ambiguous_delivery() -> None:
     assert not report["ok"] and report["duplicated"] == 1
 
 
-async def test_receipts_option_has_the_fake_post_signed_callbacks_that_the_service_takes() -> None:
+async def test_receipts_option_has_the_fake_post_signed_callbacks_that_the_service_takes(tmp_path: Path) -> None:
     users = 60
-    results, printed = await _run(users=users, channels=("sms",), latency=0.01, receipts_delay=0.05)
+    results, printed = await _run(users=users, channels=("sms",), latency=0.01, receipts_delay=0.05, output=tmp_path)
     receipts = results["receipts"]
     sent = results["channels"]["sms"]["sent"]
     # Each SMS: a `sent` callback, then a final one; every one verified and taken by the service.
