@@ -64,24 +64,33 @@ def serve_second(store_url: str, port: int, base: str, twilio_url: str) -> None:
     import trio
 
     async def run() -> None:
-        from hypercorn.config import Config
-        from hypercorn.trio import serve
-
         from dispatcher import open_dispatcher
-        from dispatcher.app import create_app
 
         async with open_dispatcher(settings(store_url, twilio_url, base)) as d, trio.open_nursery() as nursery:
-            config = Config()
-            config.bind = [f"127.0.0.1:{port}"]
-            config.accesslog = None
-            config.errorlog = None
-            stop = trio.Event()
-            await nursery.start(partial(serve, create_app(d), config, shutdown_trigger=stop.wait))
+            stop = await serve_app(nursery, d, port)
             print("up", flush=True)
             await trio.to_thread.run_sync(sys.stdin.read)
             stop.set()
 
     trio.run(run)
+
+
+async def serve_app(nursery: Any, dispatcher: Any, port: int) -> Any:
+    """The dispatcher's HTTP app served on 127.0.0.1:`port` in `nursery`, without logs; set the
+    event answered to stop it."""
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from dispatcher.app import create_app
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    stop = trio.Event()
+    await nursery.start(partial(serve, create_app(dispatcher), config, shutdown_trigger=stop.wait))
+    return stop
 
 
 def settings(store_url: str, twilio_url: str, base: str) -> Any:
@@ -187,11 +196,8 @@ class Window:
 async def main(rounds: int, users: int, second: bool) -> None:
     import pymongo
     import trio
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
 
     from dispatcher import open_dispatcher
-    from dispatcher.app import create_app
     from dispatcher.embedded_store import EmbeddedServer, free_port
     from dispatcher.fakes import serve_asgi
     from dispatcher.fakes.twilio import FakeTwilio, ReceiptPlan
@@ -239,12 +245,7 @@ async def main(rounds: int, users: int, second: bool) -> None:
                 assert other.stdout is not None
                 await trio.to_thread.run_sync(other.stdout.readline)  # "up"
             async with open_dispatcher(settings(server.url, twilio_url, base)) as d:
-                config = Config()
-                config.bind = [f"127.0.0.1:{port}"]
-                config.accesslog = None
-                config.errorlog = None
-                stop = trio.Event()
-                await nursery.start(partial(serve, create_app(d), config, shutdown_trigger=stop.wait))
+                stop = await serve_app(nursery, d, port)
                 await d.send({"channels": ["sms"], "clusters": ["seed"], "messageContent": "seed"})
                 # Each SID with the callback URL its message was created with, as Twilio keeps it.
                 sids = [(r.sid, r.form["StatusCallback"]) for r in fake.received if r.sid]
