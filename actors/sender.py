@@ -39,10 +39,15 @@ async def send(
     with messages, results:
         async with trio.open_nursery() as nursery:
             async for message in messages:
-                with journal.waiting() as wait:
-                    await slots.acquire()
+                try:
+                    slots.acquire_nowait()
+                    held = True
+                except trio.WouldBlock:
+                    with journal.waiting() as wait:
+                        await slots.acquire()
+                    held = not wait.cancelled_caught
                 if journal.halted:
-                    if not wait.cancelled_caught:
+                    if held:
                         slots.release()
                     if journal.cancelled:
                         await results.send(Delivery(message.user_id, message.channel, "cancelled"))

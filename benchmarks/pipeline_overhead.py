@@ -55,8 +55,8 @@ async def main() -> None:
             {"store": {"url": url, "ledger": LEDGER}, "channels": {"email": channel, "sms": channel, "push": channel}}
         )
         async with open_dispatcher(settings) as d:
-            for name, transport in list(d._transports.items()):
-                d._transports[name] = Transport(NullProvider(), transport.gate, transport.policy)
+            for name, transport in list(d.transports.items()):
+                d.transports[name] = Transport(NullProvider(), transport.gate, transport.policy)
             started, cpu = time.perf_counter(), time.process_time()
             result = await d.send(
                 {

@@ -301,7 +301,8 @@ async def main(rounds: int, users: int, second: bool) -> None:
                         print(
                             f"round {r + 1} {mode:8}: fan-out {row[0]:5.0f} SMS/s, CPU per SMS service {row[2]:.2f} ms"
                             f" store {row[3]:.2f} ms; receipts answered {absorbed:4.0f}/s"
-                            + (f", CPU per receipt second {row[5]:.2f} ms poster {row[6]:.2f} ms" if taken else "")
+                            + (f", CPU per receipt second {row[5]:.2f} ms" if taken and other else "")
+                            + (f", CPU per receipt poster {row[6]:.2f} ms" if taken else "")
                             + f"; idle cores {idle:.2f}",
                             flush=True,
                         )
@@ -322,7 +323,8 @@ async def main(rounds: int, users: int, second: bool) -> None:
         print(
             f"median {mode:8}: fan-out {fan:5.0f} SMS/s ({fan / base_rate - 1:+.1%}), CPU per SMS service"
             f" {own_ms:.2f} ms store {store_ms:.2f} ms; receipts {absorbed:4.0f}/s"
-            + (f", CPU per receipt second {answering_ms:.2f} ms poster {poster_ms:.2f} ms" if absorbed else "")
+            + (f", CPU per receipt second {answering_ms:.2f} ms" if absorbed and second else "")
+            + (f", CPU per receipt poster {poster_ms:.2f} ms" if absorbed else "")
             + f"; idle cores {idle:.2f}"
         )
 

@@ -28,7 +28,7 @@ from .callback_outbox import CALLBACK_STATES
 from .errors import Interrupted, RequestError, StillRunning, StoreError
 from .listing import EVERYONE, JobQuery, Viewer
 from .models import SendRequest, check_idempotency_key
-from .web import STORE_DOWN, error_response, parse_json_body, status_of
+from .web import STORE_DOWN, error_body, error_response, parse_json_body, status_of
 from .wire import (
     callback_json,
     callback_page_json,
@@ -300,9 +300,7 @@ def create_app(dispatcher: Dispatcher) -> QuartTrio:
         # The error shape, plus what was attempted: the client must not resend blindly.
         status = status_of(exc)
         body = {
-            "statusCode": status,
-            "error": HTTPStatus(status).phrase,
-            "message": str(exc),
+            **error_body(status, str(exc)),
             **send_result_json(exc.partial),
             "id": exc.job_id,
         }

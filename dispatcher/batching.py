@@ -77,6 +77,12 @@ class Batcher:
         self._groups = 0  # round trips running
         self._calls = 0  # the calls they carry
         self._ended = trio.Event()  # set when a round trip ends (then replaced)
+        # One caller at a time (the leader) waits for a slot and runs the queue; the others wait
+        # for `_next`: the `flight` of the round trip that takes the queue as it is (set when it
+        # ends), or set early when the leader leaves without running it (the next leads then).
+        # So a round trip's end wakes its own callers once, not every queued caller in turn.
+        self._next = trio.Event()
+        self._leader = False
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """Run `payload` with whatever else is queued; return its result or raise its error."""
@@ -89,13 +95,18 @@ class Batcher:
         """Run `calls` in one round trip (in their order in the group); return them settled: each
         holds its own result or error (nothing raised for them)."""
         self._queue.extend(calls)
-        joined = False
+        leading = joined = False
         try:
             while not all(call.done for call in calls):
                 flight = calls[0].flight
-                if flight is not None:  # taken by another caller's round trip (or ours, put back)
+                if flight is not None:  # taken by a round trip (or ours, put back)
                     await flight.wait()
                     continue
+                if not leading:
+                    if self._leader:
+                        await self._next.wait()
+                        continue
+                    self._leader = leading = True
                 if self._groups >= self._in_flight or (self._groups and self._calls > self._beside):
                     await self._ended.wait()
                     continue
@@ -103,17 +114,23 @@ class Batcher:
                     joined = True
                     await trio.lowlevel.checkpoint()
                     continue
+                leading = False  # the queue is taken: the next caller leads the next
                 await self._run_queued()
         except BaseException:
             for call in calls:
                 if call in self._queue:
                     self._queue.remove(call)
+            if leading:  # left before running the queue: another caller must
+                self._leader = False
+                waiting, self._next = self._next, trio.Event()
+                waiting.set()
             raise
         return calls
 
     async def _run_queued(self) -> None:
         batch, self._queue = self._queue, []
-        flight = trio.Event()
+        flight, self._next = self._next, trio.Event()
+        self._leader = False
         for call in batch:
             call.flight = flight
         started = False

@@ -201,6 +201,8 @@ class Journal(Unrecorded):
 
     async def sending(self, deliveries: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         claims = [(channel, user, self._resending.pop((channel, user), None)) for channel, user in deliveries]
+        if self._creating is None:  # per delivery: no carrying to arrange
+            return await self._ledger.claim_sending(self.job_id, self.run_id, claims)
         return await self.carrying(
             lambda doc: self._ledger.claim_sending(self.job_id, self.run_id, claims, creating=doc)
         )
@@ -217,6 +219,9 @@ class Journal(Unrecorded):
         if not todo:
             return
         finishing = self._finishing(todo)
+        if self._creating is None and finishing is None:  # per delivery: no carrying to arrange
+            await self._ledger.record(self.job_id, todo)
+            return
         finished = await self.carrying(
             lambda doc: self._ledger.record(self.job_id, todo, creating=doc, finishing=finishing)
         )

@@ -34,7 +34,7 @@ from typing import Any
 
 import pymongo
 import trio
-from pymongo import InsertOne, ReturnDocument, UpdateOne
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
@@ -411,7 +411,7 @@ class Ledger:
         nothing is claimed if it fails."""
         expires = self._expires_at()
         now = time.time()
-        ops: list[InsertOne[dict[str, Any]] | UpdateOne] = []
+        ops: list[UpdateOne] = []
         for channel, user, previous in deliveries:
             doc = {
                 "job": job_id,
@@ -424,7 +424,10 @@ class Ledger:
             }
             key = delivery_key(job_id, channel, user)
             if previous is None:
-                ops.append(InsertOne({"_id": key, **doc}))
+                # An insert in effect (no delivery document lacks a state: one that exists makes
+                # the upsert a duplicate key, as an insert would), but as an update it goes in
+                # the same command as the group's outcomes: one store command per group, not two.
+                ops.append(UpdateOne({"_id": key, "state": _UNWRITTEN}, {"$set": doc}, upsert=True))
             else:
                 run, state = previous
                 ops.append(UpdateOne({"_id": key, "state": state, "run": run or None}, {"$set": doc}, upsert=True))
@@ -463,7 +466,6 @@ class Ledger:
         without it is still written (the job's end is then written on its own)."""
         if not deliveries:
             return False
-        expires = self._expires_at()
         now = time.time()
         ops = []
         # The fields of each write, stamped in the group commit when the job asked for
@@ -482,7 +484,7 @@ class Ledger:
                 if d.reconciled is not None:
                     outcome["reconciled"] = d.reconciled
                 # `retrying`: cancelled while it waited to retry (its claim given back meanwhile).
-                ops.append(UpdateOne({"_id": key, "state": {"$in": ["sending", "retrying"]}}, {"$set": outcome}))
+                ops.append(UpdateOne({"_id": key, "state": _CLAIMED}, {"$set": outcome}))
             else:
                 outcome = {
                     "job": job_id,
@@ -494,12 +496,17 @@ class Ledger:
                     "provider_id": d.provider_id,
                     "user_found": d.user_found,
                     "settled_at": now,
-                    "expires_at": expires,
+                    "expires_at": self._expires_at(),
                 }
                 ops.append(UpdateOne({"_id": key}, {"$set": outcome}, upsert=True))
             if stamped is not None:
                 stamped.append((key, outcome))
-        changes = [StateChange(job_id, d.user_id, d.channel, d.status, d.provider_id, d.error) for d in deliveries]
+        # For listeners (`watch`) and the outbox's stamped events only: not made for nobody.
+        changes = (
+            [StateChange(job_id, d.user_id, d.channel, d.status, d.provider_id, d.error) for d in deliveries]
+            if self._listeners or stamped is not None
+            else []
+        )
         written = Call("outcome", (ops, stamped, changes))
         end = Call("job update", ([UpdateOne({"_id": job_id}, {"$set": finishing})], None, [])) if finishing else None
         await self._together([_creation(creating), written, end], optional_last=end is not None)
@@ -512,8 +519,9 @@ class Ledger:
         raise the error of the first that failed (`optional_last`: not the last one's, its caller
         looks at it)."""
         chain = [call for call in calls if call is not None]
-        for before, call in zip(chain, chain[1:]):
-            call.after = before
+        if len(chain) > 1:
+            for before, call in zip(chain, chain[1:]):
+                call.after = before
         await self._writes.submit_together(chain)
         for call in chain[:-1] if optional_last else chain:
             if call.error is not None:
@@ -909,6 +917,11 @@ _LISTED_FIELDS = (
     "key_id",
 )
 
+
+# What a fresh claim's filter says: no delivery document at all (every one has a state).
+_UNWRITTEN = {"$exists": False}
+# An outcome is written over the run's own claim only (`retrying`: cancelled while it waited to retry).
+_CLAIMED = {"$in": ["sending", "retrying"]}
 
 # Every state a delivery document can be in: on the embedded store an update filtered on
 # `provider_id` alone is slow (4 ms against 1 ms with the state named too).

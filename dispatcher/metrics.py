@@ -157,11 +157,35 @@ def _labels(channel: str, provider: str) -> tuple[str, str]:
 # --- the delivery path (called by the pipeline)
 
 
+# The delivery path reports several series per delivery; `labels()` (label checks, a lock, a
+# dict) on each cost more than the samples themselves, so each series is looked up once per
+# distinct arguments. Bounded: arguments that are not known values (bounded to `other`) must not
+# grow it for ever.
+_series: dict[tuple[object, ...], Any] = {}
+_SERIES_BOUND = 4096
+
+
+def _series_of(key: tuple[object, ...], make: Any) -> Any:
+    child = _series.get(key)
+    if child is None:
+        if len(_series) >= _SERIES_BOUND:
+            _series.clear()
+        child = _series[key] = make()
+    return child
+
+
 def observe_attempt(channel: str, provider: str, seconds: float, outcome: str) -> None:
     """One provider call took `seconds` and ended with `outcome` (one of `ATTEMPT_OUTCOMES`)."""
+    latency, calls = _series_of(
+        ("attempt", channel, provider, outcome), lambda: _attempt_series(channel, provider, outcome)
+    )
+    latency.observe(max(seconds, 0.0))
+    calls.inc()
+
+
+def _attempt_series(channel: str, provider: str, outcome: str) -> tuple[Any, Any]:
     ch, prov = _labels(channel, provider)
-    PROVIDER_LATENCY.labels(ch, prov).observe(max(seconds, 0.0))
-    PROVIDER_CALLS.labels(ch, prov, _bounded(outcome, ATTEMPT_OUTCOMES)).inc()
+    return PROVIDER_LATENCY.labels(ch, prov), PROVIDER_CALLS.labels(ch, prov, _bounded(outcome, ATTEMPT_OUTCOMES))
 
 
 def observe_retry(channel: str, provider: str) -> None:
@@ -171,17 +195,28 @@ def observe_retry(channel: str, provider: str) -> None:
 
 def observe_rate_limit_wait(channel: str, seconds: float) -> None:
     """A delivery waited `seconds` for a rate-limit token or a channel-wide `Retry-After` pause."""
-    RATE_LIMIT_WAIT.labels(_bounded(channel, CHANNELS)).observe(max(seconds, 0.0))
+    _series_of(("wait", channel), lambda: RATE_LIMIT_WAIT.labels(_bounded(channel, CHANNELS))).observe(
+        max(seconds, 0.0)
+    )
 
 
 def observe_delivery(channel: str, provider: str, outcome: str, kind: str | None = None) -> None:
     """A (user, channel) delivery finished: `outcome` is `sent`, `failed` or `skipped`; a failure
     also gives its `kind` (one of `FAILURE_KINDS`)."""
+    for series in _series_of(
+        ("delivery", channel, provider, outcome, kind), lambda: _delivery_series(channel, provider, outcome, kind)
+    ):
+        series.inc()
+
+
+def _delivery_series(channel: str, provider: str, outcome: str, kind: str | None) -> tuple[Any, ...]:
     ch, prov = _labels(channel, provider)
     outcome = _bounded(outcome, DELIVERY_OUTCOMES)
-    DELIVERIES.labels(ch, prov, outcome).inc()
-    if outcome == "failed":
-        DELIVERY_FAILURES.labels(ch, prov, _bounded(kind or OTHER, FAILURE_KINDS)).inc()
+    if outcome != "failed":
+        return (DELIVERIES.labels(ch, prov, outcome),)
+    return DELIVERIES.labels(ch, prov, outcome), DELIVERY_FAILURES.labels(
+        ch, prov, _bounded(kind or OTHER, FAILURE_KINDS)
+    )
 
 
 @contextmanager
@@ -194,10 +229,16 @@ def track_send() -> Iterator[None]:
         SENDS_IN_FLIGHT.dec()
 
 
+def deliveries_in_flight(channel: str) -> Any:
+    """The gauge of `channel`'s deliveries being attempted (from the first attempt to the
+    outcome): `inc()` then `dec()` in a `finally`, on the per-delivery path."""
+    return _series_of(("in flight", channel), lambda: DELIVERIES_IN_FLIGHT.labels(_bounded(channel, CHANNELS)))
+
+
 @contextmanager
 def track_delivery(channel: str) -> Iterator[None]:
     """Count one delivery as in flight (from its first attempt to its outcome)."""
-    gauge = DELIVERIES_IN_FLIGHT.labels(_bounded(channel, CHANNELS))
+    gauge = deliveries_in_flight(channel)
     gauge.inc()
     try:
         yield

@@ -15,6 +15,11 @@ import trio
 class Bucket(Protocol):
     async def acquire(self) -> None: ...
 
+    def acquire_nowait(self) -> bool:
+        """A token now without waiting, if one is due: True; False (nothing taken) when a wait,
+        or a round trip (a cluster-wide bucket), would be needed."""
+        ...
+
     def pause_until(self, deadline: float) -> None: ...
 
 
@@ -38,6 +43,17 @@ class TokenBucket:
     def pause_until(self, deadline: float) -> None:
         """Hand out nothing before `deadline` (a provider asked us to back off)."""
         self._paused_until = max(self._paused_until, deadline)
+
+    def acquire_nowait(self) -> bool:
+        if self._interval == 0:
+            return self._paused_until <= trio.current_time()
+        if self._turn.locked():
+            return False  # others wait in line: after them
+        now = trio.current_time()
+        if max(self._paused_until, self._tat - self._tolerance) > now:
+            return False
+        self._tat = max(self._tat, now) + self._interval  # as `acquire` without a wait
+        return True
 
     async def acquire(self) -> None:
         """Wait for a token. Not a checkpoint when one is available at once: the caller has just
@@ -99,6 +115,20 @@ class ChannelGate:
         if not self._paused:
             return float("-inf")
         return max((self._paused.get(key, float("-inf")) for key in keys), default=float("-inf"))
+
+    def enter_nowait(self, keys: tuple[str, ...] = ()) -> bool:
+        """`enter` when it needs no wait (the common case, per delivery): True with a slot and a
+        token taken; False with nothing taken (then `enter`)."""
+        if self._paused and self.paused_until(keys) > trio.current_time():
+            return False
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        if self.bucket.acquire_nowait():
+            return True
+        self.limiter.release()
+        return False
 
     async def enter(self, keys: tuple[str, ...] = ()) -> None:
         while (until := self.paused_until(keys)) > trio.current_time():

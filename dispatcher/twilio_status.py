@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from http import HTTPStatus
 from typing import cast
 from urllib.parse import parse_qsl
 
@@ -30,7 +29,7 @@ from .logs import request_id_from, request_id_var
 from .ops import account
 from .providers.twilio import DELIVERY_PARAM, STATUS_CALLBACK_PATH
 from .receipts import BadReceipt, ReceiptKeeper, TwilioSignature, twilio_receipt
-from .web import STORE_DOWN
+from .web import STORE_DOWN, error_body
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class TwilioStatus:
             body = b""
             reply = [(b"x-request-id", request_id.encode())]
             if status != 204:
-                body = json.dumps({"statusCode": status, "error": HTTPStatus(status).phrase, "message": text}).encode()
+                body = json.dumps(error_body(status, text)).encode()
                 reply += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": status, "headers": reply})
             await send({"type": "http.response.body", "body": body, "more_body": False})

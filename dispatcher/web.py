@@ -49,9 +49,13 @@ def status_of(exc: DispatcherError) -> int:
     return 500
 
 
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """The error shape (see the module's docstring); callers may add fields to it."""
+    return {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
+
+
 def error_response(status: int, message: str) -> Response:
-    body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
-    return Response(json.dumps(body), status=status, content_type="application/json")
+    return Response(json.dumps(error_body(status, message)), status=status, content_type="application/json")
 
 
 def _not_json(constant: str) -> Any:

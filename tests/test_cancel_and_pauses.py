@@ -154,3 +154,29 @@ async def test_twilio_per_number_codes_pause_that_number(code: int, key: str) ->
         finally:
             await provider.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_permit_obtained_as_the_run_is_cancelled_is_given_back() -> None:
+    """A delivery waiting for one of the channel's `unsettled` permits gets it in the same tick
+    as the run is cancelled: it is not attempted, and the permit goes back to the channel (a
+    permit kept would shrink the channel's allowance for every later send of the process)."""
+    from dispatcher.delivery import _Door
+
+    gate = ChannelGate(concurrency=1, rate=0, burst=1)  # two unsettled permits
+    others = [object(), object()]
+    for other in others:
+        gate.unsettled.acquire_on_behalf_of_nowait(other)
+    journal = Unrecorded()
+    door = _Door(message(1), journal, gate)
+    claimed: list[bool] = []
+
+    async def claim() -> None:
+        claimed.append(await door.claim())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.unsettled.release_on_behalf_of(others[0])  # handed to the waiting door...
+        journal.cancel()  # ...which is cancelled before it runs again
+    assert claimed == [False]
+    assert gate.unsettled.borrowed_tokens == 1  # only the other borrower's

@@ -171,6 +171,11 @@ class ClusterBucket:
             self._paused_until = deadline
             self._reserver.publish_pause(self._keys, deadline)
 
+    def acquire_nowait(self) -> bool:
+        """Never here: the cluster's tokens come through `acquire` (its Redis round trips, its
+        pause polls and its order of waiters)."""
+        return False
+
     async def acquire(self) -> None:
         """Wait for a token. Raises `RateLimitUnavailable` (a `TransientDeliveryError`) when the
         cluster's limiter cannot be reached; a cancelled waiter loses at most what it reserved."""
