@@ -62,19 +62,28 @@ def supervise(settings: Settings, sockets: Sequence[socket.socket], workers: int
         "from dispatcher.cli import main; raise SystemExit(main())",
         *_without_workers(argv),
     ]
-    stopping = False
+    stopping = 0  # the signal passed on to the workers, once one came
     children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start() -> None:
         # A session of its own: a Ctrl-C in the terminal reaches the supervisor only, which passes
         # it on once (a second signal would cut a worker's drain short).
         child = subprocess.Popen(command, env=env, pass_fds=fds, start_new_session=True, preexec_fn=die_with_parent())
-        children[child.pid] = child
+        # A signal that came while this worker was starting (the restart pause, or before Popen
+        # returned) was passed on without it: it gets it here, else the supervisor waits for it
+        # forever. Held meanwhile, so that `forward` cannot pass on the same signal a second time.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            children[child.pid] = child
+            if stopping:
+                child.send_signal(stopping)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         log.info("worker %d started", child.pid)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = signum
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signum)

@@ -96,3 +96,37 @@ def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+def test_a_signal_during_a_workers_restart_stops_the_new_worker_too(
+    tmp_path: Path, mongo_url: str, redis_url: str, database: Any
+) -> None:
+    """SIGTERM within the pause before a dead worker's replacement starts: the replacement is
+    started after the signal was passed on, and must stop too (the supervisor waited for it)."""
+    env = {
+        **os.environ,
+        "MONGODB_URL": mongo_url,
+        "REDIS_URL": redis_url,
+        "DISPATCHER__STORE__DATABASE": database.name,
+        "DISPATCHER__PROVIDERS__OUTBOX__DIR": str(tmp_path / "outbox"),
+    }
+    supervisor = subprocess.Popen(
+        [*CLI, "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait(lambda: len(_children(supervisor.pid)) == 2)
+        first = _children(supervisor.pid)[0]
+        first.kill()
+        first.wait(10)
+        # Reaped by the supervisor, which now pauses (1 s) before starting another.
+        _wait(lambda: len(_children(supervisor.pid)) == 1)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
