@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,11 @@ def _wait(condition: Any, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
-    tmp_path: Path, mongo_url: str, redis_url: str, database: Any
-) -> None:
-    port = free_port()
+@contextmanager
+def _supervisor(
+    tmp_path: Path, port: int, mongo_url: str, redis_url: str, database: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`dispatcher serve --workers 2` on `port`, killed at the end if it is still running."""
     env = {
         **os.environ,
         "MONGODB_URL": mongo_url,
@@ -65,6 +68,18 @@ def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
         stderr=subprocess.DEVNULL,
     )
     try:
+        yield supervisor
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+
+
+def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
+    tmp_path: Path, mongo_url: str, redis_url: str, database: Any
+) -> None:
+    port = free_port()
+    with _supervisor(tmp_path, port, mongo_url, redis_url, database) as supervisor:
 
         def answers() -> bool:
             try:
@@ -92,10 +107,6 @@ def test_workers_share_one_port_are_replaced_when_they_die_and_stop_together(
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(30) == 0
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-    finally:
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait()
 
 
 def test_a_signal_during_a_workers_restart_stops_the_new_worker_too(
@@ -103,21 +114,7 @@ def test_a_signal_during_a_workers_restart_stops_the_new_worker_too(
 ) -> None:
     """SIGTERM within the pause before a dead worker's replacement starts: the replacement is
     started after the signal was passed on, and must stop too (the supervisor waited for it)."""
-    env = {
-        **os.environ,
-        "MONGODB_URL": mongo_url,
-        "REDIS_URL": redis_url,
-        "DISPATCHER__STORE__DATABASE": database.name,
-        "DISPATCHER__PROVIDERS__OUTBOX__DIR": str(tmp_path / "outbox"),
-    }
-    supervisor = subprocess.Popen(
-        [*CLI, "serve", "--workers", "2", "--port", str(free_port())],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with _supervisor(tmp_path, free_port(), mongo_url, redis_url, database) as supervisor:
         _wait(lambda: len(_children(supervisor.pid)) == 2)
         first = _children(supervisor.pid)[0]
         first.kill()
@@ -126,7 +123,3 @@ def test_a_signal_during_a_workers_restart_stops_the_new_worker_too(
         _wait(lambda: len(_children(supervisor.pid)) == 1)
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(30) == 0
-    finally:
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait()
