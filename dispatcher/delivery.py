@@ -199,17 +199,17 @@ async def deliver(message: Message, transport: Transport, journal: Unrecorded | 
 def _written(d: Delivery) -> Delivery:
     """`d`, marked written (`dataclasses.replace` costs twice this, once per delivery)."""
     return Delivery(
-        d.user_id,
-        d.channel,
-        d.status,
-        d.error,
-        d.user_found,
-        d.attempts,
-        d.provider_id,
-        d.recorded,
-        True,
-        d.kind,
-        d.reconciled,
+        user_id=d.user_id,
+        channel=d.channel,
+        status=d.status,
+        error=d.error,
+        user_found=d.user_found,
+        attempts=d.attempts,
+        provider_id=d.provider_id,
+        recorded=d.recorded,
+        written=True,
+        kind=d.kind,
+        reconciled=d.reconciled,
     )
 
 

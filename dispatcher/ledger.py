@@ -519,9 +519,8 @@ class Ledger:
         raise the error of the first that failed (`optional_last`: not the last one's, its caller
         looks at it)."""
         chain = [call for call in calls if call is not None]
-        if len(chain) > 1:
-            for before, call in zip(chain, chain[1:]):
-                call.after = before
+        for before, call in zip(chain, chain[1:]):
+            call.after = before
         await self._writes.submit_together(chain)
         for call in chain[:-1] if optional_last else chain:
             if call.error is not None:

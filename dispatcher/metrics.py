@@ -235,17 +235,6 @@ def deliveries_in_flight(channel: str) -> Any:
     return _series_of(("in flight", channel), lambda: DELIVERIES_IN_FLIGHT.labels(_bounded(channel, CHANNELS)))
 
 
-@contextmanager
-def track_delivery(channel: str) -> Iterator[None]:
-    """Count one delivery as in flight (from its first attempt to its outcome)."""
-    gauge = deliveries_in_flight(channel)
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()
-
-
 CALLBACKS = Counter(
     "dispatcher_callbacks",
     "Tries of callbacks to clients, by event, outcome (delivered, retry, dead) and try number (6+ for later ones)",
@@ -364,6 +353,7 @@ __all__ = [
     "JOB_STATES",
     "QUEUE_STAGES",
     "clear_multiprocess_dir",
+    "deliveries_in_flight",
     "mark_process_dead",
     "observe_attempt",
     "observe_delivery",
@@ -374,7 +364,6 @@ __all__ = [
     "render",
     "sample_queues",
     "sample_queues_forever",
-    "track_delivery",
     "track_queue",
     "track_send",
 ]

@@ -100,8 +100,13 @@ def test_delivery_helpers_record_with_bounded_labels() -> None:
 
 def test_in_flight_gauges_follow_the_blocks() -> None:
     base = value(scrape(), "dispatcher_sends_in_flight")
-    with metrics.track_send(), metrics.track_delivery("push"), metrics.track_delivery("push"):
+    in_flight = metrics.deliveries_in_flight("push")
+    with metrics.track_send():
+        in_flight.inc()
+        in_flight.inc()
         inside = scrape()
+        in_flight.dec()
+        in_flight.dec()
     outside = scrape()
     assert value(inside, "dispatcher_sends_in_flight") == base + 1
     assert value(inside, "dispatcher_deliveries_in_flight", channel="push") == 2
