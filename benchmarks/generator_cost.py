@@ -70,7 +70,7 @@ async def drive_bare(port: int, n: int, clients: int) -> float:
         return await _drive(one, n, clients)
     finally:
         for c in pool:
-            await c.aclose()
+            c.close()
 
 
 async def drive_stream(port: int, n: int, clients: int, rps: float) -> float:
@@ -90,7 +90,7 @@ async def drive_stream(port: int, n: int, clients: int, rps: float) -> float:
     finally:
         used = time.process_time() - cpu
         for c in pool:
-            await c.aclose()
+            c.close()
     assert all(e.reply.status == 200 for e in phase.exchanges), "a request failed"
     return used / len(phase.exchanges) * 1000
 

@@ -47,7 +47,7 @@ async def test_keeps_the_connection_and_returns_status_and_body(nursery: trio.Nu
         assert status == 201
         assert json.loads(body) == {"n": i, "text": "é"}
     assert len(app.peers) == 1
-    await conn.aclose()
+    conn.close()
 
 
 async def test_reopens_after_the_server_asks_to_close(nursery: trio.Nursery) -> None:
@@ -56,7 +56,7 @@ async def test_reopens_after_the_server_asks_to_close(nursery: trio.Nursery) -> 
     assert (await conn.request("POST", "/close", {"a": 1}))[0] == 201
     assert (await conn.request("POST", "/send", {"a": 2}))[0] == 201
     assert len(app.peers) == 2
-    await conn.aclose()
+    conn.close()
 
 
 async def test_an_answer_without_length_is_an_error_not_a_guess(nursery: trio.Nursery) -> None:
@@ -65,7 +65,7 @@ async def test_an_answer_without_length_is_an_error_not_a_guess(nursery: trio.Nu
         await conn.request("POST", "/chunked", {"a": 1})
     # The connection is usable again afterwards.
     assert (await conn.request("POST", "/send", {"a": 2}))[0] == 201
-    await conn.aclose()
+    conn.close()
 
 
 async def test_a_refused_connection_is_an_exchange_error() -> None:

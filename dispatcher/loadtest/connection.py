@@ -135,6 +135,3 @@ class Connection:
         if sock is not None:
             trio.lowlevel.notify_closing(sock)
             sock.close()
-
-    async def aclose(self) -> None:
-        self.close()

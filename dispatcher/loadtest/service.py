@@ -273,7 +273,7 @@ async def open_service(
         ]
         for pool in connections:
             for connection in pool:
-                stack.push_async_callback(connection.aclose)
+                stack.callback(connection.close)
         if len(processes) == 1:
             await processes[0].start(clients[0])
         else:
