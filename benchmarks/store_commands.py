@@ -5,7 +5,8 @@ client side), per command.
     python benchmarks/store_commands.py [COMMANDS] [ROUNDS]     # default 600 2
 
 A send with the ledger makes four writes (the job's insert and its delivery's claim in one group
-commit, the outcome and the job's end in the next) besides the user's `find_one`; the floor
+commit, the outcome and the job's end in the next) besides the user's `find_one`: four commands,
+or two where the store has `bulkWrite` (the last two rows); the floor
 (`floor_app.py`) makes two (`insert_one`, `update_one`). The job's insert is timed into a
 collection with the jobs collection's indexes (`Ledger.ensure_indexes`) and into one with `_id`
 alone, to see what the listing's indexes cost it.
@@ -65,18 +66,20 @@ def job(job_id: str) -> dict[str, Any]:
     }
 
 
-def claim(job_id: str) -> InsertOne[dict[str, Any]]:
+def claim(job_id: str, namespace: str | None = None) -> InsertOne[dict[str, Any]]:
     doc = {"job": job_id, "user": "u1", "channel": "email", "state": "sending", "run": "r", "claimed_at": time.time()}
-    return InsertOne({"_id": f"{job_id}|email|u1", **doc, "expires_at": dt.datetime.now(dt.UTC)})
+    return InsertOne({"_id": f"{job_id}|email|u1", **doc, "expires_at": dt.datetime.now(dt.UTC)}, namespace=namespace)
 
 
-def outcome(job_id: str) -> UpdateOne:
+def outcome(job_id: str, namespace: str | None = None) -> UpdateOne:
     fields = {"state": "sent", "attempts": 1, "settled_at": time.time(), "provider_id": "x"}
-    return UpdateOne({"_id": f"{job_id}|email|u1", "state": {"$in": ["sending", "retrying"]}}, {"$set": fields})
+    query = {"_id": f"{job_id}|email|u1", "state": {"$in": ["sending", "retrying"]}}
+    return UpdateOne(query, {"$set": fields}, namespace=namespace)
 
 
-def end(job_id: str) -> UpdateOne:
-    return UpdateOne({"_id": job_id}, {"$set": {"state": "done", "finished_at": now_iso(), "summary": SUMMARY}})
+def end(job_id: str, namespace: str | None = None) -> UpdateOne:
+    fields = {"state": "done", "finished_at": now_iso(), "summary": SUMMARY}
+    return UpdateOne({"_id": job_id}, {"$set": fields}, namespace=namespace)
 
 
 def main() -> None:
@@ -102,6 +105,16 @@ def main() -> None:
             "job end (jobs indexes)": lambda j: indexed.bulk_write([end(j)], ordered=False),
             "job end (_id only)": lambda j: bare.bulk_write([end(j)], ordered=False),
             "user find_one": lambda j: db.users.find_one({"_id": "u1"}),
+            # What the ledger sends instead where the store has `bulkWrite` (MongoDB 8.0): each
+            # pair above as one command (`Ledger._flush_in_one`).
+            # (Job ids of their own: the rows above wrote these jobs.)
+            "job insert + claim, one": lambda j: client.bulk_write(
+                [InsertOne(job(j + "1"), namespace=indexed.full_name), claim(j + "1", deliveries.full_name)],
+                ordered=True,
+            ),
+            "outcome + job end, one": lambda j: client.bulk_write(
+                [outcome(j + "1", deliveries.full_name), end(j + "1", indexed.full_name)], ordered=True
+            ),
             "floor insert_one": lambda j: db.floor.insert_one({"_id": j, "state": "sending"}),
             "floor update_one": lambda j: db.floor.update_one({"_id": j}, {"$set": {"state": "sent", "ids": ["x"]}}),
         }
