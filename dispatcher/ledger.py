@@ -9,7 +9,7 @@ round trip per delivery or per job. A caller awaits each write before its next, 
 in flight never hold two writes of one delivery; writes that must land in order without a wait
 between them go in one group (a job's creation with its first claim, its only outcome with its
 end: `creating`, `finishing`), where `_flush` writes jobs, then deliveries, then job updates, each
-only if the one before it succeeded. Claims of one delivery by two runs are compare-and-set. After a crash, a `sending` delivery is the only kind whose
+only if the one before it succeeded (in one `bulkWrite` command where the store has it). Claims of one delivery by two runs are compare-and-set. After a crash, a `sending` delivery is the only kind whose
 outcome is unknown. Idempotency keys live in a third, small collection `<jobs_collection>_keys`.
 
 Times that the service compares (lease expiry) are epoch seconds; `expires_at` is a BSON date
