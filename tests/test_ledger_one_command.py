@@ -11,6 +11,7 @@ import pymongo
 import pymongo.monitoring
 import pytest
 from pymongo import UpdateOne
+from pymongo.errors import InvalidOperation
 
 from dispatcher.batching import Call
 from dispatcher.errors import StoreError
@@ -155,3 +156,31 @@ def test_nothing_runs_after_a_write_that_failed_if_it_depends_on_it(
     assert jobs.find_one({"_id": "job-4"})["state"] == "running"
     assert deliveries.find_one({"_id": "k"})["state"] == "sending"
     assert commands.names == ["bulkWrite", "update"]
+
+
+async def test_a_store_without_bulkwrite_gets_a_command_per_collection(
+    watched: tuple[Ledger, Commands], database: pymongo.database.Database
+) -> None:
+    """Before MongoDB 8.0 pymongo refuses `MongoClient.bulk_write` before sending anything (the
+    refusal is simulated here: the embedded store has the command): the group is written as
+    before, and the ledger does not try again."""
+    ledger, commands = watched
+    await ledger.ensure_indexes()
+    refusals = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        refusals.append(args)
+        raise InvalidOperation("MongoClient.bulk_write requires MongoDB server version 8.0+.")
+
+    ledger._client.bulk_write = refuse  # type: ignore[method-assign]
+    commands.names.clear()
+
+    await ledger.claim_sending("job-6", "run-1", [("sms", "u1", None)], creating=job_document(ledger, "job-6"))
+    await ledger.record("job-6", [Delivery("u1", "sms", "sent", attempts=1)], finishing={"state": "done"})
+
+    assert len(refusals) == 1
+    assert commands.names == ["insert", "update", "update", "update"]
+    assert database[SETTINGS.jobs_collection].find_one({"_id": "job-6"})["state"] == "done"
+    assert database[SETTINGS.deliveries_collection].find_one({"_id": delivery_key("job-6", "sms", "u1")})["state"] == (
+        "sent"
+    )
