@@ -31,31 +31,40 @@ async def collect(
 ) -> None:
     """Fill `result` (owned by the caller, so that it holds what was attempted even if the send
     stops early). `providers`: the provider name of each requested channel, in request order."""
-    channels = list(providers)
-    summary = result.summary
-    counting = channels[0]
     pending: list[Delivery] = []
     deadline = trio.current_time() + FLUSH_SECONDS
 
     async def flush() -> None:
         nonlocal pending
         batch, pending = pending, []
-        if batch and journal.fault is None:
-            try:
-                await journal.record(batch)
-            except StoreFault as exc:
-                log.error("cannot record %d outcomes of job %s: %s", len(batch), journal.job_id, exc)
-                journal.stop(exc)
+        await record(batch, journal)
 
     with results:
         async for delivery in results:
-            summary.count(delivery, counting_users=delivery.channel == counting)
-            if delivery.status == "failed":
-                result.failures.append(Failure(delivery.user_id, delivery.channel, delivery.error or "failed"))
-            if not delivery.recorded:
-                metrics.observe_delivery(delivery.channel, providers[delivery.channel], delivery.status, delivery.kind)
+            count(delivery, result, providers, metrics)
             pending.append(delivery)
             if len(pending) >= FLUSH_SIZE or trio.current_time() >= deadline:
                 await flush()
                 deadline = trio.current_time() + FLUSH_SECONDS
         await flush()
+
+
+def count(delivery: Delivery, result: SendResult, providers: Mapping[str, str], metrics: Metrics) -> None:
+    """Count one delivery into `result`. `providers`: the provider name of each requested
+    channel, in request order (users are counted on the first)."""
+    result.summary.count(delivery, counting_users=delivery.channel == next(iter(providers)))
+    if delivery.status == "failed":
+        result.failures.append(Failure(delivery.user_id, delivery.channel, delivery.error or "failed"))
+    if not delivery.recorded:
+        metrics.observe_delivery(delivery.channel, providers[delivery.channel], delivery.status, delivery.kind)
+
+
+async def record(batch: list[Delivery], journal: Unrecorded) -> None:
+    """Write the outcomes not written yet; a store failure stops the run (every outcome is then
+    settled by whoever resumes it)."""
+    if batch and journal.fault is None:
+        try:
+            await journal.record(batch)
+        except StoreFault as exc:
+            log.error("cannot record %d outcomes of job %s: %s", len(batch), journal.job_id, exc)
+            journal.stop(exc)

@@ -56,22 +56,37 @@ async def render(
                 chunk, pending = pending[:chunk_size], pending[chunk_size:]
                 chunk_size = min(CHUNK, chunk_size * 2)
                 if len(overruns) >= POISONED_AFTER:
-                    outcomes: list[Any] = [_poisoned(user, plan, overruns[0]) for user in chunk]
+                    outcomes: list[Message | Delivery] = [_poisoned(user, plan, overruns[0]) for user in chunk]
                 else:
-                    outcomes = await _render(render_jobs, chunk, plan, data)
-                    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderOverrun)]
-                    if again:
-                        retried = await _render(render_jobs, [chunk[i] for i in again], plan, data)
-                        for i, outcome in zip(again, retried):
-                            outcomes[i] = outcome
-                for user, outcome in zip(chunk, outcomes):
-                    if isinstance(outcome, RenderOverrun):
-                        overruns.append(str(outcome))
-                        outcome = Delivery(_id_of(user, plan), plan.channel, "failed", str(outcome), kind="render")
+                    outcomes = await render_chunk(render_jobs, chunk, plan, data, overruns)
+                for outcome in outcomes:
                     if isinstance(outcome, Message):
                         await out.send(outcome)  # blocks while the sender is behind: backpressure
                     else:
                         await results.send(outcome)
+
+
+async def render_chunk(
+    render_jobs: RenderJobs,
+    chunk: Sequence[User | UnknownRecipient],
+    plan: Lane,
+    data: dict[str, Any],
+    overruns: list[str],
+) -> list[Message | Delivery]:
+    """Each user's message, or the delivery that settles them (skipped, not found, failed). A
+    rendering that overruns its budget is tried once more; an overrun the second time fails its
+    user, and its reason joins `overruns`."""
+    outcomes = await _render(render_jobs, chunk, plan, data)
+    again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RenderOverrun)]
+    if again:
+        retried = await _render(render_jobs, [chunk[i] for i in again], plan, data)
+        for i, outcome in zip(again, retried):
+            outcomes[i] = outcome
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, RenderOverrun):
+            overruns.append(str(outcome))
+            outcomes[i] = Delivery(_id_of(chunk[i], plan), plan.channel, "failed", str(outcome), kind="render")
+    return outcomes
 
 
 def _id_of(user: User | UnknownRecipient, plan: Lane) -> str:

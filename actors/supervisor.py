@@ -15,12 +15,13 @@ from collections.abc import Mapping
 import trio
 
 from .backlog import Backlog
-from .collector import collect
+from .collector import collect, count, record
+from .faults import StoreFault
 from .journal import Unrecorded
 from .messages import Delivery, Message, SendResult
 from .ports import Metrics, Plan, RenderJobs, Transport, Unobserved, UserSource, render_inline
-from .renderer import render
-from .resolver import Batch, resolve
+from .renderer import render, render_chunk
+from .resolver import Batch, UnknownRecipient, Unmatched, resolve
 from .sender import send
 
 
@@ -44,6 +45,9 @@ async def run_pipeline(
     result = SendResult() if result is None else result
     journal = journal or Unrecorded()
     metrics = metrics or Unobserved()
+    if len(request.recipients) == 1 and not request.clusters and len(plan.channels) == 1:
+        await _run_one(plan, store, transports, result, journal, render_jobs, metrics)
+        return result
     results_send, results_receive = trio.open_memory_channel[Delivery](queue_size)
     async with trio.open_nursery() as nursery:
         providers = {lane.channel: transports[lane.channel].provider_name for lane in plan.channels}
@@ -66,6 +70,55 @@ async def run_pipeline(
                 nursery.start_soon(send, messages_receive, results_send.clone(), transports[lane.channel], journal)
             nursery.start_soon(resolve, backlogs, store, request.recipients, request.clusters, journal)
     return result
+
+
+async def _run_one(
+    plan: Plan,
+    store: UserSource,
+    transports: Mapping[str, Transport],
+    result: SendResult,
+    journal: Unrecorded,
+    render_jobs: RenderJobs,
+    metrics: Metrics,
+) -> None:
+    """A send to one named user on one channel: the pipeline's stages, in order, in this task.
+    With one message there is nothing to pace or overlap, and the actors' tasks and channels
+    would be most of such a send's cost on the event loop (~0.3 ms: docs/benchmarks.md P)."""
+    lane = plan.channels[0]
+    transport = transports[lane.channel]
+    users: Batch = []
+    missing = Unmatched(plan.request.recipients)
+    try:
+        async for batch in store.stream_users(plan.request.recipients, ()):
+            missing.saw(store.user_id(user) for user in batch)
+            users.extend(batch)
+    except StoreFault as exc:
+        journal.stop(exc)
+    if journal.halted:
+        return
+    users += [UnknownRecipient(user_id) for user_id in missing.ids()]
+    ids = [lane.id_of(user) if not isinstance(user, UnknownRecipient) else user.user_id for user in users]
+    try:
+        settled = await journal.settled(lane.channel, ids)
+    except StoreFault as exc:
+        journal.stop(exc)
+        return
+    outcomes: list[Message | Delivery] = list(settled.values())
+    pending = [user for user, user_id in zip(users, ids) if user_id not in settled]
+    if pending:
+        outcomes += await render_chunk(render_jobs, pending, lane, plan.request.data, [])
+    providers = {lane.channel: transport.provider_name}
+    for outcome in outcomes:
+        delivery: Delivery | None
+        if not isinstance(outcome, Message):
+            delivery = outcome
+        elif journal.halted:
+            delivery = Delivery(outcome.user_id, outcome.channel, "cancelled") if journal.cancelled else None
+        else:
+            delivery = await transport.deliver(outcome, journal)
+        if delivery is not None:
+            count(delivery, result, providers, metrics)
+            await record([delivery], journal)
 
 
 async def _hand_over(backlog: Backlog[Batch], out: trio.MemorySendChannel[Batch]) -> None:
