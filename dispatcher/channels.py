@@ -81,7 +81,17 @@ class ChannelSpec:
     uses_email_options: bool = False
 
 
+# A plain address (dot-atoms of ASCII letters, digits and the usual punctuation, a dotted domain
+# of letters, digits and hyphens): every string it matches, the full parser below accepts with
+# the same local part and domain (tests/test_addresses.py checks it), at ~0.5 µs instead of ~38.
+# It runs once per e-mail delivery; anything else takes the parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_EMAIL = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
 def valid_email(value: str) -> bool:
+    if _PLAIN_EMAIL.fullmatch(value) is not None:
+        return True
     try:
         address = Address(addr_spec=value)
     except (HeaderParseError, ValueError, IndexError):
