@@ -42,7 +42,7 @@ async def render(
         async for batch in users:
             if journal.halted:
                 continue  # keep draining so the resolver is not blocked
-            ids = [_id_of(user, plan) for user in batch]
+            ids = [id_of(user, plan) for user in batch]
             try:
                 settled = await journal.settled(plan.channel, ids)
             except StoreFault as exc:
@@ -85,11 +85,12 @@ async def render_chunk(
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, RenderOverrun):
             overruns.append(str(outcome))
-            outcomes[i] = Delivery(_id_of(chunk[i], plan), plan.channel, "failed", str(outcome), kind="render")
+            outcomes[i] = Delivery(id_of(chunk[i], plan), plan.channel, "failed", str(outcome), kind="render")
     return outcomes
 
 
-def _id_of(user: User | UnknownRecipient, plan: Lane) -> str:
+def id_of(user: User | UnknownRecipient, plan: Lane) -> str:
+    """The id a delivery of `user` on `plan`'s channel is kept under."""
     return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 

@@ -20,7 +20,7 @@ from .faults import StoreFault
 from .journal import Unrecorded
 from .messages import Delivery, Message, SendResult
 from .ports import Metrics, Plan, RenderJobs, Transport, Unobserved, UserSource, render_inline
-from .renderer import render, render_chunk
+from .renderer import id_of, render, render_chunk
 from .resolver import Batch, UnknownRecipient, Unmatched, resolve
 from .sender import send
 
@@ -97,7 +97,7 @@ async def _run_one(
     if journal.halted:
         return
     users += [UnknownRecipient(user_id) for user_id in missing.ids()]
-    ids = [lane.id_of(user) if not isinstance(user, UnknownRecipient) else user.user_id for user in users]
+    ids = [id_of(user, lane) for user in users]
     try:
         settled = await journal.settled(lane.channel, ids)
     except StoreFault as exc:
