@@ -7,7 +7,7 @@ to the ledger through the same calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 
 import trio
@@ -78,6 +78,18 @@ class Unrecorded:
 
     def waiting(self) -> Waiting:
         return Waiting(self)
+
+    async def take(self, take_nowait: Callable[[], object], take: Callable[[], Awaitable[object]]) -> bool:
+        """Take a slot or a permit: at once when one is free (no cancel scope: this runs once or
+        twice per delivery), else by waiting in `waiting()`. False when a cancel or a fault of
+        the run ended the wait (nothing was taken)."""
+        try:
+            take_nowait()
+            return True
+        except trio.WouldBlock:
+            with self.waiting() as wait:
+                await take()
+            return not wait.cancelled_caught
 
     async def settled(self, channel: str, user_ids: Sequence[str]) -> dict[str, Delivery]:
         """Deliveries of these users that an earlier run settled (not to be attempted again)."""

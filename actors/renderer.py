@@ -42,14 +42,11 @@ async def render(
         async for batch in users:
             if journal.halted:
                 continue  # keep draining so the resolver is not blocked
-            ids = [id_of(user, plan) for user in batch]
-            try:
-                settled = await journal.settled(plan.channel, ids)
-            except StoreFault as exc:
-                journal.stop(exc)
+            split = await unsettled(batch, plan, journal)
+            if split is None:
                 continue
-            pending = [user for user, user_id in zip(batch, ids) if user_id not in settled]
-            for delivery in settled.values():
+            settled, pending = split
+            for delivery in settled:
                 await results.send(delivery)
             while pending:
                 # Chunks grow from one user: a hostile template is found out after a few renderings.
@@ -64,6 +61,20 @@ async def render(
                         await out.send(outcome)  # blocks while the sender is behind: backpressure
                     else:
                         await results.send(outcome)
+
+
+async def unsettled(
+    batch: Sequence[User | UnknownRecipient], plan: Lane, journal: Unrecorded
+) -> tuple[list[Delivery], list[User | UnknownRecipient]] | None:
+    """What an earlier run of the job settled for `batch` on this channel, and the users still to
+    render; None when the store failed (the run is then stopped)."""
+    ids = [_id_of(user, plan) for user in batch]
+    try:
+        settled = await journal.settled(plan.channel, ids)
+    except StoreFault as exc:
+        journal.stop(exc)
+        return None
+    return list(settled.values()), [user for user, user_id in zip(batch, ids) if user_id not in settled]
 
 
 async def render_chunk(
@@ -85,12 +96,11 @@ async def render_chunk(
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, RenderOverrun):
             overruns.append(str(outcome))
-            outcomes[i] = Delivery(id_of(chunk[i], plan), plan.channel, "failed", str(outcome), kind="render")
+            outcomes[i] = Delivery(_id_of(chunk[i], plan), plan.channel, "failed", str(outcome), kind="render")
     return outcomes
 
 
-def id_of(user: User | UnknownRecipient, plan: Lane) -> str:
-    """The id a delivery of `user` on `plan`'s channel is kept under."""
+def _id_of(user: User | UnknownRecipient, plan: Lane) -> str:
     return user.user_id if isinstance(user, UnknownRecipient) else plan.id_of(user)
 
 

@@ -39,13 +39,7 @@ async def send(
     with messages, results:
         async with trio.open_nursery() as nursery:
             async for message in messages:
-                try:
-                    slots.acquire_nowait()
-                    held = True
-                except trio.WouldBlock:
-                    with journal.waiting() as wait:
-                        await slots.acquire()
-                    held = not wait.cancelled_caught
+                held = await journal.take(slots.acquire_nowait, slots.acquire)
                 if journal.halted:
                     if held:
                         slots.release()

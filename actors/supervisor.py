@@ -20,7 +20,7 @@ from .faults import StoreFault
 from .journal import Unrecorded
 from .messages import Delivery, Message, SendResult
 from .ports import Metrics, Plan, RenderJobs, Transport, Unobserved, UserSource, render_inline
-from .renderer import id_of, render, render_chunk
+from .renderer import render, render_chunk, unsettled
 from .resolver import Batch, UnknownRecipient, Unmatched, resolve
 from .sender import send
 
@@ -97,14 +97,11 @@ async def _run_one(
     if journal.halted:
         return
     users += [UnknownRecipient(user_id) for user_id in missing.ids()]
-    ids = [id_of(user, lane) for user in users]
-    try:
-        settled = await journal.settled(lane.channel, ids)
-    except StoreFault as exc:
-        journal.stop(exc)
+    split = await unsettled(users, lane, journal)
+    if split is None:
         return
-    outcomes: list[Message | Delivery] = list(settled.values())
-    pending = [user for user, user_id in zip(users, ids) if user_id not in settled]
+    settled, pending = split
+    outcomes: list[Message | Delivery] = list(settled)
     if pending:
         outcomes += await render_chunk(render_jobs, pending, lane, plan.request.data, [])
     providers = {lane.channel: transport.provider_name}

@@ -26,8 +26,9 @@ import pymongo
 from pymongo import InsertOne, UpdateOne
 
 from dispatcher.embedded_store import EmbeddedServer
-from dispatcher.ledger import now_iso
-from dispatcher.listing import JOB_LISTING_INDEXES, seq_of
+from dispatcher.ledger import Ledger, now_iso
+from dispatcher.settings import StoreSettings
+from dispatcher.listing import JOB_LISTING_INDEXES
 from process_cpu import cpu_seconds
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 600
@@ -40,30 +41,6 @@ REQUEST = {
     "data": {"code": "LT-2026"},
 }
 SUMMARY = {"users": 1, "sent": {"email": 1}, "skipped": {}, "failed": {}, "cancelled": {}}
-
-
-def job(job_id: str) -> dict[str, Any]:
-    """A job document as `Ledger.job_document` writes it."""
-    created = now_iso()
-    return {
-        "_id": job_id,
-        "seq": seq_of(created, job_id),
-        "key_id": None,
-        "request_id": uuid.uuid4().hex,
-        "callback": None,
-        "request": REQUEST,
-        "state": "running",
-        "created_at": created,
-        "started_at": created,
-        "finished_at": None,
-        "summary": None,
-        "error": None,
-        "cancel_requested": False,
-        "idempotency_key": None,
-        "lease_owner": "owner",
-        "lease_expires": time.time() + 30,
-        "expires_at": dt.datetime.now(dt.UTC),
-    }
 
 
 def claim(job_id: str, namespace: str | None = None) -> InsertOne[dict[str, Any]]:
@@ -87,6 +64,11 @@ def main() -> None:
     try:
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(server.url)
         db = client.bench
+        ledger = Ledger(client, StoreSettings(database="bench"))
+
+        def job(job_id: str) -> dict[str, Any]:
+            return ledger.job_document(job_id, REQUEST, "owner", 30, None, request_id=uuid.uuid4().hex)
+
         indexed, bare, deliveries = db.jobs, db.jobs_bare, db.deliveries
         indexed.create_index([("state", 1), ("lease_expires", 1)])
         for keys in JOB_LISTING_INDEXES:

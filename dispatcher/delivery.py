@@ -112,13 +112,10 @@ class _Door:
         (then the run is stopped: nothing else is sent)."""
         journal = self.journal
         if not self.permit:
-            try:
-                self.gate.unsettled.acquire_on_behalf_of_nowait(self)
-                self.permit = True
-            except trio.WouldBlock:
-                with journal.waiting() as wait:
-                    await self.gate.unsettled.acquire_on_behalf_of(self)
-                self.permit = not wait.cancelled_caught
+            unsettled = self.gate.unsettled
+            self.permit = await journal.take(
+                lambda: unsettled.acquire_on_behalf_of_nowait(self), lambda: unsettled.acquire_on_behalf_of(self)
+            )
             if journal.halted:
                 self.give_permit_back()
                 return False
