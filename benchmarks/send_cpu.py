@@ -60,7 +60,7 @@ def request(i: int) -> dict[str, Any]:
     }
 
 
-async def main(ledger: bool, sends: int, profile: str | None) -> None:
+async def main(ledger: bool, sends: int, profile: str | None, rate: float) -> None:
     async with open_embedded_store(None) as url:
         users = pymongo.MongoClient(url).messaging.users
         users.insert_many(
@@ -80,12 +80,19 @@ async def main(ledger: bool, sends: int, profile: str | None) -> None:
                 for i in range(k, sends, CLIENTS):
                     await d.send(request(i))
 
+            async def paced(i: int) -> None:
+                await trio.sleep_until(start + i / rate)
+                await d.send(request(i))
+
             before, cpu, wall = thread_cpu(), time.process_time(), time.perf_counter()
             if profiler:
                 profiler.enable()
+            start = trio.current_time()
             async with trio.open_nursery() as nursery:
-                for k in range(CLIENTS):
+                for k in range(0 if rate else CLIENTS):
                     nursery.start_soon(client, k)
+                for i in range(sends if rate else 0):
+                    nursery.start_soon(paced, i)
             if profiler:
                 profiler.disable()
                 profiler.dump_stats(profile)
@@ -104,5 +111,6 @@ if __name__ == "__main__":
     parser.add_argument("ledger", nargs="?", choices=["on", "off"], default="on")
     parser.add_argument("sends", nargs="?", type=int, default=1500)
     parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: sends a second (default: closed loop)")
     args = parser.parse_args()
-    trio.run(main, args.ledger == "on", args.sends, args.profile)
+    trio.run(main, args.ledger == "on", args.sends, args.profile, args.rate)

@@ -27,7 +27,7 @@ even a shielded caller at shutdown never waits on anyone but the store.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -66,11 +66,16 @@ class Call:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Call]], None], in_flight: int = 1, beside: int = 0) -> None:
+    def __init__(
+        self, run: Callable[[list[Call]], None], in_flight: int = 1, beside: int = 0, *, lone_at_once: bool = False
+    ) -> None:
         """`run` runs in a worker thread with every queued call and settles each of them; at most
         `in_flight` of its round trips run at once, a round trip beside others only while those
-        carry at most `beside` calls in all."""
+        carry at most `beside` calls in all. `lone_at_once`: an idle batcher (nothing in flight,
+        the last round trip carried one caller) runs a caller's calls without waiting a tick for
+        others to join; for callers that mostly come alone, not for those woken together."""
         self._run = run
+        self._lone_at_once = lone_at_once
         self._queue: list[Call] = []
         self._in_flight = in_flight
         self._beside = beside
@@ -83,6 +88,9 @@ class Batcher:
         # So a round trip's end wakes its own callers once, not every queued caller in turn.
         self._next = trio.Event()
         self._leader = False
+        # Callers whose calls are queued; whether the last round trip carried several callers.
+        self._callers = 0
+        self._crowded = False
 
     async def submit(self, kind: str, payload: Any) -> Any:
         """Run `payload` with whatever else is queued; return its result or raise its error."""
@@ -95,6 +103,7 @@ class Batcher:
         """Run `calls` in one round trip (in their order in the group); return them settled: each
         holds its own result or error (nothing raised for them)."""
         self._queue.extend(calls)
+        self._callers += 1
         leading = joined = False
         try:
             while not all(call.done for call in calls):
@@ -110,13 +119,18 @@ class Batcher:
                 if self._groups >= self._in_flight or (self._groups and self._calls > self._beside):
                     await self._ended.wait()
                     continue
-                if not joined:  # callers ready in this same tick join the group
+                if not joined and (self._groups or self._crowded or not self._lone_at_once):
+                    # Callers ready in this same tick join the group: worth a pass of the loop
+                    # while the batcher is busy. Run at once, a single-recipient send's lookup
+                    # and writes save three of its dozen passes.
                     joined = True
                     await trio.lowlevel.checkpoint()
                     continue
                 leading = False  # the queue is taken: the next caller leads the next
                 await self._run_queued()
         except BaseException:
+            if calls[0] in self._queue:
+                self._callers -= 1
             for call in calls:
                 if call in self._queue:
                     self._queue.remove(call)
@@ -129,6 +143,7 @@ class Batcher:
 
     async def _run_queued(self) -> None:
         batch, self._queue = self._queue, []
+        self._crowded, self._callers = self._callers > 1, 0
         flight, self._next = self._next, trio.Event()
         self._leader = False
         for call in batch:
@@ -143,12 +158,13 @@ class Batcher:
             self._run(batch)
 
         try:
-            await trio.to_thread.run_sync(run)
+            await trio.to_thread.run_sync(run, limiter=_BOUNDED_HERE)
         except BaseException as exc:
             if not started:  # cancelled before the thread ran: the next slot holder runs them
                 for call in batch:
                     call.flight = None
                 self._queue[:0] = batch
+                self._callers += 1  # at least one caller waits for them again
             else:
                 for call in batch:
                     if not call.done:
@@ -164,5 +180,20 @@ class Batcher:
             if not call.done:
                 call.fail(RuntimeError(f"batching: no outcome for a {call.kind} call"))
 
+
+class _BoundedHere:
+    """The thread limiter of a batcher's round trips: none, since `in_flight` bounds them. Trio's
+    own (`CapacityLimiter`, which `to_thread.run_sync` takes duck-typed) yields to the scheduler
+    even when a thread is free: a pass of the loop per round trip, a tenth of a single-recipient
+    send's passes (docs/benchmarks.md P)."""
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        return None
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        return None
+
+
+_BOUNDED_HERE = cast(trio.CapacityLimiter, _BoundedHere())
 
 __all__ = ["Batcher", "Call"]

@@ -295,6 +295,13 @@ class Dispatcher:
         assert isinstance(book, Recorded)
         await self._jobs.maintain(book)
 
+    async def keep_leases(self) -> None:
+        """Renew the leases of the jobs this process runs, until the dispatcher closes (with the
+        ledger only): through a drain as well, since a job still running must stay ours."""
+        book = self._jobs.book
+        assert isinstance(book, Recorded)
+        await book.keep_leases()
+
 
 def _transport(
     settings: Settings, channel: str, provider: Provider, cluster: Cluster | None, ledger: Ledger | None
@@ -354,6 +361,7 @@ async def open_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
             nursery.start_soon(store.ensure_indexes)  # best effort, in the background: the store may be down
             if ledger is not None:
                 nursery.start_soon(dispatcher.maintain)
+                nursery.start_soon(dispatcher.keep_leases)
                 nursery.start_soon(dispatcher.cancels.run)
                 nursery.start_soon(dispatcher.receipts.run)  # type: ignore[union-attr]
             if ledger is not None and cluster is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,8 @@ class Run:
     finished: bool = False
     lease_lost: bool = False
     resumed: bool = False
+    # Cancelled when another instance has taken the job over (`Recorded.keep_leases`).
+    pipeline: trio.CancelScope = field(default_factory=trio.CancelScope)
     # Where its callbacks go (None: nowhere); the job's owner key and request id.
     callback: Target | None = None
     key_id: str | None = None
@@ -100,8 +102,8 @@ class NotRecorded:
     async def running(self, run: Run) -> None:
         return None
 
-    async def hold_lease(self, run: Run, pipeline: trio.CancelScope) -> None:
-        return None
+    def holding(self, run: Run) -> AbstractContextManager[None]:
+        return nullcontext()
 
     async def created(self, run: Run) -> None:
         return None
@@ -132,6 +134,8 @@ class Recorded:
         self._settle_within = settle_within
         # Signed status callbacks (job_callbacks.py), once `open_dispatcher` has opened them.
         self.callbacks: JobCallbacks | None = None
+        # The runs whose lease this process holds, and when each was last renewed (or started).
+        self._held: dict[Run, float] = {}
 
     def ledger(self) -> Ledger:
         return self._ledger
@@ -236,25 +240,58 @@ class Recorded:
         if run.resumed and run.job_id is not None:
             await self._ledger.update_job(run.job_id, state="running", started_at=now_iso())
 
-    async def hold_lease(self, run: Run, pipeline: trio.CancelScope) -> None:
-        """Renew the run's lease every third of its length (with the counts so far); cancel
-        `pipeline` when another instance took the job over."""
-        assert run.job_id is not None
-        while True:
-            await trio.sleep(self._lease / 3)
+    @contextmanager
+    def holding(self, run: Run) -> Iterator[None]:
+        """Keep the run's lease while in this block (`keep_leases` renews it)."""
+        self._held[run] = trio.current_time()
+        try:
+            yield
+        finally:
+            self._held.pop(run, None)  # gone already if another instance took it over
+
+    async def keep_leases(self) -> None:
+        """Renew the lease of every run held here once it is a third of a lease old (with its
+        counts so far), and cancel the pipeline of a run another instance took over. One task
+        for every run of the process: a task per run cost each single-recipient send a nursery,
+        a spawn and a cancelled sleep (docs/benchmarks.md P); a run shorter than a third of a
+        lease is never renewed at all."""
+        renewing: set[Run] = set()
+
+        async def renew(run: Run) -> None:
             try:
-                await self.created(run)  # a lease on no document would be lost
-                doc = await self._ledger.renew(run.job_id, self.owner, self._lease, run.result.summary.to_json())
-            except StoreError as exc:
-                log.warning("job %s: cannot renew its lease: %s", run.job_id, exc)
-                continue
-            if doc is None:
-                log.error("job %s: lease lost to another instance; stopping here", run.job_id)
-                run.lease_lost = True
-                pipeline.cancel()
-                return
-            if doc.get("cancel_requested"):
-                run.journal.cancel()
+                await self._renew(run)
+            finally:
+                renewing.discard(run)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                # Checked every sixth of a lease, a run is renewed when a third to a half of its
+                # lease has passed: a renewal never waits for another run's (a store that hangs).
+                await trio.sleep(self._lease / 6)
+                due = trio.current_time() - self._lease / 3
+                for run, since in list(self._held.items()):
+                    if since <= due and run not in renewing:
+                        renewing.add(run)
+                        nursery.start_soon(renew, run)
+
+    async def _renew(self, run: Run) -> None:
+        assert run.job_id is not None
+        try:
+            await self.created(run)  # a lease on no document would be lost
+            doc = await self._ledger.renew(run.job_id, self.owner, self._lease, run.result.summary.to_json())
+        except StoreError as exc:
+            log.warning("job %s: cannot renew its lease: %s", run.job_id, exc)
+            return  # tried again at the next check
+        if doc is None:
+            log.error("job %s: lease lost to another instance; stopping here", run.job_id)
+            run.lease_lost = True
+            run.pipeline.cancel()
+            self._held.pop(run, None)
+            return
+        if run in self._held:
+            self._held[run] = trio.current_time()
+        if doc.get("cancel_requested"):
+            run.journal.cancel()
 
     async def created(self, run: Run) -> None:
         """Write the run's job now if no write of it has yet (its id is about to be handed out)."""
@@ -371,8 +408,7 @@ class Jobs:
             try:
                 await self.book.running(run)
                 metrics.observe_job("running")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.book.hold_lease, run, nursery.cancel_scope)
+                with self.book.holding(run), run.pipeline:
                     fanout = self.fanout
                     if (
                         fanout is not None
@@ -383,7 +419,6 @@ class Jobs:
                         await fanout.coordinate(job_id, run.plan, run.journal, run.result)
                     else:
                         await self._context.run(run.plan, run.result, run.journal)
-                    nursery.cancel_scope.cancel()
                 await self._finish(run)
             except LeaseLost:
                 run.error = Interrupted(

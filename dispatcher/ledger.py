@@ -142,7 +142,7 @@ class Ledger:
         self._outbox: CallbackOutbox | None = None
         self._retention = dt.timedelta(days=settings.retention_days)
         self._key_ttl = settings.idempotency_ttl_hours * 3600
-        self._writes = Batcher(self._flush, in_flight=WRITES_IN_FLIGHT, beside=WRITES_BESIDE)
+        self._writes = Batcher(self._flush, in_flight=WRITES_IN_FLIGHT, beside=WRITES_BESIDE, lone_at_once=True)
         # Receipts have a group commit of their own: a burst of them must not lengthen the
         # round trips that claims and outcomes of running fan-outs wait on.
         self._receipt_writes = Batcher(self._stamped_receipts)

@@ -45,7 +45,7 @@ class Store:
         self._fields = fields
         self._states = tuple(settings.crud_states)
         self._batch_size = batch_size
-        self._lookups = Batcher(self._look_up)
+        self._lookups = Batcher(self._look_up, lone_at_once=True)
 
     @classmethod
     def connect(cls, url: str, settings: StoreSettings, fields: UserFields, batch_size: int = 500) -> Store:

@@ -143,8 +143,7 @@ async def test_beside_a_large_round_trip_the_next_waits_and_gathers_the_queue() 
 
     batcher = Batcher(flush, in_flight=3, beside=1)
     async with trio.open_nursery() as nursery:
-        for name in ("slow-1", "slow-2"):
-            nursery.start_soon(batcher.submit, "x", name)
+        nursery.start_soon(batcher.submit_together, [Call("x", "slow-1"), Call("x", "slow-2")])
         await trio.testing.wait_all_tasks_blocked()
         for name in ("a", "b", "c"):
             nursery.start_soon(batcher.submit, "x", name)
@@ -152,6 +151,48 @@ async def test_beside_a_large_round_trip_the_next_waits_and_gathers_the_queue() 
         assert batches == []
         release.set()
     assert batches == [["slow-1", "slow-2"], ["a", "b", "c"]]
+
+
+class StepsOf(trio.abc.Instrument):
+    """Counts the scheduler's steps of one task: each is a pass of the loop it waited for."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task is self.task
+
+
+async def test_an_idle_batcher_runs_a_lone_caller_at_once_and_a_busy_one_waits_a_tick_for_company() -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    batcher = Batcher(recorder.flush, in_flight=2, lone_at_once=True)
+
+    async def steps_of_a_lone_submit(payload: int) -> int:
+        counter = StepsOf(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await batcher.submit("x", payload)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        return counter.steps
+
+    idle = await steps_of_a_lone_submit(0)
+    async with trio.open_nursery() as nursery:
+        # Three callers in one tick: the first goes at once, the others meanwhile queue up.
+        for payload in (1, 2, 3):
+            nursery.start_soon(batcher.submit, "x", payload)
+    after_a_crowd = await steps_of_a_lone_submit(4)
+    after_a_lone_one = await steps_of_a_lone_submit(5)
+    batches = recorder.batches
+    assert [len(batch) for batch in batches] == [1, 1, 2, 1, 1]
+    assert sorted(batches[1] + batches[2]) == [1, 2, 3] and batches[3:] == [[4], [5]]
+    assert after_a_crowd == idle + 1  # the tick it waited for others to join
+    assert after_a_lone_one == idle
+    # A batcher for callers woken together always waits that tick.
+    batcher = Batcher(recorder.flush, in_flight=2)
+    assert await steps_of_a_lone_submit(6) == idle + 1
 
 
 async def test_with_every_slot_busy_writes_group_up_again() -> None:

@@ -300,6 +300,32 @@ async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
     assert len(outbox_messages(outbox, "sms")) < 40
 
 
+async def test_a_run_longer_than_its_lease_keeps_it_renewed(make_settings: Any, database: Any, outbox: Path) -> None:
+    # One task renews every run's lease (`Recorded.keep_leases`): a send of two seconds under a
+    # lease of 0.3 s must find its lease in the future whenever it is looked at, and end done.
+    seed(database, 40)
+    settings = make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+    async with open_dispatcher(settings) as d:
+        async with trio.open_nursery() as nursery:
+            results: list[Any] = []
+
+            async def send() -> None:
+                results.append(await d.send({**REQUEST, "channels": ["sms"]}))
+
+            nursery.start_soon(send)
+            seen: list[float] = []
+            with trio.fail_after(20):
+                while not results:
+                    job = database.dispatch_jobs.find_one({})
+                    if job is not None and job["state"] == "running":
+                        assert job["lease_expires"] > time.time(), "the lease of a running job expired"
+                        seen.append(job["lease_expires"])
+                    await trio.sleep(0.05)
+    [result] = results
+    assert result.summary.sent == {"sms": 40}
+    assert len(set(seen)) >= 3  # renewed again and again, not once
+
+
 ONE_SMS = {"channels": ["sms"], "messageContent": "hi {{ user.name }}"}
 
 
