@@ -46,8 +46,10 @@ class Recorder:
 
 class _Handler(socketserver.StreamRequestHandler):
     """Reads HTTP/1.1 requests with a content-length and answers by path: `/send` echoes the body
-    (200), `/slow` too after 50 ms, `/status/N` answers N, `/close` answers then closes, `/drop`
-    closes without an answer, `/chunked` answers chunked, `/silent` never answers."""
+    (200), `/slow` too after 50 ms, `/status/N` answers N, `/close` answers `connection: close`
+    but reads on (a client that ignored it would send the next request there), `/bye` answers
+    then closes (as a keep-alive timeout does), `/drop` closes without an answer, `/chunked`
+    answers chunked, `/silent` never answers."""
 
     server: _Server
 
@@ -93,7 +95,7 @@ class _Handler(socketserver.StreamRequestHandler):
             b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
             % (status, len(answer), close, answer)
         )
-        return path != "/close"
+        return path != "/bye"
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -216,10 +218,18 @@ async def test_a_failed_answer_is_an_error_and_the_next_request_goes_on_a_fresh_
 
 
 async def test_connection_close_is_honoured_without_an_error(servers: list[_Server]) -> None:
-    run, _ = await _run(_plan(servers[:1], ["/send", "/close", "/send"], clients=1))
+    run, _ = await _run(_plan(servers[:1], ["/send", "/close", "/send"], rps=10_000.0, clients=1))
 
     assert [o.status for o in run.outcomes] == [200, 200, 200]
     assert _fresh_connection_after(servers[0], 1) and not _fresh_connection_after(servers[0], 0)
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_used_again(servers: list[_Server]) -> None:
+    # 50 ms between requests: the server's close reaches the idle connection before the next one.
+    run, _ = await _run(_plan(servers[:1], ["/send", "/bye", "/send", "/send"], rps=20.0, clients=1))
+
+    assert [o.status for o in run.outcomes] == [200, 200, 200, 200]
+    assert _fresh_connection_after(servers[0], 1) and not _fresh_connection_after(servers[0], 2)
 
 
 async def test_a_non_2xx_answer_is_reported_with_its_status_and_body(servers: list[_Server]) -> None:
