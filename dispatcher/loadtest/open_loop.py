@@ -3,7 +3,7 @@
 At a rate far below saturation (100 req/s) every request wakes an idle generator by itself, for
 its due time and for its answer, and a wake-up of Trio's loop from idle costs ~0.2–0.3 ms of CPU
 where a bare epoll loop's costs ~0.05–0.07 ms (`benchmarks/generator_cost.py`): the harness's own
-loop spent 0.36–0.39 ms per request against issue 20's 0.2. This process runs a plain `selectors`
+loop spent 0.33–0.52 ms per request against issue 20's 0.2. This process runs a plain `selectors`
 loop over non-blocking keep-alive sockets instead, and measures its own CPU time, which the
 harness reports apart from its own.
 
@@ -20,7 +20,10 @@ Between the harness (`run_open_loop`) and this process: a plan file and a result
 argv (pickled builtins: written and read by this module only, in a directory of the harness's);
 on stdout, a line `done errors` at most once a second (the harness's progress display) and once
 at the end; stdin, which the harness holds open, and whose end stops this process (a harness
-killed outright leaves no generator behind); stderr, whose tail the harness shows if it fails.
+killed outright leaves no generator behind; `children.die_with_parent` would not do, as Trio
+starts processes from a worker thread, whose exit fires the death signal); stderr, whose tail the
+harness shows if it fails. The process's start-up (importing the package, ~0.5 s of CPU) comes
+before its clock starts, and is in neither its CPU figure nor the harness's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 import trio
 
 from ..children import python_environment
+from ..errors import DispatcherError
 from .connection import ExchangeError, failure_message, parse_head
 
 _HEAD_END = b"\r\n\r\n"
@@ -50,7 +54,7 @@ _MAX_HEAD = 64 * 1024
 PROGRESS_SECONDS = 1.0
 
 
-class OpenLoopError(Exception):
+class OpenLoopError(DispatcherError):
     """The generator process failed (its stderr says why)."""
 
 
