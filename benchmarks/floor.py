@@ -118,13 +118,13 @@ def main() -> None:
         "errors",
     )
     print(f"\nmedians over {args.rounds} round(s); ratio: to {variants[0]} within each round, then the median")
-    print(f"{'variant':16}" + "".join(f"{k:>16}" for k in keys) + f"{'cpu ratio':>12}{'p50 ratio':>12}")
+    print(f"{'variant':16}" + "".join(f"{k:>18}" for k in keys) + f"{'cpu ratio':>12}{'p50 ratio':>12}")
     for i, variant in enumerate(variants):
         column = [row[i] for row in results]
         medians = [statistics.median(f[k] for f in column if f[k] is not None) for k in keys]
         cpu_ratio = statistics.median(row[i]["service_cpu_ms"] / row[0]["service_cpu_ms"] for row in results)
         p50_ratio = statistics.median(row[i]["p50_ms"] / row[0]["p50_ms"] for row in results)
-        print(f"{variant:16}" + "".join(f"{m:16.3f}" for m in medians) + f"{cpu_ratio:12.2f}{p50_ratio:12.2f}")
+        print(f"{variant:16}" + "".join(f"{m:18.3f}" for m in medians) + f"{cpu_ratio:12.2f}{p50_ratio:12.2f}")
 
 
 if __name__ == "__main__":
