@@ -137,8 +137,14 @@ async def _follow(stream: trio.abc.ReceiveStream, progress: Callable[[int, int],
 
 def write_plan(plan: Plan, path: Path) -> None:
     """The plan file a generator process reads (`python -m dispatcher.loadtest.open_loop PLAN RESULTS`)."""
-    spec = {"addresses": list(plan.addresses), "requests": list(plan.requests)}
-    _dump({**spec, "rps": plan.rps, "clients": plan.clients, "timeout": plan.timeout}, path)
+    spec = {
+        "addresses": list(plan.addresses),
+        "requests": list(plan.requests),
+        "rps": plan.rps,
+        "clients": plan.clients,
+        "timeout": plan.timeout,
+    }
+    _dump(spec, path)
 
 
 def _dump(value: Any, path: Path) -> None:
@@ -234,7 +240,7 @@ class _Generator:
                     continue
                 if events & selectors.EVENT_WRITE:
                     self._write(connection)
-                if events & selectors.EVENT_READ and connection.sock is not None:
+                if events & selectors.EVENT_READ and connection.sock is not None:  # the write may have failed
                     self._read(connection)
             if now >= report:
                 self._progress()
@@ -255,9 +261,7 @@ class _Generator:
             # The most recently used first: at a low rate a few connections serve every request.
             connection = pool.pop() if pool else self._open(replica)
         except OSError as exc:
-            self.outcomes[k] = (k, replica, k / self.rps, now, time.monotonic() - self.start, 0, failure_message(exc))
-            self.done += 1
-            self.errors += 1
+            self._record(k, replica, now, 0, failure_message(exc))
             return
         connection.k, connection.started = k, now
         self.busy += 1
@@ -349,26 +353,20 @@ class _Generator:
         self._finish(connection, status, bytes(buffer[:length]), keep=not close and len(buffer) == length)
 
     def _finish(self, connection: _Connection, status: int, answer: bytes | str, keep: bool) -> None:
-        k = connection.k
-        self.outcomes[k] = (
-            k,
-            connection.replica,
-            k / self.rps,
-            connection.started,
-            time.monotonic() - self.start,
-            status,
-            answer,
-        )
+        self._record(connection.k, connection.replica, connection.started, status, answer)
         connection.k, connection.head = -1, None
         self.busy -= 1
-        self.done += 1
-        if status != 200:
-            self.errors += 1
         if keep:
             connection.buffer.clear()
             self.idle[connection.replica].append(connection)
         else:
             self._close(connection)
+
+    def _record(self, k: int, replica: int, started: float, status: int, answer: bytes | str) -> None:
+        self.outcomes[k] = (k, replica, k / self.rps, started, time.monotonic() - self.start, status, answer)
+        self.done += 1
+        if status != 200:
+            self.errors += 1
 
     def _close(self, connection: _Connection) -> None:
         sock, connection.sock = connection.sock, None
