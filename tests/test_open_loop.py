@@ -225,8 +225,8 @@ async def test_connection_close_is_honoured_without_an_error(servers: list[_Serv
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_used_again(servers: list[_Server]) -> None:
-    # 50 ms between requests: the server's close reaches the idle connection before the next one.
-    run, _ = await _run(_plan(servers[:1], ["/send", "/bye", "/send", "/send"], rps=20.0, clients=1))
+    # 200 ms between requests: the server's close reaches the idle connection before the next one.
+    run, _ = await _run(_plan(servers[:1], ["/send", "/bye", "/send", "/send"], rps=5.0, clients=1))
 
     assert [o.status for o in run.outcomes] == [200, 200, 200, 200]
     assert _fresh_connection_after(servers[0], 1) and not _fresh_connection_after(servers[0], 2)
