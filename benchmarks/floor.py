@@ -8,8 +8,10 @@ real service, on the same store, fakes and load generator, interleaved round by 
 Arguments after `--` are `dispatcher loadtest` options (the stream scenario is implied). Variants:
 `floor`, `floor-ledger` (the floor with its claim and outcome writes), `service` (ledger off),
 `service-ledger`. For each: the process's CPU per request, the store's, the fakes' (a process of
-their own), the harness's (the load generator), p50/p99 latency from each request's due time, and errors; then medians over the rounds and
-each variant's ratio to the first one.
+their own), the generator's (the open-loop process that sends the requests, as it measures
+itself), the harness's (this process: it starts the generator and decodes the answers), p50/p99
+latency from each request's due time, and errors; then medians over the rounds and each
+variant's ratio to the first one.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ async def measure(variant: str, options: Any, env: Any, output: Path) -> dict[st
         "service_cpu_ms": per_request(0),
         "store_cpu_ms": per_request(1),
         "harness_cpu_ms": per_request(2),
+        "generator_cpu_ms": None if phase.generator_cpu is None else phase.generator_cpu / n * 1000,
         "fakes_cpu_ms": per_request(3),
         "p50_ms": _percentile(latencies, 0.5),
         "p99_ms": _percentile(latencies, 0.99),
@@ -104,15 +107,24 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     output = Path(tempfile.mkdtemp(prefix="floor-output-"))
     results = trio.run(run, variants, args.rounds, options, output)
-    keys = ("service_cpu_ms", "store_cpu_ms", "harness_cpu_ms", "fakes_cpu_ms", "p50_ms", "p99_ms", "errors")
+    keys = (
+        "service_cpu_ms",
+        "store_cpu_ms",
+        "generator_cpu_ms",
+        "harness_cpu_ms",
+        "fakes_cpu_ms",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+    )
     print(f"\nmedians over {args.rounds} round(s); ratio: to {variants[0]} within each round, then the median")
-    print(f"{'variant':16}" + "".join(f"{k:>16}" for k in keys) + f"{'cpu ratio':>12}{'p50 ratio':>12}")
+    print(f"{'variant':16}" + "".join(f"{k:>18}" for k in keys) + f"{'cpu ratio':>12}{'p50 ratio':>12}")
     for i, variant in enumerate(variants):
         column = [row[i] for row in results]
         medians = [statistics.median(f[k] for f in column if f[k] is not None) for k in keys]
         cpu_ratio = statistics.median(row[i]["service_cpu_ms"] / row[0]["service_cpu_ms"] for row in results)
         p50_ratio = statistics.median(row[i]["p50_ms"] / row[0]["p50_ms"] for row in results)
-        print(f"{variant:16}" + "".join(f"{m:16.3f}" for m in medians) + f"{cpu_ratio:12.2f}{p50_ratio:12.2f}")
+        print(f"{variant:16}" + "".join(f"{m:18.3f}" for m in medians) + f"{cpu_ratio:12.2f}{p50_ratio:12.2f}")
 
 
 if __name__ == "__main__":

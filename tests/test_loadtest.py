@@ -100,10 +100,12 @@ async def test_process_mode_stream_accounts_for_every_request(tmp_path: Path) ->
         assert figures["exactly_once"]["ok"], (channel, figures["exactly_once"])
     assert sum(c["selected"] for c in results["channels"].values()) == 40
     assert results["service"]["mode"] == "process" and results["memory"]["measured"] == "service process"
-    # Each process's CPU apart: the fakes run in a process of their own, not in the harness's.
+    # Each process's CPU apart: the fakes run in a process of their own, not in the harness's,
+    # and so does the stream's generator.
     cpu = results["cpu"]
-    for name in ("service", "store", "fakes", "harness"):
+    for name in ("service", "store", "fakes", "generator", "harness"):
         assert cpu[f"{name}_ms_per_request"] > 0, name
+    assert "open_loop.py" in results["service"]["generator"]
     machine = results["machine"]
     assert 0 <= machine["idle_cores"] <= machine["cpus"] and machine["load_1m_at_start"] >= 0
     assert Path(results["files"]["service_log"]).exists()

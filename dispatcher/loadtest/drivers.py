@@ -7,20 +7,31 @@
   latency runs from that due time, so a slow service cannot hide its queueing (no coordinated
   omission). At most `clients` requests are in flight; a request waiting for a client is late,
   and that shows in its latency. Request k goes to replica k mod N (the harness's round robin).
+
+A stream to service processes runs in a generator process of its own (`open_loop.py`, no Trio:
+a Trio loop woken from idle for each request cost twice issue 20's CPU budget per request); the
+harness hands it every request encoded, then turns its outcomes into exchanges on the harness's
+clock, decoding the answers' JSON after the run. The display's request count follows the
+generator's progress reports, once a second. An embedded service is called in this process, from
+`clients` Trio tasks.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from .connection import encode_request
 from .environment import Environment
+from .open_loop import Plan, run_open_loop
 from .options import LoadTestOptions
 from .population import CLUSTER, Population
-from .service import Reply, RunningService
+from .service import ProcessService, Reply, RunningService, reply_of
 
 TITLE = "Hello {{ user.name }}"
 CONTENT = "Hi {{ user.name }}, your load-test code is {{ data.code }}."
@@ -81,13 +92,15 @@ class Exchange:
 
 @dataclass
 class Phase:
-    """One measured stretch: its Trio-clock span, the receipt counts at its start, its requests."""
+    """One measured stretch: its Trio-clock span, the receipt counts at its start, its requests,
+    and the CPU-seconds of the generator process that sent them (None: the harness sent them)."""
 
     name: str
     start: float
     end: float = 0.0
     mark: dict[str, int] = field(default_factory=dict)
     exchanges: list[Exchange] = field(default_factory=list)
+    generator_cpu: float | None = None
 
 
 async def run_fanout(service: RunningService, env: Environment, status: PhaseStatus) -> Phase:
@@ -119,7 +132,51 @@ def stream_targets(population: Population, channels: tuple[str, ...]) -> Iterato
 
 
 async def run_stream(service: RunningService, env: Environment, options: LoadTestOptions, status: PhaseStatus) -> Phase:
-    total = max(1, round(options.rps * options.duration))
+    if isinstance(service, ProcessService):
+        return await stream_from_generator(service, env, options, status)
+    return await stream_from_harness(service, env, options, status)
+
+
+def _total(options: LoadTestOptions) -> int:
+    return max(1, round(options.rps * options.duration))
+
+
+async def stream_from_generator(
+    service: ProcessService, env: Environment, options: LoadTestOptions, status: PhaseStatus
+) -> Phase:
+    """The stream sent by the open-loop generator process; the phase starts when its clock does."""
+    total = status.requests_total = _total(options)
+    targets = list(itertools.islice(stream_targets(env.population, options.channels), total))
+    hosts = [f"{host}:{port}" for host, port in service.addresses]
+    requests = [
+        encode_request("POST", "/send", hosts[k % len(hosts)], single_payload(channel, env.population.user_id(index)))
+        for k, (channel, index) in enumerate(targets)
+    ]
+    mark = await env.tap.mark()
+    status.started = trio.current_time()
+
+    def progress(done: int, errors: int) -> None:
+        status.requests_done, status.request_errors = done, errors
+
+    plan = Plan(service.addresses, requests, options.rps, options.clients, options.request_timeout)
+    run = await run_open_loop(plan, progress)
+    # Both clocks are CLOCK_MONOTONIC, Trio's with an offset of its own.
+    start = run.start + trio.current_time() - time.monotonic()
+    phase = Phase("stream", start, start + run.elapsed, mark, generator_cpu=run.cpu)
+    for o in run.outcomes:
+        reply = reply_of(o.status, o.answer) if isinstance(o.answer, bytes) else Reply(0, None, o.answer)
+        channel, index = targets[o.k]
+        phase.exchanges.append(
+            Exchange(channel, index, start + o.due, start + o.started, start + o.finished, reply, o.replica)
+        )
+    return phase
+
+
+async def stream_from_harness(
+    service: RunningService, env: Environment, options: LoadTestOptions, status: PhaseStatus
+) -> Phase:
+    """The stream sent from this process's Trio loop."""
+    total = _total(options)
     status.requests_total = total
     targets = stream_targets(env.population, options.channels)
     mark = await env.tap.mark()

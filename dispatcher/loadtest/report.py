@@ -108,16 +108,17 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     summary.add_row(f"peak RSS ({memory['measured']})", _mb(memory["peak_rss_bytes"]))
     cpu = results.get("cpu")
     if cpu:
-        # Each process apart: the service, the store, the fakes, Redis, the harness (the generator).
-        names = [n for n in ("service", "store", "fakes", "redis", "harness") if f"{n}_s" in cpu]
-        label = " / ".join("load generator" if n == "harness" else n for n in names)
+        # Each process apart: the service, the store, the fakes, Redis, the stream's generator
+        # process, the harness (in a fan-out or embedded, the generator too).
+        names = [n for n in ("service", "store", "fakes", "redis", "generator", "harness") if f"{n}_s" in cpu]
+        label = " / ".join(names)
         for unit in ("request", "delivery"):
             if f"service_ms_per_{unit}" in cpu:
                 summary.add_row(
                     f"CPU per {unit}: {label}",
                     " / ".join(_fmt(cpu[f"{n}_ms_per_{unit}"], 3) for n in names) + " ms",
                 )
-    summary.add_row("load generator (the harness process)", results["service"].get("generator", "-"))
+    summary.add_row("load generator", results["service"].get("generator", "-"))
     machine = results.get("machine")
     if machine:
         summary.add_row(

@@ -151,7 +151,7 @@ async def _pipeline_phase(
     if options.receipts_delay is not None:
         await _receipts_settled(env, options.receipts_delay)
     results = analyse(options, env, service, phase)
-    meter.report(results)
+    meter.report(results, phase.generator_cpu)
     return results
 
 
@@ -207,9 +207,10 @@ ROUND_TRIPS_METRIC = "dispatcher_redis_limit_round_trips_total"
 
 class _Meter:
     """CPU time of each process over one measured phase: the service (its processes), the store,
-    the fakes, Redis, and the harness (the load generator); and the Redis round trips (as Redis
-    counts its commands, and as each replica reports its own). `start` before the phase, `stop`
-    right after it (before the harness analyses anything), `report` into the phase's results."""
+    the fakes, Redis, the generator (the stream's process, as it measures itself) and the harness
+    (this process); and the Redis round trips (as Redis counts its commands, and as each replica
+    reports its own). `start` before the phase, `stop` right after it (before the harness analyses
+    anything), `report` into the phase's results."""
 
     def __init__(self, env: Environment, sampler: ProcessSampler, service: RunningService) -> None:
         self.env, self.sampler, self.service = env, sampler, service
@@ -261,7 +262,8 @@ class _Meter:
             after = await _reported_round_trips(self.service)
             self.reported = [None if a is None or b is None else a - b for a, b in zip(after, self.reported)]
 
-    def report(self, results: dict[str, Any]) -> None:
+    def report(self, results: dict[str, Any], generator_s: float | None = None) -> None:
+        """`generator_s`: the CPU-seconds of the generator process, when one sent the requests."""
         sampler, service = self.sampler, self.service
         received = results["total"]["received"]
         requests = results["requests"]["count"] if results["scenario"] == "stream" else 0
@@ -270,9 +272,17 @@ class _Meter:
             return round(seconds / count * 1000, 4) if seconds is not None and count else None
 
         cpu: dict[str, Any] = {"service_system_s": round(self.system_s, 3)}
-        # The harness process is the load generator (and, in embedded mode, the service too).
-        for name, seconds in [("service", self.service_s), *self.others.items(), ("harness", self.harness)]:
-            if name == "redis" and self.env.redis is None:
+        # The generator's process (a stream to service processes) apart from the harness's: the
+        # harness spawns it and decodes the answers (and, in embedded mode, runs the service and
+        # sends the requests itself).
+        named = [
+            ("service", self.service_s),
+            *self.others.items(),
+            ("generator", generator_s),
+            ("harness", self.harness),
+        ]
+        for name, seconds in named:
+            if (name == "redis" and self.env.redis is None) or (name == "generator" and generator_s is None):
                 continue
             cpu[f"{name}_s"] = None if seconds is None else round(seconds, 3)
             cpu[f"{name}_ms_per_delivery"] = per_ms(seconds, received)
@@ -280,7 +290,9 @@ class _Meter:
                 cpu[f"{name}_ms_per_request"] = per_ms(seconds, requests)
         cpu["measured"] = (
             "user + system CPU time per process (psutil): the service's processes, the store, the "
-            "fakes (a process of their own), the harness (the load generator)"
+            "fakes (a process of their own), the harness (this process: in a fan-out, the load "
+            "generator too); the stream's generator process by itself, from its first request's "
+            "due time to its last answer"
             if service.mode == "process"
             else "embedded mode: the service runs in the harness process, with the load generator"
         )
@@ -367,6 +379,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "cpu_ms_per_delivery": cpu.get("service_ms_per_delivery"),
         "store_cpu_ms_per_delivery": cpu.get("store_ms_per_delivery"),
         "fakes_cpu_ms_per_delivery": cpu.get("fakes_ms_per_delivery"),
+        "generator_cpu_ms_per_delivery": cpu.get("generator_ms_per_delivery"),
         "harness_cpu_ms_per_delivery": cpu.get("harness_ms_per_delivery"),
         "idle_cores": results.get("machine", {}).get("idle_cores"),
         "steal_cores": results.get("machine", {}).get("steal_cores"),
@@ -377,7 +390,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         figures["achieved_rps"] = results["requests"]["achieved_rps"]
         figures["p50_ms"] = results["requests"]["latency"]["p50_ms"]
         figures["p99_ms"] = results["requests"]["latency"]["p99_ms"]
-        for name in ("service", "store", "fakes", "redis", "harness"):
+        for name in ("service", "store", "fakes", "redis", "generator", "harness"):
             if f"{name}_ms_per_request" in cpu:
                 figures[f"{name}_cpu_ms_per_request"] = cpu[f"{name}_ms_per_request"]
     if "cluster" in results:

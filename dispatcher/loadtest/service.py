@@ -35,6 +35,7 @@ from .options import LoadTestOptions
 
 log = logging.getLogger(__name__)
 
+HOST = "127.0.0.1"  # where the service processes listen
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
 
@@ -50,6 +51,18 @@ class Reply:
     status: int
     body: dict[str, Any] | None
     error: str | None = None
+
+
+def reply_of(status: int, raw: bytes) -> Reply:
+    """The reply to an HTTP answer: a 2xx with a JSON body is a success; another status keeps its
+    body and names its `message`."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return Reply(status, None, f"not JSON: {raw[:200]!r}")
+    if not 200 <= status < 300:
+        return Reply(status, body, str(body.get("message", body)) if isinstance(body, dict) else None)
+    return Reply(status, body)
 
 
 class RunningService(Protocol):
@@ -108,14 +121,18 @@ class ServiceProcess:
 
 
 class ProcessService:
-    """Drives service processes over HTTP, each (a replica, on its own port) with `clients`
-    keep-alive connections of the harness's bare h11 client (`connection.py`: a tenth of httpx's
-    CPU per request, which the service being measured would otherwise lose). httpx stays for the
-    few control requests (readiness, metrics). Which replica serves a send is the caller's choice
-    (the drivers go round-robin)."""
+    """Drives service processes over HTTP, each a replica on its own port (`addresses`). The
+    stream's requests go from a generator process of their own (`open_loop.py`); the harness's
+    own (a fan-out) through its bare HTTP/1.1 client (`connection.py`: a tenth of httpx's CPU per
+    request, which the service being measured would otherwise lose), a few keep-alive connections
+    per replica. httpx stays for the control requests (readiness, metrics). Which replica serves a
+    send is the caller's choice (the drivers go round-robin)."""
 
     mode = "process"
-    generator = "bare HTTP/1.1 (dispatcher/loadtest/connection.py)"
+    generator = (
+        "stream: open-loop process on selectors, no Trio (dispatcher/loadtest/open_loop.py); "
+        "fan-out: bare HTTP/1.1 from the harness (dispatcher/loadtest/connection.py)"
+    )
 
     def __init__(
         self,
@@ -145,6 +162,11 @@ class ProcessService:
     def pid(self) -> int:
         return self.processes[0].pid
 
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of each replica."""
+        return [(HOST, process.port) for process in self.processes]
+
     def roots(self) -> list[int]:
         return [p.pid for p in self.processes if p.process is not None]
 
@@ -161,13 +183,7 @@ class ProcessService:
             return Reply(0, None, str(exc))
         finally:
             idle_in.send_nowait(connection)
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return Reply(status, None, f"not JSON: {raw[:200]!r}")
-        if not 200 <= status < 300:
-            return Reply(status, body, str(body.get("message", body)) if isinstance(body, dict) else None)
-        return Reply(status, body)
+        return reply_of(status, raw)
 
     async def send(self, payload: dict[str, Any], replica: int = 0) -> Reply:
         return await self.request("POST", "/send", payload, replica)
@@ -261,16 +277,14 @@ async def open_service(
         timeout = httpx.Timeout(options.request_timeout, connect=10.0)
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         tls = ssl.create_default_context()  # unused (plain HTTP); shared, since each one costs ~40 ms
-        per_replica = options.clients if options.scenario == "stream" else 2
         clients = [
             await stack.enter_async_context(
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout, limits=limits, verify=tls)
+                httpx.AsyncClient(base_url=f"http://{HOST}:{port}", timeout=timeout, limits=limits, verify=tls)
             )
             for port in ports
         ]
-        connections = [
-            [Connection("127.0.0.1", port, options.request_timeout) for _ in range(per_replica)] for port in ports
-        ]
+        # The harness's own requests only: a stream's go from the generator process.
+        connections = [[Connection(HOST, port, options.request_timeout) for _ in range(2)] for port in ports]
         for pool in connections:
             for connection in pool:
                 stack.callback(connection.close)
