@@ -122,7 +122,7 @@ class Batcher:
                 if not joined and (self._groups or self._crowded or not self._lone_at_once):
                     # Callers ready in this same tick join the group: worth a pass of the loop
                     # while the batcher is busy. Run at once, a single-recipient send's lookup
-                    # and writes save three of its dozen passes.
+                    # and two writes save 3 of its 12 passes (`benchmarks/loop_passes.py`).
                     joined = True
                     await trio.lowlevel.checkpoint()
                     continue
@@ -184,8 +184,8 @@ class Batcher:
 class _BoundedHere:
     """The thread limiter of a batcher's round trips: none, since `in_flight` bounds them. Trio's
     own (`CapacityLimiter`, which `to_thread.run_sync` takes duck-typed) yields to the scheduler
-    even when a thread is free: a pass of the loop per round trip, a tenth of a single-recipient
-    send's passes (docs/benchmarks.md P)."""
+    even when a thread is free: a pass of the loop per round trip, 3 of the 12 that a
+    single-recipient send with the ledger waited for (`benchmarks/loop_passes.py`)."""
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
         return None

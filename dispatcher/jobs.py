@@ -253,8 +253,8 @@ class Recorded:
         """Renew the lease of every run held here once it is a third of a lease old (with its
         counts so far), and cancel the pipeline of a run another instance took over. One task
         for every run of the process: a task per run cost each single-recipient send a nursery,
-        a spawn and a cancelled sleep (docs/benchmarks.md P); a run shorter than a third of a
-        lease is never renewed at all."""
+        a spawn and a cancelled sleep, 3 of its 18 passes of the loop (`benchmarks/loop_passes.py`);
+        a run shorter than a third of a lease is never renewed at all."""
         renewing: set[Run] = set()
 
         async def renew(run: Run) -> None:
