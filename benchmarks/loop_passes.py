@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import collections
 
-import pymongo
 import trio
 
-from dispatcher import open_dispatcher, settings_from_dict
-from dispatcher.delivery import Transport
-from dispatcher.embedded_store import open_embedded_store
-from send_cpu import NullProvider, request
+from send_cpu import open_null_dispatcher, request
 
 
 class Passes(trio.abc.Instrument):
@@ -55,25 +51,13 @@ class Passes(trio.abc.Instrument):
 
 
 async def main(ledger: bool, sends: int) -> None:
-    async with open_embedded_store(None) as url:
-        users = pymongo.MongoClient(url).messaging.users
-        users.insert_many(
-            [{"_id": f"u{i}", "name": f"User {i}", "emailAddress": f"u{i}@example.com"} for i in range(sends + 50)]
-        )
-        settings = settings_from_dict(
-            {"store": {"url": url, "ledger": ledger}, "channels": {"email": {"concurrency": 16}}}
-        )
-        async with open_dispatcher(settings) as d:
-            for name, transport in list(d.transports.items()):
-                d.transports[name] = Transport(NullProvider(), transport.gate, transport.policy)
-            for i in range(50):  # warm-up, not counted
-                await d.send(request(i))
-            passes = Passes()
-            trio.lowlevel.add_instrument(passes)
-            passes.counting = True
-            for i in range(50, 50 + sends):
-                await d.send(request(i))
-            passes.counting = False
+    async with open_null_dispatcher(ledger, sends + 50, warm_up=50) as d:
+        passes = Passes()
+        trio.lowlevel.add_instrument(passes)
+        passes.counting = True
+        for i in range(50, 50 + sends):
+            await d.send(request(i))
+        passes.counting = False
     print(
         f"ledger {'on' if ledger else 'off'}: {sum(passes.steps.values()) / sends:.2f} task steps a send, "
         f"{passes.io_waits / sends:.2f} I/O waits"

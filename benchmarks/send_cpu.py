@@ -15,12 +15,14 @@ import argparse
 import cProfile
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pymongo
 import trio
 
-from dispatcher import open_dispatcher, settings_from_dict
+from dispatcher import Dispatcher, open_dispatcher, settings_from_dict
 from dispatcher.delivery import Transport
 from dispatcher.embedded_store import open_embedded_store
 
@@ -60,11 +62,13 @@ def request(i: int) -> dict[str, Any]:
     }
 
 
-async def main(ledger: bool, sends: int, profile: str | None, rate: float) -> None:
+@asynccontextmanager
+async def open_null_dispatcher(ledger: bool, users: int, warm_up: int) -> AsyncIterator[Dispatcher]:
+    """A dispatcher on an embedded store holding `users` users, its providers replaced by the
+    null one, after `warm_up` sends to users 0, 1, ... (also `loop_passes.py`'s set-up)."""
     async with open_embedded_store(None) as url:
-        users = pymongo.MongoClient(url).messaging.users
-        users.insert_many(
-            [{"_id": f"u{i}", "name": f"User {i}", "emailAddress": f"u{i}@example.com"} for i in range(sends)]
+        pymongo.MongoClient(url).messaging.users.insert_many(
+            [{"_id": f"u{i}", "name": f"User {i}", "emailAddress": f"u{i}@example.com"} for i in range(users)]
         )
         settings = settings_from_dict(
             {"store": {"url": url, "ledger": ledger}, "channels": {"email": {"concurrency": 16}}}
@@ -72,31 +76,36 @@ async def main(ledger: bool, sends: int, profile: str | None, rate: float) -> No
         async with open_dispatcher(settings) as d:
             for name, transport in list(d.transports.items()):
                 d.transports[name] = Transport(NullProvider(), transport.gate, transport.policy)
-            for i in range(100):  # warm-up, not counted
+            for i in range(warm_up):
                 await d.send(request(i))
-            profiler = cProfile.Profile(time.thread_time) if profile else None
+            yield d
 
-            async def client(k: int) -> None:
-                for i in range(k, sends, CLIENTS):
-                    await d.send(request(i))
 
-            async def paced(i: int) -> None:
-                await trio.sleep_until(start + i / rate)
+async def main(ledger: bool, sends: int, profile: str | None, rate: float) -> None:
+    async with open_null_dispatcher(ledger, sends, warm_up=100) as d:
+        profiler = cProfile.Profile(time.thread_time) if profile else None
+
+        async def client(k: int) -> None:
+            for i in range(k, sends, CLIENTS):
                 await d.send(request(i))
 
-            before, cpu, wall = thread_cpu(), time.process_time(), time.perf_counter()
-            if profiler:
-                profiler.enable()
-            start = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                for k in range(0 if rate else CLIENTS):
-                    nursery.start_soon(client, k)
-                for i in range(sends if rate else 0):
-                    nursery.start_soon(paced, i)
-            if profiler:
-                profiler.disable()
-                profiler.dump_stats(profile)
-            after, cpu, wall = thread_cpu(), time.process_time() - cpu, time.perf_counter() - wall
+        async def paced(i: int) -> None:
+            await trio.sleep_until(start + i / rate)
+            await d.send(request(i))
+
+        before, cpu, wall = thread_cpu(), time.process_time(), time.perf_counter()
+        if profiler:
+            profiler.enable()
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for k in range(0 if rate else CLIENTS):
+                nursery.start_soon(client, k)
+            for i in range(sends if rate else 0):
+                nursery.start_soon(paced, i)
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        after, cpu, wall = thread_cpu(), time.process_time() - cpu, time.perf_counter() - wall
     loop = str(os.getpid())
     loop_cpu = after[loop] - before.get(loop, 0.0)
     threads = sum(v - before.get(tid, 0.0) for tid, v in after.items() if tid != loop)

@@ -72,8 +72,8 @@ class StoreSettings(Section):
     callbacks_collection: str = "dispatch_callbacks"
     idempotency_ttl_hours: float = Field(24.0, gt=0)
     retention_days: float = Field(30.0, gt=0)
-    # A running job's owner renews its lease this often (a third of it); another instance takes
-    # the job over once the lease has expired.
+    # A running job's owner renews its lease once a third to a half of it has passed; another
+    # instance takes the job over once the lease has expired.
     lease_seconds: float = Field(30.0, gt=0)
     # The CRUD service's `__STATE__` of the users and templates this service uses. A document
     # without `__STATE__` counts as PUBLIC (collections not written by the CRUD service have
