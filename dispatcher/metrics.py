@@ -262,7 +262,7 @@ def observe_callback(event: str, outcome: str, attempt: int) -> None:
 
 def observe_job(state: str) -> None:
     """A job entered `state` (one of `JOB_STATES`)."""
-    JOBS.labels(_bounded(state, JOB_STATES)).inc()
+    _series_of(("job", state), lambda: JOBS.labels(_bounded(state, JOB_STATES))).inc()
 
 
 # Queue depth is sampled rather than counted on every send/receive: the pipeline registers the
@@ -302,9 +302,14 @@ async def sample_queues_forever(interval: float = 1.0) -> None:
 
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:
     """`route` is a template (`/send/{id}`) or `unmatched`, never a raw path."""
+    requests, latency = _series_of(("http", method, route, status), lambda: _http_series(method, route, status))
+    requests.inc()
+    latency.observe(max(seconds, 0.0))
+
+
+def _http_series(method: str, route: str, status: int) -> tuple[Any, Any]:
     method = _bounded(method, HTTP_METHODS)
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_LATENCY.labels(method, route).observe(max(seconds, 0.0))
+    return HTTP_REQUESTS.labels(method, route, str(status)), HTTP_LATENCY.labels(method, route)
 
 
 # --- exposition
