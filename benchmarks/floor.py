@@ -1,6 +1,7 @@
 """The service beside its floor, in one run: single-recipient sends offered open-loop at a fixed
 rate to `benchmarks/floor_app.py` (what any implementation of such a send must do) and to the
-real service, on the same store, fakes and load generator, interleaved round by round.
+real service, on the same store, fakes and load generator, interleaved round by round (every
+other round in reverse order).
 
     python benchmarks/floor.py --rounds 3 --variants floor-ledger,service-ledger,service \\
         -- --users 2000 --rps 100 --duration 15s --latency 10ms --channels email,sms,push
@@ -81,13 +82,16 @@ async def run(variants: list[str], rounds: int, options: Any, output: Path) -> l
     with tempfile.TemporaryDirectory(prefix="floor-") as scratch:
         async with open_environment(options, Path(scratch)) as env:
             for number in range(rounds):
-                row = []
-                for variant in variants:
+                # Every other round in reverse order (ABC CBA ...): a machine that speeds up or slows
+                # down during a round then favours no variant over the rounds.
+                order = variants if number % 2 == 0 else variants[::-1]
+                measured = {}
+                for variant in order:
                     figures = await measure(variant, options, env, output)
                     print(json.dumps({"round": number + 1, **figures}), flush=True)
-                    row.append(figures)
+                    measured[variant] = figures
                     await trio.to_thread.run_sync(env.clear_ledger)
-                results.append(row)
+                results.append([measured[variant] for variant in variants])
     return results
 
 
