@@ -260,6 +260,10 @@ class Recorded:
         async def renew(run: Run) -> None:
             try:
                 await self._renew(run)
+            except Exception:
+                # A bug here must not end every run of the process with it: this run's lease is
+                # tried again at the next check, and lapses (the job is resumed) if it never is.
+                log.exception("job %s: renewing its lease failed", run.job_id)
             finally:
                 renewing.discard(run)
 

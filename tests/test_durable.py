@@ -326,6 +326,30 @@ async def test_a_run_longer_than_its_lease_keeps_it_renewed(make_settings: Any, 
     assert len(set(seen)) >= 3  # renewed again and again, not once
 
 
+async def test_a_renewal_that_fails_unexpectedly_ends_no_send(
+    make_settings: Any, database: Any, outbox: Path, caplog: Any
+) -> None:
+    # One task renews every run's lease: a bug in one renewal is logged, and neither that send
+    # nor the process ends with it.
+    seed(database, 20)
+    settings = make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+    async with open_dispatcher(settings) as d:
+        assert d.ledger is not None
+        failures = 0
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            failures += 1
+            raise RuntimeError("a bug in renewing")
+
+        d.ledger.renew = broken  # type: ignore[method-assign]
+        result = await d.send({**REQUEST, "channels": ["sms"]})
+        again = await d.send({**REQUEST, "channels": ["sms"], "recipients": ["u1"], "clusters": []})
+    assert result.summary.sent == {"sms": 20} and again.summary.sent == {"sms": 1}
+    assert failures >= 2
+    assert "renewing its lease failed" in caplog.text
+
+
 ONE_SMS = {"channels": ["sms"], "messageContent": "hi {{ user.name }}"}
 
 
