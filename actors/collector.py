@@ -31,6 +31,7 @@ async def collect(
 ) -> None:
     """Fill `result` (owned by the caller, so that it holds what was attempted even if the send
     stops early). `providers`: the provider name of each requested channel, in request order."""
+    counting = next(iter(providers))
     pending: list[Delivery] = []
     deadline = trio.current_time() + FLUSH_SECONDS
 
@@ -41,7 +42,7 @@ async def collect(
 
     with results:
         async for delivery in results:
-            count(delivery, result, providers, metrics)
+            count(delivery, result, providers, metrics, counting)
             pending.append(delivery)
             if len(pending) >= FLUSH_SIZE or trio.current_time() >= deadline:
                 await flush()
@@ -49,10 +50,12 @@ async def collect(
         await flush()
 
 
-def count(delivery: Delivery, result: SendResult, providers: Mapping[str, str], metrics: Metrics) -> None:
+def count(
+    delivery: Delivery, result: SendResult, providers: Mapping[str, str], metrics: Metrics, counting: str
+) -> None:
     """Count one delivery into `result`. `providers`: the provider name of each requested
-    channel, in request order (users are counted on the first)."""
-    result.summary.count(delivery, counting_users=delivery.channel == next(iter(providers)))
+    channel; users are counted on `counting`, the first of them."""
+    result.summary.count(delivery, counting_users=delivery.channel == counting)
     if delivery.status == "failed":
         result.failures.append(Failure(delivery.user_id, delivery.channel, delivery.error or "failed"))
     if not delivery.recorded:

@@ -12,7 +12,7 @@ from types import TracebackType
 
 import trio
 
-from .messages import Delivery
+from .messages import Delivery, Message
 from .faults import RunFault
 
 
@@ -78,6 +78,11 @@ class Unrecorded:
 
     def waiting(self) -> Waiting:
         return Waiting(self)
+
+    def unattempted(self, message: Message) -> Delivery | None:
+        """What becomes of a message this halted run did not attempt: `cancelled` after a cancel;
+        nothing after a store fault (the resumed run sends it)."""
+        return Delivery(message.user_id, message.channel, "cancelled") if self.cancelled else None
 
     async def take(self, take_nowait: Callable[[], object], take: Callable[[], Awaitable[object]]) -> bool:
         """Take a slot or a permit: at once when one is free (no cancel scope: this runs once or

@@ -43,7 +43,7 @@ async def send(
                 if journal.halted:
                     if held:
                         slots.release()
-                    if journal.cancelled:
-                        await results.send(Delivery(message.user_id, message.channel, "cancelled"))
-                    continue  # after a store fault: not attempted, the resumed run sends it
+                    if (unattempted := journal.unattempted(message)) is not None:
+                        await results.send(unattempted)
+                    continue
                 nursery.start_soon(deliver_one, message)

@@ -110,11 +110,11 @@ async def _run_one(
         if not isinstance(outcome, Message):
             delivery = outcome
         elif journal.halted:
-            delivery = Delivery(outcome.user_id, outcome.channel, "cancelled") if journal.cancelled else None
+            delivery = journal.unattempted(outcome)
         else:
             delivery = await transport.deliver(outcome, journal)
         if delivery is not None:
-            count(delivery, result, providers, metrics)
+            count(delivery, result, providers, metrics, lane.channel)
             await record([delivery], journal)
 
 

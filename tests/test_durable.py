@@ -271,13 +271,18 @@ async def test_two_runs_of_one_job_never_both_send_a_delivery(make_settings: Any
     assert sum(r.summary.sent.get("sms", 0) for r in results) == 50
 
 
+def short_lease(make_settings: Any) -> Any:
+    """A lease of 0.3 s, and SMS paced at 20/s: a send of 20 or 40 users outlasts several leases."""
+    return make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+
+
 async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
     make_settings: Any, database: Any, outbox: Path
 ) -> None:
     # Another instance claimed the job (this one was too slow to renew its lease): the store
     # answered, so the client is told who delivers the rest, not that the store went away.
     seed(database, 40)
-    settings = make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+    settings = short_lease(make_settings)
     async with open_dispatcher(settings) as d:
         async with trio.open_nursery() as nursery:
             caught: list[BaseException] = []
@@ -304,7 +309,7 @@ async def test_a_run_longer_than_its_lease_keeps_it_renewed(make_settings: Any, 
     # One task renews every run's lease (`Recorded.keep_leases`): a send of two seconds under a
     # lease of 0.3 s must find its lease in the future whenever it is looked at, and end done.
     seed(database, 40)
-    settings = make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+    settings = short_lease(make_settings)
     async with open_dispatcher(settings) as d:
         async with trio.open_nursery() as nursery:
             results: list[Any] = []
@@ -332,7 +337,7 @@ async def test_a_renewal_that_fails_unexpectedly_ends_no_send(
     # One task renews every run's lease: a bug in one renewal is logged, and neither that send
     # nor the process ends with it.
     seed(database, 20)
-    settings = make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
+    settings = short_lease(make_settings)
     async with open_dispatcher(settings) as d:
         assert d.ledger is not None
         failures = 0
