@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-_HEAD_END = b"\r\n\r\n"
-_MAX_HEAD = 64 * 1024
+HEAD_END = b"\r\n\r\n"
+MAX_HEAD = 64 * 1024
 
 
 class ExchangeError(Exception):
@@ -112,8 +112,8 @@ class Connection:
             self._socket = await self._connect()
         await self._send(self._socket, request)
         buffer = self._buffer
-        while (end := buffer.find(_HEAD_END)) < 0:
-            if len(buffer) > _MAX_HEAD:
+        while (end := buffer.find(HEAD_END)) < 0:
+            if len(buffer) > MAX_HEAD:
                 raise ExchangeError("answer head over 64 KiB")
             await self._fill()
         status, length, close = parse_head(bytes(buffer[:end]))

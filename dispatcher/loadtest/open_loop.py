@@ -47,10 +47,8 @@ import trio
 
 from ..children import python_environment
 from ..errors import DispatcherError
-from .connection import ExchangeError, failure_message, parse_head
+from .connection import HEAD_END, MAX_HEAD, ExchangeError, failure_message, parse_head
 
-_HEAD_END = b"\r\n\r\n"
-_MAX_HEAD = 64 * 1024
 PROGRESS_SECONDS = 1.0
 
 
@@ -335,9 +333,9 @@ class _Generator:
         buffer = connection.buffer
         buffer += data
         if connection.head is None:
-            end = buffer.find(_HEAD_END)
+            end = buffer.find(HEAD_END)
             if end < 0:
-                if len(buffer) > _MAX_HEAD:
+                if len(buffer) > MAX_HEAD:
                     self._finish(connection, 0, "answer head over 64 KiB", keep=False)
                 return
             try:
