@@ -11,8 +11,16 @@ Arguments after `--` are `dispatcher loadtest` options (the stream scenario is i
 `service-ledger`. For each: the process's CPU per request, the store's, the fakes' (a process of
 their own), the generator's (the open-loop process that sends the requests, as it measures
 itself), the harness's (this process: it starts the generator and decodes the answers), p50/p99
-latency from each request's due time, and errors; then medians over the rounds and each
-variant's ratio to the first one.
+latency from each request's due time, and errors (by status, with the first one's message);
+then medians over the rounds and each variant's ratio to the first one. Each variant's service log
+is kept in a directory named on the last line.
+
+`--together`: in each round all the variants run at the same time, each at `--rps`, each with a
+generator of its own, on the one store and the one set of fakes. On a shared VM whose speed drifts
+from minute to minute, variants measured one after another each catch a different minute: that
+moved a round's ratio by ±0.15, more than the differences measured. Together they share the
+minute (and the contention, symmetrically); the store's and the fakes' CPU then cannot be told
+apart by variant and are reported for all of them together.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ import dataclasses
 import json
 import statistics
 import sys
+import math
 import tempfile
+from collections import Counter
+from contextlib import AsyncExitStack
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +41,7 @@ from typing import Any
 import trio
 
 from dispatcher.loadtest.cli import add_parser, options_from_args
-from dispatcher.loadtest.drivers import PhaseStatus, run_stream
+from dispatcher.loadtest.drivers import Phase, PhaseStatus, run_stream
 from dispatcher.loadtest.environment import open_environment
 from dispatcher.loadtest.runner import _cpu_of
 from dispatcher.loadtest.service import ProcessService, open_service
@@ -43,41 +54,82 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def measure(variant: str, options: Any, env: Any, output: Path) -> dict[str, Any]:
-    ledger = variant.endswith("-ledger")
-    options = dataclasses.replace(options, ledger=ledger)
-    command = None
-    if variant.startswith("floor"):
-        command = lambda config, port: [sys.executable, str(APP), str(config), str(port)] + ["--ledger"] * ledger  # noqa: E731
-    async with open_service(options, env, output, command) as service:
-        assert isinstance(service, ProcessService)
-        pid = service.pid
-        before = (_cpu_of(pid), _cpu_of(env.store_pid), time.process_time(), _cpu_of(env.fakes.pid))
-        phase = await run_stream(service, env, options, PhaseStatus(variant))
-        after = (_cpu_of(pid), _cpu_of(env.store_pid), time.process_time(), _cpu_of(env.fakes.pid))
-    n = len(phase.exchanges)
-    ok = [e for e in phase.exchanges if e.ok]
-    latencies = [e.latency * 1000 for e in ok]
+def _options_of(variant: str, options: Any) -> Any:
+    return dataclasses.replace(options, ledger=variant.endswith("-ledger"))
 
-    def per_request(i: int) -> float | None:
+
+def _command_of(variant: str) -> Any:
+    """The command that starts `variant` (None: the service's own)."""
+    if not variant.startswith("floor"):
+        return None
+    ledger = ["--ledger"] * variant.endswith("-ledger")
+    return lambda config, port: [sys.executable, str(APP), str(config), str(port), *ledger]
+
+
+def _cpus(pids: list[int | None]) -> list[float | None]:
+    return [_cpu_of(pid) if pid is not None else None for pid in pids] + [time.process_time()]
+
+
+async def measure_together(variants: list[str], options: Any, env: Any, output: Path) -> list[dict[str, Any]]:
+    """Run `variants` (one or several at once) and measure each: the store's, the fakes' and this
+    process's CPU per request are for all of them together."""
+    phases: dict[str, Phase] = {}
+    async with AsyncExitStack() as stack:
+        services = []
+        for variant in variants:
+            logs = output / variant
+            logs.mkdir()
+            service = await stack.enter_async_context(
+                open_service(_options_of(variant, options), env, logs, _command_of(variant))
+            )
+            assert isinstance(service, ProcessService)
+            services.append(service)
+        pids = [s.pid for s in services] + [env.store_pid, env.fakes.pid]
+        before = _cpus(pids)
+
+        async def stream(variant: str, service: ProcessService) -> None:
+            phases[variant] = await run_stream(service, env, _options_of(variant, options), PhaseStatus(variant))
+
+        async with trio.open_nursery() as nursery:
+            for variant, service in zip(variants, services, strict=True):
+                nursery.start_soon(stream, variant, service)
+        after = _cpus(pids)
+    everything = sum(len(p.exchanges) for p in phases.values())
+
+    def cpu_ms(i: int, n: int) -> float | None:
         a, b = before[i], after[i]
         return None if a is None or b is None else (b - a) / n * 1000
 
-    return {
-        "variant": variant,
-        "requests": n,
-        "errors": n - len(ok),
-        "service_cpu_ms": per_request(0),
-        "store_cpu_ms": per_request(1),
-        "harness_cpu_ms": per_request(2),
-        "generator_cpu_ms": None if phase.generator_cpu is None else phase.generator_cpu / n * 1000,
-        "fakes_cpu_ms": per_request(3),
-        "p50_ms": _percentile(latencies, 0.5),
-        "p99_ms": _percentile(latencies, 0.99),
-    }
+    figures = []
+    for i, variant in enumerate(variants):
+        phase = phases[variant]
+        n = len(phase.exchanges)
+        ok = [e for e in phase.exchanges if e.ok]
+        latencies = [e.latency * 1000 for e in ok]
+        failed = [e for e in phase.exchanges if not e.ok]
+        figures.append(
+            {
+                "variant": variant,
+                "requests": n,
+                "errors": len(failed),
+                # By status (0: no answer); the service's log is in `output`/`variant`.
+                "errors_by_status": dict(Counter(e.reply.status for e in failed)),
+                "first_error": failed[0].reply.error if failed else None,
+                "service_cpu_ms": cpu_ms(i, n),
+                "store_cpu_ms": cpu_ms(len(variants), everything),
+                "fakes_cpu_ms": cpu_ms(len(variants) + 1, everything),
+                "harness_cpu_ms": cpu_ms(len(variants) + 2, everything),
+                "generator_cpu_ms": None if phase.generator_cpu is None else phase.generator_cpu / n * 1000,
+                "p50_ms": _percentile(latencies, 0.5),
+                "p99_ms": _percentile(latencies, 0.99),
+            }
+        )
+    return figures
 
 
-async def run(variants: list[str], rounds: int, options: Any, output: Path) -> list[list[dict[str, Any]]]:
+async def run(
+    variants: list[str], rounds: int, options: Any, output: Path, together: bool
+) -> list[list[dict[str, Any]]]:
     results: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="floor-") as scratch:
         async with open_environment(options, Path(scratch)) as env:
@@ -86,10 +138,12 @@ async def run(variants: list[str], rounds: int, options: Any, output: Path) -> l
                 # down during a round then favours no variant over the rounds.
                 order = variants if number % 2 == 0 else variants[::-1]
                 measured = {}
-                for variant in order:
-                    figures = await measure(variant, options, env, output)
-                    print(json.dumps({"round": number + 1, **figures}), flush=True)
-                    measured[variant] = figures
+                for group in [order] if together else [[variant] for variant in order]:
+                    round_output = output / f"round{number + 1}"
+                    round_output.mkdir(exist_ok=True)
+                    for figures in await measure_together(group, options, env, round_output):
+                        print(json.dumps({"round": number + 1, **figures}), flush=True)
+                        measured[figures["variant"]] = figures
                     await trio.to_thread.run_sync(env.clear_ledger)
                 results.append([measured[variant] for variant in variants])
     return results
@@ -102,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="floor-ledger,service-ledger,floor,service")
+    parser.add_argument("--together", action="store_true", help="the variants of a round at the same time")
     args = parser.parse_args(own)
     loadtest = argparse.ArgumentParser()
     add_parser(loadtest.add_subparsers(dest="command"))
@@ -110,7 +165,8 @@ def main() -> None:
     )
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     output = Path(tempfile.mkdtemp(prefix="floor-output-"))
-    results = trio.run(run, variants, args.rounds, options, output)
+    results = trio.run(run, variants, args.rounds, options, output, args.together)
+    print(f"\nservices' logs: {output}")
     keys = (
         "service_cpu_ms",
         "store_cpu_ms",
@@ -121,11 +177,11 @@ def main() -> None:
         "p99_ms",
         "errors",
     )
-    print(f"\nmedians over {args.rounds} round(s); ratio: to {variants[0]} within each round, then the median")
+    print(f"medians over {args.rounds} round(s); ratio: to {variants[0]} within each round, then the median")
     print(f"{'variant':16}" + "".join(f"{k:>18}" for k in keys) + f"{'cpu ratio':>12}{'p50 ratio':>12}")
     for i, variant in enumerate(variants):
         column = [row[i] for row in results]
-        medians = [statistics.median(f[k] for f in column if f[k] is not None) for k in keys]
+        medians = [statistics.median([f[k] for f in column if f[k] is not None] or [math.nan]) for k in keys]
         cpu_ratio = statistics.median(row[i]["service_cpu_ms"] / row[0]["service_cpu_ms"] for row in results)
         p50_ratio = statistics.median(row[i]["p50_ms"] / row[0]["p50_ms"] for row in results)
         print(f"{variant:16}" + "".join(f"{m:18.3f}" for m in medians) + f"{cpu_ratio:12.2f}{p50_ratio:12.2f}")
