@@ -15,6 +15,9 @@ latency from each request's due time, and errors (by status, with the first one'
 then medians over the rounds and each variant's ratio to the first one. Each variant's service log
 is kept in a directory named on the last line.
 
+A variant `NAME@CHECKOUT` runs NAME from another checkout (a `git worktree` of another commit),
+to compare two versions of the code in the same run.
+
 `--together`: in each round all the variants run at the same time, each at `--rps`, each with a
 generator of its own, on the one store and the one set of fakes. On a shared VM whose speed drifts
 from minute to minute, variants measured one after another each catch a different minute: that
@@ -44,7 +47,7 @@ from dispatcher.loadtest.cli import add_parser, options_from_args
 from dispatcher.loadtest.drivers import Phase, PhaseStatus, run_stream
 from dispatcher.loadtest.environment import open_environment
 from dispatcher.loadtest.runner import _cpu_of
-from dispatcher.loadtest.service import ProcessService, open_service
+from dispatcher.loadtest.service import ProcessService, open_service, service_command
 
 APP = Path(__file__).with_name("floor_app.py")
 
@@ -55,15 +58,27 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _options_of(variant: str, options: Any) -> Any:
-    return dataclasses.replace(options, ledger=variant.endswith("-ledger"))
+    return dataclasses.replace(options, ledger=variant.partition("@")[0].endswith("-ledger"))
 
 
-def _command_of(variant: str) -> Any:
-    """The command that starts `variant` (None: the service's own)."""
-    if not variant.startswith("floor"):
+def _command_of(variant: str, options: Any) -> Any:
+    """The command that starts `variant` (None: this checkout's service). `NAME@CHECKOUT` runs
+    NAME from another checkout of the project (another commit's code, side by side)."""
+    name, _, checkout = variant.partition("@")
+    if name.startswith("floor"):
+        app = Path(checkout) / "benchmarks" / APP.name if checkout else APP
+        ledger = ["--ledger"] * name.endswith("-ledger")
+        return lambda config, port: [sys.executable, str(app), str(config), str(port), *ledger]
+    if not checkout:
         return None
-    ledger = ["--ledger"] * variant.endswith("-ledger")
-    return lambda config, port: [sys.executable, str(APP), str(config), str(port), *ledger]
+    # `-m` would put the working directory, this checkout, first on the path.
+    start = f"import sys; sys.path.insert(0, {checkout!r}); from dispatcher.cli import main; sys.exit(main())"
+    return lambda config, port: [
+        sys.executable,
+        "-c",
+        start,
+        *service_command(config, options.service_log_level, port)[3:],
+    ]
 
 
 def _cpus(pids: list[int | None]) -> list[float | None]:
@@ -77,10 +92,10 @@ async def measure_together(variants: list[str], options: Any, env: Any, output: 
     async with AsyncExitStack() as stack:
         services = []
         for variant in variants:
-            logs = output / variant
+            logs = output / variant.replace("/", "_")
             logs.mkdir()
             service = await stack.enter_async_context(
-                open_service(_options_of(variant, options), env, logs, _command_of(variant))
+                open_service(_options_of(variant, options), env, logs, _command_of(variant, options))
             )
             assert isinstance(service, ProcessService)
             services.append(service)
