@@ -749,7 +749,8 @@ _ROOT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _ROOT_THIS = "{" + ", ".join(f'"{key}": {key}' for key in ("user", "data")) + "}"
 
 
-def _printed(value: Any, escape: bool) -> str:
+def printed(value: Any, escape: bool) -> str:
+    """What `{{path}}` (`escape`: in an HTML body) or `{{{path}}}` prints for `value`."""
     # How Handlebars' escapeExpression turns values into text: null/undefined print nothing,
     # booleans in lower case, arrays joined with commas, objects as JavaScript prints them.
     # Callables only come from Python methods found where a key is missing: print nothing.
@@ -767,21 +768,21 @@ def _printed(value: Any, escape: bool) -> str:
         items = iter(value)
     except TypeError:
         return str(markupsafe.escape(value)) if escape else str(value)
-    return ",".join(_printed(item, escape) for item in items)
+    return ",".join(printed(item, escape) for item in items)
 
 
 @pass_eval_context
 def _print_escaped(eval_ctx: Any, value: Any) -> str:
     """`{{path}}`: escaped in HTML bodies (the result is then marked safe, not escaped twice)."""
     if eval_ctx.autoescape:
-        return markupsafe.Markup(_printed(value, True))
-    return _printed(value, False)
+        return markupsafe.Markup(printed(value, True))
+    return printed(value, False)
 
 
 @pass_eval_context
 def _print_raw(eval_ctx: Any, value: Any) -> str:
     """`{{{path}}}`, `{{& path}}`: never escaped."""
-    text = _printed(value, False)
+    text = printed(value, False)
     return markupsafe.Markup(text) if eval_ctx.autoescape else text
 
 
