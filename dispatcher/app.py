@@ -134,6 +134,8 @@ QUERY_FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
 
 def _query_flag(name: str) -> bool:
+    if not request.query_string:  # most requests: no query string to parse
+        return False
     raw = request.args.get(name)
     if raw is None:
         return False
@@ -144,8 +146,10 @@ def _query_flag(name: str) -> bool:
 
 def _wants_async() -> bool:
     """RFC 7240 `Prefer: respond-async`, or `?async=true`."""
-    prefer = {token.strip().lower() for value in request.headers.getlist("Prefer") for token in value.split(",")}
-    return _query_flag("async") or "respond-async" in prefer
+    if _query_flag("async"):
+        return True
+    prefer = request.headers.getlist("Prefer")
+    return bool(prefer) and "respond-async" in {token.strip().lower() for value in prefer for token in value.split(",")}
 
 
 def _wants_dry_run(payload: Any) -> bool:

@@ -118,6 +118,10 @@ def _check_plain_json(fields: dict[str, Any]) -> None:
                 stack.extend((item, (*parts, i), depth + 1) for i, item in enumerate(value))
 
 
+# Each model's field names and aliases, found once (pydantic's `model_fields` is not free).
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 class SendRequest(BaseModel):
     """One message to many users over several channels."""
 
@@ -148,7 +152,11 @@ class SendRequest(BaseModel):
     def _plain_json(cls, values: Any) -> Any:
         if isinstance(values, dict):
             # Only the fields we use: unknown fields are ignored, whatever they hold.
-            known = {name for n, f in cls.model_fields.items() for name in (n, f.alias)}
+            known = _FIELD_NAMES.get(cls)
+            if known is None:
+                known = _FIELD_NAMES[cls] = frozenset(
+                    name for n, f in cls.model_fields.items() for name in (n, f.alias) if name is not None
+                )
             _check_plain_json({k: v for k, v in values.items() if k in known})
         return values
 
