@@ -4,6 +4,8 @@ structure (due offsets, order, overlap), never by wall-clock figures."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import socketserver
@@ -230,6 +232,19 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used_again(serve
 
     assert [o.status for o in run.outcomes] == [200, 200, 200, 200]
     assert _fresh_connection_after(servers[0], 1) and not _fresh_connection_after(servers[0], 2)
+
+
+async def test_a_connection_idle_past_the_keep_alive_is_replaced_not_used(servers: list[_Server]) -> None:
+    # 100 ms between requests: within a keep-alive of 1 s one connection serves them all; with a
+    # keep-alive of 50 ms each goes on a new one (a server may be closing the idle one just then).
+    plan = _plan(servers[:1], ["/send"] * 3, rps=10.0, clients=1)
+    run, _ = await _run(dataclasses.replace(plan, keep_alive=1.0))
+    assert [o.status for o in run.outcomes] == [200] * 3
+    assert servers[0].recorder.connections == 1
+
+    run, _ = await _run(dataclasses.replace(plan, keep_alive=0.05))
+    assert [o.status for o in run.outcomes] == [200] * 3
+    assert servers[0].recorder.connections == 1 + 3
 
 
 async def test_a_non_2xx_answer_is_reported_with_its_status_and_body(servers: list[_Server]) -> None:

@@ -65,6 +65,11 @@ class Plan:
     rps: float
     clients: int
     timeout: float
+    # A connection idle longer than this is closed rather than used: a server closes idle
+    # keep-alive connections (hypercorn after 5 s), and a request written as its close is on the
+    # way meets a reset. At a low rate the most recently used connections serve every request and
+    # the others wait, idle, for a burst.
+    keep_alive: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,7 @@ def write_plan(plan: Plan, path: Path) -> None:
         "rps": plan.rps,
         "clients": plan.clients,
         "timeout": plan.timeout,
+        "keep_alive": plan.keep_alive,
     }
     _dump(spec, path)
 
@@ -167,7 +173,7 @@ _Row = tuple[int, int, float, float, float, int, bytes | str]
 
 
 class _Connection:
-    __slots__ = ("sock", "replica", "connecting", "pending", "buffer", "head", "k", "started")
+    __slots__ = ("sock", "replica", "connecting", "pending", "buffer", "head", "k", "started", "idle_since")
 
     def __init__(self, sock: socket.socket, replica: int, connecting: bool) -> None:
         self.sock: socket.socket | None = sock
@@ -178,6 +184,7 @@ class _Connection:
         self.head: tuple[int, int, bool] | None = None  # of the answer being read
         self.k = -1  # the request in flight on it, if any
         self.started = 0.0
+        self.idle_since = 0.0
 
 
 class _Generator:
@@ -186,6 +193,7 @@ class _Generator:
         self.rps: float = spec["rps"]
         self.clients: int = spec["clients"]
         self.timeout: float = spec["timeout"]
+        self.keep_alive: float = spec["keep_alive"]
         self.stop_fd, self.progress_fd = stop_fd, progress_fd
         # Resolved before the clock starts.
         self.addresses = [socket.getaddrinfo(h, p, type=socket.SOCK_STREAM)[0] for h, p in spec["addresses"]]
@@ -257,7 +265,14 @@ class _Generator:
         pool = self.idle[replica]
         try:
             # The most recently used first: at a low rate a few connections serve every request.
-            connection = pool.pop() if pool else self._open(replica)
+            connection = pool.pop() if pool else None
+            if connection is not None and now - connection.idle_since > self.keep_alive:
+                for stale in (connection, *pool):  # the others have been idle longer still
+                    self._close(stale)
+                pool.clear()
+                connection = None
+            if connection is None:
+                connection = self._open(replica)
         except OSError as exc:
             self._record(k, replica, now, 0, failure_message(exc))
             return
@@ -356,6 +371,7 @@ class _Generator:
         self.busy -= 1
         if keep:
             connection.buffer.clear()
+            connection.idle_since = time.monotonic() - self.start
             self.idle[connection.replica].append(connection)
         else:
             self._close(connection)
