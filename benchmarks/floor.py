@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
-import math
 import tempfile
+import time
 from collections import Counter
 from contextlib import AsyncExitStack
-import time
 from pathlib import Path
 from typing import Any
 
