@@ -85,7 +85,7 @@ def _cpus(pids: list[int | None]) -> list[float | None]:
     return [_cpu_of(pid) if pid is not None else None for pid in pids] + [time.process_time()]
 
 
-async def measure_together(variants: list[str], options: Any, env: Any, output: Path) -> list[dict[str, Any]]:
+async def measure(variants: list[str], options: Any, env: Any, output: Path) -> list[dict[str, Any]]:
     """Run `variants` (one or several at once) and measure each: the store's, the fakes' and this
     process's CPU per request are for all of them together."""
     phases: dict[str, Phase] = {}
@@ -156,7 +156,7 @@ async def run(
                 for group in [order] if together else [[variant] for variant in order]:
                     round_output = output / f"round{number + 1}"
                     round_output.mkdir(exist_ok=True)
-                    for figures in await measure_together(group, options, env, round_output):
+                    for figures in await measure(group, options, env, round_output):
                         print(json.dumps({"round": number + 1, **figures}), flush=True)
                         measured[figures["variant"]] = figures
                     await trio.to_thread.run_sync(env.clear_ledger)

@@ -276,6 +276,21 @@ def short_lease(make_settings: Any) -> Any:
     return make_settings(store={"lease_seconds": 0.3}, channels={"sms": {"rate_per_second": 20, "concurrency": 1}})
 
 
+def start_sms_send(nursery: trio.Nursery, d: Any) -> list[Any]:
+    """Start a send of REQUEST on SMS alone in `nursery`; the list gets its result, or what it
+    raised, when it ends."""
+    ended: list[Any] = []
+
+    async def send() -> None:
+        try:
+            ended.append(await d.send({**REQUEST, "channels": ["sms"]}))
+        except Exception as exc:
+            ended.append(exc)
+
+    nursery.start_soon(send)
+    return ended
+
+
 async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
     make_settings: Any, database: Any, outbox: Path
 ) -> None:
@@ -285,15 +300,7 @@ async def test_a_run_whose_lease_was_taken_over_stops_and_says_so(
     settings = short_lease(make_settings)
     async with open_dispatcher(settings) as d:
         async with trio.open_nursery() as nursery:
-            caught: list[BaseException] = []
-
-            async def send() -> None:
-                try:
-                    await d.send({**REQUEST, "channels": ["sms"]})
-                except Exception as exc:
-                    caught.append(exc)
-
-            nursery.start_soon(send)
+            caught = start_sms_send(nursery, d)
             with trio.fail_after(10):
                 while (job := database.dispatch_jobs.find_one({})) is None or len(outbox_messages(outbox, "sms")) < 2:
                     await trio.sleep(0.01)
@@ -312,12 +319,7 @@ async def test_a_run_longer_than_its_lease_keeps_it_renewed(make_settings: Any, 
     settings = short_lease(make_settings)
     async with open_dispatcher(settings) as d:
         async with trio.open_nursery() as nursery:
-            results: list[Any] = []
-
-            async def send() -> None:
-                results.append(await d.send({**REQUEST, "channels": ["sms"]}))
-
-            nursery.start_soon(send)
+            results = start_sms_send(nursery, d)
             seen: list[float] = []
             with trio.fail_after(20):
                 while not results:
